@@ -1,0 +1,18 @@
+"""attnzoo.ops: the functional layer (NATTEN layout ``[batch, *spatial, heads, head_dim]``)."""
+
+from .attention import attention, merge_attentions
+from .backends import list_backends
+from .geometry import neighborhood_mask, neighborhood_rel_index
+from .neighborhood import na1d, na2d, na3d, neighborhood_attention
+
+__all__ = [
+    "neighborhood_attention",
+    "na1d",
+    "na2d",
+    "na3d",
+    "attention",
+    "merge_attentions",
+    "neighborhood_mask",
+    "neighborhood_rel_index",
+    "list_backends",
+]

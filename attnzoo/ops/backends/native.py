@@ -1,0 +1,182 @@
+"""Fused CPU kernel: one pass per query over exactly its neighborhood, forward and backward.
+
+Registered as ``torch.library`` custom ops (``attnzoo::na_forward`` / ``attnzoo::na_backward``) with fake
+implementations and an autograd formula, so modules built on it work under ``torch.compile(fullgraph=True)`` and
+``torch.export``. Half-precision inputs are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ..geometry import axis_windows
+from ..problem import NAProblem
+from . import _native_lib
+from .base import Backend, compute_dtype
+
+_KERNEL_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@lru_cache(maxsize=256)
+def _geometry(shape: tuple, kernel: tuple, stride: tuple, dilation: tuple, causal: tuple):
+    """Per-axis tables padded to 3 axes, kept alive together with the ctypes pointer array into them."""
+    pad = 3 - len(shape)
+    axes = [axis_windows(1, 1, 1, 1, False)] * pad + [
+        axis_windows(*args) for args in zip(shape, kernel, stride, dilation, causal)
+    ]
+    tables = [t.contiguous() for a in axes for t in (a.start, a.count, a.rel_start)]
+    pointers = (ctypes.c_void_p * 9)(*(t.data_ptr() for t in tables))
+    meta = torch.tensor(
+        [[a.extent for a in axes], [a.dilation for a in axes], [2 * a.kernel_size - 1 for a in axes]], dtype=torch.int64
+    )
+    return tables, pointers, meta
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _call(name: str, dtype: torch.dtype):
+    return getattr(_native_lib.load(), f"attnzoo_na_{name}_{_KERNEL_DTYPES[dtype]}")
+
+
+@torch.library.custom_op("attnzoo::na_forward", mutates_args=())
+def na_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additional_keys: Optional[torch.Tensor],
+    additional_values: Optional[torch.Tensor],
+    rel_pos_bias: Optional[torch.Tensor],
+    key_bias: Optional[torch.Tensor],
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    is_causal: list[bool],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = tuple(q.shape[1:-2])
+    _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1])
+    na = 0 if additional_keys is None else additional_keys.shape[1]
+    _call("forward", q.dtype)(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
+        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
+        q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+@na_forward.register_fake
+def _(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("attnzoo::na_backward", mutates_args=())
+def na_backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additional_keys: Optional[torch.Tensor],
+    additional_values: Optional[torch.Tensor],
+    rel_pos_bias: Optional[torch.Tensor],
+    key_bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    is_causal: list[bool],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = tuple(q.shape[1:-2])
+    _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    has_add = additional_keys is not None
+    dak = torch.zeros_like(additional_keys) if has_add else q.new_empty(0)
+    dav = torch.zeros_like(additional_values) if has_add else q.new_empty(0)
+    drpb = q.new_zeros((q.shape[0], *rel_pos_bias.shape)) if rel_pos_bias is not None else q.new_empty(0)
+    dkb = torch.zeros_like(key_bias) if key_bias is not None else q.new_empty(0)
+    na = additional_keys.shape[1] if has_add else 0
+    _call("backward", q.dtype)(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
+        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), grad_out.contiguous().data_ptr(), _ptr(grad_lse),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dak.data_ptr() if has_add else None,
+        dav.data_ptr() if has_add else None, drpb.data_ptr() if rel_pos_bias is not None else None,
+        dkb.data_ptr() if key_bias is not None else None,
+        meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
+        q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    drpb = drpb.sum(0) if rel_pos_bias is not None else drpb
+    return dq, dk, dv, dak, dav, drpb, dkb
+
+
+@na_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, out, lse, *args):
+    has_add = additional_keys is not None
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(additional_keys) if has_add else q.new_empty(0),
+        torch.empty_like(additional_values) if has_add else q.new_empty(0),
+        torch.empty_like(rel_pos_bias) if rel_pos_bias is not None else q.new_empty(0),
+        torch.empty_like(key_bias) if key_bias is not None else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ak, av, rpb, kb, kernel_size, stride, dilation, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, ak, av, rpb, kb, out, lse)
+    ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, ak, av, rpb, kb, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = na_backward(
+        grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, ak, av, rpb, kb, out, lse,
+        *ctx.geometry,
+    )  # fmt: skip
+    dq, dk, dv, dak, dav, drpb, dkb = grads
+    return (
+        dq, dk, dv, dak if ak is not None else None, dav if av is not None else None,
+        drpb if rpb is not None else None, dkb if kb is not None else None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+na_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class NativeBackend(Backend):
+    name = "native"
+    description = "fused C++ CPU kernel (JIT-built with the system compiler), forward and backward, autograd"
+
+    def not_supported_reasons(self, problem: NAProblem) -> list[str]:
+        reasons = []
+        if problem.device.type != "cpu":
+            reasons.append(f"runs on CPU tensors only, got device {problem.device}")
+        why = _native_lib.unavailable_reason()
+        if why is not None:
+            reasons.append(f"kernel unavailable: {why}")
+        return reasons
+
+    def run(self, q, k, v, problem: NAProblem, *, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
+        ct = compute_dtype(q.dtype)
+        prep = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+        if key_bias is not None:
+            key_bias = key_bias.expand(problem.batch, *problem.spatial_shape, problem.heads)
+        out, lse = na_forward(
+            prep(q), prep(k), prep(v), prep(additional_keys), prep(additional_values), prep(rel_pos_bias), prep(key_bias),
+            list(problem.kernel_size), list(problem.stride), list(problem.dilation), list(problem.is_causal), scale,
+        )  # fmt: skip
+        return out.to(q.dtype), lse

@@ -1,0 +1,92 @@
+"""Perfectly block-sparse cases as a reshape plus ``scaled_dot_product_attention``.
+
+When ``stride == kernel_size`` and every extent is a multiple of ``kernel_size·dilation``, each dilation group
+splits into non-overlapping windows of exactly ``kernel_size`` tokens (Swin windows, MaxViT block and grid, CrossFormer
+SDA/LDA). A causal axis becomes a lower-triangular mask inside the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..geometry import combine_axes
+from ..problem import NAProblem
+from .base import Backend, compute_dtype, finite_or_zero
+
+_AXES = "xyz"
+
+
+def _pattern(rank: int) -> tuple[str, str]:
+    """einops patterns: axis a of extent n·k·d is split as (n k d); a window is (n, d), its tokens are k."""
+    split = " ".join(f"(n{a} k{a} d{a})" for a in _AXES[:rank])
+    windows = " ".join(f"n{a} d{a}" for a in _AXES[:rank])
+    tokens = " ".join(f"k{a}" for a in _AXES[:rank])
+    return f"b {split} h c", f"(b {windows}) h ({tokens}) c"
+
+
+def _causal_mask(kernel: tuple[int, ...], causal: tuple[bool, ...], device) -> torch.Tensor | None:
+    """Inside a window a causal axis sees only earlier-or-equal positions (NATTEN with stride = kernel)."""
+    if not any(causal):
+        return None
+    axes = [torch.ones(k, k, dtype=torch.bool).tril() if c else torch.ones(k, k, dtype=torch.bool) for k, c in zip(kernel, causal)]
+    return combine_axes(axes, torch.logical_and).to(device)
+
+
+class PartitionBackend(Backend):
+    name = "partition"
+    description = "non-overlapping windows (stride = kernel, divisible extents): reshape + SDPA"
+
+    def not_supported_reasons(self, problem: NAProblem) -> list[str]:
+        p = problem
+        reasons = []
+        for axis, (extent, k, s, d) in enumerate(zip(p.spatial_shape, p.kernel_size, p.stride, p.dilation)):
+            if s != k:
+                reasons.append(f"needs stride == kernel_size, got stride={s}, kernel_size={k} along axis {axis}")
+            if extent % (k * d):
+                reasons.append(
+                    f"needs extents divisible by kernel_size·dilation={k * d}, got {extent} along axis {axis}"
+                )
+        if p.has_rel_pos_bias:
+            reasons.append("rel_pos_bias is not supported")
+        return reasons
+
+    def run(self, q, k, v, problem: NAProblem, *, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
+        p = problem
+        split, windows = _pattern(p.rank)
+        sizes = {}
+        for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation):
+            sizes.update({f"k{a}": kk, f"d{a}": d})
+        ct = compute_dtype(q.dtype) if (p.return_lse or key_bias is not None) else q.dtype
+        qw, kw, vw = (rearrange(t.to(ct), f"{split} -> {windows}", **sizes) for t in (q, k, v))
+        n_windows = qw.shape[0] // p.batch
+        mask = _causal_mask(p.kernel_size, p.is_causal, q.device)
+        if additional_keys is not None:
+            extra = lambda t: rearrange(t.to(ct), "b n h c -> b h n c").repeat_interleave(n_windows, 0)  # noqa: E731
+            kw = torch.cat([kw, extra(additional_keys)], dim=2)
+            vw = torch.cat([vw, extra(additional_values)], dim=2)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], additional_keys.shape[1])], dim=1)
+        bias = None
+        if key_bias is not None:
+            kb = key_bias.expand(p.batch, *p.spatial_shape, p.heads).to(qw.dtype).unsqueeze(-1)
+            bias = rearrange(kb, f"{split} -> {windows}", **sizes).transpose(-1, -2)  # [B·W, h, 1, K]
+            if additional_keys is not None:
+                bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], additional_keys.shape[1])], dim=-1)
+        if p.return_lse or bias is not None:
+            scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
+            if bias is not None:
+                scores = scores + bias
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)
+            out = torch.matmul(torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)), vw)
+        else:
+            out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
+            lse = None
+        grid = {f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)}
+        out = rearrange(out, f"{windows} -> {split}", **sizes, **grid).to(q.dtype)
+        if lse is not None and p.return_lse:
+            lse = rearrange(lse.unsqueeze(-1), f"{windows} -> {split}", **sizes, **grid).squeeze(-1)
+        return out, (lse if p.return_lse else None)

@@ -1,0 +1,209 @@
+"""Argument normalisation for neighborhood attention: every bad input is rejected here, before any heavy work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["NAProblem", "normalize_axis_arg", "make_problem"]
+
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
+
+
+def normalize_axis_arg(name: str, value, rank: int, *, kind: type = int, minimum: int | None = None) -> tuple:
+    """Turn an int/bool or a per-axis sequence into a tuple of length ``rank``, or raise naming the argument."""
+    if kind is bool:
+        ok = lambda v: isinstance(v, bool)  # noqa: E731
+        expected = "a bool or a sequence of bools"
+    else:
+        ok = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        expected = "an int or a sequence of ints"
+    if ok(value):
+        values = (value,) * rank
+    elif isinstance(value, (tuple, list)):
+        if len(value) != rank:
+            raise ValueError(f"{name}={value!r} has {len(value)} entries but the input has {rank} spatial axes")
+        if not all(ok(v) for v in value):
+            raise TypeError(f"{name}={value!r} must be {expected}")
+        values = tuple(value)
+    else:
+        raise TypeError(f"{name}={value!r} must be {expected}, got {type(value).__name__}")
+    if minimum is not None:
+        for axis, v in enumerate(values):
+            if v < minimum:
+                raise ValueError(f"{name}={value!r} must be >= {minimum} along every axis, got {v} along axis {axis}")
+    return values
+
+
+@dataclass(frozen=True)
+class NAProblem:
+    """Everything a backend needs to decide whether it can run a neighborhood-attention call."""
+
+    batch: int
+    spatial_shape: tuple[int, ...]
+    heads: int
+    head_dim: int
+    head_dim_v: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    dtype: torch.dtype
+    device: torch.device
+    num_additional: int = 0
+    has_rel_pos_bias: bool = False
+    has_key_bias: bool = False
+    requires_grad: bool = False
+    return_lse: bool = False
+
+    @property
+    def rank(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def num_tokens(self) -> int:
+        n = 1
+        for s in self.spatial_shape:
+            n *= s
+        return n
+
+    @property
+    def window_volume(self) -> int:
+        n = 1
+        for k in self.kernel_size:
+            n *= k
+        return n
+
+
+def make_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    return_lse: bool = False,
+    key_bias: torch.Tensor | None = None,
+    rank: int | None = None,
+    min_kernel_size: int = 2,
+) -> NAProblem:
+    """Validate q/k/v and the window arguments (cheap checks only) and describe the call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if rank is None:
+        rank = q.dim() - 3
+        if rank not in (1, 2, 3):
+            raise ValueError(
+                f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with 1, 2 or 3 spatial axes "
+                f"(3 to 6 dims), got {q.dim()} dims"
+            )
+    elif q.dim() != rank + 3:
+        raise ValueError(
+            f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with {rank} spatial "
+            f"axes ({rank + 3} dims), got {q.dim()} dims"
+        )
+    if not q.is_floating_point():
+        raise TypeError(f"q.dtype={q.dtype} must be a floating-point dtype")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype={t.dtype} must equal q.dtype={q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
+        if t.dim() != q.dim():
+            raise ValueError(f"{name}.shape={tuple(t.shape)} must have as many dims as q.shape={tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k.shape={tuple(k.shape)} must equal q.shape={tuple(q.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"v.shape={tuple(v.shape)} must equal q.shape={tuple(q.shape)} in every dim but the last (head_dim_v)"
+        )
+    if min(q.shape) == 0 or v.shape[-1] == 0:
+        raise ValueError(f"q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)} must not have empty dims")
+    spatial = tuple(int(s) for s in q.shape[1 : 1 + rank])
+    kernel = normalize_axis_arg("kernel_size", kernel_size, rank, minimum=min_kernel_size)
+    strides = normalize_axis_arg("stride", stride, rank, minimum=1)
+    dilations = normalize_axis_arg("dilation", dilation, rank, minimum=1)
+    causal = normalize_axis_arg("is_causal", is_causal, rank, kind=bool)
+    for axis, (extent, kk, st, dd) in enumerate(zip(spatial, kernel, strides, dilations)):
+        if kk * dd > extent:
+            rule = f"kernel_size={kk} with dilation={dd} needs an extent >= {kk * dd}" if dd > 1 else (
+                f"kernel_size={kk} needs an extent >= {kk}"
+            )
+            raise ValueError(f"{rule} along axis {axis}, got {extent} (spatial shape {spatial})")
+        if st > kk:
+            raise ValueError(f"stride={st} must be <= kernel_size={kk} along axis {axis}")
+
+    num_additional = 0
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values must be given together (both tensors or both None)")
+    if additional_keys is not None:
+        ak, av = additional_keys, additional_values
+        if not isinstance(ak, torch.Tensor) or not isinstance(av, torch.Tensor):
+            raise TypeError("additional_keys and additional_values must be torch.Tensors")
+        b, h, d, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+        if ak.dim() != 4 or tuple(ak.shape) != (b, ak.shape[1], h, d):
+            raise ValueError(
+                f"additional_keys.shape={tuple(ak.shape)} must be [batch={b}, n, heads={h}, head_dim={d}]"
+            )
+        if tuple(av.shape) != (b, ak.shape[1], h, dv):
+            raise ValueError(
+                f"additional_values.shape={tuple(av.shape)} must be [batch={b}, n={ak.shape[1]}, heads={h}, "
+                f"head_dim_v={dv}]"
+            )
+        for name, t in (("additional_keys", ak), ("additional_values", av)):
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{name} has dtype {t.dtype} on {t.device}; expected {q.dtype} on {q.device}")
+        num_additional = int(ak.shape[1])
+
+    if rel_pos_bias is not None:
+        expected = (q.shape[-2], *(2 * kk - 1 for kk in kernel))
+        if not isinstance(rel_pos_bias, torch.Tensor) or tuple(rel_pos_bias.shape) != expected:
+            got = tuple(rel_pos_bias.shape) if isinstance(rel_pos_bias, torch.Tensor) else type(rel_pos_bias).__name__
+            raise ValueError(f"rel_pos_bias.shape={got} must be [heads, *(2*kernel_size-1)] = {expected}")
+        if rel_pos_bias.dtype != q.dtype or rel_pos_bias.device != q.device:
+            raise TypeError(
+                f"rel_pos_bias has dtype {rel_pos_bias.dtype} on {rel_pos_bias.device}; expected {q.dtype} on {q.device}"
+            )
+
+    if key_bias is not None:
+        target = (q.shape[0], *spatial, q.shape[-2])
+        if not isinstance(key_bias, torch.Tensor) or not key_bias.is_floating_point():
+            raise TypeError(f"key_bias must be a float tensor broadcastable to {target}, got {type(key_bias).__name__}")
+        try:
+            torch.broadcast_shapes(tuple(key_bias.shape), target)
+            ok = key_bias.dim() <= len(target) and torch.broadcast_shapes(tuple(key_bias.shape), target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"key_bias.shape={tuple(key_bias.shape)} must broadcast to [batch, *spatial, heads]={target}")
+        if key_bias.device != q.device:
+            raise ValueError(f"key_bias.device={key_bias.device} must equal q.device={q.device}")
+
+    tensors = [q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias]
+    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return NAProblem(
+        batch=int(q.shape[0]),
+        spatial_shape=spatial,
+        heads=int(q.shape[-2]),
+        head_dim=int(q.shape[-1]),
+        head_dim_v=int(v.shape[-1]),
+        kernel_size=kernel,
+        stride=strides,
+        dilation=dilations,
+        is_causal=causal,
+        dtype=q.dtype,
+        device=q.device,
+        num_additional=num_additional,
+        has_rel_pos_bias=rel_pos_bias is not None,
+        has_key_bias=key_bias is not None,
+        requires_grad=requires_grad,
+        return_lse=return_lse,
+    )
