@@ -18,6 +18,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("csrc") / "neighborhood.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-ffast-math", "-fno-finite-math-only", "-pthread"]
 
@@ -80,7 +82,9 @@ def load() -> ctypes.CDLL:
     return lib
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used (``None`` when it can); constant for the process, so traced as a constant."""
     try:
         load()
     except NativeUnavailable as exc:

@@ -1,0 +1,51 @@
+"""``attnzoo`` command line: one module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``.
+
+A subcommand module registers its parser with ``parser.set_defaults(run=run)``; ``run`` returns the exit code.
+Errors a user can fix (``UsageError``) print one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ("list", "bench", "viz", "train", "arena")
+
+__all__ = ["main", "UsageError", "SUBCOMMANDS"]
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnzoo", description="Compare attention mechanisms for vision by cost and by what they see."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}_cmd")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}_cmd":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as exc:
+        print(f"attnzoo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attnzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
