@@ -4,6 +4,7 @@ from .attention import attention, merge_attentions
 from .backends import list_backends
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import na1d, na2d, na3d, neighborhood_attention
+from .recording import AttentionRecord, record_attention
 
 __all__ = [
     "neighborhood_attention",
@@ -15,4 +16,6 @@ __all__ = [
     "neighborhood_mask",
     "neighborhood_rel_index",
     "list_backends",
+    "record_attention",
+    "AttentionRecord",
 ]

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .backends.base import compute_dtype
+from . import recording
+from .backends.base import compute_dtype, finite_or_zero
 
 __all__ = ["attention", "merge_attentions"]
 
@@ -46,24 +47,34 @@ def attention(
     vf = v.reshape(b, -1, h, v.shape[-1]).transpose(1, 2)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if recording.is_recording():
+        with torch.no_grad():
+            weights = torch.softmax(_masked_scores(qf.float(), kf.float(), scale, attn_mask, is_causal), dim=-1)
+            recording.add("attention", weights.nan_to_num(0.0), q.shape[1:-2], k.shape[1:-2])
     if not return_lse:
         out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
     ct = compute_dtype(q.dtype)
-    scores = torch.matmul(qf.to(ct), kf.to(ct).transpose(-1, -2)) * scale
+    scores = _masked_scores(qf.to(ct), kf.to(ct), scale, attn_mask, is_causal)
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - finite_or_zero(lse).unsqueeze(-1))
+    out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
+    out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+    return out, lse.transpose(1, 2).reshape(q.shape[:-1])
+
+
+def _masked_scores(qf, kf, scale, attn_mask, is_causal) -> torch.Tensor:
+    """``[B, h, Nq, Nk]`` logits with the causal and user masks applied (-inf where masked)."""
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if is_causal:
-        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.to(ct)
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
-    out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
-    return out, lse.transpose(1, 2).reshape(q.shape[:-1])
+            scores = scores + attn_mask.to(scores.dtype)
+    return scores
 
 
 def merge_attentions(

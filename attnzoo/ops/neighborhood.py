@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .backends import select_backend
+from . import recording
+from .backends import BACKENDS, select_backend
 from .problem import make_problem
 
 IntOrTuple = int | Sequence[int]
@@ -63,11 +64,33 @@ def neighborhood_attention(
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale={scale!r} must be a float or None")
     chosen = select_backend(backend, problem)
+    if recording.is_recording():
+        _record(q, k, v, problem, float(scale), additional_keys, additional_values, rel_pos_bias, key_bias)
     out, lse = chosen.run(
         q, k, v, problem, scale=float(scale), additional_keys=additional_keys, additional_values=additional_values,
         rel_pos_bias=rel_pos_bias, key_bias=key_bias,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _record(q, k, v, problem, scale, additional_keys, additional_values, rel_pos_bias, key_bias) -> None:
+    """Dense weights of this call for ``record_attention``: the reference backend with one-hot values."""
+    with torch.no_grad():
+        n, extra = problem.num_tokens, problem.num_additional
+        eye = torch.eye(n + extra, dtype=torch.float32, device=q.device)
+        values = eye[:n].reshape(1, *problem.spatial_shape, 1, n + extra)
+        values = values.expand(problem.batch, *problem.spatial_shape, problem.heads, n + extra)
+        extra_values = None
+        if additional_keys is not None:
+            extra_values = eye[n:].reshape(1, extra, 1, n + extra).expand(problem.batch, extra, problem.heads, -1)
+            additional_keys = additional_keys.float()
+        weights, _ = BACKENDS["reference"].run(
+            q.float(), k.float(), values, problem, scale=scale, additional_keys=additional_keys,
+            additional_values=extra_values, rel_pos_bias=None if rel_pos_bias is None else rel_pos_bias.float(),
+            key_bias=None if key_bias is None else key_bias.float(),
+        )  # fmt: skip
+        weights = weights.reshape(problem.batch, n, problem.heads, n + extra).transpose(1, 2)
+        recording.add("neighborhood", weights, problem.spatial_shape, problem.spatial_shape, extra)
 
 
 def _fixed_rank(rank: int):
