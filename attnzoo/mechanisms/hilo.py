@@ -1,0 +1,107 @@
+"""LITv2 HiLo attention: window attention on some heads (high frequencies), pooled global attention on the rest."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..ops import attention, neighborhood_attention
+from ._base import Mechanism, resolve_heads
+from ._windows import pad_to_multiple
+from .registry import register_mechanism
+
+
+@register_mechanism(
+    "hilo",
+    family="local",
+    paper="Fast Vision Transformers with HiLo Attention (LITv2)",
+    year=2022,
+    complexity="quadratic",
+    reference="ziplab/LITv2 classification/models/attentions.py::HiLo (official; no pip package)",
+    test_kwargs={"num_heads": 4, "window_size": 2, "alpha": 0.5},
+    test_size=(8, 8),
+)
+class HiLoAttention(Mechanism):
+    """HiLo attention from LITv2 (Pan et al., 2022).
+
+    The heads split into ⌊alpha·h⌋ Lo-Fi heads and the rest Hi-Fi heads (head_dim = C/h). Hi-Fi: MHSA inside
+    non-overlapping ``window_size``² windows, then ``h_proj``. Lo-Fi: queries from every token attend to keys and
+    values from the ``window_size``-average-pooled map, then ``l_proj``. The output concatenates [Hi-Fi, Lo-Fi]
+    channels (no joint projection). ``window_size=1``: all heads are Lo-Fi without pooling (plain MHSA).
+    Sizes that are not a multiple of ``window_size``: Hi-Fi pads bottom/right and masks the padded keys, Lo-Fi
+    averages the real tokens of each edge window (``mask_padding=True``); ``mask_padding=False`` zero-pads the
+    input as LITv2's detection code does.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        window_size: int = 2,
+        alpha: float = 0.9,
+        mask_padding: bool = True,
+    ) -> None:
+        super().__init__(dim)
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention ops; use 0.0")
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+            raise ValueError(f"window_size={window_size!r} must be an int >= 1")
+        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha={alpha!r} must be a float in [0, 1]")
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
+        self.window_size = window_size
+        self.alpha = alpha
+        self.mask_padding = mask_padding
+        self.l_heads = self.num_heads if window_size == 1 else int(self.num_heads * alpha)
+        self.h_heads = self.num_heads - self.l_heads
+        l_dim, h_dim = self.l_heads * self.head_dim, self.h_heads * self.head_dim
+        if self.l_heads:
+            self.l_q = nn.Linear(dim, l_dim, bias=qkv_bias)
+            self.l_kv = nn.Linear(dim, 2 * l_dim, bias=qkv_bias)
+            self.l_proj = nn.Linear(l_dim, l_dim)
+        if self.h_heads:
+            self.h_qkv = nn.Linear(dim, 3 * h_dim, bias=qkv_bias)
+            self.h_proj = nn.Linear(h_dim, h_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def hifi(self, x: torch.Tensor) -> torch.Tensor:
+        padding = pad_to_multiple(tuple(x.shape[1:-1]), (self.window_size,) * 2)
+        q, k, v = rearrange(self.h_qkv(padding.pad(x)), "b ... (three h d) -> three b ... h d", three=3, h=self.h_heads)
+        key_bias = padding.key_bias(q.dtype, q.device) if self.mask_padding else None
+        out = neighborhood_attention(q, k, v, kernel_size=self.window_size, stride=self.window_size, key_bias=key_bias)
+        return self.h_proj(padding.crop(rearrange(out, "b ... h d -> b ... (h d)")))
+
+    def lofi(self, x: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.l_q(x), "b y x (h d) -> b y x h d", h=self.l_heads)
+        pooled = x
+        if self.window_size > 1:
+            ws = self.window_size
+            if self.mask_padding:  # ceil_mode windows past the border average only their real tokens
+                pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), ws, ws, ceil_mode=True)
+            else:
+                padded = pad_to_multiple(tuple(x.shape[1:-1]), (ws, ws)).pad(x)
+                pooled = F.avg_pool2d(padded.permute(0, 3, 1, 2), ws, ws)
+            pooled = pooled.permute(0, 2, 3, 1)
+        k, v = rearrange(self.l_kv(pooled), "b y x (two h d) -> two b y x h d", two=2, h=self.l_heads)
+        return self.l_proj(rearrange(attention(q, k, v), "b y x h d -> b y x (h d)"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        parts = []
+        if self.h_heads:
+            parts.append(self.hifi(x))
+        if self.l_heads:
+            parts.append(self.lofi(x))
+        return self.proj_drop(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads} (hi {self.h_heads}, lo {self.l_heads}), "
+            f"window_size={self.window_size}, mask_padding={self.mask_padding}"
+        )

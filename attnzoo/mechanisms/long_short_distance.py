@@ -1,0 +1,124 @@
+"""CrossFormer long / short distance attention (LSDA) with the dynamic position bias (DPB)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ..ops import neighborhood_attention
+from ._base import Mechanism, resolve_heads
+from ._windows import flip_table, pad_to_multiple
+from .registry import register_mechanism
+
+MODES = ("short", "long")
+
+
+class DynamicPosBias(nn.Module):
+    """CrossFormer's DPB: an MLP from a relative offset (Δy, Δx) to one bias per head (non-residual form).
+
+    ``Linear(2→D) → [LN → ReLU → Linear(D→D)]×2 → LN → ReLU → Linear(D→heads)``.
+    """
+
+    def __init__(self, pos_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.pos_proj = nn.Linear(2, pos_dim)
+        self.pos1 = nn.Sequential(nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim))
+        self.pos2 = nn.Sequential(nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim))
+        self.pos3 = nn.Sequential(nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
+
+    def table(self, group_size: int) -> torch.Tensor:
+        """``[heads, 2G-1, 2G-1]`` bias indexed by the **query − key** offset in group coordinates (+ G − 1)."""
+        weight = self.pos_proj.weight
+        axis = torch.arange(1 - group_size, group_size, device=weight.device, dtype=weight.dtype)
+        offsets = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1)  # [2G-1, 2G-1, 2]
+        return self(offsets).permute(2, 0, 1)
+
+
+@register_mechanism(
+    "long_short_distance",
+    family="local",
+    paper="CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention",
+    year=2021,
+    complexity="N·k",
+    reference="cheerss/CrossFormer models/crossformer.py::Attention + DynamicPosBias (official; no pip package)",
+    test_kwargs={"group_size": 4, "num_heads": 2, "mode": "long"},
+    test_size=(8, 8),
+)
+class LongShortDistanceAttention(Mechanism):
+    """CrossFormer short-distance (SDA) / long-distance (LDA) attention with dynamic position bias (Wang et al., 2021).
+
+    ``mode='short'``: MHSA inside groups of G×G adjacent tokens (non-overlapping windows). ``mode='long'``: MHSA
+    inside groups of G×G tokens sampled at interval I = H/G (a dilated grid). Both add the DPB bias
+    ``MLP(Δy, Δx)``, Δ = query − key in group coordinates, so no parameter depends on G. Sizes that are not a
+    multiple of G (SDA) or of G·I with I = ⌈H/G⌉ (LDA) are zero-padded bottom/right and the padded keys masked
+    (``mask_padding``); if ``min(H, W) <= group_size`` the whole map is one SDA group of size min(H, W), as in
+    CrossFormer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        group_size: int = 7,
+        mode: str = "short",
+        dpb: bool = True,
+        mask_padding: bool = True,
+    ) -> None:
+        super().__init__(dim)
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused neighborhood op; use 0.0")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
+            raise ValueError(f"group_size={group_size!r} must be an int >= 2")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} must be one of {MODES}")
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
+        self.group_size = group_size
+        self.mode = mode
+        self.mask_padding = mask_padding
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.pos = DynamicPosBias(max(1, dim // 16), self.num_heads) if dpb else None
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def geometry(self, spatial: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        """``(G, interval)`` used for a ``(H, W)`` map; interval (1, 1) means short-distance groups."""
+        height, width = spatial
+        if min(height, width) <= self.group_size:
+            group = min(height, width)
+            if group < 2:
+                raise ValueError(f"long_short_distance needs H, W >= 2, got x spatial shape {spatial}")
+            return group, (1, 1)
+        if self.mode == "short":
+            return self.group_size, (1, 1)
+        return self.group_size, (math.ceil(height / self.group_size), math.ceil(width / self.group_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.check_input(x)
+        group, interval = self.geometry(spatial)
+        padding = pad_to_multiple(spatial, [group * i for i in interval])
+        q, k, v = rearrange(self.qkv(padding.pad(x)), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        rpb = None if self.pos is None else flip_table(self.pos.table(group), 2).to(q.dtype)
+        key_bias = padding.key_bias(q.dtype, q.device) if self.mask_padding else None
+        out = neighborhood_attention(
+            q, k, v, kernel_size=group, stride=group, dilation=interval, rel_pos_bias=rpb, key_bias=key_bias
+        )
+        out = padding.crop(rearrange(out, "b ... h d -> b ... (h d)"))
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}, mode={self.mode!r}, "
+            f"dpb={self.pos is not None}, mask_padding={self.mask_padding}"
+        )

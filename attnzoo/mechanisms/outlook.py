@@ -1,0 +1,101 @@
+"""VOLO outlook attention: each location predicts the weights that aggregate its K×K neighbourhood."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ._base import Mechanism, resolve_heads
+from .registry import register_mechanism
+
+
+def _positive_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    return value
+
+
+@register_mechanism(
+    "outlook",
+    family="local",
+    paper="VOLO: Vision Outlooker for Visual Recognition",
+    year=2021,
+    complexity="N·k",
+    reference="timm.models.volo.OutlookAttention",
+    test_kwargs={"num_heads": 2, "kernel_size": 3, "padding": 1, "stride": 1},
+    test_size=(6, 7),
+)
+class OutlookAttention(Mechanism):
+    """Outlook attention from VOLO (Yuan et al., 2021): dense local aggregation with generated weights, no q·k.
+
+    At every location i (every ``stride``-th, weights from the ``stride``-average-pooled input), a linear layer
+    predicts per head a K²×K² matrix A_i (softmax over the last axis, logits × head_dim^-½) that maps the K×K
+    neighbourhood of values (zero padded by ``padding``) to new values for those K² positions; overlapping
+    outputs are summed back (fold) and projected.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        kernel_size: int = 3,
+        padding: int = 1,
+        stride: int = 1,
+    ) -> None:
+        super().__init__(dim)
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
+        self.kernel_size = _positive_int("kernel_size", kernel_size, 1)
+        self.padding = _positive_int("padding", padding, 0)
+        self.stride = _positive_int("stride", stride, 1)
+        if self.padding >= self.kernel_size:
+            raise ValueError(f"padding={padding} must be < kernel_size={kernel_size}")
+        self.scale = self.head_dim**-0.5
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn = nn.Linear(dim, self.kernel_size**4 * self.num_heads)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _grid(self, spatial: tuple[int, int]) -> tuple[int, int]:
+        """Outlook locations per axis; raises unless the unfold grid matches the pooled weight grid."""
+        grid = []
+        for axis, extent in enumerate(spatial):
+            pooled = math.ceil(extent / self.stride)
+            unfolded = (extent + 2 * self.padding - self.kernel_size) // self.stride + 1
+            if unfolded != pooled:
+                raise ValueError(
+                    f"kernel_size={self.kernel_size}, padding={self.padding}, stride={self.stride} give {unfolded} "
+                    f"windows along axis {axis} of extent {extent}, but ceil(extent/stride)={pooled} weight sets"
+                )
+            grid.append(pooled)
+        return grid[0], grid[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.check_input(x)
+        self._grid(spatial)
+        kk = self.kernel_size**2
+        v = self.v(x).permute(0, 3, 1, 2)  # B, C, H, W
+        v = F.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
+        v = rearrange(v, "b (h d k) n -> b h n k d", h=self.num_heads, k=kk)
+        pooled = x
+        if self.stride > 1:
+            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride, ceil_mode=True).permute(0, 2, 3, 1)
+        weights = rearrange(self.attn(pooled), "b y x (h i j) -> b h (y x) i j", h=self.num_heads, i=kk, j=kk)
+        weights = self.attn_drop((weights * self.scale).softmax(dim=-1))
+        out = rearrange(weights @ v, "b h n k d -> b (h d k) n")
+        out = F.fold(out, spatial, self.kernel_size, padding=self.padding, stride=self.stride)
+        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, padding={self.padding}, "
+            f"stride={self.stride}"
+        )

@@ -1,0 +1,91 @@
+"""PVT spatial-reduction attention (SRA): every query attends to a spatially reduced set of keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..ops import attention
+from ._base import Mechanism, resolve_heads
+from .registry import register_mechanism
+
+
+@register_mechanism(
+    "spatial_reduction",
+    family="local",
+    paper="Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions (PVT / PVTv2)",
+    year=2021,
+    complexity="quadratic",
+    reference="timm.models.pvt_v2.Attention",
+    test_kwargs={"num_heads": 2, "sr_ratio": 2},
+    test_size=(8, 8),
+)
+class SpatialReductionAttention(Mechanism):
+    """Spatial-reduction attention from PVT (Wang et al., 2021) and its linear variant from PVTv2 (2022).
+
+    Queries from all tokens; keys and values from the map reduced by a ``sr_ratio``×``sr_ratio`` stride-``sr_ratio``
+    convolution + LayerNorm (⌊H/R⌋·⌊W/R⌋ keys, R = 1 is plain MHSA). ``linear=True`` (PVTv2-Li): keys from
+    GELU(LN(Conv1×1(AdaptiveAvgPool₇(x)))), 49 keys at any resolution.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        sr_ratio: int = 8,
+        linear: bool = False,
+        pool_size: int = 7,
+    ) -> None:
+        super().__init__(dim)
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop} is not supported by attnzoo.ops.attention; use 0.0")
+        if not isinstance(sr_ratio, int) or isinstance(sr_ratio, bool) or sr_ratio < 1:
+            raise ValueError(f"sr_ratio={sr_ratio!r} must be an int >= 1")
+        if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
+            raise ValueError(f"pool_size={pool_size!r} must be an int >= 1")
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, default_head_dim=64)
+        self.sr_ratio = sr_ratio
+        self.linear = linear
+        self.pool_size = pool_size
+        inner = self.num_heads * self.head_dim
+        self.q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
+        if linear:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+            self.norm = nn.LayerNorm(dim)
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.sr = self.norm = None
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` → the ``(B, h, w, C)`` map keys and values are computed from."""
+        if self.sr is None:
+            return x
+        x = x.permute(0, 3, 1, 2)
+        if self.linear:
+            reduced = self.norm(self.sr(F.adaptive_avg_pool2d(x, self.pool_size)).permute(0, 2, 3, 1))
+            return F.gelu(reduced)
+        return self.norm(self.sr(x).permute(0, 2, 3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.check_input(x)
+        if not self.linear and min(spatial) < self.sr_ratio:
+            raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
+        q = rearrange(self.q(x), "b y x (h d) -> b y x h d", h=self.num_heads)
+        k, v = rearrange(self.kv(self.reduce(x)), "b y x (two h d) -> two b y x h d", two=2, h=self.num_heads)
+        out = rearrange(attention(q, k, v), "b y x h d -> b y x (h d)")
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, linear={self.linear}"
