@@ -90,3 +90,139 @@ def test_mhsa_rejects_wrong_channel_count():
         m(torch.randn(1, 4, 8, dtype=DT))
     with pytest.raises(ValueError, match="num_heads=3"):
         attnzoo.create("mhsa", 16, num_heads=3)
+
+
+# --------------------------------------------------------------------------------------------- mixture_of_heads
+
+
+def moh_reference(m, x):
+    """Direct transcription of the official MoHAttention forward (one-hot top-k mask, explicit softmax)."""
+    b, n, c = x.shape
+    h, hs, k = m.num_heads, m.shared_heads, m.routed_topk
+    q, kk, v = m.qkv(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)
+    attn = ((q @ kk.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)
+    heads = (attn @ v).transpose(1, 2)  # b n h d
+    flat = x.reshape(b * n, c)
+    gates = (flat @ m.routed_gate.weight.T).softmax(dim=1)
+    mask = F.one_hot(gates.topk(k, dim=1).indices, num_classes=h - hs).sum(dim=1)
+    routed = gates * mask
+    routed = (routed / routed.sum(1, keepdim=True)).reshape(b, n, -1) * k
+    shared = (flat @ m.shared_gate.weight.T).softmax(dim=1).reshape(b, n, -1) * hs
+    w0 = (flat @ m.branch_gate.weight.T).softmax(dim=1).reshape(b, n, 2) * 2
+    g = torch.cat([w0[..., :1] * shared, w0[..., 1:] * routed], dim=2)
+    out = m.proj((g[..., None] * heads).reshape(b, n, -1))
+    me, ce = gates.mean(0), mask.to(DT).mean(0)
+    return out, torch.mean(me * ce) * (h - hs) ** 2
+
+
+def test_mixture_of_heads_matches_official_forward_and_aux_loss():
+    m = randomise(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=3), scale=1.0)
+    x = torch.randn(2, 10, 24, dtype=DT)
+    expected, aux = moh_reference(m, x)
+    torch.testing.assert_close(m(x), expected, **TOL)
+    assert m.aux_loss is None  # eval mode
+    m.train()
+    torch.testing.assert_close(m(x), expected, **TOL)
+    torch.testing.assert_close(m.aux_loss, 0.01 * aux, **TOL)
+
+
+def test_mixture_of_heads_with_zero_routers_and_all_heads_equals_mhsa():
+    m = randomise(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=4))
+    with torch.no_grad():
+        for gate in (m.routed_gate, m.shared_gate, m.branch_gate):
+            gate.weight.zero_()
+    ref = make("mhsa", 24, num_heads=6)
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("qkv", "proj")})
+    x = torch.randn(2, 3, 4, 24, dtype=DT)
+    torch.testing.assert_close(m(x), ref(x), **TOL)
+
+
+def test_mixture_of_heads_zero_gates_per_token_and_row_local_routing():
+    m = randomise(make("mixture_of_heads", 32, num_heads=8, shared_heads=2, routed_topk=4), scale=1.0)
+    x = torch.randn(2, 7, 32, dtype=DT)
+    gates, _ = m.gates(x)
+    assert gates.shape == (2, 7, 8)
+    assert ((gates[..., 2:] == 0).sum(-1) == 6 - 4).all()
+    assert (gates[..., :2] > 0).all()
+    changed = x.clone()
+    changed[:, 3:] = torch.randn_like(changed[:, 3:])
+    torch.testing.assert_close(m.gates(changed)[0][:, :3], gates[:, :3], **TOL)
+
+
+def test_mixture_of_heads_all_shared_and_all_routed_configurations():
+    x = torch.randn(1, 5, 16, dtype=DT)
+    shared_only = randomise(make("mixture_of_heads", 16, num_heads=4, shared_heads=4, routed_topk=0))
+    g, _ = shared_only.gates(x)
+    torch.testing.assert_close(g, 4 * (x @ shared_only.shared_gate.weight.T).softmax(-1), **TOL)
+    routed_only = randomise(make("mixture_of_heads", 16, num_heads=4, shared_heads=0, routed_topk=1))
+    g, _ = routed_only.gates(x)
+    assert ((g > 0).sum(-1) == 1).all() and torch.allclose(g.sum(-1), torch.ones(1, 5, dtype=DT))
+    with pytest.raises(ValueError, match="routed_topk=5"):
+        attnzoo.create("mixture_of_heads", 16, num_heads=4, shared_heads=1, routed_topk=5)
+    with pytest.raises(ValueError, match="shared_heads=9"):
+        attnzoo.create("mixture_of_heads", 16, num_heads=4, shared_heads=9)
+
+
+# -------------------------------------------------------------------------------------------- cross / cls_cross
+
+
+def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
+    ref = randomise(nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True).to(DT)).eval()
+    ours = make("cross", 16, num_heads=4, context_dim=12, qkv_bias=True)
+    bias = ref.in_proj_bias
+    copy_params(ours, {"q.weight": ref.q_proj_weight, "q.bias": bias[:16],
+                       "kv.weight": torch.cat([ref.k_proj_weight, ref.v_proj_weight]), "kv.bias": bias[16:],
+                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})  # fmt: skip
+    x, ctx = torch.randn(2, 7, 16, dtype=DT), torch.randn(2, 5, 12, dtype=DT)
+    torch.testing.assert_close(ours(x, ctx), ref(x, ctx, ctx, need_weights=False)[0], **TOL)
+    pad = torch.tensor([[False, False, True, False, True], [False] * 5])
+    expected = ref(x, ctx, ctx, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(ours(x, ctx, key_padding_mask=pad), expected, **TOL)
+    with pytest.raises(ValueError, match="context_dim=12"):
+        ours(x)
+
+
+def test_cross_with_context_x_equals_mhsa_and_properties():
+    cross = randomise(make("cross", 16, num_heads=2, qkv_bias=True))
+    mhsa = make("mhsa", 16, num_heads=2)
+    mhsa.load_state_dict({"qkv.weight": torch.cat([cross.q.weight, cross.kv.weight]),
+                          "qkv.bias": torch.cat([cross.q.bias, cross.kv.bias]),
+                          "proj.weight": cross.proj.weight, "proj.bias": cross.proj.bias})  # fmt: skip
+    x = torch.randn(2, 3, 4, 16, dtype=DT)
+    torch.testing.assert_close(cross(x), mhsa(x), **TOL)
+    torch.testing.assert_close(cross(x, x), mhsa(x), **TOL)
+    ctx = torch.randn(2, 6, 16, dtype=DT)
+    y = cross(x, ctx)
+    torch.testing.assert_close(cross(x, ctx[:, torch.randperm(6)]), y, **TOL)  # context order is irrelevant
+    x2 = x.clone()
+    x2[:, 1] += 1.0  # output row i depends only on x_i (and the context)
+    y2 = cross(x2, ctx)
+    torch.testing.assert_close(y2[:, [0, 2]], y[:, [0, 2]], **TOL)
+    assert not torch.allclose(y2[:, 1], y[:, 1])
+
+
+def test_cls_cross_matches_timm_crossvit_attention():
+    from timm.models.crossvit import CrossAttention
+
+    ref = randomise(CrossAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
+    ours = make("cls_cross", 24, num_heads=3)
+    copy_params(ours, {"q.weight": ref.wq.weight, "q.bias": ref.wq.bias,
+                       "kv.weight": torch.cat([ref.wk.weight, ref.wv.weight]),
+                       "kv.bias": torch.cat([ref.wk.bias, ref.wv.bias]),
+                       "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias})  # fmt: skip
+    x = torch.randn(2, 9, 24, dtype=DT)
+    y = ours(x)
+    assert y.shape == (2, 1, 24) and ours.output_shape(x.shape) == (2, 1, 24)
+    torch.testing.assert_close(y, ref(x), **TOL)
+
+
+def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
+    cls = randomise(make("cls_cross", 16, num_heads=4))
+    mhsa = make("mhsa", 16, num_heads=4)
+    mhsa.load_state_dict({"qkv.weight": torch.cat([cls.q.weight, cls.kv.weight]),
+                          "qkv.bias": torch.cat([cls.q.bias, cls.kv.bias]),
+                          "proj.weight": cls.proj.weight, "proj.bias": cls.proj.bias})  # fmt: skip
+    x = torch.randn(3, 10, 16, dtype=DT)
+    torch.testing.assert_close(cls(x), mhsa(x)[:, :1], **TOL)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(9)])
+    torch.testing.assert_close(cls(x[:, perm]), cls(x), **TOL)
