@@ -1,0 +1,126 @@
+"""Swin window attention (W-MSA) and shifted window attention (SW-MSA)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ..ops import neighborhood_attention
+from ..ops.problem import normalize_axis_arg
+from ._base import Mechanism, resolve_heads
+from ._windows import flip_table, pad_to_multiple
+from .registry import register_mechanism
+
+
+@register_mechanism(
+    "window",
+    family="local",
+    paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
+    year=2021,
+    native_rank=2,
+    complexity="N·k",
+    reference="torchvision.models.swin_transformer.ShiftedWindowAttention; timm.models.swin_transformer.WindowAttention",
+    test_kwargs={"window_size": 4, "shift_size": 2, "num_heads": 2},
+    test_size=(8, 8),
+)
+class WindowAttention(Mechanism):
+    """Swin (shifted) window attention (Liu et al., Swin Transformer 2021) with a relative position bias table.
+
+    Tokens attend inside non-overlapping ``window_size`` windows. ``shift_size`` S > 0 gives SW-MSA: Swin's
+    roll by −S plus region mask is exactly a window grid offset by S without wrap-around, so it runs as plain
+    windows on a canvas padded with M − S masked tokens in front. Extents are zero-padded at the end to a multiple
+    of the window (before the qkv projection); ``mask_padding=True`` drops those keys, ``False`` lets them act as
+    keys like the official / torchvision code (pad-then-roll). Along an axis with extent <= window the shift is 0
+    (torchvision's rule) and the window covers the whole (padded) axis.
+
+    The bias table has Swin's layout ``((2M-1)^D, heads)`` indexed by query − key, so Swin checkpoints load as is
+    (keys ``qkv``, ``proj``, ``relative_position_bias_table``). Input ``(B, *spatial, C)`` with ``rank`` axes.
+    """
+
+    spatial_ranks = (1, 2, 3)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        window_size: int | Sequence[int] = 7,
+        shift_size: int | Sequence[int] = 0,
+        rel_pos_bias: bool = True,
+        mask_padding: bool = True,
+        rank: int = 2,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(dim)
+        if rank not in (1, 2, 3):
+            raise ValueError(f"rank={rank!r} must be 1, 2 or 3")
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused window op; use 0.0")
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
+        self.rank = rank
+        self.spatial_ranks = (rank,)
+        self.window_size = normalize_axis_arg("window_size", window_size, rank, minimum=2)
+        self.shift_size = normalize_axis_arg("shift_size", shift_size, rank, minimum=0)
+        for axis, (s, m) in enumerate(zip(self.shift_size, self.window_size)):
+            if s >= m:
+                raise ValueError(f"shift_size={shift_size!r} must be < window_size={m} along axis {axis}, got {s}")
+        self.mask_padding = bool(mask_padding)
+        self.backend = backend
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            entries = 1
+            for m in self.window_size:
+                entries *= 2 * m - 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(entries, self.num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.register_parameter("relative_position_bias_table", None)
+
+    def effective_shift(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shift used for an input: 0 along axes whose extent fits in one window."""
+        return tuple(s if extent > m else 0 for s, m, extent in zip(self.shift_size, self.window_size, spatial_shape))
+
+    def _key_minus_query_table(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.relative_position_bias_table is None:
+            return None
+        table = self.relative_position_bias_table.t().reshape(self.num_heads, *(2 * m - 1 for m in self.window_size))
+        return flip_table(table, self.rank).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.check_input(x)
+        window = self.window_size
+        shift = self.effective_shift(spatial)
+        # official behaviour: the end padding is made of ordinary (unmasked) zero tokens
+        outer = None if self.mask_padding else pad_to_multiple(spatial, window)
+        canvas = spatial if outer is None else outer.padded_shape
+        if outer is not None:
+            x = outer.pad(x)
+        # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked
+        inner = pad_to_multiple(canvas, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
+        x = inner.pad(x)
+        q, k, v = rearrange(self.qkv(x), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        out = neighborhood_attention(
+            q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
+            key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
+        )  # fmt: skip
+        out = inner.crop(out)
+        if outer is not None:
+            out = outer.crop(out)
+        return self.proj_drop(self.proj(rearrange(out, "b ... h d -> b ... (h d)")))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+            f"shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}, "
+            f"mask_padding={self.mask_padding}"
+        )
