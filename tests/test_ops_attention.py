@@ -1,0 +1,242 @@
+"""``attnzoo.ops.attention`` against a hand-written softmax, and ``merge_attentions`` against one joint softmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnzoo.ops as ops
+
+
+def _rand(*shape, seed=0, grad=False):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t.requires_grad_(grad)
+
+
+def hand_attention(q, k, v, scale, allowed=None, bias=None):
+    """Textbook softmax attention, head by head, with explicit loops over batch and heads.
+
+    q [B, *Sq, h, d], k [B, *Sk, h, d], v [B, *Sk, h, dv]; ``allowed``/``bias`` are [B, h, Nq, Nk].
+    Returns (out [B, *Sq, h, dv], lse [B, *Sq, h]); a query with no allowed key gets out 0 and lse -inf.
+    """
+    B, h = q.shape[0], q.shape[-2]
+    qf = q.reshape(B, -1, h, q.shape[-1])
+    kf = k.reshape(B, -1, h, k.shape[-1])
+    vf = v.reshape(B, -1, h, v.shape[-1])
+    outs = torch.zeros(B, qf.shape[1], h, v.shape[-1], dtype=q.dtype)
+    lses = torch.zeros(B, qf.shape[1], h, dtype=q.dtype)
+    for b in range(B):
+        for head in range(h):
+            logits = (qf[b, :, head] @ kf[b, :, head].T) * scale
+            if bias is not None:
+                logits = logits + bias[b, head]
+            for i in range(logits.shape[0]):
+                keep = torch.ones(logits.shape[1], dtype=torch.bool) if allowed is None else allowed[b, head, i]
+                if not keep.any():
+                    lses[b, i, head] = float("-inf")
+                    continue
+                row = logits[i][keep]
+                m = row.max()
+                e = torch.exp(row - m)
+                lses[b, i, head] = m + torch.log(e.sum())
+                outs[b, i, head] = (e / e.sum()) @ vf[b, :, head][keep]
+    return outs.reshape(*q.shape[:-1], v.shape[-1]), lses.reshape(q.shape[:-1])
+
+
+SHAPES = [
+    dict(q=(2, 5, 3, 4), k=(2, 5, 3, 4), dv=4),  # 1-D self-attention
+    dict(q=(1, 3, 4, 2, 8), k=(1, 3, 4, 2, 8), dv=5),  # 2-D, dv != d
+    dict(q=(2, 6, 2, 4), k=(2, 2, 3, 2, 4), dv=3),  # cross-attention: different token layouts
+]
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1d", "2d", "cross"])
+def test_attention_matches_hand_softmax(shape, return_lse):
+    q = _rand(*shape["q"], seed=1)
+    k = _rand(*shape["k"], seed=2)
+    v = _rand(*shape["k"][:-1], shape["dv"], seed=3)
+    res = ops.attention(q, k, v, return_lse=return_lse)
+    exp_out, exp_lse = hand_attention(q, k, v, q.shape[-1] ** -0.5)
+    out = res[0] if return_lse else res
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
+    # explicit scale (and scale=0.0 must not be mistaken for None: uniform weights)
+    torch.testing.assert_close(ops.attention(q, k, v, scale=0.3), hand_attention(q, k, v, 0.3)[0], rtol=1e-10, atol=1e-12)
+    uniform = ops.attention(q, k, v, scale=0.0)
+    mean_v = v.reshape(v.shape[0], -1, *v.shape[-2:]).mean(1)
+    torch.testing.assert_close(uniform, mean_v.reshape(v.shape[0], *([1] * (q.dim() - 3)), *v.shape[-2:]).expand_as(uniform))
+
+
+MASK_SHAPES = ["full", "per_head", "per_batch", "2d"]
+
+
+def _mask_shape(kind, B, h, nq, nk):
+    return {"full": (B, h, nq, nk), "per_head": (1, h, nq, nk), "per_batch": (B, 1, nq, nk), "2d": (nq, nk)}[kind]
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("kind", MASK_SHAPES)
+def test_attention_bool_mask(kind, return_lse):
+    B, h, nq, nk = 2, 3, 6, 7
+    q, k, v = _rand(B, nq, h, 4, seed=4), _rand(B, nk, h, 4, seed=5), _rand(B, nk, h, 2, seed=6)
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(_mask_shape(kind, B, h, nq, nk), generator=g) < 0.6
+    mask[..., 0] = True  # every query keeps a key (SDPA returns NaN for an empty row)
+    res = ops.attention(q, k, v, attn_mask=mask, return_lse=return_lse)
+    exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=mask.expand(B, h, nq, nk))
+    torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("kind", MASK_SHAPES)
+def test_attention_float_mask(kind, return_lse):
+    B, h, nq, nk = 2, 2, 5, 6
+    q, k, v = _rand(B, nq, h, 4, seed=8), _rand(B, nk, h, 4, seed=9), _rand(B, nk, h, 3, seed=10)
+    bias = _rand(*_mask_shape(kind, B, h, nq, nk), seed=11)
+    bias[..., 1] = float("-inf")  # an additive -inf removes the key
+    res = ops.attention(q, k, v, attn_mask=bias, return_lse=return_lse)
+    allowed = torch.isfinite(bias).expand(B, h, nq, nk)
+    exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=allowed, bias=bias.expand(B, h, nq, nk))
+    torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_attention_is_causal(return_lse):
+    B, h, n = 2, 2, 7
+    q, k, v = _rand(B, n, h, 4, seed=12), _rand(B, n, h, 4, seed=13), _rand(B, n, h, 3, seed=14)
+    res = ops.attention(q, k, v, is_causal=True, return_lse=return_lse)
+    tril = torch.ones(n, n, dtype=torch.bool).tril().expand(B, h, n, n)
+    exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=tril)
+    torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
+    # the first query sees only the first key
+    torch.testing.assert_close((res[0] if return_lse else res)[:, 0], v[:, 0])
+
+
+def test_attention_is_causal_paths_agree_for_rectangular_scores():
+    """With N_q != N_k the SDPA path (no lse) and the explicit path (lse) must use the same alignment."""
+    q, k, v = _rand(1, 4, 2, 4, seed=15), _rand(1, 6, 2, 4, seed=16), _rand(1, 6, 2, 3, seed=17)
+    plain = ops.attention(q, k, v, is_causal=True)
+    with_lse, _ = ops.attention(q, k, v, is_causal=True, return_lse=True)
+    torch.testing.assert_close(plain, with_lse, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_all_keys_masked_gives_zero_and_neg_inf_lse():
+    q, k, v = _rand(1, 3, 1, 4, seed=18, grad=True), _rand(1, 4, 1, 4, seed=19, grad=True), _rand(1, 4, 1, 2, seed=20, grad=True)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False
+    out, lse = ops.attention(q, k, v, attn_mask=mask, return_lse=True)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert torch.isneginf(lse[0, 1]).all() and torch.isfinite(lse[0, [0, 2]]).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][0, 1], torch.zeros_like(grads[0][0, 1]))
+
+
+def test_attention_half_lse_is_float32():
+    q = torch.randn(1, 5, 2, 8, dtype=torch.bfloat16)
+    out, lse = ops.attention(q, q, q, return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_out, ref_lse = hand_attention(q.double(), q.double(), q.double(), 8**-0.5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# merge_attentions
+
+
+def _split_keys(n_keys, n_sets, seed):
+    perm = torch.randperm(n_keys, generator=torch.Generator().manual_seed(seed))
+    sizes = [n_keys // n_sets + (i < n_keys % n_sets) for i in range(n_sets)]
+    return list(torch.split(perm, sizes))
+
+
+@pytest.mark.parametrize("n_sets", [2, 3])
+@pytest.mark.parametrize("with_empty_set", [False, True])
+def test_merge_equals_attention_over_union(n_sets, with_empty_set):
+    B, nq, nk, h, d, dv = 2, 5, 9, 2, 4, 3
+    leaves = [_rand(B, nq, h, d, seed=21, grad=True), _rand(B, nk, h, d, seed=22, grad=True), _rand(B, nk, h, dv, seed=23, grad=True)]
+    q, k, v = leaves
+    outs, lses = [], []
+    for idx in _split_keys(nk, n_sets, seed=24):
+        o, l = ops.attention(q, k[:, idx], v[:, idx], return_lse=True)
+        outs.append(o)
+        lses.append(l)
+    if with_empty_set:
+        # a set whose every key is masked out: output 0, lse -inf; it must contribute nothing
+        o, l = ops.attention(q, k[:, :2], v[:, :2], attn_mask=torch.zeros(nq, 2, dtype=torch.bool), return_lse=True)
+        assert torch.isneginf(l).all()
+        outs.insert(1, o)
+        lses.insert(1, l)
+    out, lse = ops.merge_attentions(outs, lses)
+    ref_out, ref_lse = ops.attention(q, k, v, return_lse=True)
+    exp_out, exp_lse = hand_attention(q.detach(), k.detach(), v.detach(), d**-0.5)
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, exp_lse, rtol=1e-10, atol=1e-12)
+    # gradients through both the output and the lse
+    g = torch.Generator().manual_seed(25)
+    go, gl = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_lse * gl).sum(), leaves)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(a).all(), f"non-finite gradient for {name}"
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_merge_formula_and_lse_gradients():
+    """Direct check of out = Σ exp(lse_i - lse) o_i with lse = log Σ exp(lse_i), including d/d lse_i."""
+    o1, o2 = _rand(3, 4, seed=26, grad=True), _rand(3, 4, seed=27, grad=True)
+    l1 = torch.tensor([0.5, -1.0, float("-inf")], dtype=torch.float64, requires_grad=True)
+    l2 = torch.tensor([1.5, 2.0, 0.25], dtype=torch.float64, requires_grad=True)
+    out, lse = ops.merge_attentions([o1, o2], [l1, l2])
+    w1 = [math.exp(0.5) / (math.exp(0.5) + math.exp(1.5)), math.exp(-1.0) / (math.exp(-1.0) + math.exp(2.0)), 0.0]
+    expected_lse = torch.tensor([math.log(math.exp(0.5) + math.exp(1.5)), math.log(math.exp(-1.0) + math.exp(2.0)), 0.25], dtype=torch.float64)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+    w1t = torch.tensor(w1, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(out, w1t * o1 + (1 - w1t) * o2, rtol=1e-12, atol=1e-12)
+    # d out / d l1 = w1 (1 - w1) (o1 - o2) ; d lse / d l1 = w1
+    g_l1, g_l2 = torch.autograd.grad(out.sum() + lse.sum(), (l1, l2))
+    expected = (w1t * (1 - w1t) * (o1 - o2)).sum(1) + w1t[:, 0]
+    torch.testing.assert_close(g_l1, expected.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(g_l2).all()
+
+
+def test_merge_all_sets_empty():
+    o = torch.zeros(2, 3, dtype=torch.float64)
+    l = torch.full((2,), float("-inf"), dtype=torch.float64)
+    out, lse = ops.merge_attentions([o, o.clone()], [l, l.clone()])
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_merge_of_neighborhood_and_extra_tokens_equals_additional_keys():
+    """NA over a window merged with attention over extra tokens equals NA with additional_keys (one softmax)."""
+    q, k, v = (_rand(1, 6, 5, 2, 4, seed=s) for s in (28, 29, 30))
+    ak, av = _rand(1, 3, 2, 4, seed=31), _rand(1, 3, 2, 4, seed=32)
+    o1, l1 = ops.na2d(q, k, v, 3, return_lse=True, backend="reference")
+    o2, l2 = ops.attention(q, ak, av, return_lse=True)
+    out, lse = ops.merge_attentions([o1, o2], [l1, l2])
+    ref, ref_lse = ops.na2d(q, k, v, 3, additional_keys=ak, additional_values=av, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-12)
+
+
+def test_merge_rejects_mismatched_inputs():
+    o, l = torch.zeros(2, 3), torch.zeros(2)
+    with pytest.raises(ValueError, match="lses"):
+        ops.merge_attentions([o, o], [l])
+    with pytest.raises(ValueError):
+        ops.merge_attentions([], [])
+    with pytest.raises(ValueError, match=r"outputs\[1\]"):
+        ops.merge_attentions([o, torch.zeros(3, 3)], [l, torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"lses\[0\]"):
+        ops.merge_attentions([o], [torch.zeros(3)])
