@@ -226,3 +226,101 @@ def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
     torch.testing.assert_close(cls(x), mhsa(x)[:, :1], **TOL)
     perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(9)])
     torch.testing.assert_close(cls(x[:, perm]), cls(x), **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ channel_group
+
+
+def test_channel_group_matches_timm_davit_with_sliced_qkv():
+    from timm.models.davit import ChannelAttention
+
+    ref = randomise(ChannelAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
+    ours = make("channel_group", 24, num_heads=3)
+    w, b = ref.qkv.weight.split(24), ref.qkv.bias.split(24)  # timm's q, k, v slices = our V̂, Q̂, K̂
+    copy_params(ours, {"qkv.weight": torch.cat([w[1], w[2], w[0]]), "qkv.bias": torch.cat([b[1], b[2], b[0]]),
+                       "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias})  # fmt: skip
+    x = torch.randn(2, 4, 5, 24, dtype=DT)
+    torch.testing.assert_close(ours(x), ref(x.reshape(2, 20, 24)).reshape(x.shape), **TOL)
+
+
+def test_channel_group_properties():
+    m = randomise(make("channel_group", 12, num_heads=3))
+    seq = torch.randn(2, 10, 12, dtype=DT)
+    perm = torch.randperm(10)
+    torch.testing.assert_close(m(seq[:, perm]), m(seq)[:, perm], **TOL)  # token-permutation equivariant
+    single = randomise(make("channel_group", 12, num_heads=12))  # G = C: one channel per group ⇒ proj(V̂)
+    v = seq @ single.qkv.weight[24:].T + single.qkv.bias[24:]
+    torch.testing.assert_close(single(seq), single.proj(v), **TOL)
+    # group g's output channels depend only on group g's Q̂, K̂, V̂ (pre-projection)
+    m.proj.weight.data.copy_(torch.eye(12, dtype=DT))
+    m.proj.bias.data.zero_()
+    y = m(seq)
+    with torch.no_grad():
+        m.qkv.weight[[4, 16, 28]] += 1.0  # channel 0 of group 1 in Q̂, K̂ and V̂
+    y2 = m(seq)
+    torch.testing.assert_close(y2[..., :4], y[..., :4], **TOL)
+    torch.testing.assert_close(y2[..., 8:], y[..., 8:], **TOL)
+    assert not torch.allclose(y2[..., 4:8], y[..., 4:8])
+
+
+# --------------------------------------------------------------------------------------------- gated_positional
+
+
+def gpsa_pair(dim=16, heads=4, locality=0.7):
+    from timm.models.convit import GPSA
+
+    ref = randomise(GPSA(dim, num_heads=heads, qkv_bias=True, locality_strength=locality).to(DT)).eval()
+    ref.local_init()
+    with torch.no_grad():
+        ref.gating_param.copy_(torch.randn(heads, dtype=DT))
+    ref.fused_attn = False
+    ours = make("gated_positional", dim, num_heads=heads, qkv_bias=True, locality_strength=locality)
+    copy_params(ours, {k: v for k, v in ref.state_dict().items()})
+    return ref, ours
+
+
+def test_gated_positional_matches_timm_gpsa_after_local_init():
+    ref, ours = gpsa_pair()
+    x = torch.randn(2, 5, 5, 16, dtype=DT)
+    torch.testing.assert_close(ours(x), ref(x.reshape(2, 25, 16)).reshape(x.shape), **TOL)
+    fresh = make("gated_positional", 16, num_heads=4, qkv_bias=True, locality_strength=0.7)  # our own local init
+    for name in ("v.weight", "pos_proj.weight", "gating_param"):
+        expected = ref.state_dict()[name] if name != "gating_param" else torch.ones(4, dtype=DT)
+        torch.testing.assert_close(fresh.state_dict()[name], expected, rtol=1e-6, atol=1e-7)  # built in fp32
+
+
+def test_gated_positional_gate_limits():
+    _, m = gpsa_pair()
+    x = torch.randn(2, 3, 5, 16, dtype=DT)  # non-square grids work
+    mhsa = make("mhsa", 16, num_heads=4)
+    mhsa.load_state_dict({"qkv.weight": torch.cat([m.qk.weight, m.v.weight]),
+                          "qkv.bias": torch.cat([m.qk.bias, m.v.bias]),
+                          "proj.weight": m.proj.weight, "proj.bias": m.proj.bias})  # fmt: skip
+    with torch.no_grad():
+        m.gating_param.fill_(-1e4)  # λ → −∞ ⇒ MHSA
+    torch.testing.assert_close(m(x), mhsa(x), **TOL)
+    with torch.no_grad():
+        m.gating_param.fill_(1e4)  # λ → +∞ ⇒ content-independent attention (positional only)
+    y = m(x)
+    with torch.no_grad():
+        m.qk.weight.copy_(torch.randn_like(m.qk.weight))
+        m.qk.bias.copy_(torch.randn_like(m.qk.bias))
+    torch.testing.assert_close(m(x), y, **TOL)
+    with torch.no_grad():
+        m.gating_param.fill_(0.0)  # in between, q and k matter again
+    z = m(x)
+    with torch.no_grad():
+        m.qk.weight.mul_(2.0)
+    assert not torch.allclose(m(x), z)
+
+
+def test_gated_positional_local_init_head_peaks_at_its_offset():
+    m = make("gated_positional", 36, num_heads=9, locality_strength=2.0)
+    from attnzoo.mechanisms.gated_positional import relative_offsets
+
+    weights = m.pos_proj(relative_offsets(7, 7).to(DT)).softmax(dim=1)  # [Nq, Nk, h]
+    centre_query = 3 * 7 + 3
+    for head in range(9):
+        h1, h2 = head % 3, head // 3
+        key = weights[centre_query, :, head].argmax().item()
+        assert (key // 7 - 3, key % 7 - 3) == (h1 - 1, h2 - 1)
