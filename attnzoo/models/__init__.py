@@ -1,0 +1,139 @@
+"""Backbones with a pluggable token mixer per stage: ``create``, ``load`` and timm registration.
+
+>>> model = create("tiny", mixers=("neighborhood", "neighborhood", "mhsa", "mhsa"), num_classes=10, in_chans=1)
+>>> feats = model.forward_features(torch.randn(2, 1, 28, 28))   # [(2,14,14,32), (2,7,7,64), (2,4,4,128), (2,2,2,256)]
+
+When timm is importable, importing this package registers ``attnzoo_tiny`` and ``attnzoo_small`` so that
+``timm.create_model("attnzoo_tiny", mixers="window", num_classes=10, in_chans=1)`` works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from ._io import atomic_write
+from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_defaults
+
+__all__ = [
+    "create", "load", "save", "model_config", "list_models", "Backbone", "BackboneSize", "Block", "MixerAdapter",
+    "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
+]  # fmt: skip
+
+CONFIG_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+
+MixerKwargs = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
+
+
+def list_models() -> list[str]:
+    """Names of the backbone sizes."""
+    return sorted(SIZES)
+
+
+def _per_stage(value: Any, stages: int, what: str) -> list:
+    if isinstance(value, (str, Mapping)) or value is None:
+        return [value] * stages
+    items = list(value)
+    if len(items) != stages:
+        raise ValueError(f"{what}={value!r} must name one entry or {stages} (one per stage), got {len(items)}")
+    return items
+
+
+def create(
+    size: str = "tiny",
+    mixers: str | Sequence[str] = "neighborhood",
+    *,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    mixer_kwargs: MixerKwargs = None,
+) -> Backbone:
+    """Build backbone ``size`` (``"tiny"`` or ``"small"``) with ``mixers`` (one name for all stages, or one per stage).
+
+    ``mixer_kwargs``: ``None``, one dict for every stage, or a sequence with one dict (or ``None``) per stage.
+    ``img_size`` defaults to the size's native resolution (28 for tiny, 224 for small).
+    """
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} must be one of {list_models()}")
+    spec = SIZES[size]
+    stages = len(spec.dims)
+    names = _per_stage(mixers, stages, "mixers")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"mixers must hold mechanism names (str), got {name!r}")
+    kwargs = [dict(k or {}) for k in _per_stage(mixer_kwargs, stages, "mixer_kwargs")]
+    model = Backbone(
+        names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
+        num_classes=num_classes, in_chans=in_chans, img_size=img_size or spec.img_size, mixer_kwargs=kwargs,
+    )  # fmt: skip
+    model.config = {
+        "size": size, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
+        "img_size": img_size or spec.img_size, "mixer_kwargs": kwargs,
+    }  # fmt: skip
+    return model
+
+
+def model_config(model: Backbone) -> dict[str, Any]:
+    """The ``create`` arguments that rebuild ``model`` (JSON-serialisable)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("model was not built by attnzoo.models.create, so it has no config to save")
+    return json.loads(json.dumps(config))
+
+
+def save(model: Backbone, directory: str | Path) -> None:
+    """Write ``model.json`` (config) and ``model.safetensors`` (weights) into ``directory``, each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(model_config(model), indent=1)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+    """The trained model of a run folder (``model.json`` + ``model.safetensors``), in eval mode."""
+    directory = Path(directory)
+    config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a finished attnzoo run folder")
+    model = create(**json.loads(config_path.read_text()))
+    try:
+        load_model(model, str(weights), strict=True)
+    except Exception as exc:
+        raise ValueError(f"{weights} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return model.to(map_location).eval()
+
+
+def _register_with_timm() -> None:
+    try:
+        from timm.models import register_model
+    except ImportError:
+        return
+
+    def entry(size: str):
+        def build(pretrained: bool = False, **kwargs: Any) -> Backbone:
+            if pretrained:
+                raise ValueError(f"attnzoo_{size} has no pretrained weights; train one with `attnzoo train`")
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(key, None)
+            device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+            model = create(size, **kwargs)
+            return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+        build.__name__ = f"attnzoo_{size}"
+        build.__qualname__ = build.__name__
+        build.__doc__ = f"attnzoo {size} backbone with a pluggable mixer per stage (``mixers=``)."
+        return build
+
+    for size in SIZES:
+        fn = entry(size)
+        globals()[fn.__name__] = fn
+        register_model(fn)
+
+
+_register_with_timm()

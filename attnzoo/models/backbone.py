@@ -1,0 +1,280 @@
+"""Hierarchical vision backbone with a pluggable token mixer per stage.
+
+Layout: a conv stem turns the image into channels-last tokens ``(B, H, W, C)``; each stage is a stack of pre-norm
+blocks ``x + mixer(norm(x))``, ``x + mlp(norm(x))``; a strided 3×3 conv halves the token grid between stages
+(``ceil(H / 2)``); the head is norm → global average pool → linear. Any registered mechanism can be the mixer of any
+stage (``attnzoo.list_mechanisms()``).
+
+Sizes (``SIZES``):
+
+=========  =================  ============  ===========  ===========  =================================
+size       dims               depths        stem stride  mlp ratio    tokens per stage at img_size
+=========  =================  ============  ===========  ===========  =================================
+``tiny``   32, 64, 128, 256   1, 1, 2, 1    2            2            14, 7, 4, 2  (img_size 28)
+``small``  64, 128, 256, 512  2, 2, 6, 2    4            4            56, 28, 14, 7 (img_size 224)
+=========  =================  ============  ===========  ===========  =================================
+
+Per-stage defaults: a mechanism's own defaults are kept, except that size-like arguments (``kernel_size``,
+``window_size``, ``block_size``, ``split_size``, ``grid_size``…) larger than the stage's token grid are clamped to
+the grid (so NA's 7×7 kernel becomes 4×4 on a 4×4 stage), and a ``shift_size`` is halved with them (0 when the window
+covers the whole grid). Mechanisms that need a fixed resolution (``needs_input_size`` or an ``input_resolution``
+argument) receive ``input_resolution=(H, W)``. Sequence-layout mechanisms receive flattened tokens ``(B, H·W, C)``.
+Arguments given by the user are never changed; a mechanism that cannot run at a stage's size raises a ``ValueError``
+at construction that names the stage, mixer, size and arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..mechanisms import create as create_mechanism
+from ..mechanisms import mechanism_info
+
+__all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "stage_defaults"]
+
+
+@dataclass(frozen=True)
+class BackboneSize:
+    """Widths, depths and stem of one named backbone size."""
+
+    dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    stem_stride: int
+    mlp_ratio: float
+    img_size: int
+
+
+SIZES: dict[str, BackboneSize] = {
+    "tiny": BackboneSize(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), stem_stride=2, mlp_ratio=2.0, img_size=28),
+    "small": BackboneSize(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), stem_stride=4, mlp_ratio=4.0, img_size=224),
+}
+
+SIZE_ARGS = ("kernel_size", "window_size", "block_size", "split_size", "grid_size", "region_size", "local_size", "sr_ratio")
+
+
+def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
+    def fit(v: int, extent: int) -> int:
+        if v <= extent:
+            return v
+        return extent - 1 + extent % 2 if odd and v % 2 else extent
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return fit(value, min(grid))
+    if isinstance(value, (tuple, list)) and len(value) == len(grid) and all(isinstance(v, int) for v in value):
+        return tuple(fit(v, g) for v, g in zip(value, grid))
+    return value
+
+
+def _fitted(params: Mapping[str, inspect.Parameter], grid: tuple[int, int], user: Mapping[str, Any], odd: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    window: Any = None
+    for arg in SIZE_ARGS:
+        p = params.get(arg)
+        if p is None or arg in user or p.default is inspect.Parameter.empty:
+            continue
+        fitted = _clamp(p.default, grid, odd)
+        if fitted != p.default and not (isinstance(p.default, list) and tuple(p.default) == fitted):
+            kwargs[arg] = fitted
+            if arg != "sr_ratio" and (arg == "window_size" or window is None):
+                window = fitted
+    shift = params.get("shift_size")
+    if window is not None and shift is not None and "shift_size" not in user:
+        if isinstance(shift.default, int) and not isinstance(shift.default, bool) and shift.default > 0:
+            w = min(window) if isinstance(window, tuple) else window
+            kwargs["shift_size"] = 0 if w >= min(grid) else min(shift.default, w // 2)
+    return kwargs
+
+
+def stage_defaults(name: str, grid: tuple[int, int], user_kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Candidate keyword arguments for mechanism ``name`` on a ``grid`` token map, preferred first.
+
+    Each is ``user_kwargs`` plus the mechanism's size-like defaults fitted to the grid: clamped to the extent, or
+    (second candidate, for mechanisms that need centred kernels) to the largest odd size when the default is odd.
+    """
+    info = mechanism_info(name)
+    params = inspect.signature(info.cls.__init__).parameters
+    extra: dict[str, Any] = {}
+    if "input_resolution" not in user_kwargs and (info.needs_input_size or "input_resolution" in params):
+        extra["input_resolution"] = tuple(grid)
+    candidates: list[dict[str, Any]] = []
+    for odd in (False, True):
+        kwargs = {**_fitted(params, grid, user_kwargs, odd), **extra, **user_kwargs}
+        if kwargs not in candidates:
+            candidates.append(kwargs)
+    return candidates
+
+
+class MixerAdapter(nn.Module):
+    """Runs any registered mechanism on channels-last ``(B, H, W, C)`` tokens, flattening for sequence layouts."""
+
+    def __init__(self, name: str, dim: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.name = name
+        self.flatten = mechanism_info(name).layout == "sequence"
+        self.mixer = create_mechanism(name, dim, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flatten:
+            return self.mixer(x)
+        b, h, w, c = x.shape
+        return self.mixer(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` on ``(B, H, W, C)``."""
+
+    def __init__(self, name: str, dim: int, mlp_ratio: float, mixer_kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = MixerAdapter(name, dim, **mixer_kwargs)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Downsample(nn.Module):
+    """Strided 3×3 conv on channels-last tokens: ``(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)``, then norm."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class Stem(nn.Module):
+    """Conv stem: image ``(B, C, H, W)`` -> tokens ``(B, H/stride, W/stride, dim)`` (stride 2: one conv, 4: two)."""
+
+    def __init__(self, in_chans: int, dim: int, stride: int) -> None:
+        super().__init__()
+        if stride not in (2, 4):
+            raise ValueError(f"stem_stride={stride} must be 2 or 4")
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, dim // 2 if stride == 4 else dim, 3, stride=2, padding=1)]
+        if stride == 4:
+            layers += [nn.GELU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)]
+        self.proj = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+def _halve(n: int) -> int:
+    return (n + 1) // 2
+
+
+class Backbone(nn.Module):
+    """Hierarchical backbone; ``mixers`` names one registered mechanism per stage (see module docstring)."""
+
+    def __init__(
+        self,
+        mixers: Sequence[str],
+        *,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        stem_stride: int = 2,
+        mlp_ratio: float = 2.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] = 224,
+        mixer_kwargs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        stages = len(dims)
+        if len(depths) != stages or len(mixers) != stages:
+            raise ValueError(f"dims={tuple(dims)}, depths={tuple(depths)} and mixers={tuple(mixers)} must have equal length")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or any(s < stem_stride for s in size):
+            raise ValueError(f"img_size={img_size!r} must be one or two ints ≥ stem_stride={stem_stride}")
+        per_stage = list(mixer_kwargs) if mixer_kwargs is not None else [{}] * stages
+        self.num_classes = num_classes
+        self.dims = tuple(dims)
+        self.stem = Stem(in_chans, dims[0], stem_stride)
+        grid = (math.ceil(size[0] / stem_stride), math.ceil(size[1] / stem_stride))
+        self.grids: list[tuple[int, int]] = []
+        self.downsamples = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        for i, (name, dim, depth) in enumerate(zip(mixers, dims, depths)):
+            if i > 0:
+                self.downsamples.append(Downsample(dims[i - 1], dim))
+                grid = (_halve(grid[0]), _halve(grid[1]))
+            self.grids.append(grid)
+            self.stages.append(self._build_stage(i, name, dim, depth, grid, mlp_ratio, per_stage[i] or {}))
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _build_stage(
+        i: int, name: str, dim: int, depth: int, grid: tuple[int, int], mlp_ratio: float, user: Mapping[str, Any]
+    ) -> nn.Sequential:
+        where = f"stage {i} ({grid[0]}×{grid[1]} tokens, dim {dim})"
+        try:
+            candidates = stage_defaults(name, grid, user)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        first_error: tuple[dict[str, Any], Exception] | None = None
+        for kwargs in candidates:
+            try:
+                return Backbone._try_stage(name, dim, depth, grid, mlp_ratio, kwargs)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+                first_error = first_error or (kwargs, exc)
+        kwargs, exc = first_error  # type: ignore[misc]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where}: mixer {name!r} with {kwargs} cannot run on this stage: {reason}") from exc
+
+    @staticmethod
+    def _try_stage(
+        name: str, dim: int, depth: int, grid: tuple[int, int], mlp_ratio: float, kwargs: Mapping[str, Any]
+    ) -> nn.Sequential:
+        """Build the stage and run its first mixer once on a zero map, so size problems surface now."""
+        blocks = nn.Sequential(*(Block(name, dim, mlp_ratio, kwargs) for _ in range(depth)))
+        probe = torch.zeros(1, *grid, dim)
+        with torch.no_grad():
+            out = blocks[0].mixer.eval()(probe)
+        blocks[0].mixer.train()
+        if tuple(out.shape) != tuple(probe.shape):
+            raise ValueError(f"it returns shape {tuple(out.shape)} for input {tuple(probe.shape)}; blocks need equal shapes")
+        return blocks
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-stage feature maps, channels-last ``(B, H_i, W_i, C_i)``, for dense tasks."""
+        x = self.stem(x)
+        features = []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = self.downsamples[i - 1](x)
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the ``aux_loss`` tensors that mechanisms (e.g. routed ones) left after the last forward."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+        return torch.stack([loss.sum() for loss in losses]).sum() if losses else None
