@@ -324,3 +324,105 @@ def test_gated_positional_local_init_head_peaks_at_its_offset():
         h1, h2 = head % 3, head // 3
         key = weights[centre_query, :, head].argmax().item()
         assert (key // 7 - 3, key % 7 - 3) == (h1 - 1, h2 - 1)
+
+
+# ------------------------------------------------------------------------------------------------- single_head
+
+
+def test_single_head_matches_timm_shvit_shsa():
+    from timm.models.shvit import SHSA
+
+    ref = randomise(SHSA(20, qk_dim=6, pdim=8).to(DT))
+    ref.eval()
+    ours = make("single_head", 20, qk_dim=6, partial_dim=8)
+    copy_params(ours, {k.replace("proj.1.", "proj."): v for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 5, 6, 20, dtype=DT)
+    torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
+
+
+def test_single_head_properties():
+    m = make("single_head", 20, qk_dim=6, partial_dim=8)
+    x = torch.randn(2, 4, 5, 20, dtype=DT)
+    assert m(x).abs().max() == 0  # output BN weight 0 at init
+    randomise(m)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 1, 2, 8:] += torch.randn(2, 12, dtype=DT)  # x₂ of one token reaches only that token's output
+    diff = (m(x2) - y).abs().amax(dim=(0, 3))
+    assert diff[1, 2] > 1e-6 and (diff.flatten().topk(2).values[1] < 1e-12)
+    assert attnzoo.create("single_head", 224).partial_dim == 48
+
+
+# ---------------------------------------------------------------------------------------------- cascaded_group
+
+
+def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
+    from timm.models.efficientvit_msra import LocalWindowAttention
+
+    ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=window,
+                               window_resolution=window, kernels=kernels).to(DT)  # fmt: skip
+    randomise(ref)
+    ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
+    ours = make("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window, kernels=kernels,
+                mask_padding=False)  # fmt: skip
+    state = {k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
+             for k, v in ref.state_dict().items()}  # fmt: skip
+    copy_params(ours, state)
+    return ref, ours
+
+
+def test_cascaded_group_matches_timm_local_window_attention_with_padding():
+    ref, ours = cga_pair()
+    for size in ((4, 4), (6, 9), (8, 4)):
+        x = torch.randn(2, *size, 24, dtype=DT)
+        torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
+
+
+def test_cascaded_group_triangular_dependency_and_masked_padding():
+    _, m = cga_pair()
+    x = torch.randn(1, 4, 4, 24, dtype=DT)
+    heads = []
+
+    def grab(module, args, output):
+        heads.append(args[0].detach().clone())  # ReLU([o₁..o_h]) is proj's input
+
+    hook = m.proj.register_forward_hook(grab)
+    m(x)
+    x2 = x.clone()
+    x2[..., 8:16] += 1.0  # chunk 2 (head 2's input) changes
+    m(x2)
+    hook.remove()
+    a, b = heads
+    torch.testing.assert_close(a[:, :8], b[:, :8], **TOL)  # head 1 depends on x₁ only
+    assert not torch.allclose(a[:, 8:16], b[:, 8:16]) and not torch.allclose(a[:, 16:], b[:, 16:])
+
+
+def test_cascaded_group_masked_padding_equals_unpadded_window():
+    """mask_padding=True on a 3×2 grid in a 4×4 window = attention over the 6 real tokens only (pointwise DW convs,
+    so the padded q values cannot leak in through the convolution); computed here from timm's own submodules."""
+    ref, m = cga_pair(kernels=(1, 1, 1))
+    m.mask_padding = True
+    x = torch.randn(2, 3, 2, 24, dtype=DT)
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(2), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    index = (ys[:, None] - ys[None, :]).abs() * 4 + (xs[:, None] - xs[None, :]).abs()
+    att = ref.attn
+    feats, feat = [], None
+    for j, chunk in enumerate(x.permute(0, 3, 1, 2).chunk(3, dim=1)):
+        feat = chunk if feat is None else feat + chunk
+        q, k, v = att.qkvs[j](feat).split([4, 4, 8], dim=1)
+        q, k, v = att.dws[j](q).flatten(2), k.flatten(2), v.flatten(2)
+        a = (q.transpose(1, 2) @ k * 0.5 + att.attention_biases[j][index]).softmax(-1)
+        feat = (v @ a.transpose(1, 2)).reshape(2, 8, 3, 2)
+        feats.append(feat)
+    expected = att.proj(torch.cat(feats, dim=1)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(m(x), expected, **TOL)
+    m.mask_padding = False
+    assert not torch.allclose(m(x), expected)
+
+
+def test_cascaded_group_bias_table_is_flip_symmetric():
+    _, m = cga_pair()
+    bias = m.attention_biases[:, m.bias_index].reshape(3, 4, 4, 4, 4)  # [h, yq, xq, yk, xk]
+    torch.testing.assert_close(bias, bias.flip(1, 3), **TOL)
+    torch.testing.assert_close(bias, bias.flip(2, 4), **TOL)

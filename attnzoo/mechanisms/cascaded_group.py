@@ -1,0 +1,106 @@
+"""EfficientViT cascaded group attention (CGA): each head sees its own channel chunk plus the previous head's output."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ._base import Mechanism, check_divisible
+from ._windows import pad_to_multiple
+from .mhsa import softmax_attention
+from .registry import register_mechanism
+from .single_head import ConvBN
+
+__all__ = ["CascadedGroupAttention", "absolute_offset_index"]
+
+
+def absolute_offset_index(window: int) -> torch.Tensor:
+    """``[R², R²]`` index ``|Δy|·R + |Δx|`` into a per-head table of ``R²`` biases (EfficientViT's offsets)."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys[:, None] - ys[None, :]).abs() * window + (xs[:, None] - xs[None, :]).abs()
+
+
+@register_mechanism(
+    "cascaded_group",
+    family="head_mixing",
+    paper="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
+    year=2023,
+    native_rank=2,
+    complexity="N·k",
+    reference="timm.models.efficientvit_msra.LocalWindowAttention / CascadedGroupAttention (NCHW; keys attn.qkvs.i, "
+    "attn.dws.i (conv = our c), attn.proj.1, attn.attention_biases)",
+    test_kwargs={"num_heads": 4, "key_dim": 4, "window_resolution": 4, "kernels": 3},
+    test_size=(6, 8),
+)
+class CascadedGroupAttention(Mechanism):
+    """Cascaded group attention (Liu et al., EfficientViT, 2023) in ``window_resolution``² windows on a 2-D grid.
+
+    The channels split into ``num_heads`` chunks ``x_j``; head j reads ``f_j = x_j + o_{j−1}`` (``f₁ = x₁``):
+    ``[q, k, v] = BN(Conv1×1(f_j))`` (widths key_dim, key_dim, C/h), ``q ← BN(DWConv_{K_j}(q))``,
+    ``o_j = softmax(key_dim^-1/2 · q kᵀ + b_j[|Δy|, |Δx|]) v``; ``y = BN(Conv1×1(ReLU([o₁..o_h])))`` (BN weight 0 at
+    init, so zero output). The grid is zero-padded at bottom/right to a multiple of the window; with
+    ``mask_padding=True`` padded tokens are masked as keys, ``False`` lets them attend as in timm/official code.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int = 4,
+        key_dim: int = 16,
+        window_resolution: int = 7,
+        kernels: int | Sequence[int] = 5,
+        mask_padding: bool = True,
+    ) -> None:
+        super().__init__(dim)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads={num_heads!r} must be a positive int")
+        check_divisible("dim", dim, "num_heads", num_heads)
+        for name, value in (("key_dim", key_dim), ("window_resolution", window_resolution)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        kernels = (kernels,) * num_heads if isinstance(kernels, int) else tuple(kernels)
+        if len(kernels) != num_heads or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels):
+            raise ValueError(f"kernels={kernels!r} must be one odd positive int per head (num_heads={num_heads})")
+        self.num_heads, self.key_dim, self.window_resolution = num_heads, key_dim, window_resolution
+        self.kernels, self.mask_padding = kernels, bool(mask_padding)
+        self.val_dim = dim // num_heads
+        self.qkvs = nn.ModuleList(ConvBN(self.val_dim, 2 * key_dim + self.val_dim) for _ in range(num_heads))
+        self.dws = nn.ModuleList(ConvBN(key_dim, key_dim, k, groups=key_dim) for k in kernels)
+        self.proj = ConvBN(dim, dim, bn_weight_init=0.0)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_resolution**2))
+        self.register_buffer("bias_index", absolute_offset_index(window_resolution), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = self.check_input(x)
+        r = self.window_resolution
+        padding = pad_to_multiple((height, width), (r, r))
+        windows = rearrange(padding.pad(x), "b (nh r) (nw s) c -> (b nh nw) c r s", r=r, s=r)
+        bias = self.attention_biases.to(x.dtype)[:, self.bias_index]  # [heads, R², R²]
+        key_bias = padding.key_bias(x.dtype, x.device) if self.mask_padding else None
+        if key_bias is not None:  # [1, Hp, Wp, 1] → one row per window, repeated over the batch: [B·nW, 1, 1, R²]
+            key_bias = rearrange(key_bias, "1 (nh r) (nw s) 1 -> (nh nw) 1 1 (r s)", r=r, s=r).repeat(x.shape[0], 1, 1, 1)
+        outputs = []
+        feat = None
+        for head, (qkv, dw, chunk) in enumerate(zip(self.qkvs, self.dws, windows.chunk(self.num_heads, dim=1))):
+            feat = chunk if feat is None else feat + chunk
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            q, k, v = (rearrange(u, "w c r s -> w (r s) 1 c") for u in (q, k, v))
+            mask = bias[head] if key_bias is None else bias[head] + key_bias
+            out = softmax_attention(q, k, v, scale=self.key_dim**-0.5, attn_mask=mask)
+            feat = rearrange(out, "w (r s) 1 c -> w c r s", r=r)
+            outputs.append(feat)
+        y = self.proj(torch.relu(torch.cat(outputs, dim=1)))
+        y = rearrange(y, "(b nh nw) c r s -> b (nh r) (nw s) c", b=x.shape[0], nh=padding.padded_shape[0] // r)
+        return padding.crop(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, key_dim={self.key_dim}, "
+            f"window_resolution={self.window_resolution}, kernels={self.kernels}, mask_padding={self.mask_padding}"
+        )
