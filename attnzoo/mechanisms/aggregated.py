@@ -126,11 +126,8 @@ class AggregatedAttention(Mechanism):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-        geometry = self._build(self.input_resolution)
-        self.register_buffer("log_length", geometry.log_length, persistent=False)
-        self.register_buffer("cpb_coords", geometry.cpb_coords, persistent=False)
-        self.register_buffer("cpb_index", geometry.cpb_index, persistent=False)
-        self._other_sizes: dict[tuple[int, int], _Geometry] = {}
+        # float64 constants kept outside the buffers so module.to(dtype) round trips cannot round them
+        self._geometry: dict[tuple[int, int], _Geometry] = {self.input_resolution: self._build(self.input_resolution)}
 
     def pooled_size(self, spatial: tuple[int, int]) -> tuple[int, int]:
         return spatial[0] // self.sr_ratio, spatial[1] // self.sr_ratio
@@ -138,12 +135,14 @@ class AggregatedAttention(Mechanism):
     def _build(self, spatial: tuple[int, int]) -> _Geometry:
         return aggregated_geometry(spatial, self.pooled_size(spatial), self.window_size, self.pretrain_size)
 
-    def geometry(self, spatial: tuple[int, int]) -> _Geometry:
-        if spatial == self.input_resolution:
-            return _Geometry(self.log_length, self.cpb_coords, self.cpb_index)
-        if spatial not in self._other_sizes:
-            self._other_sizes[spatial] = self._build(spatial)
-        return self._other_sizes[spatial]
+    def geometry(self, spatial: tuple[int, int], device: torch.device | None = None) -> _Geometry:
+        """Geometry for an ``(H, W)`` map (built on first use for sizes other than ``input_resolution``)."""
+        if spatial not in self._geometry:
+            self._geometry[spatial] = self._build(spatial)
+        geo = self._geometry[spatial]
+        if device is not None and geo.cpb_index.device != device:
+            geo = self._geometry[spatial] = _Geometry(*(t.to(device) for t in (geo.log_length, geo.cpb_coords, geo.cpb_index)))
+        return geo
 
     def local_table(self) -> torch.Tensor:
         """The k×k slot bias as the engine's ``[heads, 2k-1, 2k-1]`` key − query table (slot = offset + k//2)."""
@@ -154,7 +153,7 @@ class AggregatedAttention(Mechanism):
         spatial = self.check_input(x)
         if min(spatial) < self.sr_ratio:
             raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
-        geo = self.geometry(spatial)
+        geo = self.geometry(spatial, x.device)
         dtype, heads, k = x.dtype, self.num_heads, self.window_size
 
         q = F.normalize(rearrange(self.q(x), "b y x (h d) -> b y x h d", h=heads), dim=-1)
