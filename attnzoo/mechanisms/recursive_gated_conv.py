@@ -1,0 +1,55 @@
+"""HorNet recursive gated convolution gⁿConv: n-th order spatial interactions from convs and products."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ._base import Mechanism
+from ._channel_conv import check_positive_int, to_nchw, to_nhwc
+from .registry import register_mechanism
+
+
+@register_mechanism(
+    "recursive_gated_conv",
+    family="conv",
+    paper="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
+    year=2022,
+    complexity="linear",
+    is_attention=False,
+    reference="mmpretrain.models.backbones.hornet.gnConv(dim, order, dw_cfg=dict(type='DW', kernel_size=7), "
+    "scale=1/3); official raoyongming/HorNet hornet.py::gnconv",
+)
+class RecursiveGatedConv(Mechanism):
+    """Recursive gated convolution gⁿConv (Rao et al., NeurIPS 2022), a product of n+1 linear maps of x.
+
+    Widths C_k = C / 2^{n−1−k} (k = 0..n−1). [p₀, q] = Conv1×1(C→2C)(x) split as (C₀, ΣC_k);
+    q ← ``scale``·DWConv_k×k(q); q = [q₀..q_{n−1}]; p = p₀⊙q₀; p = Conv1×1(C_{k−1}→C_k)(p)⊙q_k for k ≥ 1;
+    y = Conv1×1(C→C)(p). All convs carry a bias; with zero biases y(a·x) = a^{n+1} y(x). The receptive field is the
+    depthwise kernel. ``order=3`` is HorNet's stage-2 setting (stages use 2, 3, 4, 5); C must be divisible by 2^{n−1}.
+    """
+
+    def __init__(self, dim: int, *, order: int = 3, kernel_size: int = 7, scale: float = 1 / 3) -> None:
+        super().__init__(dim)
+        self.order = check_positive_int("order", order)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size, odd=True)
+        if dim % 2 ** (order - 1):
+            raise ValueError(f"dim={dim} must be divisible by 2**(order-1)={2 ** (order - 1)} for order={order}")
+        self.scale = float(scale)
+        self.dims = [dim // 2 ** (order - 1 - k) for k in range(order)]
+        self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
+        self.dwconv = nn.Conv2d(sum(self.dims), sum(self.dims), kernel_size, padding=kernel_size // 2, groups=sum(self.dims))
+        self.pws = nn.ModuleList(nn.Conv2d(self.dims[k], self.dims[k + 1], 1) for k in range(order - 1))
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        p, q = self.proj_in(to_nchw(x)).split((self.dims[0], sum(self.dims)), dim=1)
+        gates = (self.dwconv(q) * self.scale).split(self.dims, dim=1)
+        p = p * gates[0]
+        for pw, gate in zip(self.pws, gates[1:]):
+            p = pw(p) * gate
+        return to_nhwc(self.proj_out(p))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, order={self.order}, kernel_size={self.kernel_size}, scale={self.scale:.4g}"
