@@ -1,0 +1,135 @@
+"""Benchmark one registered mechanism at a workload: every figure ``attnzoo bench`` reports, as one ``BenchRow``.
+
+A mechanism that cannot be built or run gives a row with ``ok=False`` and the reason; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..mechanisms import mechanism_info
+from .costs import count_flops, count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check
+from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
+from .workload import build, make_inputs, one_line, prepare
+
+__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The workload: ``size × size`` tokens of ``dim`` channels, ``batch`` images; ``sizes`` for the scaling sweep."""
+
+    size: int = 56
+    dim: int = 64
+    batch: int = 2
+    threads: int = 2
+    dtype: str = "float32"
+    device: str = "cpu"
+    backward: bool = False
+    sizes: tuple[int, ...] = ()
+    min_run_time: float = 0.3
+    sweep_min_run_time: float = 0.1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class ScalingPoint:
+    size: int
+    tokens: int
+    latency_s: float = math.nan
+    peak_bytes: float = math.nan
+    error: str = ""
+
+
+@dataclass
+class BenchRow:
+    """Figures for one mechanism (NaN where not measured); ``error`` says why a mechanism failed."""
+
+    name: str
+    family: str = ""
+    complexity: str = ""
+    layout: str = ""
+    ok: bool = False
+    error: str = ""
+    note: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    params: int = 0
+    flops: float = math.nan
+    peak_bytes: float = math.nan
+    latency_s: float = math.nan
+    throughput: float = math.nan
+    check: str = ""
+    receptive_field_tokens: float = math.nan
+    receptive_field_fraction: float = math.nan
+    scaling: list[ScalingPoint] = field(default_factory=list)
+    latency_exponent: float = math.nan
+    memory_exponent: float = math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["config"] = {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v for k, v in self.config.items()}
+        return out
+
+
+def _measure(module, inputs, cfg: BenchConfig, min_run_time: float) -> tuple[float, float]:
+    step = make_step(module, inputs, cfg.backward)
+    latency = median_latency(step, threads=cfg.threads, min_run_time=min_run_time)
+    return latency, float(peak_memory_bytes(step, cfg.device))
+
+
+def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
+    """Measure ``name`` at ``cfg`` (see ``BenchRow``); failures are reported in the row."""
+    info = mechanism_info(name)
+    row = BenchRow(name, info.family, info.complexity, info.layout)
+    try:
+        prepared = prepare(name, cfg.size, cfg.dim, dtype=cfg.torch_dtype, device=cfg.device)
+        module = prepared.module
+        row.note, row.config = prepared.note, prepared.kwargs
+        row.params = count_parameters(module)
+        inputs = make_inputs(info, cfg.size, cfg.dim, cfg.batch, dtype=cfg.torch_dtype, device=cfg.device)
+        step = make_step(module, inputs, cfg.backward)
+        row.flops = float(count_flops(step))
+        row.check = reference_check(module, inputs)
+        row.latency_s, row.peak_bytes = _measure(module, inputs, cfg, cfg.min_run_time)
+        row.throughput = cfg.batch / row.latency_s
+        row.receptive_field_tokens, row.receptive_field_fraction = _receptive_field(module, info, cfg)
+    except Exception as exc:  # a broken mechanism must not stop the run: its row says why
+        row.error = one_line(exc)
+        return row
+    row.ok = row.check in ("ref ok", "finite")
+    if not row.ok:
+        row.error = row.check
+    for size in cfg.sizes:
+        row.scaling.append(_scaling_point(name, size, prepared.kwargs, cfg))
+    tokens = [p.tokens for p in row.scaling]
+    row.latency_exponent = fit_exponent(tokens, [p.latency_s for p in row.scaling])
+    row.memory_exponent = fit_exponent(tokens, [p.peak_bytes for p in row.scaling])
+    return row
+
+
+def _receptive_field(module, info, cfg: BenchConfig) -> tuple[float, float]:
+    """Tokens reaching the centre query (one projected backward on a structural copy) and their fraction."""
+    centre = (cfg.size // 2, cfg.size // 2)
+    field_ = gradient_receptive_field(structural_copy(module).float().cpu(), info, cfg.size, cfg.dim, centre, exact=False)
+    tokens = receptive_field_tokens(field_)
+    return float(tokens), tokens / field_.size
+
+
+def _scaling_point(name: str, size: int, kwargs: dict[str, Any], cfg: BenchConfig) -> ScalingPoint:
+    info = mechanism_info(name)
+    point = ScalingPoint(size, size * size)
+    try:
+        torch.manual_seed(0)
+        module = build(name, cfg.dim, size, kwargs).to(device=cfg.device, dtype=cfg.torch_dtype)
+        inputs = make_inputs(info, size, cfg.dim, cfg.batch, dtype=cfg.torch_dtype, device=cfg.device)
+        point.latency_s, point.peak_bytes = _measure(module, inputs, cfg, cfg.sweep_min_run_time)
+    except Exception as exc:  # one size a mechanism cannot take leaves a gap in its curve, not a crash
+        point.error = one_line(exc)
+    return point

@@ -1,0 +1,143 @@
+"""What a mechanism costs: parameters, FLOPs, peak memory, latency, and how they scale with the token count.
+
+Peak memory on CPU is measured with ``torch.profiler`` (``profile_memory=True``): every allocation and free made
+during one call is an ``[memory]`` event with a signed byte count; the running sum of those events in time order is
+the memory the call holds on top of what was live before it (weights and inputs excluded), and its maximum is the
+peak. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+Latency is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import benchmark
+
+from .flops import count_flops
+
+__all__ = [
+    "count_parameters",
+    "count_flops",
+    "peak_memory_bytes",
+    "median_latency",
+    "fit_exponent",
+    "make_step",
+    "reference_check",
+]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameter elements."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def make_step(module: nn.Module, inputs: Sequence[torch.Tensor], backward: bool) -> Callable[[], Any]:
+    """The timed unit of work: a forward under ``torch.no_grad``, or a forward and a backward of ``sum(y·g)``."""
+    if not backward:
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return module(*inputs)
+
+        return forward
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    if len(leaves) == 2 and inputs[1].data_ptr() == inputs[0].data_ptr():  # cross with context = x: keep them tied
+        leaves[1] = leaves[0].reshape(inputs[1].shape)
+
+    def forward_backward() -> Any:
+        module.zero_grad(set_to_none=True)
+        y = module(*leaves)
+        y.backward(torch.ones_like(y))
+        return y
+
+    return forward_backward
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ start/stop lines on file descriptor 2 (Python exceptions still propagate)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak bytes allocated during ``fn()`` above what was allocated before it (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            live += event.nbytes()
+            peak = max(peak, live)
+    return int(peak)
+
+
+def median_latency(fn: Callable[[], Any], *, threads: int, min_run_time: float = 0.3) -> float:
+    """Median seconds per ``fn()`` (one warm-up call, then ``blocked_autorange``) with ``threads`` threads."""
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def fit_exponent(tokens: Sequence[float], values: Sequence[float]) -> float:
+    """Slope of ``log(value)`` against ``log(tokens)`` by least squares (NaN with fewer than two usable points)."""
+    pairs = [(t, v) for t, v in zip(tokens, values) if t > 0 and v is not None and v > 0 and math.isfinite(v)]
+    if len(pairs) < 2 or len({t for t, _ in pairs}) < 2:
+        return float("nan")
+    x, y = np.log([t for t, _ in pairs]), np.log([v for _, v in pairs])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _with_reference_backend(module: nn.Module) -> nn.Module | None:
+    """A copy of ``module`` whose engine-backed submodules use the dense reference backend (None if it has none)."""
+    if not any(isinstance(getattr(m, "backend", None), str) for m in module.modules()):
+        return None
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        if isinstance(getattr(m, "backend", None), str):
+            m.backend = "reference"
+    return twin
+
+
+def reference_check(module: nn.Module, inputs: Sequence[torch.Tensor], *, rtol: float = 1e-4) -> str:
+    """``"ref ok"`` when the output matches the same module on the dense reference backend, ``"finite"`` when the
+    module has no engine backend to compare, otherwise what went wrong (non-finite or mismatched output)."""
+    with torch.no_grad():
+        y = module(*inputs)
+        if not torch.isfinite(y).all():
+            return "NON-FINITE output"
+        twin = _with_reference_backend(module)
+        if twin is None:
+            return "finite"
+        ref = twin(*inputs)
+    err = float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    tol = rtol if y.dtype in (torch.float32, torch.float64) else 2e-2
+    return "ref ok" if err <= tol else f"REF MISMATCH (rel err {err:.1e})"

@@ -1,0 +1,254 @@
+"""What a query sees: its gradient receptive field and, for attention mechanisms, its exact attention weights.
+
+The gradient receptive field of output token ``q`` is ``R[p] = Σ_c' Σ_c |∂y[q, c'] / ∂x[p, c]|`` over input
+positions ``p``: every output channel's Jacobian row, in absolute value, summed over input and output channels. It is
+computed with one backward pass by replicating the input once per output channel along the batch axis (the module
+runs in eval mode, so batch elements do not interact). ``exact=False`` instead backpropagates one random projection
+of ``y[q]``: the same support (almost surely) at the cost of a single-sample backward.
+
+Freshly built modules can hide their structure behind zero-initialised parameters (zero output projections, γ = 0
+gates, zero position tables): ``structural_copy`` gives such parameters small random values first, so the picture
+shows what the mixer can see, not that its initialisation ignores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..mechanisms.registry import MechanismInfo
+from .workload import PrepareError, make_inputs, one_line, output_token_index, prepare, token_grid
+
+__all__ = [
+    "structural_copy",
+    "gradient_receptive_field",
+    "receptive_field_tokens",
+    "AttentionMap",
+    "attention_maps",
+    "record_calls",
+    "maps_from_records",
+    "record_attention_available",
+    "to_canvas",
+    "MechanismView",
+    "mechanism_view",
+]
+
+
+def structural_copy(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """An eval-mode copy of ``module`` whose all-zero parameters are drawn from ``N(0, std²)``."""
+    twin = copy.deepcopy(module).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * std)
+    return twin
+
+
+def to_canvas(values: torch.Tensor, grid: Sequence[int], size: int) -> np.ndarray:
+    """Per-token values laid out on ``grid`` (flat, 2-D or frames × 2-D) as a 2-D array; frames are summed."""
+    values = values.detach().double().reshape(*grid)
+    if len(grid) == 1:
+        values = values.reshape(size, size) if grid[0] == size * size else values.reshape(1, -1)
+    elif len(grid) == 3:
+        values = values.sum(0)
+    return values.cpu().numpy()
+
+
+def canvas_query(grid: Sequence[int], size: int, query: Sequence[int]) -> tuple[int, int]:
+    """Where ``query`` (on the ``size × size`` canvas) lands on the picture ``to_canvas`` draws for ``grid``."""
+    if len(grid) == 3:
+        return (min(grid[1] - 1, query[0] * grid[1] // size), min(grid[2] - 1, query[1] * grid[2] // size))
+    return (int(query[0]), int(query[1]))
+
+
+def gradient_receptive_field(
+    module: nn.Module,
+    info: MechanismInfo,
+    size: int,
+    dim: int,
+    query: Sequence[int],
+    *,
+    exact: bool = True,
+    seed: int = 0,
+) -> np.ndarray:
+    """``R[p]`` (module docstring) for the output token at ``query`` of a ``size × size`` input, as a 2-D array."""
+    grid = token_grid(info, size)
+    (x0, *_) = make_inputs(info, size, dim, 1, seed=seed)
+    param = next(iter(module.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    copies = dim if exact else 1
+    x = x0.to(dtype).expand(copies, *x0.shape[1:]).clone().requires_grad_()
+    inputs = (x, x.reshape(copies, -1, dim)) if info.layout == "cross" else (x,)
+    y = module(*inputs)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{info.name} returned {type(y).__name__}, expected a tensor")
+    index = output_token_index(grid, tuple(y.shape), query)
+    row = y[(slice(None), *index)]  # [copies, C_out]
+    if exact:
+        if row.shape[-1] != copies:
+            raise ValueError(f"{info.name} returns {row.shape[-1]} channels for dim={dim}; use exact=False")
+        target = torch.diagonal(row).sum()
+    else:
+        gen = torch.Generator().manual_seed(seed + 1)
+        target = (row * torch.randn(row.shape, generator=gen).to(row)).sum()
+    (grad,) = torch.autograd.grad(target, x)
+    per_token = grad.abs().sum(dim=(0, -1))
+    return to_canvas(per_token, grid, size)
+
+
+def receptive_field_tokens(field: np.ndarray) -> int:
+    """Number of input tokens with a nonzero gradient."""
+    return int(np.count_nonzero(field))
+
+
+def record_attention_available() -> bool:
+    from .. import ops
+
+    return hasattr(ops, "record_attention")
+
+
+@dataclass
+class AttentionMap:
+    """Attention weights of one query over the keys of one engine call, averaged over heads.
+
+    ``on_canvas``: the keys are the input's tokens, so ``weights`` is drawn on the ``size × size`` canvas; otherwise
+    ``weights`` is on the call's own key grid (e.g. a window or a pooled map, batch element 0).
+    """
+
+    op: str
+    weights: np.ndarray
+    query: tuple[int, int]
+    on_canvas: bool
+    call: int
+    calls: int
+    extra_weight: float = 0.0
+
+
+def record_calls(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list:
+    """The ``attnzoo.ops.record_attention`` records of one forward of ``module(*inputs)`` (no gradients)."""
+    from ..ops import record_attention
+
+    with torch.no_grad(), record_attention() as records:
+        module(*inputs)
+    return list(records)
+
+
+def attention_maps(
+    module: nn.Module, inputs: Sequence[torch.Tensor], size: int, query: Sequence[int]
+) -> list[AttentionMap]:
+    """Exact attention weights of ``query`` in every engine call ``module(*inputs)`` makes (batch element 0).
+
+    Requires ``attnzoo.ops.record_attention``; returns ``[]`` for a mechanism that makes no attention call.
+    """
+    return maps_from_records(record_calls(module, inputs), size, query)
+
+
+def maps_from_records(records: Sequence, size: int, query: Sequence[int]) -> list[AttentionMap]:
+    """``AttentionMap``s of ``query`` (on a ``size × size`` canvas) from attention records, averaged over heads."""
+    maps: list[AttentionMap] = []
+    n = size * size
+    for i, rec in enumerate(records):
+        q_tokens, k_tokens = math.prod(rec.query_shape), math.prod(rec.key_shape)
+        extra = getattr(rec, "extra_keys", 0)
+        spatial_keys = rec.weights.shape[-1] - extra
+        if q_tokens == n:
+            qi = int(query[0]) * size + int(query[1])
+            q_at = (int(query[0]), int(query[1]))
+        else:  # the call's own grid: padded (larger: same coordinates) or pooled (smaller: proportional)
+            side_q = _square_side(rec.query_shape)
+            qy, qx = (min(s - 1, c if s >= size else c * s // size) for s, c in zip(side_q, query))
+            qi, q_at = qy * side_q[1] + qx, (qy, qx)
+        weights = rec.weights[0, :, qi].mean(0)
+        spatial, extra_weight = weights[:spatial_keys], float(weights[spatial_keys:].sum())
+        on_canvas = k_tokens == n and spatial_keys == n
+        if on_canvas:
+            picture = spatial.reshape(size, size).cpu().numpy()
+        else:
+            picture = spatial.reshape(_square_side(rec.key_shape)).cpu().numpy()
+            q_at = q_at if q_tokens == k_tokens else (-1, -1)
+        maps.append(AttentionMap(rec.op, picture, q_at, on_canvas, i, len(records), extra_weight))
+    return maps
+
+
+def _square_side(shape: Sequence[int]) -> tuple[int, int]:
+    """A 2-D picture shape for a call's spatial shape (1-D calls are drawn square when they are a square count)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        return shape
+    if len(shape) == 1:
+        side = int(round(math.sqrt(shape[0])))
+        return (side, side) if side * side == shape[0] else (1, shape[0])
+    return (math.prod(shape[:-1]), shape[-1])
+
+
+@dataclass
+class MechanismView:
+    """Everything drawn for one mechanism: per query, its receptive field and its attention map (or None).
+
+    ``queries`` are positions on the drawn picture; ``error`` is set (and nothing else) when the mechanism cannot
+    run at the requested size.
+    """
+
+    name: str
+    queries: list[tuple[int, int]] = field(default_factory=list)
+    fields: list[np.ndarray] = field(default_factory=list)
+    attention: list[AttentionMap | None] = field(default_factory=list)
+    attention_note: str = ""
+    error: str = ""
+    note: str = ""
+
+
+def _preferred(maps: list[AttentionMap]) -> AttentionMap | None:
+    """The call to draw: the first whose keys are the input tokens, else the first call."""
+    return next((m for m in maps if m.on_canvas), maps[0] if maps else None)
+
+
+def mechanism_view(
+    name: str, size: int, dim: int, queries: Sequence[tuple[int, int]], *, strict: bool = True, attention: bool = True
+) -> MechanismView:
+    """Receptive fields (exact channel sums) and attention maps of ``name`` at ``size × size`` for ``queries``.
+
+    ``strict``: raise ``PrepareError`` when the mechanism cannot run at ``size``; otherwise return a view whose
+    ``error`` says why.
+    """
+    view = MechanismView(name)
+    try:
+        prepared = prepare(name, size, dim)
+    except PrepareError as exc:
+        if strict:
+            raise
+        view.error = str(exc)
+        return view
+    info, module = prepared.info, structural_copy(prepared.module)
+    view.note = prepared.note
+    grid = token_grid(info, size)
+    for q in queries:
+        try:
+            rf = gradient_receptive_field(module, info, size, dim, q, exact=True)
+        except ValueError:  # output width differs from dim: a random projection gives the same support
+            rf = gradient_receptive_field(module, info, size, dim, q, exact=False)
+        view.fields.append(rf)
+        view.queries.append(canvas_query(grid, size, q))
+    if not attention:
+        return view
+    if not info.is_attention:
+        view.attention_note = "not an attention mechanism: no attention weights"
+    elif not record_attention_available():
+        view.attention_note = "attnzoo.ops.record_attention is not available in this version"
+    else:
+        inputs = make_inputs(info, size, dim, 1)
+        try:
+            view.attention = [_preferred(attention_maps(module, inputs, size, q)) for q in queries]
+        except (ValueError, RuntimeError) as exc:
+            view.attention, view.attention_note = [], f"attention not recorded: {one_line(exc)}"
+        if not any(view.attention):
+            view.attention = []
+            view.attention_note = view.attention_note or "no engine attention call was recorded"
+    return view

@@ -1,0 +1,205 @@
+"""Write benchmark results: CSV and JSON of every figure, PNG plots, and an index.html that shows them together."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .bench import BenchConfig, BenchRow  # noqa: E402
+
+__all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
+           "write_index_html", "write_report", "environment"]  # fmt: skip
+
+TABLE_COLUMNS = ("mechanism", "family", "params", "GFLOPs", "peak MB", "latency ms", "img/s", "RF tokens", "check")
+SCALING_COLUMNS = ("latency exp", "memory exp")
+
+
+def _num(value: float, fmt: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
+    """The row as strings in ``TABLE_COLUMNS`` order (plus ``SCALING_COLUMNS``); a failed row says why in check."""
+    cells = [
+        row.name, row.family, f"{row.params:,}" if row.ok or row.params else "—", _num(row.flops / 1e9, ".3f"),
+        _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.throughput, ".1f"),
+        _num(row.receptive_field_tokens, ".0f"), row.check if row.ok else f"FAILED: {row.error}",
+    ]  # fmt: skip
+    if row.ok and row.note:
+        cells[-1] += f" ({row.note})"
+    if with_scaling:
+        cells += [_num(row.latency_exponent, ".2f"), _num(row.memory_exponent, ".2f")]
+    return cells
+
+
+def environment(cfg: BenchConfig) -> dict[str, Any]:
+    """Machine and software the figures were measured on."""
+    return {
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "threads": cfg.threads, "device": cfg.device, "dtype": cfg.dtype,
+    }  # fmt: skip
+
+
+def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
+    """One line per mechanism; scaling figures as ``latency_ms@S`` / ``peak_mb@S`` columns per size ``S``."""
+    fields = ["name", "family", "complexity", "layout", "ok", "params", "flops", "peak_mb", "latency_ms",
+              "throughput_img_s", "check", "receptive_field_tokens", "receptive_field_fraction", "latency_exponent",
+              "memory_exponent"]  # fmt: skip
+    for s in cfg.sizes:
+        fields += [f"latency_ms@{s}", f"peak_mb@{s}"]
+    fields += ["note", "error", "config"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            line = {
+                "name": r.name, "family": r.family, "complexity": r.complexity, "layout": r.layout, "ok": r.ok,
+                "params": r.params, "flops": r.flops, "peak_mb": r.peak_bytes / 2**20, "latency_ms": r.latency_s * 1e3,
+                "throughput_img_s": r.throughput, "check": r.check, "receptive_field_tokens": r.receptive_field_tokens,
+                "receptive_field_fraction": r.receptive_field_fraction, "latency_exponent": r.latency_exponent,
+                "memory_exponent": r.memory_exponent, "note": r.note, "error": r.error,
+                "config": json.dumps(r.as_dict()["config"]),
+            }  # fmt: skip
+            for p in r.scaling:
+                line[f"latency_ms@{p.size}"] = p.latency_s * 1e3
+                line[f"peak_mb@{p.size}"] = p.peak_bytes / 2**20
+            writer.writerow(line)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
+    """Workload, environment and every row (NaN written as null)."""
+    payload = {"workload": cfg.__dict__, "environment": environment(cfg), "results": [r.as_dict() for r in rows]}
+    path.write_text(json.dumps(_json_safe(payload), indent=2))
+
+
+def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
+    """Log-log ``latency`` or ``memory`` against token count, one line per mechanism, exponent in the legend."""
+    key, exp_key, scale, label = {
+        "latency": ("latency_s", "latency_exponent", 1e3, "median latency (ms)"),
+        "memory": ("peak_bytes", "memory_exponent", 1 / 2**20, "peak memory (MiB)"),
+    }[what]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    cmap = plt.get_cmap("tab20")
+    drawn = 0
+    for i, r in enumerate(rows):
+        points = [(p.tokens, getattr(p, key) * scale) for p in r.scaling if math.isfinite(getattr(p, key)) and getattr(p, key) > 0]
+        if not points:
+            continue
+        exponent = getattr(r, exp_key)
+        style = "-" if i < 20 else "--"
+        ax.plot(*zip(*points), style, marker="o", ms=3, color=cmap(i % 20),
+                label=f"{r.name} (slope {exponent:.2f})" if math.isfinite(exponent) else r.name)  # fmt: skip
+        drawn += 1
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N (size²)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label.split(' (')[0].capitalize()} vs tokens (log-log; slope ≈ 1 linear/local, ≈ 2 global)")
+    ax.grid(True, which="both", alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7, ncol=2 if drawn > 12 else 1, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center", transform=ax.transAxes)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
+    """Latency (and FLOPs as marker size) against the centre query's receptive field, one point per mechanism."""
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    good = [r for r in rows if r.ok and math.isfinite(r.receptive_field_fraction) and math.isfinite(r.latency_s)]
+    families = sorted({r.family for r in good})
+    cmap = plt.get_cmap("tab10")
+    for f_i, family in enumerate(families):
+        members = [r for r in good if r.family == family]
+        sizes = [20 + 200 * (r.flops / max(x.flops for x in good)) if math.isfinite(r.flops) else 20 for r in members]
+        ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
+                   s=sizes, color=cmap(f_i % 10), alpha=0.75, label=family, edgecolors="k", linewidths=0.5)  # fmt: skip
+        for r in members:
+            ax.annotate(r.name, (100 * r.receptive_field_fraction, r.latency_s * 1e3), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"receptive field of the centre query (% of the {cfg.size}×{cfg.size} tokens)")
+    ax.set_ylabel("median latency (ms)" + (" forward+backward" if cfg.backward else " forward"))
+    ax.set_title("Cost vs receptive field (marker area ∝ FLOPs)")
+    ax.grid(True, which="both", alpha=0.3)
+    if good:
+        ax.legend(fontsize=8, title="family")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_index_html(rows: Sequence[BenchRow], cfg: BenchConfig, images: Sequence[str], path: Path) -> None:
+    """A self-contained page: workload, environment, the table, and the plots (linked by relative path)."""
+    with_scaling = bool(cfg.sizes)
+    header = list(TABLE_COLUMNS) + (list(SCALING_COLUMNS) if with_scaling else [])
+    body = []
+    for r in rows:
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, with_scaling))
+        body.append(f'<tr class="{"ok" if r.ok else "failed"}">{cells}</tr>')
+    env = environment(cfg)
+    workload = (f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype} on {cfg.device}, "
+                f"{cfg.threads} thread(s), {'forward+backward' if cfg.backward else 'forward'}")  # fmt: skip
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>attnzoo bench</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, td:nth-child(2), td:nth-child(9) {{ text-align: left; }}
+tr.failed {{ background: #fdd; }}
+img {{ max-width: 100%; margin: 1em 0; }}
+</style></head><body>
+<h1>attnzoo bench</h1>
+<p>Workload: {html.escape(workload)}. Scaling sizes: {html.escape(", ".join(map(str, cfg.sizes)) or "none")}.</p>
+<p>Environment: {html.escape(", ".join(f"{k} {v}" for k, v in env.items()))}.</p>
+<p>Peak memory: bytes allocated during one call above what was live before it (torch.profiler memory events on CPU,
+max_memory_allocated on CUDA). Latency: median of torch.utils.benchmark blocked_autorange.
+Check: "ref ok" = equal to the same module on the dense reference backend; "finite" = finite output.
+Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json</a>.</p>
+<table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+{chr(10).join(f'<img src="{html.escape(name)}" alt="{html.escape(name)}">' for name in images)}
+</body></html>
+"""
+    path.write_text(page, encoding="utf-8")
+
+
+def write_report(rows: Sequence[BenchRow], cfg: BenchConfig, out: Path) -> list[Path]:
+    """Everything into directory ``out``: bench.csv, bench.json, the PNG plots and index.html; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "bench.csv", out / "bench.json"
+    write_csv(rows, cfg, csv_path)
+    write_json(rows, cfg, json_path)
+    images = ["latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"]
+    plot_scaling(rows, "latency", out / images[0])
+    plot_scaling(rows, "memory", out / images[1])
+    plot_cost_vs_receptive_field(rows, cfg, out / images[2])
+    write_index_html(rows, cfg, images, out / "index.html")
+    return [csv_path, json_path, *(out / i for i in images), out / "index.html"]
