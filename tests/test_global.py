@@ -426,3 +426,78 @@ def test_cascaded_group_bias_table_is_flip_symmetric():
     bias = m.attention_biases[:, m.bias_index].reshape(3, 4, 4, 4, 4)  # [h, yq, xq, yk, xk]
     torch.testing.assert_close(bias, bias.flip(1, 3), **TOL)
     torch.testing.assert_close(bias, bias.flip(2, 4), **TOL)
+
+
+# --------------------------------------------------------------------------------------------------- manhattan
+
+
+def masa_reference(m, x):
+    """Dense MaSA written independently: complex-number RoPE, explicit distances, explicit softmaxes."""
+    b, hh, ww, c = x.shape
+    h, d = m.num_heads, m.head_dim
+    n = hh * ww
+    theta = 10000.0 ** (-torch.arange(d // 2, dtype=DT) / (d // 2 - 1))
+    rot = torch.polar(torch.ones(n, d // 2, dtype=DT), torch.arange(n, dtype=DT)[:, None] * theta)  # e^{i n θ}
+
+    def rope(t):  # [b, n, h, d], pairs (2m, 2m+1) as one complex number
+        z = torch.view_as_complex(t.reshape(b, n, h, d // 2, 2).contiguous()) * rot[None, :, None]
+        return torch.view_as_real(z).reshape(b, n, h, d)
+
+    q = rope(m.q_proj(x).reshape(b, n, h, d))
+    k = rope(m.k_proj(x).reshape(b, n, h, d)) * d**-0.5
+    v = m.v_proj(x).reshape(b, n, h, d)
+    log_gamma = torch.log(1 - 2.0 ** (-m.init_value - m.heads_range * torch.arange(h, dtype=DT) / h))
+    yy, xx = torch.div(torch.arange(n), ww, rounding_mode="floor"), torch.arange(n) % ww
+    dy, dx = (yy[:, None] - yy[None]).abs().to(DT), (xx[:, None] - xx[None]).abs().to(DT)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    if not m.decomposed:
+        a = (scores + log_gamma[:, None, None] * (dy + dx)).softmax(-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", a, v)
+    else:  # rows (same y, bias |Δx|), then columns (same x, bias |Δy|); other pairs masked out
+        same_row, same_col = dy == 0, dx == 0
+        a_row = (scores + log_gamma[:, None, None] * dx).masked_fill(~same_row, float("-inf")).softmax(-1)
+        a_col = (scores + log_gamma[:, None, None] * dy).masked_fill(~same_col, float("-inf")).softmax(-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", a_col, torch.einsum("bhqk,bkhd->bqhd", a_row, v))
+    lce = m.lepe(v.reshape(b, hh, ww, h * d).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return m.out_proj(out.reshape(b, hh, ww, h * d) + lce)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_manhattan_matches_dense_reference(decomposed):
+    m = randomise(make("manhattan", 16, num_heads=2, decomposed=decomposed, heads_range=3.0))
+    x = torch.randn(2, 3, 5, 16, dtype=DT)
+    torch.testing.assert_close(m(x), masa_reference(m, x), **TOL)
+
+
+def test_manhattan_zero_queries_give_gamma_power_of_distance():
+    x = torch.randn(1, 4, 5, 8, dtype=DT)
+    results = []
+    for decomposed in (False, True):
+        m = make("manhattan", 8, num_heads=2, decomposed=decomposed)
+        with torch.no_grad():
+            for lin in (m.q_proj, m.k_proj):
+                lin.weight.zero_(), lin.bias.zero_()
+            for lin in (m.v_proj, m.out_proj):
+                lin.weight.copy_(torch.eye(8, dtype=DT)), lin.bias.zero_()
+            m.lepe.weight.zero_(), m.lepe.bias.zero_()
+        results.append(m(x))
+    gamma = 1 - 2.0 ** (-2.0 - 4.0 * torch.arange(2, dtype=DT) / 2)  # closed form γ_h^{|Δy|+|Δx|}, normalised
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    dist = ((ys.flatten()[:, None] - ys.flatten()[None]).abs() + (xs.flatten()[:, None] - xs.flatten()[None]).abs())
+    weights = gamma[:, None, None] ** dist.to(DT)
+    weights = weights / weights.sum(-1, keepdim=True)  # [h, N, N]
+    expected = torch.einsum("hqk,khd->qhd", weights, x.reshape(20, 2, 4)).reshape(1, 4, 5, 8)
+    for y in results:  # full and decomposed coincide when q = k = 0 (the decay factorises over the axes)
+        torch.testing.assert_close(y, expected, **TOL)
+
+
+def test_manhattan_no_decay_full_is_rope_mhsa_and_decomposed_reaches_every_token():
+    m = randomise(make("manhattan", 8, num_heads=2, decomposed=False, init_value=1e4))  # ln γ = 0
+    assert m.log_gamma.abs().max() == 0
+    x = torch.randn(1, 3, 4, 8, dtype=DT, requires_grad=True)
+    torch.testing.assert_close(m(x), masa_reference(m, x), **TOL)
+    d = randomise(make("manhattan", 8, num_heads=2, decomposed=True))
+    with torch.no_grad():
+        d.lepe.weight.zero_()
+    d(x)[0, 0, 0].sum().backward()
+    assert (x.grad.abs().sum(-1) > 0).all()  # the top-left output depends on every token

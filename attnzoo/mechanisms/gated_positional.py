@@ -10,7 +10,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ._base import Mechanism, resolve_heads
-from .mhsa import check_dropout, softmax_attention
+from .mhsa import cached_table, check_dropout, softmax_attention
 from .registry import register_mechanism
 
 __all__ = ["GatedPositionalSelfAttention", "relative_offsets"]
@@ -97,7 +97,7 @@ class GatedPositionalSelfAttention(Mechanism):
         v = rearrange(self.v(tokens), "b n (h d) -> b n h d", h=self.num_heads)
         dropout = self.attn_drop if self.training else 0.0
         content = softmax_attention(q, k, v, dropout_p=dropout)
-        offsets = relative_offsets(height, width).to(device=x.device, dtype=x.dtype)
+        offsets = cached_table(relative_offsets, height, width).to(device=x.device, dtype=x.dtype)
         positional_weights = self.pos_drop(self.pos_proj(offsets).softmax(dim=1))  # [N_q, N_k, h]
         positional = torch.einsum("qkh,bkhd->bqhd", positional_weights, v)
         gate = torch.sigmoid(self.gating_param).to(x.dtype)[:, None]

@@ -11,7 +11,7 @@ from ..ops import attention
 from ._base import Mechanism, resolve_heads
 from .registry import register_mechanism
 
-__all__ = ["MultiHeadSelfAttention", "softmax_attention", "flatten_tokens", "check_dropout"]
+__all__ = ["MultiHeadSelfAttention", "softmax_attention", "flatten_tokens", "check_dropout", "cached_table"]
 
 
 def check_dropout(name: str, p: float) -> float:
@@ -19,6 +19,12 @@ def check_dropout(name: str, p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"{name}={p!r} must be a probability in [0, 1)")
     return float(p)
+
+
+def cached_table(fn, *args):
+    """``fn(*args)`` for an ``lru_cache``-wrapped geometry table; while compiling, the unwrapped function (Dynamo
+    traces it into constants anyway and would warn about the cache wrapper)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
