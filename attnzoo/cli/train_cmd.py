@@ -1,0 +1,125 @@
+"""``attnzoo train``: train a backbone with a chosen mixer on Fashion-MNIST; ``--resume DIR`` continues a run.
+
+Works under ``torchrun --nproc-per-node N -m attnzoo train ...`` (DistributedDataParallel; ``--batch-size`` is the
+global batch). ``--dataset synthetic`` is a small generated data set for smoke tests, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from . import UsageError
+
+# Options that define a run; with --resume they come from the run folder's run.json instead.
+RUN_OPTIONS = ("mixer", "mixers", "mixer_kwargs", "size", "dataset", "epochs", "batch_size", "lr", "weight_decay",
+               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")  # fmt: skip
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a backbone with a chosen mixer on Fashion-MNIST (resumable, DDP under torchrun)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--mixer", help="mechanism used in every stage (see `attnzoo list`)")
+    p.add_argument("--mixers", help="comma-separated mechanisms, one per stage (e.g. neighborhood,neighborhood,mhsa,mhsa)")
+    p.add_argument("--mixer-kwargs", help="JSON: one object for every stage, or a list with one object per stage")
+    p.add_argument("--size", choices=("tiny", "small"), help="backbone size (default tiny)")
+    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"),
+                   help="fashion-mnist (real, default) or synthetic (generated, for tests only)")  # fmt: skip
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--epochs", type=int, help="epochs (default 1)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.05)")
+    p.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+    p.add_argument("--limit-train", type=int, help="use only the first N training images")
+    p.add_argument("--limit-eval", type=int, help="use only the first N test images")
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every STEPS steps (default: epoch ends only)")
+    p.add_argument("--log-every", type=int, help="log training metrics every STEPS steps (default 50)")
+    p.add_argument("--out", help="run folder (default runs/<time>-<mixers>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def parse_mixers(mixer: str | None, mixers: str | None) -> list[str]:
+    """One name per stage from ``--mixer`` / ``--mixers``."""
+    if mixer and mixers:
+        raise UsageError("give --mixer NAME or --mixers a,b,c,d, not both")
+    if mixers:
+        names = [m.strip() for m in mixers.split(",") if m.strip()]
+        if len(names) == 1:
+            return names * 4
+        if len(names) != 4:
+            raise UsageError(f"--mixers={mixers!r} must name 1 or 4 mechanisms (one per stage), got {len(names)}")
+        return names
+    if mixer:
+        return [mixer] * 4
+    raise UsageError("--mixer NAME (or --mixers a,b,c,d) is required unless --resume DIR is given")
+
+
+def parse_mixer_kwargs(text: str | None) -> list[dict[str, Any]] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--mixer-kwargs is not valid JSON ({exc})") from None
+    if isinstance(value, dict):
+        return [value] * 4
+    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, dict) or v is None for v in value):
+        return [v or {} for v in value]
+    raise UsageError("--mixer-kwargs must be a JSON object or a list of 4 objects (one per stage)")
+
+
+def _config(args: argparse.Namespace):
+    from ..training import RUN_FILE, TrainConfig
+
+    if args.resume:
+        given = [f"--{o.replace('_', '-')}" for o in RUN_OPTIONS if getattr(args, o, None) is not None]
+        if given:
+            raise UsageError(f"--resume takes the run's options from {RUN_FILE}; drop {', '.join(given)}")
+        run_file = Path(args.resume) / RUN_FILE
+        if not run_file.is_file():
+            raise UsageError(f"{args.resume} is not a run folder ({RUN_FILE} not found)")
+        config = TrainConfig.from_json(run_file.read_text())
+        config.out = args.resume
+        if args.data_dir:
+            config.data_dir = args.data_dir
+        return config
+    mixers = parse_mixers(args.mixer, args.mixers)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    values["mixers"] = mixers
+    values["mixer_kwargs"] = parse_mixer_kwargs(args.mixer_kwargs)
+    tag = mixers[0] if len(set(mixers)) == 1 else "-".join(mixers)
+    values.setdefault("out", str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"))
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..training import CheckpointError, DatasetMissing, TrainError, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads={args.threads} must be ≥ 1")
+        torch.set_num_threads(args.threads)
+    config = _config(args)
+    try:
+        result = train(config, resume=bool(args.resume), show_progress=not args.no_progress)
+    except (TrainError, CheckpointError, DatasetMissing) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{result.out}: test accuracy {result.test_accuracy:.4f} after {result.steps} steps, "
+            f"{result.train_images_per_s:,.0f} training images/s, {result.parameters:,} parameters"
+        )
+    return 0

@@ -1,0 +1,377 @@
+"""The training loop: AdamW + warm-up/cosine schedule, per-epoch evaluation, exact resume, DDP under torchrun.
+
+Reproducibility design. The order of epoch ``e`` is ``randperm(N)`` from a generator seeded with ``(seed, e)``, and
+global batch ``b`` is its slice ``[b·B, (b+1)·B)`` (the last partial batch is dropped), so the data position is fully
+described by the step counter. A checkpoint stores weights, optimizer, scheduler, step and every rank's torch /
+NumPy / Python generator states; resuming restores all of them and skips to the stored step, so a run killed at any
+moment and resumed from its last checkpoint takes exactly the same steps as an uninterrupted one (bitwise equal
+weights on the same machine and thread count). Under ``torchrun`` each of the W ranks takes the contiguous
+``B / W`` slice of the same global batch and DDP averages the gradients, so W processes follow 1 process up to float
+rounding. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import models
+from ..models._io import atomic_write
+from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
+from .data import DATASETS, ImageData, load_dataset
+
+__all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class TrainError(ValueError):
+    """A training request that cannot run as given (bad option, unusable mixer, run folder in the way)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored as ``run.json`` in the run folder."""
+
+    mixers: list[str]
+    out: str
+    size: str = "tiny"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    checkpoint_every: int = 0
+    log_every: int = 50
+    eval_batch_size: int = 512
+    mixer_kwargs: list[dict[str, Any]] | None = None
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
+                    "eval_batch_size": self.eval_batch_size}  # fmt: skip
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise TrainError(f"{name}={value!r} must be a positive integer")
+        for name in ("limit_train", "limit_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainError(f"{name}={value!r} must be a positive integer")
+        if self.checkpoint_every < 0:
+            raise TrainError(f"checkpoint_every={self.checkpoint_every} must be ≥ 0 (0: only at epoch ends)")
+        if not self.lr > 0:
+            raise TrainError(f"lr={self.lr} must be positive")
+        if not 0 <= self.warmup_fraction < 1:
+            raise TrainError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.dataset not in DATASETS:
+            raise TrainError(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reached."""
+
+    out: Path
+    steps: int
+    test_accuracy: float
+    test_loss: float
+    train_images_per_s: float
+    parameters: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def _setup_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1 and not dist.is_initialized():
+        return _Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    started = False
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        started = True
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, started_here=started)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def evaluate(model: nn.Module, data: ImageData, ctx: _Dist | None = None, batch_size: int = 512) -> tuple[float, float]:
+    """Test ``(accuracy, mean loss)``; under DDP each rank scores a shard and the sums are reduced."""
+    ctx = ctx or _Dist(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    index = torch.arange(ctx.rank, len(data.test_labels), ctx.world)
+    loss_sum = correct = 0.0
+    with torch.no_grad():
+        for chunk in index.split(batch_size):
+            x, y = data.batch("test", chunk, ctx.device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+    model.train(was_training)
+    loss_sum, correct, seen = ctx.sum(loss_sum, correct, len(index))
+    return correct / max(seen, 1), loss_sum / max(seen, 1)
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["kind"] == "train"]
+    test = [h for h in history if h["kind"] == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], label="train")
+    ax_loss.plot([h["step"] for h in test], [h["test_loss"] for h in test], "o-", label="test")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax_acc.plot([h["step"] for h in train], [h["accuracy"] for h in train], label="train")
+    ax_acc.plot([h["step"] for h in test], [h["test_accuracy"] for h in test], "o-", label="test")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"), disable=not enabled, transient=False,
+    )  # fmt: skip
+
+
+def _prepare_out(config: TrainConfig, resume: bool, ctx: _Dist) -> Path:
+    out = Path(config.out)
+    if not resume and (out / RUN_FILE).exists():
+        raise TrainError(f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out")
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write(out / RUN_FILE, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
+    return out
+
+
+def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Metrics lines of an earlier attempt, keeping only those up to the resumed checkpoint's step."""
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if entry.get("step", 0) <= upto_step:
+            history.append(entry)
+    return history
+
+
+def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train (or resume) the run described by ``config``; returns the final test accuracy and throughput."""
+    config.validate()
+    ctx = _setup_distributed()
+    try:
+        return _train(config, resume, show_progress, ctx)
+    finally:
+        if ctx.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -> TrainResult:
+    data = load_dataset(config.dataset, config.data_dir).limit(config.limit_train, config.limit_eval)
+    n_train = len(data.train_labels)
+    if config.batch_size % ctx.world:
+        raise TrainError(f"batch_size={config.batch_size} (the global batch) must be divisible by {ctx.world} processes")
+    steps_per_epoch = n_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise TrainError(f"batch_size={config.batch_size} is larger than the {n_train} training images")
+    total = steps_per_epoch * config.epochs
+    warmup = max(1, round(config.warmup_fraction * total))
+    local = config.batch_size // ctx.world
+
+    _seed_everything(config.seed)
+    try:
+        raw = models.create(
+            config.size, config.mixers, num_classes=len(data.classes), in_chans=data.in_chans,
+            img_size=data.img_size, mixer_kwargs=config.mixer_kwargs,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise TrainError(str(exc)) from None
+    raw.to(ctx.device)
+    parameters = sum(p.numel() for p in raw.parameters())
+    model: nn.Module = raw
+    if ctx.world > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)
+    decay = [p for p in raw.parameters() if p.ndim >= 2]
+    no_decay = [p for p in raw.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
+
+    out = _prepare_out(config, resume, ctx)
+    step = 0
+    running = [0.0, 0.0, 0.0]  # loss sum, correct, seen (this epoch, global totals on rank 0 after a resume)
+    train_time, train_images = 0.0, 0
+    ckpt_path = out / CHECKPOINT_FILE
+    if resume and ckpt_path.is_file():
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt.progress.get("total_steps") != total:
+            raise CheckpointError(f"{ckpt_path} was written for {ckpt.progress.get('total_steps')} steps, this run has {total}")
+        try:
+            raw.load_state_dict(ckpt.model_state)
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt_path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        restore_rng(ckpt.rng[ctx.rank] if ctx.rank < len(ckpt.rng) else ckpt.rng[0])
+        step = ckpt.progress["step"]
+        running = list(ckpt.progress["running"]) if ctx.main else [0.0, 0.0, 0.0]
+        train_time, train_images = ckpt.progress["train_time"], ckpt.progress["train_images"]
+    history = _read_history(out / METRICS_FILE, step) if ctx.main and resume else []
+    if ctx.main:
+        atomic_write(out / METRICS_FILE, lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in history)))
+
+    def log(entry: dict[str, Any]) -> None:
+        if ctx.main:
+            history.append(entry)
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint() -> None:
+        states = [None] * ctx.world
+        if ctx.world > 1:
+            dist.all_gather_object(states, capture_rng())
+        else:
+            states = [capture_rng()]
+        reduced = ctx.sum(*running)
+        if ctx.main:
+            progress = {"step": step, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+                        "total_steps": total, "running": reduced, "train_time": train_time,
+                        "train_images": train_images, "world_size": ctx.world, "seed": config.seed}  # fmt: skip
+            write_checkpoint(ckpt_path, Checkpoint(raw.state_dict(), optimizer.state_dict(), scheduler.state_dict(), progress, states))
+
+    title = f"{config.size} · {'/'.join(config.mixers)} · {config.dataset}"
+    test_acc, test_loss = float("nan"), float("nan")
+    window_start, window_images = time.perf_counter(), 0
+    model.train()
+    with _progress(show_progress and ctx.main) as bar:
+        task = bar.add_task(title, total=total, completed=step, stats="")
+        order = _epoch_order(config.seed, step // steps_per_epoch, n_train) if step < total else None
+        while step < total:
+            epoch, b = divmod(step, steps_per_epoch)
+            if b == 0:
+                order = _epoch_order(config.seed, epoch, n_train)
+            index = order[b * config.batch_size + ctx.rank * local : b * config.batch_size + (ctx.rank + 1) * local]
+            t0 = time.perf_counter()
+            x, y = data.batch("train", index, ctx.device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            aux = raw.auxiliary_loss()
+            total_loss = loss if aux is None else loss + aux
+            optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            train_time += time.perf_counter() - t0
+            train_images += config.batch_size
+            window_images += config.batch_size
+            running[0] += loss.item() * len(y)
+            running[1] += (logits.argmax(-1) == y).sum().item()
+            running[2] += len(y)
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % config.log_every == 0 or end_of_epoch:
+                loss_sum, correct, seen = ctx.sum(*running)
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_images = time.perf_counter(), 0
+                entry = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
+                         "loss": loss_sum / seen, "accuracy": correct / seen, "lr": scheduler.get_last_lr()[0],
+                         "images_per_s": rate}  # fmt: skip
+                log(entry)
+                bar.update(task, stats=f"loss {entry['loss']:.3f}  acc {entry['accuracy']:.3f}  {rate:,.0f} img/s")
+            bar.update(task, completed=step)
+            if end_of_epoch:
+                test_acc, test_loss = evaluate(model, data, ctx, config.eval_batch_size)
+                log({"kind": "eval", "step": step, "epoch": epoch + 1, "test_accuracy": test_acc, "test_loss": test_loss})
+                if ctx.main:
+                    bar.console.print(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test_acc:.4f}, loss {test_loss:.4f}")
+                running = [0.0, 0.0, 0.0]
+                if ctx.main:
+                    models.save(raw, out)
+                    _plot_curves(history, out / CURVES_FILE, title)
+                checkpoint()
+                window_start = time.perf_counter()
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                checkpoint()
+    evals = [h for h in history if h["kind"] == "eval"]
+    if evals:
+        test_acc, test_loss = evals[-1]["test_accuracy"], evals[-1]["test_loss"]
+    return TrainResult(out, step, test_acc, test_loss, train_images / max(train_time, 1e-9), parameters, history)
