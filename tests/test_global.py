@@ -501,3 +501,56 @@ def test_manhattan_no_decay_full_is_rope_mhsa_and_decomposed_reaches_every_token
         d.lepe.weight.zero_()
     d(x)[0, 0, 0].sum().backward()
     assert (x.grad.abs().sum(-1) > 0).all()  # the top-left output depends on every token
+
+
+# ------------------------------------------------------------------------------------------- gaussian_adaptive
+
+
+@pytest.mark.parametrize("norm_axis,axis", [("channels", -1), ("tokens", 1)])
+def test_gaussian_adaptive_product_matches_pip_wheel(norm_axis, axis):
+    wheel = pytest.importorskip("gaussian_adaptive_attention")  # pip gaussian-adaptive-attention==0.1.5
+    ref = wheel.MultiHeadGaussianAdaptiveAttention(axis, num_heads=3, num_gaussians=2).to(DT)
+    randomise(ref)
+    ours = make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product")
+    copy_params(ours, {"mean_offsets": torch.stack([h.mean_offsets for h in ref.attention_heads]),
+                       "scales": torch.stack([h.c for h in ref.attention_heads])})  # fmt: skip
+    x = torch.randn(2, 11, 14, dtype=DT)  # 14 channels / 11 tokens over 3 heads: the last chunk is larger
+    torch.testing.assert_close(ours(x), ref(x), **TOL)
+
+
+def test_gaussian_adaptive_sum_variant_matches_direct_formula():
+    m = randomise(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=4))
+    x = torch.randn(2, 5, 12, dtype=DT)
+    chunks = x.reshape(2, 5, 3, 4)
+    mu, sd = chunks.mean(-1, keepdim=True), (chunks.var(-1, keepdim=True) + 1e-8).sqrt()
+    mix = torch.zeros_like(chunks)
+    for h in range(3):
+        w = torch.softmax(m.mixture_logits[h], 0)
+        for g in range(4):
+            z = (chunks[:, :, h] - mu[:, :, h] - m.mean_offsets[h, g]) / sd[:, :, h]
+            mix[:, :, h] += w[g] * torch.exp(-z**2 / (2 * m.scales[h, g] ** 2))
+    expected = x * (mix / mix.sum(-1, keepdim=True)).reshape(2, 5, 12)
+    torch.testing.assert_close(m(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("norm_axis", ["channels", "tokens"])
+def test_gaussian_adaptive_chunk_normalisation_affine_invariance_and_permutation(norm_axis):
+    m = randomise(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=2, norm_axis=norm_axis, eps=1e-15))
+    with torch.no_grad():
+        m.mean_offsets.zero_()
+    x = torch.randn(2, 9, 12, dtype=DT)
+    w = m.weights(x)
+    axis = -1 if norm_axis == "channels" else 1
+    sizes = m.chunk_sizes(x.shape[axis])
+    for chunk in w.split(sizes, dim=axis):
+        torch.testing.assert_close(chunk.sum(axis), torch.ones_like(chunk.sum(axis)), **TOL)
+    # δ = 0: M̂ invariant (up to eps, tiny here) to a positive affine map of each chunk
+    scale, shift = torch.rand(1, 1, 1, dtype=DT) + 0.5, torch.randn(1, 1, 1, dtype=DT)
+    torch.testing.assert_close(m.weights(scale * x + shift), w, rtol=1e-6, atol=1e-7)
+    # permuting elements inside a chunk permutes the output identically
+    perm = torch.arange(x.shape[axis])
+    perm[:sizes[0]] = torch.randperm(sizes[0])
+    y = m(x)
+    torch.testing.assert_close(m(x.index_select(axis, perm)), y.index_select(axis, perm), **TOL)
+    with pytest.raises(ValueError, match="length 3"):
+        make("gaussian_adaptive", 12, num_heads=3, norm_axis="tokens")(torch.randn(1, 3, 12, dtype=DT))
