@@ -130,12 +130,18 @@ def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float) -> Tab
     return table
 
 
+def wide_console() -> Console:
+    """Rich console; 200 columns when writing to a file or pipe (rich would assume 80) so tables stay readable."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     names = check_names(args.names)
     if args.out is not None:
         check_out_dir(args.out)
-    console = Console(stderr=False)
+    console = wide_console()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     rows: list[BenchRow] = []

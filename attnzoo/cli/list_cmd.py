@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..mechanisms import list_families, list_mechanisms, mechanism_info
 from . import UsageError
+from .bench_cmd import wide_console
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         info = mechanism_info(name)
         table.add_row(name, info.family, info.paper, str(info.year), info.complexity, info.reference or "—")
-    Console().print(table)
+    wide_console().print(table)
     return 0

@@ -29,9 +29,8 @@ def _mark(ax, query: Sequence[int]) -> None:
 def _draw_field(fig, ax, values: np.ndarray, query: Sequence[int], title: str) -> None:
     peak = float(values.max()) if values.size else 0.0
     shown = np.ma.masked_less_equal(values / peak if peak > 0 else values, 0.0)
-    cmap = ListedColormap(plt.get_cmap(RF_CMAP)(np.linspace(0.18, 1.0, 256)))  # zero (black) stays distinct
-    cmap.set_bad("black")
-    cmap.set_under(cmap(0))
+    colours = plt.get_cmap(RF_CMAP)(np.linspace(0.18, 1.0, 256))  # darkest used colour stays distinct from zero
+    cmap = ListedColormap(colours).with_extremes(bad="black", under=colours[0])
     im = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=RF_FLOOR, vmax=1.0), interpolation="nearest")
     _mark(ax, query)
     ax.set_title(title, fontsize=9)
@@ -57,6 +56,10 @@ def _message(ax, text: str, color: str = "0.3") -> None:
             transform=ax.transAxes)  # fmt: skip
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _short(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -87,8 +90,9 @@ def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path
             query = view.queries[qi]
             if c < n_q:
                 tokens = int(np.count_nonzero(view.fields[qi]))
+                config = f", {_short(view.config)}" if view.config else ""
                 _draw_field(fig, ax, view.fields[qi], query,
-                            f"{view.name}: receptive field of ({query[0]}, {query[1]})\n{tokens} tokens")  # fmt: skip
+                            f"{view.name}: receptive field of ({query[0]}, {query[1]})\n{tokens} tokens{config}")  # fmt: skip
             elif view.attention and view.attention[qi] is not None:
                 _draw_attention(fig, ax, view.attention[qi], f"{view.name}: attention of ({query[0]}, {query[1]})")
             else:
@@ -115,7 +119,8 @@ def receptive_field_grid(views: Sequence[MechanismView], size: int, path: Path, 
             _message(ax, view.error, color="firebrick")
             continue
         tokens = int(np.count_nonzero(view.fields[0]))
-        _draw_field(fig, ax, view.fields[0], view.queries[0], f"{view.name} ({tokens} tokens)")
+        config = f"\n{_short(view.config)}" if view.config else ""
+        _draw_field(fig, ax, view.fields[0], view.queries[0], f"{view.name} ({tokens} tokens){config}")
     q = views[0].queries[0] if views else (0, 0)
     fig.suptitle(f"Gradient receptive field of query ({q[0]}, {q[1]}) on {size}×{size} tokens, every mechanism",
                  fontsize=12)  # fmt: skip

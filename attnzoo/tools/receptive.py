@@ -192,8 +192,9 @@ def _square_side(shape: Sequence[int]) -> tuple[int, int]:
 class MechanismView:
     """Everything drawn for one mechanism: per query, its receptive field and its attention map (or None).
 
-    ``queries`` are positions on the drawn picture; ``error`` is set (and nothing else) when the mechanism cannot
-    run at the requested size.
+    ``queries`` are positions on the drawn picture; ``config`` the kwargs beyond the registry defaults (the test
+    configuration, when the defaults cannot take the size); ``error`` is set (and nothing else) when the mechanism
+    cannot run at the requested size.
     """
 
     name: str
@@ -202,7 +203,7 @@ class MechanismView:
     attention: list[AttentionMap | None] = field(default_factory=list)
     attention_note: str = ""
     error: str = ""
-    note: str = ""
+    config: dict = field(default_factory=dict)
 
 
 def _preferred(maps: list[AttentionMap]) -> AttentionMap | None:
@@ -227,7 +228,7 @@ def mechanism_view(
         view.error = str(exc)
         return view
     info, module = prepared.info, structural_copy(prepared.module)
-    view.note = prepared.note
+    view.config = dict(prepared.kwargs)
     grid = token_grid(info, size)
     for q in queries:
         try:

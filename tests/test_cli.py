@@ -1,0 +1,168 @@
+"""attnzoo list | bench | viz, run in-process through ``attnzoo.cli.main`` (plus one subprocess smoke test)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import matplotlib.image
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.cli import main
+from attnzoo.mechanisms import registry
+from attnzoo.tools.receptive import record_attention_available
+
+FAST = ["--min-run-time", "0.01", "--threads", "1"]
+
+
+def png_shape(path) -> tuple[int, int]:
+    """(height, width) of a PNG read back by matplotlib (fails on anything that is not a valid PNG)."""
+    image = matplotlib.image.imread(path, format="png")
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    return image.shape[:2]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def broken_mechanism():
+    """A registered mechanism whose forward always fails, removed from the registry afterwards."""
+    name = f"zz_broken_{uuid.uuid4().hex[:8]}"
+
+    @registry.register_mechanism(name, family="test", paper="none", year=2024)
+    class Broken(torch.nn.Module):
+        """Deliberately broken."""
+
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("deliberately broken forward")
+
+    yield name
+    registry._REGISTRY.pop(name, None)
+
+
+def test_list_prints_every_mechanism_and_filters_by_family(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in attnzoo.list_mechanisms():
+        assert name in out
+    assert main(["list", "--family", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "neighborhood" in out and f"({len(attnzoo.list_mechanisms('local'))})" in out
+
+
+def test_list_unknown_family_is_a_usage_error(capsys):
+    assert main(["list", "--family", "no-such-family"]) == 2
+    assert "families" in one_error_line(capsys)
+
+
+def test_bench_writes_csv_json_png_html_for_every_requested_mechanism(tmp_path, capsys):
+    names = ["neighborhood"] + [n for n in ("mhsa", "window") if n in attnzoo.list_mechanisms()]
+    out = tmp_path / "report"
+    code = main(["bench", *names, "--size", "8", "--dim", "32", "--batch", "1", "--sizes", "8,16", "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert all(n in stdout for n in names) and "latency exp" in stdout
+    with open(out / "bench.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == names
+    assert all(r["ok"] == "True" and float(r["latency_ms"]) > 0 and float(r["latency_ms@16"]) > 0 for r in rows)
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in data["results"]] == names and data["workload"]["sizes"] == [8, 16]
+    na = data["results"][0]
+    assert na["check"] == "ref ok" and na["flops"] > 0 and na["peak_bytes"] > 0 and na["params"] > 0
+    for png in ("latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"):
+        assert png_shape(out / png) == (720, 1080)
+    html = (out / "index.html").read_text()
+    assert all(n in html for n in names) and "cost_vs_receptive_field.png" in html
+
+
+def test_bench_failing_mechanism_gets_a_row_and_nonzero_exit(tmp_path, capsys, broken_mechanism):
+    code = main(["bench", broken_mechanism, "neighborhood", "--size", "8", "--dim", "16", "--out", str(tmp_path), *FAST])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert broken_mechanism in out and "deliberately broken" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    by_name = {r["name"]: r for r in data["results"]}
+    assert by_name[broken_mechanism]["ok"] is False and "deliberately broken" in by_name[broken_mechanism]["error"]
+    assert by_name["neighborhood"]["ok"] is True
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["bench", "neighbourhood"], "did you mean 'neighborhood'"),
+        (["bench", "neighborhood", "--sizes", "8,x"], "--sizes"),
+        (["bench", "neighborhood", "--size", "0"], "--size 0"),
+        (["bench", "neighborhood", "--device", "cuda:0"] if not torch.cuda.is_available() else ["bench", "--device", "nope"], "--device"),
+        (["viz", "receptive-field", "neighbourhod"], "did you mean"),
+        (["viz", "receptive-field", "neighborhood", "--size", "2"], "cannot run at 2×2"),
+        (["viz", "receptive-field", "neighborhood", "--query", "40,3"], "outside the 28×28"),
+        (["viz", "receptive-field", "neighborhood", "--query", "a,b"], "two integers"),
+        (["viz", "attention-map", "neighborhood", "--image", "/no/such/photo.png"], "neither a photo name"),
+        (["viz", "attention-map", "neighborhood", "--checkpoint", "/no/such/run"], "--checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    if argv[:2] == ["viz", "attention-map"]:
+        argv = [*argv, "--out", str(tmp_path / "a.png")]
+    elif argv[0] == "viz":
+        argv = [*argv, "--out", str(tmp_path / "rf.png")]
+    assert main(argv) == 2
+    assert fragment in one_error_line(capsys)
+
+
+def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["bench", "neighborhood", "--out", str(blocker / "sub"), *FAST]) == 2
+    assert "--out" in one_error_line(capsys)
+    assert main(["viz", "receptive-field", "neighborhood", "--out", str(blocker / "rf.png")]) == 2
+    assert "--out" in one_error_line(capsys)
+
+
+def test_viz_receptive_field_png(tmp_path):
+    out = tmp_path / "rf.png"
+    assert main(["viz", "receptive-field", "neighborhood", "--size", "12", "--query", "6,6", "0,0", "--out", str(out)]) == 0
+    height, width = png_shape(out)
+    columns = 4 if record_attention_available() else 2  # two queries: fields, then attention
+    assert (height, width) == (320, 340 * columns)
+
+
+def test_viz_receptive_field_all_is_one_grid(tmp_path, monkeypatch):
+    names = ["neighborhood"] + [n for n in ("mhsa", "squeeze_excite") if n in attnzoo.list_mechanisms()]
+    monkeypatch.setattr("attnzoo.cli.viz_cmd.list_mechanisms", lambda: names)
+    out = tmp_path / "all.png"
+    assert main(["viz", "receptive-field", "--all", "--size", "8", "--out", str(out)]) == 0
+    height, width = png_shape(out)
+    assert height > 0 and width >= 290 * min(len(names), 2)
+
+
+@pytest.mark.skipif(not record_attention_available(), reason="attnzoo.ops.record_attention is not available")
+def test_viz_attention_map_on_a_photo(tmp_path):
+    out = tmp_path / "am.png"
+    assert main(["viz", "attention-map", "neighborhood", "--image", "coffee", "--size", "8", "--out", str(out)]) == 0
+    assert png_shape(out) == (484, 924)
+
+
+def test_python_dash_m_smoke():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "attnzoo", "bench", "neighborhood", "--size", "8", "--dim", "16", *FAST],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "neighborhood" in done.stdout and "ref ok" in done.stdout
