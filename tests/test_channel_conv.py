@@ -151,7 +151,7 @@ def test_eca_locality_and_channel_translation_equivariance():
     assert changed.nonzero().flatten().tolist() == [9, 10, 11]
     shifted = torch.roll(x, 1, dims=-1)
     torch.testing.assert_close(m.gate(shifted)[..., 1:], m.gate(x)[..., :-1], **TOL)
-    ratio = m(x[..., :]) / x
+    ratio = m(x) / x
     ok = x != 0
     assert ((ratio[ok] > 0) & (ratio[ok] < 1)).all()
 
@@ -503,7 +503,7 @@ def test_recursive_gated_conv_first_order_is_a_gated_conv_and_field_is_7x7():
 
 
 def smt_official_structure(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SMT's ca_attention=1 forward on (B, N, C) tokens, head loop and reshape/concat interleave as in the paper code."""
+    """SMT's ca_attention=1 forward on (B, N, C) tokens: head loop and reshape/concat interleave as in the code."""
     b, h, w, c = x.shape
     heads = m.ca_num_heads
     tokens = x.reshape(b, h * w, c)

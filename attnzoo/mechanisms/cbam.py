@@ -16,7 +16,8 @@ from .registry import register_mechanism
     paper="CBAM: Convolutional Block Attention Module",
     year=2018,
     complexity="linear",
-    reference="timm.layers.cbam.CbamModule(C, rd_ratio=1/16, mlp_bias=True); official Jongchan/attention-module cbam.py",
+    reference="timm.layers.cbam.CbamModule(C, rd_ratio=1/16, mlp_bias=True); "
+    "official Jongchan/attention-module MODELS/cbam.py",
 )
 class ConvBlockAttention(Mechanism):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018): a channel gate, then a spatial gate.

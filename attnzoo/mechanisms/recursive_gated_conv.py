@@ -38,7 +38,8 @@ class RecursiveGatedConv(Mechanism):
         self.scale = float(scale)
         self.dims = [dim // 2 ** (order - 1 - k) for k in range(order)]
         self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
-        self.dwconv = nn.Conv2d(sum(self.dims), sum(self.dims), kernel_size, padding=kernel_size // 2, groups=sum(self.dims))
+        gated = sum(self.dims)
+        self.dwconv = nn.Conv2d(gated, gated, kernel_size, padding=kernel_size // 2, groups=gated)
         self.pws = nn.ModuleList(nn.Conv2d(self.dims[k], self.dims[k + 1], 1) for k in range(order - 1))
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
