@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import attnzoo
 from attnzoo import models
 from attnzoo.training import (
     CHECKPOINT_FILE, METRICS_FILE, CheckpointError, TrainConfig, load_fashion_mnist, read_checkpoint, train,
@@ -146,3 +148,22 @@ def test_real_fashion_mnist_beats_chance(tmp_path):
                          limit_eval=1000, lr=3e-3)  # fmt: skip
     result = train(config, show_progress=False)
     assert result.test_accuracy > 0.4, result.test_accuracy  # chance is 0.1
+
+
+def test_arena_writes_comparison(tmp_path, capsys):
+    from attnzoo.cli import main
+
+    args = ["arena", "--mixers", "neighborhood,window", "--dataset", "synthetic", "--limit-train", "32",
+            "--limit-eval", "16", "--batch-size", "16", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    if "window" not in attnzoo.list_mechanisms():
+        args[2] = "neighborhood"
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "arena.json").read_text())["rows"]
+    assert [r["mixer"] for r in rows] == args[2].split(",")
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 1 and r["parameters"] > 1e5 and r["gflops_per_image"] > 0.01
+        assert r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0
+    assert (tmp_path / "arena.png").stat().st_size > 1000
+    assert (tmp_path / "arena.csv").read_text().splitlines()[0].startswith("mixer,test_accuracy")
+    assert "test acc" in capsys.readouterr().out
+    assert main(["arena", "--mixers", "neighbourhood", "--dataset", "synthetic", "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,70 @@
+"""``attnzoo arena``: train the same backbone once per mechanism (same data, same seed) and compare them.
+
+Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs) into ``--out`` and prints the table.
+FLOPs come from ``torch.utils.flop_counter`` (operators without a registered formula count as 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import UsageError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "arena", help="train one backbone per mechanism on the same data and compare accuracy, FLOPs and speed",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--mixers", required=True, help="comma-separated mechanisms; each is used in every stage")
+    p.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
+                   help="fashion-mnist (real) or synthetic (generated, for tests only)")  # fmt: skip
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", help="output folder (default runs/arena-<time>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..training import CheckpointError, DatasetMissing, TrainConfig, TrainError
+    from ..training.arena import run_arena
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads={args.threads} must be ≥ 1")
+        torch.set_num_threads(args.threads)
+    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    out = args.out or str(Path("runs") / f"arena-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = TrainConfig(
+        mixers=mixers[:1] * 4, out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
+    )  # fmt: skip
+    try:
+        base.validate()
+        rows = run_arena(mixers, base, show_progress=not args.no_progress)
+    except (TrainError, CheckpointError, DatasetMissing) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    table = Table(title=f"arena: {args.size} on {args.dataset}, {args.epochs} epoch(s), seed {args.seed}")
+    for column in ("mixer", "test acc", "params", "GFLOPs/img", "train img/s", "infer img/s"):
+        table.add_column(column, justify="left" if column == "mixer" else "right")
+    for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
+        table.add_row(r["mixer"], f"{r['test_accuracy']:.4f}", f"{r['parameters']:,}", f"{r['gflops_per_image']:.4f}",
+                      f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: torch.utils.flop_counter)")
+    return 0
