@@ -462,13 +462,37 @@ def test_global_context_properties():
 # ---------------------------------------------------------------------------------------------------------- HorNet
 
 
+def hornet_global_local_filter(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HorNet-GF's GlobalLocalFilter in its own layout: NCHW, weights (C/2, h, w, 2), channels_first LayerNorms."""
+    def channels_first_ln(norm, t):
+        mean = t.mean(1, keepdim=True)
+        var = (t - mean).pow(2).mean(1, keepdim=True)
+        return norm.weight[:, None, None] * (t - mean) / torch.sqrt(var + 1e-6) + norm.bias[:, None, None]
+
+    t = channels_first_ln(f.pre_norm, x)
+    x1, x2 = torch.chunk(t, 2, dim=1)
+    x1 = F.conv2d(x1, f.dw.weight, padding=1, groups=x1.shape[1])
+    b, c, a, w = x2.shape
+    x2 = torch.fft.rfft2(x2, dim=(2, 3), norm="ortho")
+    weight = f.global_filter.complex_weight.permute(2, 0, 1, 3)  # official layout (C, h, w, 2)
+    if weight.shape[1:3] != x2.shape[2:4]:
+        weight = F.interpolate(weight.permute(3, 0, 1, 2), size=x2.shape[2:4], mode="bilinear", align_corners=True)
+        weight = weight.permute(1, 2, 3, 0)
+    x2 = torch.fft.irfft2(x2 * torch.view_as_complex(weight.contiguous()), s=(a, w), dim=(2, 3), norm="ortho")
+    t = torch.cat([x1.unsqueeze(2), x2.unsqueeze(2)], dim=2).reshape(b, 2 * c, a, w)
+    return channels_first_ln(f.post_norm, t)
+
+
 def gnconv_reference(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """gⁿConv from the HorNet equations, with the widths written out."""
     n, c = m.order, x.shape[-1]
     widths = [c // 2 ** (n - 1 - k) for k in range(n)]
     fused = F.conv2d(nchw(x), m.proj_in.weight, m.proj_in.bias)
     p, q = fused[:, : widths[0]], fused[:, widths[0] :]
-    q = m.scale * F.conv2d(q, m.dwconv.weight, m.dwconv.bias, padding=m.kernel_size // 2, groups=q.shape[1])
+    if m.dw == "gf":
+        q = m.scale * hornet_global_local_filter(m.dwconv, q)
+    else:
+        q = m.scale * F.conv2d(q, m.dwconv.weight, m.dwconv.bias, padding=m.kernel_size // 2, groups=q.shape[1])
     starts = [sum(widths[:k]) for k in range(n)]
     p = p * q[:, starts[0] : starts[0] + widths[0]]
     for k in range(1, n):
@@ -488,6 +512,14 @@ def test_recursive_gated_conv_matches_equations_and_is_homogeneous(order):
                 p.zero_()
     torch.testing.assert_close(m(1.7 * x), 1.7 ** (order + 1) * m(x), **TOL)
     assert not torch.allclose(m(1.7 * x), 1.7 ** order * m(x))
+
+
+@pytest.mark.parametrize("size", [(7, 9), (14, 14)])
+def test_recursive_gated_conv_global_filter_variant(size):
+    m = randomize_(make("recursive_gated_conv", 16, order=3, dw="gf", filter_size=(14, 8)))
+    x = rand(1, *size, 16)
+    torch.testing.assert_close(m(x), gnconv_reference(m, x), **TOL)
+    assert receptive_support(m, 9, 16) == (9, 9)  # global: every position reaches the centre
 
 
 def test_recursive_gated_conv_first_order_is_a_gated_conv_and_field_is_7x7():
@@ -639,6 +671,8 @@ def test_spectral_gating_low_precision_runs_in_float32():
         ("global_context", 32, {"fusion": "cat"}, "fusion='cat'"),
         ("global_context", 32, {"pooling": "max"}, "pooling='max'"),
         ("recursive_gated_conv", 12, {"order": 4}, "dim=12"),
+        ("recursive_gated_conv", 8, {"order": 4, "dw": "gf"}, "dim=8"),
+        ("recursive_gated_conv", 16, {"dw": "fft"}, "dw='fft'"),
         ("scale_aware_modulation", 18, {"ca_num_heads": 4}, "dim=18"),
         ("spectral_gating", 8, {"filter_size": (4, 4), "input_resolution": (8, 8)}, "filter_size=(4, 4)"),
     ],

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ._base import Mechanism
-from ._channel_conv import check_positive_int, to_nchw, to_nhwc
+from ._channel_conv import check_choice, check_positive_int, to_nchw, to_nhwc
 from .registry import register_mechanism
+from .spectral_gating import SpectralGating
+
+
+class GlobalLocalFilter(nn.Module):
+    """HorNet's global-local filter (NCHW): LayerNorm; half the channels a 3×3 depthwise conv (no bias), the other
+    half a global Fourier filter (``spectral_gating``, resized to the input); channels interleaved
+    (local₀, global₀, local₁, …); LayerNorm. Both norms are over channels with eps 1e-6, as in HorNet."""
+
+    def __init__(self, channels: int, filter_size: Sequence[int]) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"the global-local filter needs an even channel count, got {channels}")
+        half = channels // 2
+        self.pre_norm = nn.LayerNorm(channels, eps=1e-6)
+        self.dw = nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False)
+        self.global_filter = SpectralGating(half, filter_size=filter_size)
+        self.post_norm = nn.LayerNorm(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local, spectral = self.pre_norm(to_nhwc(x)).chunk(2, dim=-1)
+        local = to_nhwc(self.dw(to_nchw(local)))
+        mixed = rearrange([local, self.global_filter(spectral)], "two b h w c -> b h w (c two)")
+        return to_nchw(self.post_norm(mixed))
 
 
 @register_mechanism(
@@ -27,10 +53,22 @@ class RecursiveGatedConv(Mechanism):
     q ← ``scale``·DWConv_k×k(q); q = [q₀..q_{n−1}]; p = p₀⊙q₀; p = Conv1×1(C_{k−1}→C_k)(p)⊙q_k for k ≥ 1;
     y = Conv1×1(C→C)(p). All convs carry a bias; with zero biases y(a·x) = a^{n+1} y(x). The receptive field is the
     depthwise kernel. ``order=3`` is HorNet's stage-2 setting (stages use 2, 3, 4, 5); C must be divisible by 2^{n−1}.
+    ``dw='gf'`` swaps the depthwise conv for HorNet-GF's global-local filter (``filter_size`` sizes its Fourier
+    weights, resized to any input), which makes the receptive field global and adds LayerNorms (no homogeneity).
     """
 
-    def __init__(self, dim: int, *, order: int = 3, kernel_size: int = 7, scale: float = 1 / 3) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        order: int = 3,
+        kernel_size: int = 7,
+        scale: float = 1 / 3,
+        dw: str = "dw",
+        filter_size: Sequence[int] = (14, 8),
+    ) -> None:
         super().__init__(dim)
+        self.dw = check_choice("dw", dw, ("dw", "gf"))
         self.order = check_positive_int("order", order)
         self.kernel_size = check_positive_int("kernel_size", kernel_size, odd=True)
         if dim % 2 ** (order - 1):
@@ -39,7 +77,15 @@ class RecursiveGatedConv(Mechanism):
         self.dims = [dim // 2 ** (order - 1 - k) for k in range(order)]
         self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
         gated = sum(self.dims)
-        self.dwconv = nn.Conv2d(gated, gated, kernel_size, padding=kernel_size // 2, groups=gated)
+        if dw == "gf":
+            if gated % 2:
+                raise ValueError(
+                    f"dw='gf' halves the {gated} gate channels: dim={dim} with order={order} gives an odd count; "
+                    f"use a dim divisible by 2**order={2 ** order}"
+                )
+            self.dwconv = GlobalLocalFilter(gated, filter_size)
+        else:
+            self.dwconv = nn.Conv2d(gated, gated, kernel_size, padding=kernel_size // 2, groups=gated)
         self.pws = nn.ModuleList(nn.Conv2d(self.dims[k], self.dims[k + 1], 1) for k in range(order - 1))
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
@@ -53,4 +99,4 @@ class RecursiveGatedConv(Mechanism):
         return to_nhwc(self.proj_out(p))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, order={self.order}, kernel_size={self.kernel_size}, scale={self.scale:.4g}"
+        return f"dim={self.dim}, order={self.order}, dw={self.dw!r}, kernel_size={self.kernel_size}, scale={self.scale:.4g}"
