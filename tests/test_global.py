@@ -6,7 +6,6 @@ Parity protocol (shared/mechanisms.md): float64, eval mode, every parameter and 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -64,7 +64,8 @@ class CascadedGroupAttention(Mechanism):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         kernels = (kernels,) * num_heads if isinstance(kernels, int) else tuple(kernels)
-        if len(kernels) != num_heads or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels):
+        odd = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernels)
+        if len(kernels) != num_heads or not odd:
             raise ValueError(f"kernels={kernels!r} must be one odd positive int per head (num_heads={num_heads})")
         self.num_heads, self.key_dim, self.window_resolution = num_heads, key_dim, window_resolution
         self.kernels, self.mask_padding = kernels, bool(mask_padding)
@@ -83,7 +84,8 @@ class CascadedGroupAttention(Mechanism):
         bias = self.attention_biases.to(x.dtype)[:, self.bias_index]  # [heads, R², R²]
         key_bias = padding.key_bias(x.dtype, x.device) if self.mask_padding else None
         if key_bias is not None:  # [1, Hp, Wp, 1] → one row per window, repeated over the batch: [B·nW, 1, 1, R²]
-            key_bias = rearrange(key_bias, "1 (nh r) (nw s) 1 -> (nh nw) 1 1 (r s)", r=r, s=r).repeat(x.shape[0], 1, 1, 1)
+            key_bias = rearrange(key_bias, "1 (nh r) (nw s) 1 -> (nh nw) 1 1 (r s)", r=r, s=r)
+            key_bias = key_bias.repeat(x.shape[0], 1, 1, 1)
         outputs = []
         feat = None
         for head, (qkv, dw, chunk) in enumerate(zip(self.qkvs, self.dws, windows.chunk(self.num_heads, dim=1))):

@@ -48,7 +48,8 @@ class CrossAttention(Mechanism):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__(dim)
-        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1):
+        bad_context = isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1
+        if context_dim is not None and bad_context:
             raise ValueError(f"context_dim={context_dim!r} must be a positive int or None")
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.context_dim = dim if context_dim is None else context_dim
@@ -64,7 +65,8 @@ class CrossAttention(Mechanism):
             raise TypeError(f"context must be a torch.Tensor or None, got {type(context).__name__}")
         if context.dim() < 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
             raise ValueError(
-                f"context.shape={tuple(context.shape)} must be (batch={x.shape[0]}, tokens, context_dim={self.context_dim})"
+                f"context.shape={tuple(context.shape)} must be "
+                f"(batch={x.shape[0]}, tokens, context_dim={self.context_dim})"
             )
         if context.dtype != x.dtype:
             raise TypeError(f"context.dtype={context.dtype} must equal x.dtype={x.dtype}")

@@ -65,7 +65,9 @@ class GatedPositionalSelfAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         inner = self.num_heads * self.head_dim
         if local_init and inner != dim:
-            raise ValueError(f"local_init=True sets v to the identity, so num_heads·head_dim={inner} must equal dim={dim}")
+            raise ValueError(
+                f"local_init=True sets v to the identity, so num_heads·head_dim={inner} must equal dim={dim}"
+            )
         self.attn_drop = check_dropout("attn_drop", attn_drop)
         self.locality_strength = float(locality_strength)
         self.qk = nn.Linear(dim, 2 * inner, bias=qkv_bias)

@@ -1,4 +1,4 @@
-"""GAAM: Gaussian adaptive attention, a learned mixture of Gaussians over standardised features (no queries, no keys)."""
+"""GAAM: Gaussian adaptive attention, a learned Gaussian mixture over standardised features (no queries or keys)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ class GaussianAdaptiveAttention(Mechanism):
         if mixture not in MIXTURES:
             raise ValueError(f"mixture={mixture!r} must be one of {MIXTURES}")
         if norm_axis == "channels" and dim < 2 * num_heads:
-            raise ValueError(f"norm_axis='channels' needs dim={dim} >= 2·num_heads={2 * num_heads} (two channels per chunk)")
+            raise ValueError(
+                f"norm_axis='channels' needs dim={dim} >= 2·num_heads={2 * num_heads} (two channels per chunk)"
+            )
         self.num_heads, self.num_gaussians = num_heads, num_gaussians
         self.norm_axis, self.mixture, self.eps = norm_axis, mixture, float(eps)
         self.mean_offsets = nn.Parameter(torch.zeros(num_heads, num_gaussians))

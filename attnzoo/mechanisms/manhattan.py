@@ -52,7 +52,8 @@ def rotate_pairs(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     year=2023,
     native_rank=2,
     complexity="quadratic",
-    reference="official qhfan/RMT classfication_release/RMT.py::VisionRetentionAll / VisionRetentionChunk + RetNetRelPos2d",
+    reference="official qhfan/RMT classfication_release/RMT.py::VisionRetentionAll / VisionRetentionChunk "
+    "+ RetNetRelPos2d",
     test_kwargs={"num_heads": 4},
     test_size=(5, 6),
 )
@@ -108,8 +109,12 @@ class ManhattanSelfAttention(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
         v_map = self.v_proj(x)
-        sin, cos = (t.to(device=x.device, dtype=x.dtype)[:, None] for t in cached_table(rotary_tables, height * width, self.head_dim))
-        q, k, v = (rearrange(t, "b y x (h d) -> b (y x) h d", h=self.num_heads) for t in (self.q_proj(x), self.k_proj(x), v_map))
+        tables = cached_table(rotary_tables, height * width, self.head_dim)
+        sin, cos = (t.to(device=x.device, dtype=x.dtype)[:, None] for t in tables)  # [N, 1, d]
+        q, k, v = (
+            rearrange(t, "b y x (h d) -> b (y x) h d", h=self.num_heads)
+            for t in (self.q_proj(x), self.k_proj(x), v_map)
+        )
         q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
         if not self.decomposed:
             out = softmax_attention(q, k, v, attn_mask=self.decay(height, width, like=q))

@@ -21,7 +21,8 @@ __all__ = ["MixtureOfHeadsAttention"]
     layout="sequence",
     native_rank=1,
     complexity="quadratic",
-    reference="official SkyworkAI/MoH MoH-DiT/models.py::MoHAttention (keys wg, wg_0, wg_1 = routed_gate, branch_gate, shared_gate)",
+    reference="official SkyworkAI/MoH MoH-DiT/models.py::MoHAttention "
+    "(keys wg, wg_0, wg_1 = routed_gate, branch_gate, shared_gate)",
     test_kwargs={"num_heads": 4, "shared_heads": 1, "routed_topk": 2},
     test_size=(12,),
 )
@@ -31,9 +32,10 @@ class MixtureOfHeadsAttention(Mechanism):
     Heads ``0..shared_heads-1`` are always active, weighted by ``g_s = h_s·softmax(W_s x)``; of the other
     ``E = num_heads - shared_heads`` heads each token keeps the ``routed_topk`` most probable under
     ``softmax(W_r x)``, renormalised over the kept ones and scaled by ``k``; the two groups are balanced by
-    ``2·softmax(W_0 x)``. ``y = proj(concat_i G_i·O_i)``. After a training-mode forward ``self.aux_loss`` holds the load-balancing
-    loss ``aux_loss_weight · E · Σ_i P_i f_i`` (P: mean routing probability, f: selection rate of routed head i),
-    to be added to the training loss (``None`` after an eval-mode forward, as in the official code). Defaults keep the paper's ratios (25 % shared, 75 % of heads active).
+    ``2·softmax(W_0 x)``. ``y = proj(concat_i G_i·O_i)``. After a training-mode forward ``self.aux_loss`` holds
+    the load-balancing loss ``aux_loss_weight · E · Σ_i P_i f_i`` (P: mean routing probability, f: selection rate of
+    routed head i), to be added to the training loss (``None`` after an eval-mode forward, as in the official code).
+    Defaults keep the paper's ratios (25 % shared, 75 % of heads active).
     """
 
     spatial_ranks = (1, 2, 3)
@@ -53,12 +55,14 @@ class MixtureOfHeadsAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if isinstance(shared_heads, bool) or not isinstance(shared_heads, int) or not 0 <= shared_heads <= self.num_heads:
+        valid_shared = isinstance(shared_heads, int) and not isinstance(shared_heads, bool)
+        if not valid_shared or not 0 <= shared_heads <= self.num_heads:
             raise ValueError(f"shared_heads={shared_heads!r} must be an int in [0, num_heads={self.num_heads}]")
         self.shared_heads = shared_heads
         self.routed_heads = self.num_heads - shared_heads
         low = 1 if self.routed_heads else 0
-        if isinstance(routed_topk, bool) or not isinstance(routed_topk, int) or not low <= routed_topk <= self.routed_heads:
+        valid_topk = isinstance(routed_topk, int) and not isinstance(routed_topk, bool)
+        if not valid_topk or not low <= routed_topk <= self.routed_heads:
             raise ValueError(
                 f"routed_topk={routed_topk!r} must be an int in [{low}, num_heads - shared_heads = {self.routed_heads}]"
             )
