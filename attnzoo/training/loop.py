@@ -210,6 +210,8 @@ def _prepare_out(config: TrainConfig, resume: bool, ctx: _Dist) -> Path:
     out = Path(config.out)
     if not resume and (out / RUN_FILE).exists():
         raise TrainError(f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out")
+    if ctx.world > 1:
+        dist.barrier()  # every rank has looked before rank 0 writes run.json
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
