@@ -85,7 +85,7 @@ def test_bench_writes_csv_json_png_html_for_every_requested_mechanism(tmp_path, 
     na = data["results"][0]
     assert na["check"] == "ref ok" and na["flops"] > 0 and na["peak_bytes"] > 0 and na["params"] > 0
     for png in ("latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"):
-        assert png_shape(out / png) == (720, 1080)
+        assert png_shape(out / png) == (720, 1440)
     html = (out / "index.html").read_text()
     assert all(n in html for n in names) and "cost_vs_receptive_field.png" in html
 

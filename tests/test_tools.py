@@ -45,6 +45,12 @@ def test_additional_keys_are_counted():
     assert n == 4 * 2 * 64 * (9 + 3) * 4
 
 
+def test_fft_flops_are_counted():
+    x = torch.randn(2, 8, 8, 4)
+    n = flops.count_flops(lambda: torch.fft.irfft2(torch.fft.rfft2(x, dim=(1, 2)), s=(8, 8), dim=(1, 2)))
+    assert n == 2 * flops.fft_flops((2, 8, 8, 4), (1, 2), complex_transform=False) == 2 * int(2.5 * 8 * 64 * 6)
+
+
 def test_fit_exponent_recovers_power_laws_and_skips_missing_points():
     tokens = [64, 256, 1024, 4096]
     assert costs.fit_exponent(tokens, [3 * t for t in tokens]) == pytest.approx(1.0)
@@ -134,8 +140,8 @@ def test_output_token_index_maps_layouts():
 
 
 def test_prepare_falls_back_to_the_registry_test_config_or_says_why():
-    prepared = workload.prepare("neighborhood", 5, 16)  # kernel 7 does not fit 5×5; the test config (3) does
-    assert prepared.kwargs == dict(NA.test_kwargs) and "test config" in prepared.note
+    prepared = workload.prepare("neighborhood", 5, 16)  # kernel 7 does not fit 5×5; the test config's 3 does
+    assert prepared.kwargs == {"kernel_size": NA.test_kwargs["kernel_size"]} and "test config" in prepared.note
     with pytest.raises(workload.PrepareError, match="2×2"):
         workload.prepare("neighborhood", 2, 16)
 

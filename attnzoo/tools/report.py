@@ -33,7 +33,7 @@ def _num(value: float, fmt: str) -> str:
 def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
     """The row as strings in ``TABLE_COLUMNS`` order (plus ``SCALING_COLUMNS``); a failed row says why in check."""
     cells = [
-        row.name, row.family, f"{row.params:,}" if row.ok or row.params else "—", _num(row.flops / 1e9, ".3f"),
+        row.name, row.family, f"{row.params:,}" if row.ok or row.params else "—", _num(row.flops / 1e9, ".3g"),
         _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.throughput, ".1f"),
         _num(row.receptive_field_tokens, ".0f"), row.check if row.ok else f"FAILED: {row.error}",
     ]  # fmt: skip
@@ -101,7 +101,7 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
         "latency": ("latency_s", "latency_exponent", 1e3, "median latency (ms)"),
         "memory": ("peak_bytes", "memory_exponent", 1 / 2**20, "peak memory (MiB)"),
     }[what]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
     cmap = plt.get_cmap("tab20")
     drawn = 0
     for i, r in enumerate(rows):
@@ -109,7 +109,7 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
         if not points:
             continue
         exponent = getattr(r, exp_key)
-        style = "-" if i < 20 else "--"
+        style = ("-", "--", ":")[(i // 20) % 3]  # 20 colours, then the next line style
         ax.plot(*zip(*points), style, marker="o", ms=3, color=cmap(i % 20),
                 label=f"{r.name} (slope {exponent:.2f})" if math.isfinite(exponent) else r.name)  # fmt: skip
         drawn += 1
@@ -120,7 +120,7 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     ax.set_title(f"{label.split(' (')[0].capitalize()} vs tokens (log-log; slope ≈ 1 linear/local, ≈ 2 global)")
     ax.grid(True, which="both", alpha=0.3)
     if drawn:
-        ax.legend(fontsize=7, ncol=2 if drawn > 12 else 1, loc="upper left")
+        fig.legend(fontsize=7, ncol=2 if drawn > 22 else 1, loc="outside right upper")
     else:
         ax.text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center", transform=ax.transAxes)
     fig.savefig(path, dpi=120)
@@ -129,15 +129,15 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
 
 def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
     """Latency (and FLOPs as marker size) against the centre query's receptive field, one point per mechanism."""
-    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
     good = [r for r in rows if r.ok and math.isfinite(r.receptive_field_fraction) and math.isfinite(r.latency_s)]
     families = sorted({r.family for r in good})
     cmap = plt.get_cmap("tab10")
-    for f_i, family in enumerate(families):
+    for f_i, family in enumerate(families):  # 10 colours, then the next marker shape
         members = [r for r in good if r.family == family]
         sizes = [20 + 200 * (r.flops / max(x.flops for x in good)) if math.isfinite(r.flops) else 20 for r in members]
         ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
-                   s=sizes, color=cmap(f_i % 10), alpha=0.75, label=family, edgecolors="k", linewidths=0.5)  # fmt: skip
+                   s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family, edgecolors="k", linewidths=0.5)  # fmt: skip
         for r in members:
             ax.annotate(r.name, (100 * r.receptive_field_fraction, r.latency_s * 1e3), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")  # fmt: skip
@@ -148,7 +148,9 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
     ax.set_title("Cost vs receptive field (marker area ∝ FLOPs)")
     ax.grid(True, which="both", alpha=0.3)
     if good:
-        ax.legend(fontsize=8, title="family")
+        legend = fig.legend(fontsize=8, title="family", loc="outside right upper")
+        for handle in legend.legend_handles:
+            handle.set_sizes([40])
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

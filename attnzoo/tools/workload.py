@@ -10,7 +10,8 @@ Inputs per layout (the token count is always ``size·size`` for a square ``size`
 
 ``prepare`` builds with the registry defaults (plus ``input_resolution`` for mechanisms that take one) and, when the
 defaults cannot take the workload, falls back to the registry's test configuration (``test_kwargs``) at the same
-size and width; the chosen configuration is reported in ``Prepared.note``.
+size and width: first one of its arguments at a time (the smallest change from the paper's defaults), then all of
+them; the chosen configuration is reported in ``Prepared.note``.
 """
 
 from __future__ import annotations
@@ -103,13 +104,14 @@ def prepare(
 ) -> Prepared:
     """Build ``name`` for a ``size × size``, ``dim``-channel workload, checked by one batch-1 forward.
 
-    Tries the registry defaults, then the registry test configuration; raises ``PrepareError`` with the reason the
-    defaults failed when neither works.
+    Tries the registry defaults, then each argument of the registry test configuration alone, then all of it;
+    raises ``PrepareError`` with the reason the defaults failed when none works.
     """
     info = mechanism_info(name)
     attempts: list[tuple[dict[str, Any], str]] = [({}, "")]
-    if info.test_kwargs:
-        attempts.append((dict(info.test_kwargs), f"defaults failed; built with the registry test config {info.test_kwargs}"))
+    singles = [{key: value} for key, value in info.test_kwargs.items()] if len(info.test_kwargs) > 1 else []
+    for kwargs in singles + ([dict(info.test_kwargs)] if info.test_kwargs else []):
+        attempts.append((kwargs, f"defaults failed; adjusted {kwargs} from the registry test config"))
     first_error: Exception | None = None
     for kwargs, note in attempts:
         try:
