@@ -43,12 +43,26 @@ def _draw_attention(fig, ax, amap: AttentionMap, title: str) -> None:
     im = ax.imshow(amap.weights, cmap=ATTN_CMAP, interpolation="nearest", vmin=0.0)
     if amap.query[0] >= 0:
         _mark(ax, amap.query)
-    where = "" if amap.on_canvas else f" (op grid {amap.weights.shape[0]}×{amap.weights.shape[1]}, op batch 0)"
-    extra = f", {100 * amap.extra_weight:.0f}% on extra keys" if amap.extra_weight > 0.005 else ""
-    ax.set_title(f"{title}\n{amap.op} call {amap.call + 1}/{amap.calls}{where}{extra}", fontsize=8)
+    ax.set_title(f"{title}\n{describe(amap)}", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label("attention weight (head mean)", fontsize=7)
+
+
+def describe(amap: AttentionMap) -> str:
+    """Which call, and where its query row and key grid come from when they are not the input tokens."""
+    parts = [f"{amap.op} call {amap.call + 1}/{amap.calls}"]
+    if not amap.query_on_canvas:
+        g = amap.op_query_grid
+        parts.append(f"query = op token ({amap.op_query[0]}, {amap.op_query[1]}) of {g[0]}×{g[1]}")
+    if not amap.on_canvas:
+        parts.append(f"keys = op grid {amap.weights.shape[0]}×{amap.weights.shape[1]}")
+    if not (amap.on_canvas and amap.query_on_canvas):
+        parts.append("op batch 0")
+    if amap.extra_weight > 0.005:
+        parts.append(f"{100 * amap.extra_weight:.0f}% on extra keys")
+    text = ", ".join(parts)
+    return text if len(text) < 48 else "\n".join([", ".join(parts[:2]), ", ".join(parts[2:])]).strip()
 
 
 def _message(ax, text: str, color: str = "0.3") -> None:
@@ -161,9 +175,7 @@ def attention_overlay_figure(
             _mark(ax, (centre[0], centre[1]))
         else:
             im = ax.images[-1]
-        extra = f", {100 * amap.extra_weight:.0f}% on extra keys" if amap.extra_weight > 0.005 else ""
-        where = "" if amap.on_canvas else f" (op grid {amap.weights.shape[0]}×{amap.weights.shape[1]}, op batch 0)"
-        ax.set_title(f"{amap.op} call {amap.call + 1}/{amap.calls}{where}{extra}", fontsize=9)
+        ax.set_title(describe(amap), fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label("attention weight (head mean)", fontsize=7)
     for ax in axes:
         ax.set_xticks([])

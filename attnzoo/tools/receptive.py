@@ -120,6 +120,9 @@ class AttentionMap:
 
     ``on_canvas``: the keys are the input's tokens, so ``weights`` is drawn on the ``size × size`` canvas; otherwise
     ``weights`` is on the call's own key grid (e.g. a window or a pooled map, batch element 0).
+    ``query_on_canvas``: the call's queries are the input's tokens (so the row shown is the requested query's);
+    otherwise the row is ``op_query`` of the call's own query grid ``op_query_grid`` (an agent, a CLS token, a
+    window position). ``query`` is where to mark the query on the picture, ``(-1, -1)`` when it is not on it.
     """
 
     op: str
@@ -129,6 +132,9 @@ class AttentionMap:
     call: int
     calls: int
     extra_weight: float = 0.0
+    query_on_canvas: bool = True
+    op_query: tuple[int, int] = (0, 0)
+    op_query_grid: tuple[int, int] = (1, 1)
 
 
 def record_calls(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list:
@@ -158,22 +164,20 @@ def maps_from_records(records: Sequence, size: int, query: Sequence[int]) -> lis
         q_tokens, k_tokens = math.prod(rec.query_shape), math.prod(rec.key_shape)
         extra = getattr(rec, "extra_keys", 0)
         spatial_keys = rec.weights.shape[-1] - extra
+        side_q = (size, size) if q_tokens == n else _square_side(rec.query_shape)
         if q_tokens == n:
-            qi = int(query[0]) * size + int(query[1])
-            q_at = (int(query[0]), int(query[1]))
+            op_query = (int(query[0]), int(query[1]))
         else:  # the call's own grid: padded (larger: same coordinates) or pooled (smaller: proportional)
-            side_q = _square_side(rec.query_shape)
-            qy, qx = (min(s - 1, c if s >= size else c * s // size) for s, c in zip(side_q, query))
-            qi, q_at = qy * side_q[1] + qx, (qy, qx)
-        weights = rec.weights[0, :, qi].mean(0)
+            op_query = tuple(min(s - 1, c if s >= size else c * s // size) for s, c in zip(side_q, query))
+        weights = rec.weights[0, :, op_query[0] * side_q[1] + op_query[1]].mean(0)
         spatial, extra_weight = weights[:spatial_keys], float(weights[spatial_keys:].sum())
         on_canvas = k_tokens == n and spatial_keys == n
-        if on_canvas:
-            picture = spatial.reshape(size, size).cpu().numpy()
-        else:
-            picture = spatial.reshape(_square_side(rec.key_shape)).cpu().numpy()
-            q_at = q_at if q_tokens == k_tokens else (-1, -1)
-        maps.append(AttentionMap(rec.op, picture, q_at, on_canvas, i, len(records), extra_weight))
+        picture = spatial.reshape((size, size) if on_canvas else _square_side(rec.key_shape)).cpu().numpy()
+        same_grid = (q_tokens == n) == on_canvas and (on_canvas or q_tokens == k_tokens)
+        maps.append(AttentionMap(
+            rec.op, picture, op_query if same_grid else (-1, -1), on_canvas, i, len(records), extra_weight,
+            query_on_canvas=q_tokens == n, op_query=op_query, op_query_grid=side_q,
+        ))  # fmt: skip
     return maps
 
 
@@ -207,8 +211,13 @@ class MechanismView:
 
 
 def _preferred(maps: list[AttentionMap]) -> AttentionMap | None:
-    """The call to draw: the first whose keys are the input tokens, else the first call."""
-    return next((m for m in maps if m.on_canvas), maps[0] if maps else None)
+    """The call to draw: the first whose queries and keys are the input tokens, else the first whose queries are
+    (what the requested query attends to), else the first whose keys are, else the first call."""
+    for wanted in (lambda m: m.query_on_canvas and m.on_canvas, lambda m: m.query_on_canvas, lambda m: m.on_canvas):
+        found = next((m for m in maps if wanted(m)), None)
+        if found is not None:
+            return found
+    return maps[0] if maps else None
 
 
 def mechanism_view(
