@@ -121,8 +121,6 @@ def run_receptive_field(args: argparse.Namespace) -> int:
 
 
 def run_attention_map(args: argparse.Namespace) -> int:
-    from ..tools.attention_map import trained_photo_attention, untrained_photo_attention
-    from ..tools.figures import attention_overlay_figure
     from ..tools.receptive import record_attention_available
 
     (name,) = _check_names([args.name])
@@ -132,6 +130,9 @@ def run_attention_map(args: argparse.Namespace) -> int:
         raise UsageError(f"{name!r} is not an attention mechanism (it has no attention weights); try receptive-field")
     if not record_attention_available():
         raise UsageError("this attnzoo has no attnzoo.ops.record_attention, so attention weights cannot be read")
+    from ..tools.attention_map import trained_photo_attention, untrained_photo_attention
+    from ..tools.figures import attention_overlay_figure
+
     query = None if args.query is None else parse_query(args.query, None if args.checkpoint else args.size)
     out = _output(args.out, f"attention-map-{name}.png")
     try:

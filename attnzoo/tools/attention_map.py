@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 
 from ..mechanisms import mechanism_info
+from ..ops import record_attention
 from .images import square_resize, to_channels
 from .receptive import AttentionMap, maps_from_records, record_calls, structural_copy
 from .workload import arrange_tokens, prepare
@@ -89,23 +90,19 @@ def trained_photo_attention(
     image = to_channels(square_resize(photo, img_size), in_chans)
     x = torch.from_numpy(image).float().permute(2, 0, 1)[None]
     x = (x - x.mean()) / x.std().clamp_min(1e-6)
-    first_block = model.stages[stage][0].mixer
-    spans: list[int] = []
-    from ..ops import record_attention
-
-    def mark(*_args) -> None:
-        spans.append(len(records))
-
-    pre, post = first_block.register_forward_pre_hook(mark), first_block.register_forward_hook(mark)
-    try:
-        with torch.no_grad(), record_attention() as records:
-            model(x)
-    finally:
-        pre.remove()
-        post.remove()
-    calls = records[spans[0] : spans[1]]
     if grid[0] != grid[1]:
         raise ValueError(f"stage {stage} has a non-square {grid[0]}×{grid[1]} grid; attention maps need a square one")
+    first_block = model.stages[stage][0].mixer
+    spans: list[int] = []  # record count before and after the first block's mixer runs
+    with torch.no_grad(), record_attention() as records:
+        hooks = [first_block.register_forward_pre_hook(lambda *_: spans.append(len(records))),
+                 first_block.register_forward_hook(lambda *_: spans.append(len(records)))]  # fmt: skip
+        try:
+            model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    calls = records[spans[0] : spans[1]]
     maps = maps_from_records(calls, grid[0], q)
     title = (f"{name} in {Path(checkpoint).name} (stage {stage}, {grid[0]}×{grid[1]} tokens, block 1): "
              f"attention of token ({q[0]}, {q[1]})")  # fmt: skip

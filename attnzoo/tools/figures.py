@@ -172,7 +172,8 @@ def attention_overlay_figure(
         ax.imshow(photo if heat is not None else amap.weights, cmap=None if heat is not None else ATTN_CMAP)
         if heat is not None:
             im = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0.0)
-            _mark(ax, (centre[0], centre[1]))
+            if amap.query[0] >= 0:  # the row shown is the query token's own
+                _mark(ax, (centre[0], centre[1]))
         else:
             im = ax.images[-1]
         ax.set_title(describe(amap), fontsize=9)
