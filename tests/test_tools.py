@@ -41,7 +41,9 @@ def test_na_backward_counts_twice_the_forward():
 def test_additional_keys_are_counted():
     q, k, v = (torch.randn(1, 8, 8, 2, 4) for _ in range(3))
     extra = torch.randn(1, 3, 2, 4)
-    n = flops.count_flops(lambda: attnzoo.ops.na2d(q, k, v, 3, additional_keys=extra, additional_values=extra, backend="native"))
+    n = flops.count_flops(
+        lambda: attnzoo.ops.na2d(q, k, v, 3, additional_keys=extra, additional_values=extra, backend="native")
+    )
     assert n == 4 * 2 * 64 * (9 + 3) * 4
 
 

@@ -40,10 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--sizes", default=None, metavar="S1,S2,...",
-                        help="grid sides for the scaling sweep, e.g. 14,28,56,112 (default: none; 14,28,56 with --out)")  # fmt: skip
+                        help="grid sides for the scaling sweep, e.g. 14,28,56,112 "
+                        "(default: none; 14,28,56 with --out)")  # fmt: skip
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     parser.add_argument("--min-run-time", type=float, default=0.3,
-                        help="seconds of timing per mechanism at --size (default 0.3; the sweep uses a third)")  # fmt: skip
+                        help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
     parser.set_defaults(run=run)
 

@@ -116,7 +116,8 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     else:
         receptive_field_figure(views, args.size, out)
     failed = [v.name for v in views if v.error]
-    console.print(f"wrote {out}" + (f" ({len(failed)} could not run at {args.size}: {', '.join(failed)})" if failed else ""))
+    skipped = f" ({len(failed)} could not run at {args.size}: {', '.join(failed)})" if failed else ""
+    console.print(f"wrote {out}{skipped}")
     return 1 if failed else 0
 
 

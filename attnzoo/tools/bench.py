@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..mechanisms import mechanism_info
-from .costs import count_flops, count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check
+from .costs import (
+    count_flops, count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check,
+)  # fmt: skip
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 
@@ -74,7 +76,8 @@ class BenchRow:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["config"] = {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v for k, v in self.config.items()}
+        plain = (int, float, str, bool, type(None))
+        out["config"] = {k: v if isinstance(v, plain) else repr(v) for k, v in self.config.items()}
         return out
 
 
@@ -117,7 +120,8 @@ def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
 def _receptive_field(module, info, cfg: BenchConfig) -> tuple[float, float]:
     """Tokens reaching the centre query (one projected backward on a structural copy) and their fraction."""
     centre = (cfg.size // 2, cfg.size // 2)
-    field_ = gradient_receptive_field(structural_copy(module).float().cpu(), info, cfg.size, cfg.dim, centre, exact=False)
+    twin = structural_copy(module).float().cpu()
+    field_ = gradient_receptive_field(twin, info, cfg.size, cfg.dim, centre, exact=False)
     tokens = receptive_field_tokens(field_)
     return float(tokens), tokens / field_.size
 

@@ -105,8 +105,8 @@ def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path
             if c < n_q:
                 tokens = int(np.count_nonzero(view.fields[qi]))
                 config = f", {_short(view.config)}" if view.config else ""
-                _draw_field(fig, ax, view.fields[qi], query,
-                            f"{view.name}: receptive field of ({query[0]}, {query[1]})\n{tokens} tokens{config}")  # fmt: skip
+                title = f"{view.name}: receptive field of ({query[0]}, {query[1]})\n{tokens} tokens{config}"
+                _draw_field(fig, ax, view.fields[qi], query, title)
             elif view.attention and view.attention[qi] is not None:
                 _draw_attention(fig, ax, view.attention[qi], f"{view.name}: attention of ({query[0]}, {query[1]})")
             else:

@@ -105,7 +105,8 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     cmap = plt.get_cmap("tab20")
     drawn = 0
     for i, r in enumerate(rows):
-        points = [(p.tokens, getattr(p, key) * scale) for p in r.scaling if math.isfinite(getattr(p, key)) and getattr(p, key) > 0]
+        values = [(p.tokens, getattr(p, key)) for p in r.scaling]
+        points = [(t, v * scale) for t, v in values if math.isfinite(v) and v > 0]
         if not points:
             continue
         exponent = getattr(r, exp_key)
@@ -137,7 +138,8 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
         members = [r for r in good if r.family == family]
         sizes = [20 + 200 * (r.flops / max(x.flops for x in good)) if math.isfinite(r.flops) else 20 for r in members]
         ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
-                   s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family, edgecolors="k", linewidths=0.5)  # fmt: skip
+                   s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family,
+                   edgecolors="k", linewidths=0.5)  # fmt: skip
         for r in members:
             ax.annotate(r.name, (100 * r.receptive_field_fraction, r.latency_s * 1e3), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")  # fmt: skip

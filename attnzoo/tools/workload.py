@@ -27,7 +27,9 @@ import torch.nn as nn
 from ..mechanisms import create, mechanism_info
 from ..mechanisms.registry import MechanismInfo
 
-__all__ = ["Prepared", "PrepareError", "token_grid", "make_inputs", "arrange_tokens", "build", "prepare", "output_token_index"]
+__all__ = [
+    "Prepared", "PrepareError", "token_grid", "make_inputs", "arrange_tokens", "build", "prepare", "output_token_index",
+]  # fmt: skip
 
 
 class PrepareError(Exception):
