@@ -6,8 +6,8 @@ Workload P: 2-D NA, B=2, heads=4, 56×56 tokens, head_dim=32, kernel 7, fp32.
   fwd+bwd / fwd for na2d (and for the window yardstick, for context)
 3-D: B=1, heads=4, 8×28×28, head_dim=32, kernel (3,7,7); yardstick: SDPA over 3×7×7 windows of a 9×28×28 volume
   (the depth 8 is not a multiple of 3), scaled by 8/9 to the same number of queries.
-Memory: peak resident memory added by forward+backward at 128×128 vs 64×64 (B=1, heads=4, d=32, k=7), measured in
-  fresh subprocesses (ru_maxrss after minus before), so the native kernel's own buffers are counted too.
+Memory: peak resident memory added by forward+backward at 128×128 vs 64×64 (B=1, heads=4, d=32, k=7), sampled in
+  fresh subprocesses (/proc/self/statm), so the native kernel's own buffers are counted too.
 
 Run: ``python benchmarks/engine.py [--threads 2] [--json out.json]``. Absolute times on shared machines drift; the
 ratios are measured in one run.
@@ -106,22 +106,33 @@ def workload_3d(threads: int, min_run_time: float) -> dict:
 
 
 _MEMORY_PROBE = """
-import resource, sys, torch, attnzoo.ops as ops
+import os, threading, time, torch, attnzoo.ops as ops
 torch.set_num_threads({threads})
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
 side = {side}
 q, k, v = (torch.randn(1, side, side, 4, 32, requires_grad=True) for _ in range(3))
 ops.na2d(q[:, :8, :8].detach(), k[:, :8, :8].detach(), v[:, :8, :8].detach(), 7)  # build/load the kernel first
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if {run}:
-    out = ops.na2d(q, k, v, 7)
-    out.backward(torch.ones_like(out))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+before, peak, done = rss(), [0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+out = ops.na2d(q, k, v, 7)
+out.backward(torch.ones_like(out))
+done[0] = True
+sampler.join()
+print(max(peak[0], rss()) - before)
 """
 
 
-def peak_memory_bytes(side: int, threads: int, run: bool = True) -> int:
-    code = _MEMORY_PROBE.format(side=side, threads=threads, run=run)
+def peak_memory_bytes(side: int, threads: int) -> int:
+    """Resident memory added by one forward+backward, sampled every 0.5 ms in a fresh process."""
+    code = _MEMORY_PROBE.format(side=side, threads=threads)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1])
 

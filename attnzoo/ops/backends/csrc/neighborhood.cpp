@@ -155,69 +155,156 @@ inline int64_t window_runs(const Geometry& g, int64_t t, Run* runs) {
   return n;
 }
 
-// logits[j] = scale * <qi, key j> over the runs, keys as lanes; writes nrun*chunks*LANES values (-inf padding).
-// Four runs (and two head-dimension halves) are accumulated at once so that the FMA chains overlap.
-template <typename T, int L>
-inline void run_logits(const T* __restrict qi, const T* __restrict kt, int64_t stride, int64_t D, const Run* runs,
-                       int64_t nrun, int64_t chunks, T scale, T* __restrict out) {
-  using V = typename Simd<T, L>::vec;
-  auto load = [](const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  };
-  const int64_t n = nrun * chunks;
-  auto base = [&](int64_t i) { return kt + (runs[i / chunks].row * D) * stride + runs[i / chunks].col + (i % chunks) * L; };
-  auto finish = [&](int64_t i, V acc) {
-    acc *= scale;
-    T* o = out + i * L;
-    std::memcpy(o, &acc, sizeof(V));
-    const int64_t valid = runs[i / chunks].count - (i % chunks) * L;
-    for (int64_t l = std::max<int64_t>(valid, 0); l < L; ++l) o[l] = -INFINITY;
-  };
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const T *b0 = base(i), *b1 = base(i + 1), *b2 = base(i + 2), *b3 = base(i + 3);
-    V a0 = {}, a1 = {}, a2 = {}, a3 = {}, c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    int64_t d = 0;
-    for (; d + 2 <= D; d += 2) {
-      const T q0 = qi[d], q1 = qi[d + 1];
-      const int64_t o0 = d * stride, o1 = o0 + stride;
-      a0 += q0 * load(b0 + o0);
-      a1 += q0 * load(b1 + o0);
-      a2 += q0 * load(b2 + o0);
-      a3 += q0 * load(b3 + o0);
-      c0 += q1 * load(b0 + o1);
-      c1 += q1 * load(b1 + o1);
-      c2 += q1 * load(b2 + o1);
-      c3 += q1 * load(b3 + o1);
+constexpr int kBlock = 8;  // queries that share every key-vector load
+
+// Up to kBlock query tokens of one window row and dilation group whose last-axis windows all lie in `chunks`
+// vectors starting at reordered column `base` (several queries only when chunks == 1).
+struct Block {
+  int64_t n;
+  int64_t base;
+  int64_t token[kBlock];
+};
+
+// Split the queries of leading row `row` (tokens row*S2 .. row*S2+S2-1) into blocks, greedily along each dilation
+// group; window starts and ends are non-decreasing along a group, so a block spans first start .. last end.
+inline std::vector<Block> make_blocks(const Geometry& g, int64_t row, int64_t L, int64_t chunks) {
+  const Axis& A = g.ax[2];
+  std::vector<Block> blocks;
+  for (int64_t r = 0; r < A.dil && r < A.extent; ++r) {
+    Block cur{0, 0, {}};
+    for (int64_t x = r; x < A.extent; x += A.dil) {
+      const int64_t first = g.xcol(A.start[x]), last = first + A.count[x] - 1;
+      if (cur.n > 0 && (chunks > 1 || cur.n == kBlock || last - cur.base >= L)) {
+        blocks.push_back(cur);
+        cur.n = 0;
+      }
+      if (cur.n == 0) cur.base = first;
+      cur.token[cur.n++] = row * A.extent + x;
     }
-    for (; d < D; ++d) {
-      const int64_t o0 = d * stride;
-      a0 += qi[d] * load(b0 + o0);
-      a1 += qi[d] * load(b1 + o0);
-      a2 += qi[d] * load(b2 + o0);
-      a3 += qi[d] * load(b3 + o0);
-    }
-    finish(i, a0 + c0);
-    finish(i + 1, a1 + c1);
-    finish(i + 2, a2 + c2);
-    finish(i + 3, a3 + c3);
+    if (cur.n > 0) blocks.push_back(cur);
   }
-  for (; i < n; ++i) {
-    const T* b0 = base(i);
-    V a0 = {}, c0 = {};
-    int64_t d = 0;
-    for (; d + 2 <= D; d += 2) {
-      a0 += qi[d] * load(b0 + d * stride);
-      c0 += qi[d + 1] * load(b0 + (d + 1) * stride);
+  return blocks;
+}
+
+// Logits of QB queries (pointers qs, QB in {1, kBlock}) against the window rows `runs` of a transposed head slice
+// kt [rows][D][RW]: out[i][(r * chunks + c) * L + lane] = scale * <q_i, key at column base + c*L + lane of row r>.
+template <typename T, int L, int QB>
+inline void block_logits(const T* const* qs, const T* __restrict kt, int64_t RW, int64_t D, const Run* runs,
+                         int64_t nrun, int64_t chunks, int64_t base, T scale, T* const* out, int64_t n) {
+  using V = typename Simd<T, L>::vec;
+  for (int64_t r = 0; r < nrun; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* b0 = kt + runs[r].row * D * RW + base + c * L;
+      V acc[QB] = {};
+      V acc2[QB] = {};
+      int64_t d = 0;
+      for (; d + 2 <= D; d += 2) {
+        V k0, k1;
+        std::memcpy(&k0, b0 + d * RW, sizeof(V));
+        std::memcpy(&k1, b0 + (d + 1) * RW, sizeof(V));
+        for (int i = 0; i < QB; ++i) {
+          acc[i] += qs[i][d] * k0;
+          acc2[i] += qs[i][d + 1] * k1;
+        }
+      }
+      for (; d < D; ++d) {
+        V k0;
+        std::memcpy(&k0, b0 + d * RW, sizeof(V));
+        for (int i = 0; i < QB; ++i) acc[i] += qs[i][d] * k0;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const V res = (acc[i] + acc2[i]) * scale;
+        std::memcpy(out[i] + (r * chunks + c) * L, &res, sizeof(V));
+      }
     }
-    for (; d < D; ++d) a0 += qi[d] * load(b0 + d * stride);
-    finish(i, a0 + c0);
   }
 }
 
-// acc[0:DV] += p_j * v_j over the window, value rows as lanes; NV = DV / LANES vectors kept in registers.
+// Per query: lanes outside its window [off, off + count) become -inf.
+template <typename T, int L>
+inline void mask_lanes(T* score, int64_t nrun, int64_t chunks, int64_t off, int64_t count) {
+  for (int64_t r = 0; r < nrun; ++r) {
+    T* row = score + r * chunks * L;
+    for (int64_t l = 0; l < off; ++l) row[l] = -INFINITY;
+    for (int64_t l = off + count; l < chunks * L; ++l) row[l] = -INFINITY;
+  }
+}
+
+// Logits for every query of a block, into per-query buffers (stride `width`), masked to each window.
+template <typename T, int L>
+inline void logits_for_block(const Block& blk, const T* x, int64_t xoff_stride, const T* kt, int64_t RW, int64_t D,
+                             const Geometry& g, const Run* runs0, int64_t nrun, int64_t chunks, T scale,
+                             T* score, int64_t width, bool mask = true) {
+  const T* qs[kBlock];
+  T* outs[kBlock];
+  for (int i = 0; i < kBlock; ++i) {
+    const int64_t t = blk.token[std::min<int64_t>(i, blk.n - 1)];
+    qs[i] = x + t * xoff_stride;
+    outs[i] = score + i * width;
+  }
+  if (blk.n == 1)
+    block_logits<T, L, 1>(qs, kt, RW, D, runs0, nrun, chunks, blk.base, scale, outs, 1);
+  else
+    block_logits<T, L, kBlock>(qs, kt, RW, D, runs0, nrun, chunks, blk.base, scale, outs, blk.n);
+  for (int64_t i = 0; i < blk.n && mask; ++i) {
+    const int64_t x2 = blk.token[i] % g.ax[2].extent;
+    mask_lanes<T, L>(outs[i], nrun, chunks, g.xcol(g.ax[2].start[x2]) - blk.base, g.ax[2].count[x2]);
+  }
+}
+
+// Transposed gradient accumulation, the adjoint of block_logits:
+// acc[row r][c][base + lane] += sum_i x_i[c] * w_i[r][lane] over the block's queries (weights are 0 off-window).
+template <typename T, int L, int QB>
+inline void block_outer(const T* const* xs, const T* const* ws, T* __restrict acc, int64_t RW, int64_t C,
+                        const Run* runs, int64_t nrun, int64_t chunks, int64_t base, int64_t n) {
+  using V = typename Simd<T, L>::vec;
+  for (int64_t r = 0; r < nrun; ++r) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      T* b0 = acc + runs[r].row * C * RW + base + ch * L;
+      V w[QB];
+      for (int i = 0; i < QB; ++i) {
+        if (i < n)
+          std::memcpy(&w[i], ws[i] + (r * chunks + ch) * L, sizeof(V));
+        else
+          w[i] = V{};
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        V a;
+        std::memcpy(&a, b0 + c * RW, sizeof(V));
+        for (int i = 0; i < QB; ++i) a += xs[i][c] * w[i];
+        std::memcpy(b0 + c * RW, &a, sizeof(V));
+      }
+    }
+  }
+}
+
+template <typename T, int L>
+inline void outer_for_block(const Block& blk, const T* x, int64_t xoff_stride, const T* w, int64_t width, T* acc,
+                            int64_t RW, int64_t C, const Run* runs0, int64_t nrun, int64_t chunks) {
+  const T* xs[kBlock];
+  const T* ws[kBlock];
+  for (int i = 0; i < kBlock; ++i) {
+    const int64_t k = std::min<int64_t>(i, blk.n - 1);
+    xs[i] = x + blk.token[k] * xoff_stride;
+    ws[i] = w + k * width;
+  }
+  if (blk.n == 1)
+    block_outer<T, L, 1>(xs, ws, acc, RW, C, runs0, nrun, chunks, blk.base, 1);
+  else
+    block_outer<T, L, kBlock>(xs, ws, acc, RW, C, runs0, nrun, chunks, blk.base, blk.n);
+}
+
+// acc [rows][C][RW] (transposed, one batch-head) -> add into x [B, N, H, C] at (b, h).
+template <typename T>
+inline void untranspose_add(const T* acc, const Geometry& g, int64_t C, int64_t b, int64_t h, T* x) {
+  const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
+  for (int64_t t = 0; t < N; ++t) {
+    const T* col = acc + (t / S2) * C * RW + g.xcol(t % S2);
+    T* dst = x + ((b * N + t) * H + h) * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] += col[c * RW];
+  }
+}
+
 template <typename T, int L, int NV>
 inline void accumulate_values(const T* __restrict v, const T* __restrict p, const Run* runs, int64_t nrun,
                               int64_t chunks, int64_t slot_lanes, int64_t dil2, int64_t token_stride,
@@ -285,84 +372,94 @@ struct Problem {
 
 template <typename T, int L>
 void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
+  using V = typename Simd<T, L>::vec;
   const Geometry& g = p.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, NA = g.NA;
-  const int64_t stride = g.row_width(), slice = g.rows() * D * stride + 2 * L;
+  const int64_t RW = g.row_width(), slice = g.rows() * D * RW + 2 * L;
   const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
-  const int64_t width = max_runs * chunks * L;
+  const int64_t rstride = chunks * L, width = max_runs * rstride + NA;
   const int64_t dil2 = g.ax[2].dil;
   const std::vector<T> kt = transpose_heads(p.k, g, D, slice, nthreads);
-  // Work item = (batch, block of query tokens); the window is enumerated once per token for all heads.
-  const int64_t block = 32, nblocks = (N + block - 1) / block;
-  parallel_for(g.B * nblocks, nthreads, [&](int64_t lo, int64_t hi) {
-    using V = typename Simd<T, L>::vec;
+  // Work item = (batch, window row, part of the row); parts keep both threads busy on 1-D inputs.
+  const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * g.rows() - 1) / (g.B * g.rows()));
+  parallel_for(g.B * g.rows() * parts, nthreads, [&](int64_t lo, int64_t hi) {
     std::vector<Run> runs(max_runs);
-    std::vector<T> score(width + NA);
+    std::vector<T> score(kBlock * width);
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / nblocks;
-      for (int64_t t = (item % nblocks) * block, tend = std::min(N, t + block); t < tend; ++t) {
-        const int64_t nrun = window_runs(g, t, runs.data());
-        const int64_t used = nrun * chunks * L;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t qoff = (b * N + t) * H + h;
-          const T* qi = p.q + qoff * D;
-          run_logits<T, L>(qi, kt.data() + (b * H + h) * slice, stride, D, runs.data(), nrun, chunks, p.scale,
-                     score.data());
-          if (p.rpb || p.kb) {
-            for (int64_t r = 0; r < nrun; ++r)
-              for (int64_t j = 0; j < runs[r].count; ++j) {
-                T& s = score[r * chunks * L + j];
-                if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
-                if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
-              }
+      const int64_t b = item / (g.rows() * parts), row = (item / parts) % g.rows(), part = item % parts;
+      const std::vector<Block> blocks = make_blocks(g, row, L, chunks);
+      const int64_t nb = static_cast<int64_t>(blocks.size());
+      for (int64_t h = 0; h < H; ++h) {
+        const T* kth = kt.data() + (b * H + h) * slice;
+        for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi) {
+          const Block& blk = blocks[bi];
+          const int64_t nrun = window_runs(g, blk.token[0], runs.data());
+          const int64_t used = nrun * rstride;
+          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, kth, RW, D, g, runs.data(), nrun, chunks,
+                                 p.scale, score.data(), width);
+          for (int64_t i = 0; i < blk.n; ++i) {
+            const int64_t t = blk.token[i];
+            window_runs(g, t, runs.data());
+            const int64_t off = runs[0].col - blk.base;
+            T* sc = score.data() + i * width;
+            const int64_t qoff = (b * N + t) * H + h;
+            const T* qi = p.q + qoff * D;
+            if (p.rpb || p.kb) {
+              for (int64_t r = 0; r < nrun; ++r)
+                for (int64_t j = 0; j < runs[r].count; ++j) {
+                  T& s = sc[r * rstride + off + j];
+                  if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
+                  if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
+                }
+            }
+            for (int64_t j = 0; j < NA; ++j) {
+              const T* kj = p.addk + ((b * NA + j) * H + h) * D;
+              T s = 0;
+              for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+              sc[used + j] = p.scale * s;
+            }
+            V mv = sc[0] + V{};
+            for (int64_t j = 0; j < used; j += L) {
+              V sv;
+              std::memcpy(&sv, sc + j, sizeof(V));
+              mv = mv > sv ? mv : sv;
+            }
+            T m = -INFINITY;
+            for (int l = 0; l < L; ++l) m = std::max(m, mv[l]);
+            for (int64_t j = used; j < used + NA; ++j) m = std::max(m, sc[j]);
+            T* o = out + qoff * DV;
+            if (m == -INFINITY) {  // every key dropped by kb: empty softmax
+              std::fill(o, o + DV, T(0));
+              lse[qoff] = -INFINITY;
+              continue;
+            }
+            V lv = {};
+            for (int64_t j = 0; j < used; j += L) {
+              V sv;
+              std::memcpy(&sv, sc + j, sizeof(V));
+              sv = vexp<L>(sv - m);
+              std::memcpy(sc + j, &sv, sizeof(V));
+              lv += sv;
+            }
+            T l = 0;
+            for (int k = 0; k < L; ++k) l += lv[k];
+            for (int64_t j = used; j < used + NA; ++j) {
+              sc[j] = std::exp(sc[j] - m);
+              l += sc[j];
+            }
+            accumulate_values_any<T, L>(p.v + ((b * N) * H + h) * DV, sc + off, runs.data(), nrun, chunks, dil2,
+                                        H * DV, DV, o);
+            for (int64_t j = 0; j < NA; ++j) {
+              const T pj = sc[used + j];
+              const T* vj = p.addv + ((b * NA + j) * H + h) * DV;
+              for (int64_t c = 0; c < DV; ++c) o[c] += pj * vj[c];
+            }
+            const T inv = T(1) / l;
+            for (int64_t c = 0; c < DV; ++c) o[c] *= inv;
+            lse[qoff] = m + std::log(l);
           }
-          for (int64_t j = 0; j < NA; ++j) {
-            const T* kj = p.addk + ((b * NA + j) * H + h) * D;
-            T s = 0;
-            for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-            score[used + j] = p.scale * s;
-          }
-          V mv = score[0] + V{};
-          for (int64_t j = 0; j < used; j += L) {
-            V sv;
-            std::memcpy(&sv, score.data() + j, sizeof(V));
-            mv = mv > sv ? mv : sv;
-          }
-          T m = -INFINITY;
-          for (int i = 0; i < L; ++i) m = std::max(m, mv[i]);
-          for (int64_t j = used; j < used + NA; ++j) m = std::max(m, score[j]);
-          T* o = out + qoff * DV;
-          if (m == -INFINITY) {  // every key dropped by kb: empty softmax
-            std::fill(o, o + DV, T(0));
-            lse[qoff] = -INFINITY;
-            continue;
-          }
-          V lv = {};
-          for (int64_t j = 0; j < used; j += L) {
-            V sv;
-            std::memcpy(&sv, score.data() + j, sizeof(V));
-            sv = vexp<L>(sv - m);
-            std::memcpy(score.data() + j, &sv, sizeof(V));
-            lv += sv;
-          }
-          T l = 0;
-          for (int i = 0; i < L; ++i) l += lv[i];
-          for (int64_t j = used; j < used + NA; ++j) {
-            score[j] = std::exp(score[j] - m);
-            l += score[j];
-          }
-          accumulate_values_any<T, L>(p.v + ((b * N) * H + h) * DV, score.data(), runs.data(), nrun, chunks, dil2, H * DV,
-                                DV, o);
-          for (int64_t j = 0; j < NA; ++j) {
-            const T pj = score[used + j];
-            const T* vj = p.addv + ((b * NA + j) * H + h) * DV;
-            for (int64_t c = 0; c < DV; ++c) o[c] += pj * vj[c];
-          }
-          const T inv = T(1) / l;
-          for (int64_t c = 0; c < DV; ++c) o[c] *= inv;
-          lse[qoff] = m + std::log(l);
         }
       }
     }
@@ -374,95 +471,117 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
               T* daddk, T* daddv, T* drpb, T* dkb, int64_t nthreads) {
   // Work item = (batch, head): every write to dk/dv/daddk/daddv/dkb of that slice stays in one thread.
   // drpb is [B, H, R] so that batches never share a slot either; the caller sums over B.
+  using V = typename Simd<T, L>::vec;
   const Geometry& g = p.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, NA = g.NA;
-  const int64_t kstride = g.row_width();
-  const int64_t kslice = g.rows() * D * kstride + 2 * L, vslice = g.rows() * DV * kstride + 2 * L;
+  const int64_t RW = g.row_width();
+  const int64_t kslice = g.rows() * D * RW + 2 * L, vslice = g.rows() * DV * RW + 2 * L;
   const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
-  const int64_t width = max_runs * chunks * L;
+  const int64_t rstride = chunks * L, width = max_runs * rstride;
   const int64_t dil2 = g.ax[2].dil;
   const std::vector<T> kt = transpose_heads(p.k, g, D, kslice, nthreads);
   const std::vector<T> vt = transpose_heads(p.v, g, DV, vslice, nthreads);
   parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi) {
-    using V = typename Simd<T, L>::vec;
     std::vector<Run> runs(max_runs);
-    std::vector<T> prob(width), dprob(width);
+    std::vector<T> prob(kBlock * width), dprob(kBlock * width);
+    std::vector<T> dkt(kslice), dvt(vslice);  // transposed dK, dV of one (batch, head)
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T* ktb = kt.data() + bh * kslice;
       const T* vtb = vt.data() + bh * vslice;
-      for (int64_t t = 0; t < N; ++t) {
-        const int64_t qoff = (b * N + t) * H + h;
-        const T li = lse[qoff];
-        if (li == -INFINITY) continue;  // empty softmax: no gradient
-        const T* qi = p.q + qoff * D;
-        const T* doi = dout + qoff * DV;
-        T delta = 0;
-        for (int64_t c = 0; c < DV; ++c) delta += doi[c] * out[qoff * DV + c];
-        if (dlse) delta -= dlse[qoff];
-        const int64_t nrun = window_runs(g, t, runs.data());
-        const int64_t used = nrun * chunks * L;
-        run_logits<T, L>(qi, ktb, kstride, D, runs.data(), nrun, chunks, p.scale, prob.data());
-        run_logits<T, L>(doi, vtb, kstride, DV, runs.data(), nrun, chunks, T(1), dprob.data());
-        if (p.rpb || p.kb) {
-          for (int64_t r = 0; r < nrun; ++r)
-            for (int64_t j = 0; j < runs[r].count; ++j) {
-              T& s = prob[r * chunks * L + j];
-              if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
-              if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
+      std::fill(dkt.begin(), dkt.end(), T(0));
+      std::fill(dvt.begin(), dvt.end(), T(0));
+      for (int64_t row = 0; row < g.rows(); ++row) {
+        for (const Block& blk : make_blocks(g, row, L, chunks)) {
+          const int64_t nrun = window_runs(g, blk.token[0], runs.data());
+          const int64_t used = nrun * rstride;
+          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, ktb, RW, D, g, runs.data(), nrun, chunks,
+                                 p.scale, prob.data(), width);
+          logits_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, vtb, RW, DV, g, runs.data(), nrun,
+                                 chunks, T(1), dprob.data(), width, /*mask=*/false);
+          for (int64_t i = 0; i < blk.n; ++i) {
+            const int64_t t = blk.token[i];
+            const int64_t qoff = (b * N + t) * H + h;
+            const T li = lse[qoff];
+            if (li == -INFINITY) continue;  // empty softmax: no gradient
+            window_runs(g, t, runs.data());
+            const int64_t off = runs[0].col - blk.base;
+            T* pr = prob.data() + i * width;
+            T* dsr = dprob.data() + i * width;
+            const T* qi = p.q + qoff * D;
+            const T* doi = dout + qoff * DV;
+            T delta = 0;
+            for (int64_t c = 0; c < DV; ++c) delta += doi[c] * out[qoff * DV + c];
+            if (dlse) delta -= dlse[qoff];
+            if (p.rpb || p.kb) {
+              for (int64_t r = 0; r < nrun; ++r)
+                for (int64_t j = 0; j < runs[r].count; ++j) {
+                  T& s = pr[r * rstride + off + j];
+                  if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
+                  if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
+                }
             }
-        }
-        // p = exp(s - lse); ds = p * (dP - delta); masked lanes have s = -inf, so p = ds = 0.
-        for (int64_t j = 0; j < used; j += L) {
-          V sv, dpv;
-          std::memcpy(&sv, prob.data() + j, sizeof(V));
-          std::memcpy(&dpv, dprob.data() + j, sizeof(V));
-          sv = vexp<L>(sv - li);
-          dpv = sv * (dpv - delta);
-          std::memcpy(prob.data() + j, &sv, sizeof(V));
-          std::memcpy(dprob.data() + j, &dpv, sizeof(V));
-        }
-        T* dqi = dq + qoff * D;
-        // dq_i = scale * sum_j ds_j k_j (the P·V kernel with ds as weights and K rows as values)
-        accumulate_values_any<T, L>(p.k + (b * N * H + h) * D, dprob.data(), runs.data(), nrun, chunks, dil2, H * D, D,
-                                    dqi);
-        for (int64_t d = 0; d < D; ++d) dqi[d] *= p.scale;
-        for (int64_t r = 0; r < nrun; ++r) {
-          const T* pr = prob.data() + r * chunks * L;
-          const T* dsr = dprob.data() + r * chunks * L;
-          for (int64_t j = 0; j < runs[r].count; ++j) {
-            const int64_t koff = (b * N + runs[r].token + dil2 * j) * H + h;
-            const T pj = pr[j], sds = p.scale * dsr[j];
-            T* __restrict dkj = dk + koff * D;
-            T* __restrict dvj = dv + koff * DV;
-            for (int64_t d = 0; d < D; ++d) dkj[d] += sds * qi[d];
-            for (int64_t c = 0; c < DV; ++c) dvj[c] += pj * doi[c];
-            if (drpb) drpb[bh * R + runs[r].bias + j] += dsr[j];
-            if (dkb) dkb[koff] += dsr[j];
+            // p = exp(s - lse); ds = p * (dP - delta); masked lanes have s = -inf, so p = ds = 0.
+            for (int64_t j = 0; j < used; j += L) {
+              V sv, dpv;
+              std::memcpy(&sv, pr + j, sizeof(V));
+              std::memcpy(&dpv, dsr + j, sizeof(V));
+              sv = vexp<L>(sv - li);
+              dpv = sv * (dpv - delta);
+              std::memcpy(pr + j, &sv, sizeof(V));
+              std::memcpy(dsr + j, &dpv, sizeof(V));
+            }
+            T* dqi = dq + qoff * D;
+            // dq_i = scale * sum_j ds_j k_j: the P·V kernel with ds as weights and K rows as values.
+            accumulate_values_any<T, L>(p.k + (b * N * H + h) * D, dsr + off, runs.data(), nrun, chunks, dil2, H * D,
+                                        D, dqi);
+            for (int64_t d = 0; d < D; ++d) dqi[d] *= p.scale;
+            if (drpb || dkb) {
+              for (int64_t r = 0; r < nrun; ++r) {
+                const T* dsrr = dsr + r * rstride + off;
+                for (int64_t j = 0; j < runs[r].count; ++j) {
+                  if (drpb) drpb[bh * R + runs[r].bias + j] += dsrr[j];
+                  if (dkb) dkb[(b * N + runs[r].token + dil2 * j) * H + h] += dsrr[j];
+                }
+              }
+            }
+            for (int64_t j = 0; j < NA; ++j) {
+              const int64_t aoff = (b * NA + j) * H + h;
+              const T* kj = p.addk + aoff * D;
+              const T* vj = p.addv + aoff * DV;
+              T s = 0, dp = 0;
+              for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+              for (int64_t c = 0; c < DV; ++c) dp += doi[c] * vj[c];
+              const T pj = std::exp(p.scale * s - li);
+              const T ds = pj * (dp - delta);
+              const T sds = p.scale * ds;
+              T* dkj = daddk + aoff * D;
+              for (int64_t d = 0; d < D; ++d) {
+                dqi[d] += sds * kj[d];
+                dkj[d] += sds * qi[d];
+              }
+              T* dvj = daddv + aoff * DV;
+              for (int64_t c = 0; c < DV; ++c) dvj[c] += pj * doi[c];
+            }
           }
-        }
-        for (int64_t j = 0; j < NA; ++j) {
-          const int64_t aoff = (b * NA + j) * H + h;
-          const T* kj = p.addk + aoff * D;
-          const T* vj = p.addv + aoff * DV;
-          T s = 0, dp = 0;
-          for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-          for (int64_t c = 0; c < DV; ++c) dp += doi[c] * vj[c];
-          const T pj = std::exp(p.scale * s - li);
-          const T ds = pj * (dp - delta);
-          const T sds = p.scale * ds;
-          T* dkj = daddk + aoff * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dqi[d] += sds * kj[d];
-            dkj[d] += sds * qi[d];
+          // Queries with an empty softmax must not contribute: zero their weights.
+          for (int64_t i = 0; i < blk.n; ++i) {
+            if (lse[(b * N + blk.token[i]) * H + h] == -INFINITY) {
+              std::fill(prob.begin() + i * width, prob.begin() + i * width + used, T(0));
+              std::fill(dprob.begin() + i * width, dprob.begin() + i * width + used, T(0));
+            }
           }
-          T* dvj = daddv + aoff * DV;
-          for (int64_t c = 0; c < DV; ++c) dvj[c] += pj * doi[c];
+          outer_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, dprob.data(), width, dkt.data(), RW, D,
+                                runs.data(), nrun, chunks);
+          outer_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, prob.data(), width, dvt.data(), RW, DV,
+                                runs.data(), nrun, chunks);
         }
-        (void)used;
       }
+      for (int64_t i = 0; i < kslice; ++i) dkt[i] *= p.scale;
+      untranspose_add(dkt.data(), g, D, b, h, dk);
+      untranspose_add(dvt.data(), g, DV, b, h, dv);
     }
   });
 }
@@ -484,24 +603,15 @@ Problem<T> make_problem(const T* q, const T* k, const T* v, const T* addk, const
   return p;
 }
 
-// Narrow vectors when every window row fits in them, wide ones otherwise.
 template <typename T>
 void forward_any(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
-  constexpr int W = 64 / sizeof(T);
-  if (p.g.max_count(2) <= W / 2)
-    forward<T, W / 2>(p, out, lse, nthreads);
-  else
-    forward<T, W>(p, out, lse, nthreads);
+  forward<T, 64 / sizeof(T)>(p, out, lse, nthreads);
 }
 
 template <typename T>
 void backward_any(const Problem<T>& p, const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
                   T* daddk, T* daddv, T* drpb, T* dkb, int64_t nthreads) {
-  constexpr int W = 64 / sizeof(T);
-  if (p.g.max_count(2) <= W / 2)
-    backward<T, W / 2>(p, out, lse, dout, dlse, dq, dk, dv, daddk, daddv, drpb, dkb, nthreads);
-  else
-    backward<T, W>(p, out, lse, dout, dlse, dq, dk, dv, daddk, daddv, drpb, dkb, nthreads);
+  backward<T, 64 / sizeof(T)>(p, out, lse, dout, dlse, dq, dk, dv, daddk, daddv, drpb, dkb, nthreads);
 }
 
 }  // namespace
