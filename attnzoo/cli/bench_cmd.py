@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..mechanisms import list_mechanisms, mechanism_info
-from ..tools.bench import BenchConfig, BenchRow, bench_mechanism
+from ..tools.bench import BenchConfig, BenchRow, bench_mechanism, yardstick_latency
 from ..tools.report import SCALING_COLUMNS, TABLE_COLUMNS, table_cells, write_report
 from . import UsageError
 
@@ -113,13 +113,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )  # fmt: skip
 
 
-def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float) -> Table:
+def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float, yardstick: float) -> Table:
     with_scaling = bool(cfg.sizes)
     mode = "forward+backward" if cfg.backward else "forward"
     table = Table(
         title=f"attnzoo bench: {cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype}, "
         f"{cfg.device}, {cfg.threads} thread(s), {mode}",
-        caption=f"{len(rows)} mechanisms in {seconds:.0f} s"
+        caption=f"{len(rows)} mechanisms in {seconds:.0f} s; × SDPA = latency / dense SDPA over all tokens "
+        f"({yardstick * 1e3:.2f} ms, measured in this run)"
         + (f"; exponents fitted over sizes {', '.join(map(str, cfg.sizes))}" if with_scaling else ""),
     )  # fmt: skip
     columns = list(TABLE_COLUMNS) + (list(SCALING_COLUMNS) if with_scaling else [])
@@ -152,17 +153,21 @@ def run(args: argparse.Namespace) -> int:
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=True,
         ) as progress:  # fmt: skip
-            task = progress.add_task("benchmarking", total=len(names))
+            task = progress.add_task("benchmarking", total=len(names) + 1)
+            progress.update(task, description=f"{'yardstick: dense SDPA':<37}")
+            yardstick = yardstick_latency(cfg)
+            progress.advance(task)
             for name in names:
                 progress.update(task, description=f"benchmarking {name:<24}")
                 rows.append(bench_mechanism(name, cfg))
+                rows[-1].relative_latency = rows[-1].latency_s / yardstick
                 progress.advance(task)
     finally:
         torch.set_num_threads(previous_threads)
-    console.print(results_table(rows, cfg, time.perf_counter() - start))
+    console.print(results_table(rows, cfg, time.perf_counter() - start, yardstick))
     if args.out is not None:
         try:
-            paths = write_report(rows, cfg, args.out)
+            paths = write_report(rows, cfg, args.out, yardstick)
         except OSError as exc:
             raise UsageError(f"--out {str(args.out)!r}: cannot write the report ({exc.strerror or exc})") from None
         console.print(f"wrote {len(paths)} files to {os.fspath(args.out)} (open {os.fspath(args.out / 'index.html')})")

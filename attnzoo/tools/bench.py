@@ -1,6 +1,8 @@
 """Benchmark one registered mechanism at a workload: every figure ``attnzoo bench`` reports, as one ``BenchRow``.
 
 A mechanism that cannot be built or run gives a row with ``ok=False`` and the reason; nothing is raised.
+``yardstick_latency`` times dense attention (SDPA over all tokens) at the same workload, so each run can report
+latencies relative to a yardstick measured on the same machine at the same time (absolute times drift with load).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..mechanisms import mechanism_info
 from .costs import (
@@ -18,7 +22,7 @@ from .costs import (
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 
-__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism"]
+__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism", "yardstick_latency", "DenseAttention"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class BenchRow:
     peak_bytes: float = math.nan
     latency_s: float = math.nan
     throughput: float = math.nan
+    relative_latency: float = math.nan
     check: str = ""
     receptive_field_tokens: float = math.nan
     receptive_field_fraction: float = math.nan
@@ -115,6 +120,27 @@ def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
     row.latency_exponent = fit_exponent(tokens, [p.latency_s for p in row.scaling])
     row.memory_exponent = fit_exponent(tokens, [p.peak_bytes for p in row.scaling])
     return row
+
+
+class DenseAttention(nn.Module):
+    """The yardstick: softmax attention of every token over every token (SDPA), no projections, 32-wide heads."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.heads = max(1, dim // 32) if dim % max(1, dim // 32) == 0 else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        return F.scaled_dot_product_attention(h, h, h).transpose(1, 2).reshape(b, n, c)
+
+
+def yardstick_latency(cfg: BenchConfig) -> float:
+    """Median seconds of ``DenseAttention`` on ``cfg``'s workload (forward, or forward+backward with ``backward``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch, cfg.size * cfg.size, cfg.dim, generator=gen).to(device=cfg.device, dtype=cfg.torch_dtype)
+    step = make_step(DenseAttention(cfg.dim), (x,), cfg.backward)
+    return median_latency(step, threads=cfg.threads, min_run_time=cfg.min_run_time)
 
 
 def _receptive_field(module, info, cfg: BenchConfig) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from .bench import BenchConfig, BenchRow  # noqa: E402
 __all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
            "write_index_html", "write_report", "environment"]  # fmt: skip
 
-TABLE_COLUMNS = ("mechanism", "family", "params", "GFLOPs", "peak MB", "latency ms", "img/s", "RF tokens", "check")
+TABLE_COLUMNS = ("mechanism", "family", "params", "GFLOPs", "peak MB", "latency ms", "× SDPA", "img/s", "RF tokens", "check")
 SCALING_COLUMNS = ("latency exp", "memory exp")
 
 
@@ -34,7 +34,8 @@ def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
     """The row as strings in ``TABLE_COLUMNS`` order (plus ``SCALING_COLUMNS``); a failed row says why in check."""
     cells = [
         row.name, row.family, f"{row.params:,}" if row.ok or row.params else "—", _num(row.flops / 1e9, ".3g"),
-        _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.throughput, ".1f"),
+        _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.relative_latency, ".3g"),
+        _num(row.throughput, ".1f"),
         _num(row.receptive_field_tokens, ".0f"), row.check if row.ok else f"FAILED: {row.error}",
     ]  # fmt: skip
     if row.ok and row.note:
@@ -56,7 +57,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
 def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
     """One line per mechanism; scaling figures as ``latency_ms@S`` / ``peak_mb@S`` columns per size ``S``."""
     fields = ["name", "family", "complexity", "layout", "ok", "params", "flops", "peak_mb", "latency_ms",
-              "throughput_img_s", "check", "receptive_field_tokens", "receptive_field_fraction", "latency_exponent",
+              "relative_latency", "throughput_img_s", "check", "receptive_field_tokens", "receptive_field_fraction", "latency_exponent",
               "memory_exponent"]  # fmt: skip
     for s in cfg.sizes:
         fields += [f"latency_ms@{s}", f"peak_mb@{s}"]
@@ -68,7 +69,7 @@ def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
             line = {
                 "name": r.name, "family": r.family, "complexity": r.complexity, "layout": r.layout, "ok": r.ok,
                 "params": r.params, "flops": r.flops, "peak_mb": r.peak_bytes / 2**20, "latency_ms": r.latency_s * 1e3,
-                "throughput_img_s": r.throughput, "check": r.check, "receptive_field_tokens": r.receptive_field_tokens,
+                "relative_latency": r.relative_latency, "throughput_img_s": r.throughput, "check": r.check, "receptive_field_tokens": r.receptive_field_tokens,
                 "receptive_field_fraction": r.receptive_field_fraction, "latency_exponent": r.latency_exponent,
                 "memory_exponent": r.memory_exponent, "note": r.note, "error": r.error,
                 "config": json.dumps(r.as_dict()["config"]),
@@ -89,9 +90,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
-    """Workload, environment and every row (NaN written as null)."""
-    payload = {"workload": cfg.__dict__, "environment": environment(cfg), "results": [r.as_dict() for r in rows]}
+def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path, yardstick_s: float = math.nan) -> None:
+    """Workload, environment, the yardstick latency and every row (NaN written as null)."""
+    payload = {
+        "workload": cfg.__dict__, "environment": environment(cfg), "yardstick_dense_sdpa_latency_s": yardstick_s,
+        "results": [r.as_dict() for r in rows],
+    }  # fmt: skip
     path.write_text(json.dumps(_json_safe(payload), indent=2))
 
 
@@ -157,7 +161,9 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
     plt.close(fig)
 
 
-def write_index_html(rows: Sequence[BenchRow], cfg: BenchConfig, images: Sequence[str], path: Path) -> None:
+def write_index_html(
+    rows: Sequence[BenchRow], cfg: BenchConfig, images: Sequence[str], path: Path, yardstick_s: float = math.nan
+) -> None:
     """A self-contained page: workload, environment, the table, and the plots (linked by relative path)."""
     with_scaling = bool(cfg.sizes)
     header = list(TABLE_COLUMNS) + (list(SCALING_COLUMNS) if with_scaling else [])
@@ -174,7 +180,7 @@ def write_index_html(rows: Sequence[BenchRow], cfg: BenchConfig, images: Sequenc
 body {{ font-family: sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-td:first-child, td:nth-child(2), td:nth-child(9) {{ text-align: left; }}
+td:first-child, td:nth-child(2), td:nth-child(10) {{ text-align: left; }}
 tr.failed {{ background: #fdd; }}
 img {{ max-width: 100%; margin: 1em 0; }}
 </style></head><body>
@@ -182,7 +188,10 @@ img {{ max-width: 100%; margin: 1em 0; }}
 <p>Workload: {html.escape(workload)}. Scaling sizes: {html.escape(", ".join(map(str, cfg.sizes)) or "none")}.</p>
 <p>Environment: {html.escape(", ".join(f"{k} {v}" for k, v in env.items()))}.</p>
 <p>Peak memory: bytes allocated during one call above what was live before it (torch.profiler memory events on CPU,
-max_memory_allocated on CUDA). Latency: median of torch.utils.benchmark blocked_autorange.
+max_memory_allocated on CUDA). Latency: median of torch.utils.benchmark blocked_autorange; × SDPA = latency divided
+by that of dense SDPA over all tokens at the same workload, measured in the same run ({_num(yardstick_s * 1e3, ".2f")} ms).
+FLOPs: torch.utils.flop_counter (matmul, conv, attention; the engine's fused op and FFTs by registered formulas;
+elementwise ops and softmax not counted).
 Check: "ref ok" = equal to the same module on the dense reference backend; "finite" = finite output.
 Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json</a>.</p>
 <table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
@@ -195,15 +204,15 @@ Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json<
     path.write_text(page, encoding="utf-8")
 
 
-def write_report(rows: Sequence[BenchRow], cfg: BenchConfig, out: Path) -> list[Path]:
+def write_report(rows: Sequence[BenchRow], cfg: BenchConfig, out: Path, yardstick_s: float = math.nan) -> list[Path]:
     """Everything into directory ``out``: bench.csv, bench.json, the PNG plots and index.html; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "bench.csv", out / "bench.json"
     write_csv(rows, cfg, csv_path)
-    write_json(rows, cfg, json_path)
+    write_json(rows, cfg, json_path, yardstick_s)
     images = ["latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"]
     plot_scaling(rows, "latency", out / images[0])
     plot_scaling(rows, "memory", out / images[1])
     plot_cost_vs_receptive_field(rows, cfg, out / images[2])
-    write_index_html(rows, cfg, images, out / "index.html")
+    write_index_html(rows, cfg, images, out / "index.html", yardstick_s)
     return [csv_path, json_path, *(out / i for i in images), out / "index.html"]
