@@ -40,7 +40,8 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def make_step(module: nn.Module, inputs: Sequence[torch.Tensor], backward: bool) -> Callable[[], Any]:
-    """The timed unit of work: a forward under ``torch.no_grad``, or a forward and a backward of ``sum(y·g)``."""
+    """The timed unit of work: a forward under ``torch.no_grad``, or a forward and a backward of ``sum(y)``
+    (gradients are dropped at the end of each call, so every call allocates them afresh)."""
     if not backward:
 
         def forward() -> Any:
@@ -53,10 +54,12 @@ def make_step(module: nn.Module, inputs: Sequence[torch.Tensor], backward: bool)
         leaves[1] = leaves[0].reshape(inputs[1].shape)
 
     def forward_backward() -> Any:
-        module.zero_grad(set_to_none=True)
         y = module(*leaves)
         y.backward(torch.ones_like(y))
-        return y
+        module.zero_grad(set_to_none=True)  # each call allocates (and is charged for) its own gradients
+        for leaf in leaves:
+            leaf.grad = None
+        return y.detach()
 
     return forward_backward
 
