@@ -16,6 +16,7 @@
 // std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -89,6 +90,8 @@ struct Geometry {
   int64_t rows() const { return ax[0].extent * ax[1].extent; }
 };
 
+// Run fn(lo, hi) over [0, n) on up to nthreads threads; items are handed out dynamically in small grains so that
+// a thread slowed down by other processes does not hold the others back.
 template <typename Fn>
 void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
   nthreads = std::max<int64_t>(1, std::min(nthreads, n));
@@ -96,13 +99,14 @@ void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
     fn(0, n);
     return;
   }
+  const int64_t grain = std::max<int64_t>(1, n / (8 * nthreads));
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t lo = next.fetch_add(grain); lo < n; lo = next.fetch_add(grain)) fn(lo, std::min(n, lo + grain));
+  };
   std::vector<std::thread> pool;
-  const int64_t chunk = (n + nthreads - 1) / nthreads;
-  for (int64_t t = 1; t < nthreads; ++t) {
-    const int64_t lo = t * chunk, hi = std::min(n, lo + chunk);
-    if (lo < hi) pool.emplace_back(fn, lo, hi);
-  }
-  fn(0, std::min(n, chunk));
+  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker);
+  worker();
   for (auto& th : pool) th.join();
 }
 
