@@ -142,6 +142,100 @@ def test_attention_all_keys_masked_gives_zero_and_neg_inf_lse():
     assert torch.equal(grads[0][0, 1], torch.zeros_like(grads[0][0, 1]))
 
 
+def test_attention_all_keys_masked_by_float_bias_has_finite_gradients():
+    """An additive -inf bias that removes every key of a query (unlike a bool mask, the -inf reaches the logits
+    through an addition, so a NaN in the logsumexp backward would reach q, k and the bias)."""
+    q, k, v = (_rand(1, n, 1, d, seed=s, grad=True) for n, d, s in ((3, 4, 18), (4, 4, 19), (4, 2, 20)))
+    bias = torch.zeros(3, 4, dtype=torch.float64)
+    bias[1] = float("-inf")
+    bias.requires_grad_(True)
+    out, lse = ops.attention(q, k, v, attn_mask=bias, return_lse=True)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isneginf(lse[0, 1]).all()
+    grads = torch.autograd.grad(out.sum() + lse[0, [0, 2]].sum(), (q, k, v, bias))
+    for name, grad in zip("q k v attn_mask".split(), grads):
+        assert torch.isfinite(grad).all(), f"non-finite gradient for {name}"
+    assert torch.equal(grads[0][0, 1], torch.zeros_like(grads[0][0, 1]))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_attention_mask_and_is_causal_both_apply(kind, return_lse):
+    B, h, n = 2, 2, 5
+    q, k, v = _rand(B, n, h, 4, seed=40), _rand(B, n, h, 4, seed=41), _rand(B, n, h, 3, seed=42)
+    allowed = torch.rand(B, 1, n, n, generator=torch.Generator().manual_seed(43)) > 0.3
+    allowed[..., 0] = True  # every query keeps key 0, which the causal mask never removes
+    bias = torch.zeros(B, 1, n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    mask = allowed if kind == "bool" else bias
+    res = ops.attention(q, k, v, attn_mask=mask, is_causal=True, return_lse=return_lse)
+    both = (allowed & torch.ones(n, n, dtype=torch.bool).tril()).expand(B, h, n, n)
+    exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=both)
+    torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize(
+    "mask,exc,fragments",
+    [
+        (torch.ones(3, 4, dtype=torch.bool), ValueError, ["attn_mask.shape=(3, 4)", "N_k] = [2, 2, 5, 4]"]),
+        (torch.ones(2, 2, 2, 5, 4), ValueError, ["attn_mask.shape=(2, 2, 2, 5, 4)", "[2, 2, 5, 4]"]),
+        (torch.ones(3, 1, 1, 1), ValueError, ["attn_mask.shape=(3, 1, 1, 1)"]),
+        (torch.ones(5, 4, dtype=torch.long), TypeError, ["attn_mask.dtype=torch.int64"]),
+        ([[True]], TypeError, ["attn_mask", "list"]),
+    ],
+    ids=["wrong_nq", "too_many_dims", "wrong_batch", "int_dtype", "not_tensor"],
+)
+def test_attention_rejects_bad_attn_mask(mask, exc, fragments, return_lse, monkeypatch):
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("attention reached its matmul/SDPA before rejecting attn_mask")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_heavy_work)
+    monkeypatch.setattr(torch, "matmul", no_heavy_work)
+    q, k, v = _rand(2, 5, 2, 4), _rand(2, 4, 2, 4), _rand(2, 4, 2, 3)
+    with pytest.raises(exc) as info:
+        ops.attention(q, k, v, attn_mask=mask, return_lse=return_lse)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_attention_accepts_broadcastable_masks(return_lse):
+    q, k, v = _rand(2, 5, 2, 4, seed=44), _rand(2, 4, 2, 4, seed=45), _rand(2, 4, 2, 3, seed=46)
+    for shape in [(4,), (5, 1), (2, 1, 5, 4), (1, 2, 1, 4), (2, 2, 5, 4)]:
+        bias = _rand(*shape, seed=47)
+        res = ops.attention(q, k, v, attn_mask=bias, return_lse=return_lse)
+        exp_out, _ = hand_attention(q, k, v, 0.5, bias=bias.expand(2, 2, 5, 4))
+        torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_attention_dropout_zeroes_or_rescales_each_weight(return_lse):
+    """With v = identity over keys the output rows are the attention weights: after dropout each one is either 0
+    or weight / (1 - p); the lse is the undropped one; dropout_p=0 changes nothing."""
+    B, h, nq, nk, p = 2, 2, 6, 8, 0.5
+    q, k = _rand(B, nq, h, 4, seed=48), _rand(B, nk, h, 4, seed=49)
+    v = torch.eye(nk, dtype=torch.float64)[None, :, None, :].expand(B, nk, h, nk).contiguous()
+    weights, ref_lse = hand_attention(q, k, v, 0.5)
+    no_dropout = ops.attention(q, k, v, return_lse=return_lse, dropout_p=0.0)
+    assert torch.equal(no_dropout[0], ops.attention(q, k, v, return_lse=return_lse)[0])
+    torch.manual_seed(50)
+    res = ops.attention(q, k, v, return_lse=return_lse, dropout_p=p)
+    out = res[0] if return_lse else res
+    kept = out != 0
+    assert 0 < kept.sum() < kept.numel(), "dropout at p=0.5 must drop some weights and keep others"
+    torch.testing.assert_close(out[kept], weights[kept] / (1 - p), rtol=1e-10, atol=1e-12)
+    if return_lse:
+        torch.testing.assert_close(res[1], ref_lse, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5, "0.1", True, None])
+def test_attention_rejects_bad_dropout_p(dropout_p):
+    q = _rand(1, 3, 1, 4)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.attention(q, q, q, dropout_p=dropout_p)
+
+
 def test_attention_half_lse_is_float32():
     q = torch.randn(1, 5, 2, 8, dtype=torch.bfloat16)
     out, lse = ops.attention(q, q, q, return_lse=True)
@@ -216,6 +310,20 @@ def test_merge_all_sets_empty():
     l = torch.full((2,), float("-inf"), dtype=torch.float64)
     out, lse = ops.merge_attentions([o, o.clone()], [l, l.clone()])
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_merge_all_sets_empty_has_finite_gradients():
+    """Positions where every set is empty (lse -inf) merge to output 0, lse -inf, with zero gradients; positions
+    with keys keep the exact merge gradients."""
+    o1, o2 = _rand(3, 4, seed=33, grad=True), _rand(3, 4, seed=34, grad=True)
+    l1 = torch.tensor([float("-inf"), 0.5, float("-inf")], dtype=torch.float64, requires_grad=True)
+    l2 = torch.tensor([float("-inf"), -1.0, 0.25], dtype=torch.float64, requires_grad=True)
+    out, lse = ops.merge_attentions([o1, o2], [l1, l2])
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0])
+    grads = torch.autograd.grad(out.sum() + lse[1:].sum(), (o1, o2, l1, l2))
+    for name, grad in zip(["outputs[0]", "outputs[1]", "lses[0]", "lses[1]"], grads):
+        assert torch.isfinite(grad).all(), f"non-finite gradient for {name}"
+        assert torch.all(grad[0] == 0), f"non-zero gradient for {name} at the all-empty position"
 
 
 def test_merge_of_neighborhood_and_extra_tokens_equals_additional_keys():

@@ -296,14 +296,7 @@ def test_half_precision_forward(case, backend, dtype):
     assert_close_rms(lse, ref_lse, 1e-5, f"{dtype} lse (computed in float32)")
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "native",
-        pytest.param("tiled", marks=pytest.mark.xfail(strict=True, reason="NaN gradient when every key is dropped")),
-        pytest.param("reference", marks=pytest.mark.xfail(strict=True, reason="NaN gradient when every key is dropped")),
-    ],
-)
+@pytest.mark.parametrize("backend", ["native", "tiled", "reference"])
 def test_all_keys_dropped(backend):
     """A query whose whole neighborhood has key_bias = -inf: output 0, lse -inf, finite (zero) gradients."""
     g = torch.Generator().manual_seed(3)
@@ -320,6 +313,27 @@ def test_all_keys_dropped(backend):
     for name, grad in zip("q k v key_bias".split(), grads):
         assert torch.isfinite(grad).all(), f"non-finite gradient for {name}"
     assert torch.all(grads[0][0, :2] == 0), "queries with no keys get a zero gradient"
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("backend", ["partition", "reference"])
+def test_all_keys_dropped_in_a_window(backend, return_lse):
+    """Non-overlapping windows (stride = kernel) with one window's keys all at key_bias = -inf: its queries get
+    output 0 (lse -inf) and zero gradients, on the partition backend's explicit-softmax path."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 6, 1, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kb = torch.zeros(1, 6, 1, dtype=torch.float64)
+    kb[0, :3] = float("-inf")  # the first window, tokens 0..2
+    kb.requires_grad_(True)
+    res = ops.na1d(q, k, v, 3, stride=3, key_bias=kb, return_lse=return_lse, backend=backend)
+    out = res[0] if return_lse else res
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    if return_lse:
+        assert torch.isneginf(res[1][0, :3]).all() and torch.isfinite(res[1][0, 3:]).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v, kb))
+    for name, grad in zip("q k v key_bias".split(), grads):
+        assert torch.isfinite(grad).all(), f"non-finite gradient for {name}"
+    assert torch.all(grads[0][0, :3] == 0), "queries with no keys get a zero gradient"
 
 
 def test_auto_picks_native_on_cpu():

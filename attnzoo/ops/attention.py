@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import recording
-from .backends.base import compute_dtype, finite_or_zero
+from .backends.base import compute_dtype, softmax_with_lse
 
 __all__ = ["attention", "merge_attentions"]
 
@@ -21,14 +22,17 @@ def attention(
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every query over every key.
 
     q: ``[B, *spatial_q, heads, d]``, k: ``[B, *spatial_k, heads, d]``, v: ``[B, *spatial_k, heads, d_v]``
     (spatial axes are flattened row-major). ``attn_mask`` broadcasts to ``[B, heads, N_q, N_k]``: boolean
-    (True = attend) or an additive float bias. Returns ``[B, *spatial_q, heads, d_v]`` (and the logsumexp
-    ``[B, *spatial_q, heads]`` with ``return_lse``).
+    (True = attend) or an additive float bias; with ``is_causal`` both apply (causal: query i sees keys 0..i).
+    ``dropout_p`` drops attention weights (scaling the kept ones by ``1 / (1 - dropout_p)``) whenever it is
+    positive, as in ``scaled_dot_product_attention``: pass 0 in eval mode. Returns ``[B, *spatial_q, heads, d_v]``
+    (and the logsumexp ``[B, *spatial_q, heads]`` of the logits, unaffected by dropout, with ``return_lse``).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -42,39 +46,80 @@ def attention(
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"v.shape={tuple(v.shape)} must match k.shape={tuple(k.shape)} except in the last dim")
     b, h = q.shape[0], q.shape[-2]
+    scores_shape = (b, h, math.prod(q.shape[1:-2]), math.prod(k.shape[1:-2]))
+    attn_mask = _checked_attn_mask(attn_mask, scores_shape)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p={dropout_p!r} must be a float with 0 <= dropout_p < 1")
     qf = q.reshape(b, -1, h, q.shape[-1]).transpose(1, 2)
     kf = k.reshape(b, -1, h, k.shape[-1]).transpose(1, 2)
     vf = v.reshape(b, -1, h, v.shape[-1]).transpose(1, 2)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    mask = _combined_mask(attn_mask, is_causal, scores_shape[-2:], q.device)
     if recording.is_recording():
         with torch.no_grad():
-            weights = torch.softmax(_masked_scores(qf.float(), kf.float(), scale, attn_mask, is_causal), dim=-1)
-            recording.add("attention", weights.nan_to_num(0.0), q.shape[1:-2], k.shape[1:-2])
+            weights, _ = softmax_with_lse(_masked_scores(qf.float(), kf.float(), scale, mask))
+            recording.add("attention", weights, q.shape[1:-2], k.shape[1:-2])
     if not return_lse:
-        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        causal_only = is_causal and attn_mask is None
+        if causal_only:
+            mask = None  # SDPA applies is_causal itself (and may pick a causal kernel)
+        elif mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
+        out = F.scaled_dot_product_attention(
+            qf, kf, vf, attn_mask=mask, is_causal=causal_only, dropout_p=dropout_p, scale=scale
+        )
         return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
     ct = compute_dtype(q.dtype)
-    scores = _masked_scores(qf.to(ct), kf.to(ct), scale, attn_mask, is_causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - finite_or_zero(lse).unsqueeze(-1))
+    weights, lse = softmax_with_lse(_masked_scores(qf.to(ct), kf.to(ct), scale, mask))
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
     out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
     out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
     return out, lse.transpose(1, 2).reshape(q.shape[:-1])
 
 
-def _masked_scores(qf, kf, scale, attn_mask, is_causal) -> torch.Tensor:
-    """``[B, h, Nq, Nk]`` logits with the causal and user masks applied (-inf where masked)."""
+def _checked_attn_mask(
+    attn_mask: torch.Tensor | None, scores_shape: tuple[int, int, int, int]
+) -> torch.Tensor | None:
+    """``attn_mask`` (a bool or floating tensor that broadcasts to ``[B, heads, N_q, N_k]``) viewed as 4-D, since
+    ``scaled_dot_product_attention`` wants a mask of at least 2 dims."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask.dtype={attn_mask.dtype} must be torch.bool or a floating-point dtype")
+    shape = tuple(attn_mask.shape)
+    fits = len(shape) <= 4 and all(s in (1, t) for s, t in zip(reversed(shape), reversed(scores_shape)))
+    if not fits:
+        raise ValueError(f"attn_mask.shape={shape} must broadcast to [B, heads, N_q, N_k] = {list(scores_shape)}")
+    return attn_mask.reshape((1,) * (4 - len(shape)) + shape)
+
+
+def _combined_mask(
+    attn_mask: torch.Tensor | None, is_causal: bool, size: tuple[int, int], device: torch.device
+) -> torch.Tensor | None:
+    """One mask for ``attn_mask`` and ``is_causal`` together (None if neither); the causal part is
+    ``tril`` of an ``N_q × N_k`` matrix, aligned top-left as in ``scaled_dot_product_attention``."""
+    if not is_causal:
+        return attn_mask
+    causal = torch.ones(size, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return torch.where(causal, attn_mask, float("-inf"))
+
+
+def _masked_scores(qf, kf, scale, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, h, Nq, Nk]`` logits with ``mask`` applied: boolean (-inf where False) or added as a bias."""
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if is_causal:
-        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
-    return scores
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.to(scores.dtype)
 
 
 def merge_attentions(
@@ -94,9 +139,6 @@ def merge_attentions(
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} differs from outputs[0].shape={tuple(outputs[0].shape)}")
     ct = compute_dtype(outputs[0].dtype)
-    stacked = torch.stack([l.to(ct) for l in lses])
-    total = torch.logsumexp(stacked, dim=0)
-    safe_total = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    weights = torch.exp(stacked - safe_total)
+    weights, total = softmax_with_lse(torch.stack([l.to(ct) for l in lses]), dim=0)
     out = sum(w.unsqueeze(-1) * o.to(ct) for w, o in zip(weights, outputs))
     return out.to(outputs[0].dtype), total

@@ -46,6 +46,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
-    """``lse`` with ``-inf`` (a query whose keys were all dropped) replaced by 0, so ``exp(score - lse)`` is 0."""
-    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+def softmax_with_lse(scores: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of ``scores`` along ``dim`` and its logsumexp (``dim`` removed).
+
+    Safe when a row is entirely ``-inf`` (a query whose keys were all masked or dropped): its weights are 0, its
+    lse is ``-inf``, and both have zero gradient. ``torch.logsumexp`` gives NaN gradients there, because its
+    backward computes ``exp(-inf - (-inf))``. The shift is the row maximum, taken over finite entries only.
+    """
+    peak = scores.detach().amax(dim, keepdim=True)
+    peak = torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak)
+    unnormalised = torch.exp(scores - peak)
+    total = unnormalised.sum(dim, keepdim=True)
+    empty = total == 0  # the row maximum contributes exp(0) = 1, so only an all -inf row sums to 0
+    total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), peak + torch.log(total))
+    return unnormalised / total, lse.squeeze(dim)

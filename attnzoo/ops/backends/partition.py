@@ -13,7 +13,7 @@ from einops import rearrange
 
 from ..geometry import combine_axes
 from ..problem import NAProblem
-from .base import Backend, compute_dtype, finite_or_zero
+from .base import Backend, compute_dtype, softmax_with_lse
 
 _AXES = "xyz"
 
@@ -80,8 +80,8 @@ class PartitionBackend(Backend):
                 scores = scores + bias
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            lse = torch.logsumexp(scores, dim=-1)
-            out = torch.matmul(torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)), vw)
+            weights, lse = softmax_with_lse(scores)
+            out = torch.matmul(weights, vw)
         else:
             out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
             lse = None

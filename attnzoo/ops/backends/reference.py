@@ -6,7 +6,7 @@ import torch
 
 from ..geometry import neighborhood_mask, neighborhood_rel_index
 from ..problem import NAProblem
-from .base import Backend, compute_dtype, finite_or_zero
+from .base import Backend, compute_dtype, softmax_with_lse
 
 
 class ReferenceBackend(Backend):
@@ -36,8 +36,7 @@ class ReferenceBackend(Backend):
             extra = torch.einsum("bnhd,bmhd->bhnm", qf, additional_keys.to(ct)) * scale
             scores = torch.cat([scores, extra], dim=-1)
             values = torch.cat([vf, additional_values.to(ct)], dim=1)
-        lse = torch.logsumexp(scores, dim=-1)
-        weights = torch.exp(scores - finite_or_zero(lse).unsqueeze(-1))
+        weights, lse = softmax_with_lse(scores)
         out = torch.einsum("bhnm,bmhd->bnhd", weights, values)
         out = out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
         lse = lse.transpose(1, 2).reshape(q.shape[:-1])

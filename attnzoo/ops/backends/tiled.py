@@ -14,7 +14,7 @@ import torch
 
 from ..geometry import axis_windows
 from ..problem import NAProblem
-from .base import Backend, compute_dtype, finite_or_zero
+from .base import Backend, compute_dtype, softmax_with_lse
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ class TiledBackend(Backend):
             extra = torch.matmul(qt, ak.transpose(-1, -2)) * scale  # [B, h, T, A, n]
             scores = torch.cat([scores, extra], dim=-1)
             vt = torch.cat([vt, av.expand(-1, -1, vt.shape[2], -1, -1)], dim=-2)
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.matmul(torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)), vt)
+        weights, lse = softmax_with_lse(scores)
+        out = torch.matmul(weights, vt)
         out = _scatter_tiles(out, plans).to(q.dtype)
         lse_out = _scatter_tiles(lse.unsqueeze(-1), plans).squeeze(-1) if p.return_lse else None
         return out, lse_out
