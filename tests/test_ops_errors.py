@@ -160,6 +160,36 @@ def test_valid_edge_cases_are_accepted():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# mechanisms' Padding (window padding for neighborhood_attention): wrong spatial axes are an error, not a silent pad
+
+
+@pytest.mark.parametrize("trailing", [(), (8,), (2, 8)], ids=["none", "channels", "heads_dim"])
+def test_padding_pads_and_crops_only_the_spatial_axes(trailing):
+    from attnzoo.mechanisms._windows import Padding
+
+    padding = Padding((4, 3), (1, 0), (1, 2))
+    x = torch.randn(2, 4, 3, *trailing)
+    padded = padding.pad(x)
+    assert padded.shape == (2, 6, 5, *trailing)
+    assert torch.equal(padded[:, 1:5, 0:3], x) and padded.count_nonzero() == x.count_nonzero()  # zeros elsewhere
+    assert torch.equal(padding.crop(padded), x)
+
+
+def test_padding_rejects_tensors_whose_spatial_axes_do_not_match():
+    from attnzoo.mechanisms._windows import Padding
+
+    padding = Padding((4, 4), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=re.escape("spatial_shape=(4, 4), got x.shape=(1, 4, 2, 8)")):
+        padding.pad(torch.zeros(1, 4, 2, 8))  # (B, N, heads, d): not (B, 4, 4, ...)
+    with pytest.raises(ValueError, match=re.escape("spatial_shape=(4, 4), got x.shape=(4, 4, 8)")):
+        padding.pad(torch.zeros(4, 4, 8))  # no batch dim
+    with pytest.raises(ValueError, match=re.escape("padded_shape=(6, 6), got x.shape=(1, 4, 4, 2, 8)")):
+        padding.crop(torch.zeros(1, 4, 4, 2, 8))  # not padded
+    with pytest.raises(ValueError, match="spatial_shape"):
+        Padding((4, 4), (0, 0), (0, 0)).pad(torch.zeros(1, 5, 4, 8))  # checked even when nothing is padded
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # fuzzing
 
 

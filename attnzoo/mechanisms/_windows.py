@@ -33,20 +33,31 @@ class Padding:
         return not any(self.before) and not any(self.after)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, *spatial, C)`` → ``(B, *padded, C)`` with zeros."""
+        """``(B, *spatial, ...)`` → ``(B, *padded, ...)`` with zeros; any number of trailing dims (channels, or
+        heads and head_dim) is left alone."""
+        self._check_spatial(x, self.spatial_shape, "pad", "spatial_shape")
         if self.is_empty:
             return x
-        widths: list[int] = [0, 0]  # channels
+        widths: list[int] = [0, 0] * (x.dim() - 1 - len(self.spatial_shape))  # trailing dims, last first
         for b, a in zip(reversed(self.before), reversed(self.after)):
             widths += [b, a]
         return F.pad(x, widths)
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``pad`` on ``(B, *padded, ...)`` tensors whose spatial axes start at dim 1."""
+        """Inverse of ``pad``: ``(B, *padded, ...)`` → ``(B, *spatial, ...)``."""
+        self._check_spatial(x, self.padded_shape, "crop", "padded_shape")
         if self.is_empty:
             return x
         index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(self.before, self.spatial_shape))
         return x[index]
+
+    def _check_spatial(self, x: torch.Tensor, expected: tuple[int, ...], method: str, name: str) -> None:
+        """The spatial axes of ``x`` (those right after the batch dim) must be ``expected``."""
+        if tuple(x.shape[1 : 1 + len(expected)]) != expected:
+            raise ValueError(
+                f"Padding.{method} needs x of shape (B, *{name}, ...) with {name}={expected}, "
+                f"got x.shape={tuple(x.shape)}"
+            )
 
     def valid_mask(self, device=None) -> torch.Tensor:
         """Boolean ``padded_shape`` tensor, True on real tokens."""
