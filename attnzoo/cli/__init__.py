@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which warns about a missing CUDA runtime on CPU-only
+# machines; that line is noise for every attnzoo command.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 SUBCOMMANDS = ("list", "bench", "viz", "train", "arena")
 

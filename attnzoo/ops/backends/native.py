@@ -98,7 +98,8 @@ def na_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = tuple(q.shape[1:-2])
     _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # dq, dk and dv are written in full by the kernel; the additional-key and bias gradients are accumulated.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_add = additional_keys is not None
     dak = torch.zeros_like(additional_keys) if has_add else q.new_empty(0)
     dav = torch.zeros_like(additional_values) if has_add else q.new_empty(0)

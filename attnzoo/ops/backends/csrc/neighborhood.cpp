@@ -298,14 +298,14 @@ inline void outer_for_block(const Block& blk, const T* x, int64_t xoff_stride, c
     block_outer<T, L, kBlock>(xs, ws, acc, RW, C, runs0, nrun, chunks, blk.base, blk.n);
 }
 
-// acc [rows][C][RW] (transposed, one batch-head) -> add into x [B, N, H, C] at (b, h).
+// acc [rows][C][RW] (transposed, one batch-head) -> x [B, N, H, C] at (b, h) (written, not accumulated).
 template <typename T>
-inline void untranspose_add(const T* acc, const Geometry& g, int64_t C, int64_t b, int64_t h, T* x) {
+inline void untranspose(const T* acc, const Geometry& g, int64_t C, int64_t b, int64_t h, T* x) {
   const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
   for (int64_t t = 0; t < N; ++t) {
     const T* col = acc + (t / S2) * C * RW + g.xcol(t % S2);
     T* dst = x + ((b * N + t) * H + h) * C;
-    for (int64_t c = 0; c < C; ++c) dst[c] += col[c * RW];
+    for (int64_t c = 0; c < C; ++c) dst[c] = col[c * RW];
   }
 }
 
@@ -509,7 +509,10 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
             const int64_t t = blk.token[i];
             const int64_t qoff = (b * N + t) * H + h;
             const T li = lse[qoff];
-            if (li == -INFINITY) continue;  // empty softmax: no gradient
+            if (li == -INFINITY) {  // empty softmax: no gradient
+              std::fill(dq + qoff * D, dq + (qoff + 1) * D, T(0));
+              continue;
+            }
             window_runs(g, t, runs.data());
             const int64_t off = runs[0].col - blk.base;
             T* pr = prob.data() + i * width;
@@ -584,8 +587,8 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
         }
       }
       for (int64_t i = 0; i < kslice; ++i) dkt[i] *= p.scale;
-      untranspose_add(dkt.data(), g, D, b, h, dk);
-      untranspose_add(dvt.data(), g, DV, b, h, dv);
+      untranspose(dkt.data(), g, D, b, h, dk);
+      untranspose(dvt.data(), g, DV, b, h, dv);
     }
   });
 }
