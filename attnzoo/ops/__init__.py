@@ -1,5 +1,6 @@
 """attnzoo.ops: the functional layer (NATTEN layout ``[batch, *spatial, heads, head_dim]``)."""
 
+from . import flops  # noqa: F401  (FLOP formulas of the fused ops)
 from .attention import attention, merge_attentions
 from .backends import list_backends
 from .geometry import neighborhood_mask, neighborhood_rel_index

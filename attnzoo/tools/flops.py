@@ -1,9 +1,8 @@
 """FLOP counting with ``torch.utils.flop_counter``, including the engine's fused custom ops.
 
-Importing this module registers formulas for ``torch.ops.attnzoo.na_forward`` (4·B·heads·N·(Πkernel + n_add)·d,
-the two matmuls QKᵀ and PV over each query's window and the additional keys) and ``na_backward`` (twice the
-forward, as for dense attention), so ``FlopCounterMode`` sees the work done inside the native kernel. It also
-registers the usual FFT estimate for ``aten._fft_{r2c,c2r,c2c}`` (5·n·log2 n per complex transform of n points, half
+The engine registers the formulas of its own fused ops (``attnzoo.ops.flops``: ``na_forward`` counts
+4·B·heads·N·(Πkernel + n_add)·d, ``na_backward`` twice that), so ``FlopCounterMode`` sees the work done inside the
+native kernel wherever it is used. This module adds the usual FFT estimate for ``aten._fft_{r2c,c2r,c2c}`` (5·n·log2 n per complex transform of n points, half
 that for real ones), which ``torch.utils.flop_counter`` leaves uncounted, so spectral mixers are not free.
 Like ``FlopCounterMode`` itself, elementwise ops and softmax are not counted.
 """
@@ -16,34 +15,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from ..ops.backends import native as _native  # noqa: F401  (defines the attnzoo::na_* custom ops)
+from ..ops.flops import na_backward_flops, na_forward_flops  # noqa: F401  (the engine registers its own formulas)
 
 __all__ = ["count_flops", "na_forward_flops", "na_backward_flops", "fft_flops"]
-
-
-def _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape) -> int:
-    batch, heads, d_qk = q_shape[0], q_shape[-2], q_shape[-1]
-    tokens = math.prod(q_shape[1:-2])
-    keys = math.prod(kernel_size) + (0 if additional_keys_shape is None else additional_keys_shape[1])
-    return 2 * batch * heads * tokens * keys * (d_qk + v_shape[-1])
-
-
-@register_flop_formula(torch.ops.attnzoo.na_forward)
-def na_forward_flops(
-    q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape, rel_pos_bias_shape, key_bias_shape,
-    kernel_size, *args: Any, out_shape=None, **kwargs: Any,
-) -> int:  # fmt: skip
-    """4·B·heads·N·(Πkernel + n_additional)·d (d_qk and d_v counted separately when they differ)."""
-    return _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
-
-
-@register_flop_formula(torch.ops.attnzoo.na_backward)
-def na_backward_flops(
-    grad_out_shape, grad_lse_shape, q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape,
-    rel_pos_bias_shape, key_bias_shape, out_shape_, lse_shape, kernel_size, *args: Any, out_shape=None, **kwargs: Any,
-) -> int:  # fmt: skip
-    """Twice the forward: dS = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q."""
-    return 2 * _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
 
 
 def _fft(real_shape, dim, complex_transform: bool) -> int:
