@@ -90,35 +90,62 @@ struct Geometry {
   int64_t rows() const { return ax[0].extent * ax[1].extent; }
 };
 
-// Run fn(lo, hi) over [0, n) on up to nthreads threads; items are handed out dynamically in small grains so that
-// a thread slowed down by other processes does not hold the others back.
+// Run fn(lo, hi, worker) over [0, n) on up to nthreads threads (worker 0 is the caller); items are handed out
+// dynamically in small grains so that a thread slowed down by other processes does not hold the others back.
 template <typename Fn>
 void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
   nthreads = std::max<int64_t>(1, std::min(nthreads, n));
   if (nthreads == 1) {
-    fn(0, n);
+    fn(0, n, 0);
     return;
   }
   const int64_t grain = std::max<int64_t>(1, n / (8 * nthreads));
   std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    for (int64_t lo = next.fetch_add(grain); lo < n; lo = next.fetch_add(grain)) fn(lo, std::min(n, lo + grain));
+  auto worker = [&](int64_t id) {
+    for (int64_t lo = next.fetch_add(grain); lo < n; lo = next.fetch_add(grain)) fn(lo, std::min(n, lo + grain), id);
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker);
-  worker();
+  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
   for (auto& th : pool) th.join();
+}
+
+// Scratch memory reused across calls from the same calling thread: fresh multi-megabyte allocations would be
+// mmap'ed and page-faulted in on every call, which costs as much as the attention itself at these sizes.
+template <typename T>
+struct Scratch {
+  std::vector<T> kt, vt;
+  std::vector<std::vector<T>> a, b, c, d;  // per worker
+  std::vector<std::vector<int64_t>> runs;  // per worker, holds Run records
+  void workers(int64_t n) {
+    for (auto* v : {&a, &b, &c, &d}) v->resize(std::max<size_t>(v->size(), n));
+    runs.resize(std::max<size_t>(runs.size(), n));
+  }
+};
+
+template <typename T>
+Scratch<T>& scratch() {
+  thread_local Scratch<T> s;
+  return s;
+}
+
+template <typename T>
+T* sized(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
 }
 
 // x [B, N, H, C] -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
 template <typename T>
-std::vector<T> transpose_heads(const T* x, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads) {
+const T* transpose_heads(const T* x, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
+                         std::vector<T>& buffer) {
   const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
-  std::vector<T> xt(g.B * H * slice, T(0));
-  parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi) {
+  T* xt = sized(buffer, g.B * H * slice);
+  parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / H, h = item % H;
-      T* dst = xt.data() + item * slice;
+      T* dst = xt + item * slice;
+      std::fill(dst, dst + slice, T(0));
       for (int64_t t = 0; t < N; ++t) {
         const T* src = x + ((b * N + t) * H + h) * C;
         T* col = dst + (t / S2) * C * RW + g.xcol(t % S2);
@@ -385,29 +412,31 @@ void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t rstride = chunks * L, width = max_runs * rstride + NA;
   const int64_t dil2 = g.ax[2].dil;
-  const std::vector<T> kt = transpose_heads(p.k, g, D, slice, nthreads);
+  Scratch<T>& mem = scratch<T>();
+  mem.workers(nthreads);
+  const T* kt = transpose_heads(p.k, g, D, slice, nthreads, mem.kt);
   // Work item = (batch, window row, part of the row); parts keep both threads busy on 1-D inputs.
   const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * g.rows() - 1) / (g.B * g.rows()));
-  parallel_for(g.B * g.rows() * parts, nthreads, [&](int64_t lo, int64_t hi) {
-    std::vector<Run> runs(max_runs);
-    std::vector<T> score(kBlock * width);
+  parallel_for(g.B * g.rows() * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
+    Run* runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
+    T* score = sized(mem.a[worker], kBlock * width);
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / (g.rows() * parts), row = (item / parts) % g.rows(), part = item % parts;
       const std::vector<Block> blocks = make_blocks(g, row, L, chunks);
       const int64_t nb = static_cast<int64_t>(blocks.size());
       for (int64_t h = 0; h < H; ++h) {
-        const T* kth = kt.data() + (b * H + h) * slice;
+        const T* kth = kt + (b * H + h) * slice;
         for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi) {
           const Block& blk = blocks[bi];
-          const int64_t nrun = window_runs(g, blk.token[0], runs.data());
+          const int64_t nrun = window_runs(g, blk.token[0], runs);
           const int64_t used = nrun * rstride;
-          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, kth, RW, D, g, runs.data(), nrun, chunks,
-                                 p.scale, score.data(), width);
+          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, kth, RW, D, g, runs, nrun, chunks,
+                                 p.scale, score, width);
           for (int64_t i = 0; i < blk.n; ++i) {
             const int64_t t = blk.token[i];
-            window_runs(g, t, runs.data());
+            window_runs(g, t, runs);
             const int64_t off = runs[0].col - blk.base;
-            T* sc = score.data() + i * width;
+            T* sc = score + i * width;
             const int64_t qoff = (b * N + t) * H + h;
             const T* qi = p.q + qoff * D;
             if (p.rpb || p.kb) {
@@ -453,7 +482,7 @@ void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
               sc[j] = std::exp(sc[j] - m);
               l += sc[j];
             }
-            accumulate_values_any<T, L>(p.v + ((b * N) * H + h) * DV, sc + off, runs.data(), nrun, chunks, dil2,
+            accumulate_values_any<T, L>(p.v + ((b * N) * H + h) * DV, sc + off, runs, nrun, chunks, dil2,
                                         H * DV, DV, o);
             for (int64_t j = 0; j < NA; ++j) {
               const T pj = sc[used + j];
@@ -485,26 +514,30 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t rstride = chunks * L, width = max_runs * rstride;
   const int64_t dil2 = g.ax[2].dil;
-  const std::vector<T> kt = transpose_heads(p.k, g, D, kslice, nthreads);
-  const std::vector<T> vt = transpose_heads(p.v, g, DV, vslice, nthreads);
-  parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi) {
-    std::vector<Run> runs(max_runs);
-    std::vector<T> prob(kBlock * width), dprob(kBlock * width);
-    std::vector<T> dkt(kslice), dvt(vslice);  // transposed dK, dV of one (batch, head)
+  Scratch<T>& mem = scratch<T>();
+  mem.workers(nthreads);
+  const T* kt = transpose_heads(p.k, g, D, kslice, nthreads, mem.kt);
+  const T* vt = transpose_heads(p.v, g, DV, vslice, nthreads, mem.vt);
+  parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
+    Run* runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
+    T* prob = sized(mem.a[worker], kBlock * width);
+    T* dprob = sized(mem.b[worker], kBlock * width);
+    T* dkt = sized(mem.c[worker], kslice);  // transposed dK, dV of one (batch, head)
+    T* dvt = sized(mem.d[worker], vslice);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const T* ktb = kt.data() + bh * kslice;
-      const T* vtb = vt.data() + bh * vslice;
-      std::fill(dkt.begin(), dkt.end(), T(0));
-      std::fill(dvt.begin(), dvt.end(), T(0));
+      const T* ktb = kt + bh * kslice;
+      const T* vtb = vt + bh * vslice;
+      std::fill(dkt, dkt + kslice, T(0));
+      std::fill(dvt, dvt + vslice, T(0));
       for (int64_t row = 0; row < g.rows(); ++row) {
         for (const Block& blk : make_blocks(g, row, L, chunks)) {
-          const int64_t nrun = window_runs(g, blk.token[0], runs.data());
+          const int64_t nrun = window_runs(g, blk.token[0], runs);
           const int64_t used = nrun * rstride;
-          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, ktb, RW, D, g, runs.data(), nrun, chunks,
-                                 p.scale, prob.data(), width);
-          logits_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, vtb, RW, DV, g, runs.data(), nrun,
-                                 chunks, T(1), dprob.data(), width, /*mask=*/false);
+          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, ktb, RW, D, g, runs, nrun, chunks,
+                                 p.scale, prob, width);
+          logits_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, vtb, RW, DV, g, runs, nrun,
+                                 chunks, T(1), dprob, width, /*mask=*/false);
           for (int64_t i = 0; i < blk.n; ++i) {
             const int64_t t = blk.token[i];
             const int64_t qoff = (b * N + t) * H + h;
@@ -513,10 +546,10 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
               std::fill(dq + qoff * D, dq + (qoff + 1) * D, T(0));
               continue;
             }
-            window_runs(g, t, runs.data());
+            window_runs(g, t, runs);
             const int64_t off = runs[0].col - blk.base;
-            T* pr = prob.data() + i * width;
-            T* dsr = dprob.data() + i * width;
+            T* pr = prob + i * width;
+            T* dsr = dprob + i * width;
             const T* qi = p.q + qoff * D;
             const T* doi = dout + qoff * DV;
             T delta = 0;
@@ -542,7 +575,7 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
             }
             T* dqi = dq + qoff * D;
             // dq_i = scale * sum_j ds_j k_j: the P·V kernel with ds as weights and K rows as values.
-            accumulate_values_any<T, L>(p.k + (b * N * H + h) * D, dsr + off, runs.data(), nrun, chunks, dil2, H * D,
+            accumulate_values_any<T, L>(p.k + (b * N * H + h) * D, dsr + off, runs, nrun, chunks, dil2, H * D,
                                         D, dqi);
             for (int64_t d = 0; d < D; ++d) dqi[d] *= p.scale;
             if (drpb || dkb) {
@@ -576,19 +609,19 @@ void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, co
           // Queries with an empty softmax must not contribute: zero their weights.
           for (int64_t i = 0; i < blk.n; ++i) {
             if (lse[(b * N + blk.token[i]) * H + h] == -INFINITY) {
-              std::fill(prob.begin() + i * width, prob.begin() + i * width + used, T(0));
-              std::fill(dprob.begin() + i * width, dprob.begin() + i * width + used, T(0));
+              std::fill(prob + i * width, prob + i * width + used, T(0));
+              std::fill(dprob + i * width, dprob + i * width + used, T(0));
             }
           }
-          outer_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, dprob.data(), width, dkt.data(), RW, D,
-                                runs.data(), nrun, chunks);
-          outer_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, prob.data(), width, dvt.data(), RW, DV,
-                                runs.data(), nrun, chunks);
+          outer_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, dprob, width, dkt, RW, D,
+                                runs, nrun, chunks);
+          outer_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, prob, width, dvt, RW, DV,
+                                runs, nrun, chunks);
         }
       }
       for (int64_t i = 0; i < kslice; ++i) dkt[i] *= p.scale;
-      untranspose(dkt.data(), g, D, b, h, dk);
-      untranspose(dvt.data(), g, DV, b, h, dv);
+      untranspose(dkt, g, D, b, h, dk);
+      untranspose(dvt, g, DV, b, h, dv);
     }
   });
 }
