@@ -26,7 +26,7 @@ def absolute_offset_index(window: int) -> torch.Tensor:
 
 @register_mechanism(
     "cascaded_group",
-    family="head_mixing",
+    family="head-mixing",
     paper="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
     year=2023,
     native_rank=2,

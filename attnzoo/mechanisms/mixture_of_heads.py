@@ -15,7 +15,7 @@ __all__ = ["MixtureOfHeadsAttention"]
 
 @register_mechanism(
     "mixture_of_heads",
-    family="head_mixing",
+    family="head-mixing",
     paper="MoH: Multi-Head Attention as Mixture-of-Head Attention",
     year=2024,
     layout="sequence",

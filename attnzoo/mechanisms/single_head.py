@@ -29,7 +29,7 @@ class ConvBN(nn.Sequential):
 
 @register_mechanism(
     "single_head",
-    family="head_mixing",
+    family="head-mixing",
     paper="SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design",
     year=2024,
     native_rank=2,
