@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -254,10 +255,20 @@ inline void block_logits(const T* const* qs, const T* __restrict kt, int64_t RW,
 // Per query: lanes outside its window [off, off + count) become -inf.
 template <typename T, int L>
 inline void mask_lanes(T* score, int64_t nrun, int64_t chunks, int64_t off, int64_t count) {
-  for (int64_t r = 0; r < nrun; ++r) {
-    T* row = score + r * chunks * L;
-    for (int64_t l = 0; l < off; ++l) row[l] = -INFINITY;
-    for (int64_t l = off + count; l < chunks * L; ++l) row[l] = -INFINITY;
+  using V = typename Simd<T, L>::vec;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;  // lane indices as wide as T
+  typedef I IV __attribute__((vector_size(L * sizeof(T))));
+  for (int64_t c = 0; c < chunks; ++c) {
+    IV lane;
+    for (int l = 0; l < L; ++l) lane[l] = c * L + l;
+    const IV keep = (lane >= I(off)) & (lane < I(off + count));
+    const V minus_inf = V{} - INFINITY;
+    for (int64_t r = 0; r < nrun; ++r) {
+      V v;
+      std::memcpy(&v, score + (r * chunks + c) * L, sizeof(V));
+      v = keep ? v : minus_inf;
+      std::memcpy(score + (r * chunks + c) * L, &v, sizeof(V));
+    }
   }
 }
 
