@@ -137,10 +137,14 @@ def test_explicit_backend_that_cannot_run_lists_every_reason():
     assert message.count(";") == 1
 
 
-def test_partition_refuses_rel_pos_bias():
+def test_partition_runs_rel_pos_bias_like_the_reference():
+    """With stride == kernel the in-window offsets repeat, so partition takes the bias table as one shared mask."""
     q, k, v = qkv((1, 6, 6, 2, 4))
-    with pytest.raises(ValueError, match="rel_pos_bias"):
-        ops.na2d(q, k, v, kernel_size=3, stride=3, rel_pos_bias=torch.randn(2, 5, 5), backend="partition")
+    table = torch.randn(2, 5, 5)
+    for causal in (False, (True, False)):
+        out = ops.na2d(q, k, v, kernel_size=3, stride=3, is_causal=causal, rel_pos_bias=table, backend="partition")
+        ref = ops.na2d(q, k, v, kernel_size=3, stride=3, is_causal=causal, rel_pos_bias=table, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_valid_edge_cases_are_accepted():

@@ -1,5 +1,7 @@
 """Perfectly block-sparse cases as a reshape plus ``scaled_dot_product_attention``.
 
+A relative position bias becomes one ``[heads, K, K]`` additive mask shared by all windows.
+
 When ``stride == kernel_size`` and every extent is a multiple of ``kernel_size·dilation``, each dilation group
 splits into non-overlapping windows of exactly ``kernel_size`` tokens (Swin windows, MaxViT block and grid, CrossFormer
 SDA/LDA). A causal axis becomes a lower-triangular mask inside the window.
@@ -34,6 +36,20 @@ def _causal_mask(kernel: tuple[int, ...], causal: tuple[bool, ...], device) -> t
     return combine_axes(axes, torch.logical_and).to(device)
 
 
+def _window_rel_index(kernel: tuple[int, ...]) -> torch.Tensor:
+    """``[K, K]`` flat index into a ``[*(2k-1)]`` table of in-window offsets key − query (same for every window)."""
+    index = None
+    for k in kernel:
+        r = torch.arange(k)
+        axis = r[None, :] - r[:, None] + k - 1
+        if index is None:
+            index = axis
+        else:
+            n = index.shape[0]
+            index = (index[:, None, :, None] * (2 * k - 1) + axis[None, :, None, :]).reshape(n * k, n * k)
+    return index
+
+
 class PartitionBackend(Backend):
     name = "partition"
     description = "non-overlapping windows (stride = kernel, divisible extents): reshape + SDPA"
@@ -48,8 +64,6 @@ class PartitionBackend(Backend):
                 reasons.append(
                     f"needs extents divisible by kernel_size·dilation={k * d}, got {extent} along axis {axis}"
                 )
-        if p.has_rel_pos_bias:
-            reasons.append("rel_pos_bias is not supported")
         return reasons
 
     def run(self, q, k, v, problem: NAProblem, *, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
@@ -74,7 +88,13 @@ class PartitionBackend(Backend):
             bias = rearrange(kb, f"{split} -> {windows}", **sizes).transpose(-1, -2)  # [B·W, h, 1, K]
             if additional_keys is not None:
                 bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], additional_keys.shape[1])], dim=-1)
-        if p.return_lse or bias is not None:
+        if rel_pos_bias is not None:
+            # with stride == kernel the key − query offsets inside a window are the same in every window
+            table = rel_pos_bias.to(qw.dtype).reshape(p.heads, -1)[:, _window_rel_index(p.kernel_size).to(q.device)]
+            if additional_keys is not None:
+                table = torch.cat([table, table.new_zeros(*table.shape[:-1], additional_keys.shape[1])], dim=-1)
+            bias = table.unsqueeze(0) if bias is None else bias + table.unsqueeze(0)
+        if p.return_lse or key_bias is not None:
             scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
             if bias is not None:
                 scores = scores + bias
@@ -83,7 +103,9 @@ class PartitionBackend(Backend):
             weights, lse = softmax_with_lse(scores)
             out = torch.matmul(weights, vw)
         else:
-            out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
+            if bias is not None and mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask if bias is None else bias, scale=scale)
             lse = None
         grid = {f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)}
         out = rearrange(out, f"{windows} -> {split}", **sizes, **grid).to(q.dtype)
