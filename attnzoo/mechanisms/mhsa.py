@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
@@ -42,18 +41,8 @@ def softmax_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``attnzoo.ops.attention`` on ``[B, N, heads, d]`` tensors, plus dropout on the attention weights.
-
-    Without dropout this is the engine call itself (so ``record_attention`` sees it); with ``dropout_p > 0`` it runs
-    SDPA's dropout path, which the engine does not expose.
-    """
-    if dropout_p == 0.0:
-        return attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p,
-        is_causal=is_causal, scale=scale,
-    )  # fmt: skip
-    return out.transpose(1, 2)
+    """``attnzoo.ops.attention`` on ``[B, N, heads, d]`` tensors, with dropout on the attention weights."""
+    return attention(q, k, v, scale=scale, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
 
 
 @register_mechanism(
