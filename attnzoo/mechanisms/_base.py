@@ -1,13 +1,17 @@
-"""Shared vocabulary for mechanisms: head arithmetic, input checks, channels-last helpers."""
+"""Shared vocabulary for mechanisms: head arithmetic, argument checks, token-layout helpers."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
-__all__ = ["Mechanism", "resolve_heads", "check_divisible"]
+__all__ = [
+    "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability",
+    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table",
+]  # fmt: skip
 
 
 def resolve_heads(dim: int, num_heads: int | None, head_dim: int | None, *, default_head_dim: int = 32) -> tuple[int, int]:
@@ -36,6 +40,56 @@ def resolve_heads(dim: int, num_heads: int | None, head_dim: int | None, *, defa
 def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
     if value % divisor:
         raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, odd: bool = False) -> int:
+    """``value`` if it is an int >= ``minimum`` (and odd when ``odd``), else a ValueError naming the argument."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    if odd and value % 2 == 0:
+        raise ValueError(f"{name}={value} must be odd (same-size zero padding needs a centred kernel)")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in tuple(choices):
+        raise ValueError(f"{name}={value!r} must be one of {tuple(choices)}")
+    return value
+
+
+def check_probability(name: str, p: Any) -> float:
+    """``p`` as a float in [0, 1) (a dropout rate), or a ValueError naming ``name``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}={p!r} must be a probability in [0, 1)")
+    return float(p)
+
+
+def reject_attn_drop(attn_drop: Any) -> None:
+    """Mechanisms on the fused neighborhood kernel have no attention-weight dropout."""
+    if attn_drop:
+        raise ValueError(f"attn_drop={attn_drop} is not supported by the fused neighborhood op; use 0.0")
+
+
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, *tokens, 3·heads·d)`` from a fused qkv projection → q, k, v ``(B, *tokens, heads, d)``."""
+    q, k, v = rearrange(qkv, "b ... (three h d) -> three b ... h d", three=3, h=heads)
+    return q, k, v
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, *tokens, heads, d)`` → ``(B, *tokens, heads·d)``."""
+    return rearrange(x, "b ... h d -> b ... (h d)")
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, *spatial, C)`` → ``(B, N, C)``, row-major (last spatial axis fastest)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def cached_table(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` for an ``lru_cache``-wrapped geometry table; while compiling, the unwrapped function (Dynamo
+    traces it into constants anyway and would warn about the cache wrapper)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 class Mechanism(nn.Module):

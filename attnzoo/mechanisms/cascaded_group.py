@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from ..ops import attention
 from ._base import Mechanism, check_divisible
 from ._windows import pad_to_multiple
-from .mhsa import softmax_attention
 from .registry import register_mechanism
 from .single_head import ConvBN
 
@@ -94,7 +94,7 @@ class CascadedGroupAttention(Mechanism):
             q = dw(q)
             q, k, v = (rearrange(u, "w c r s -> w (r s) 1 c") for u in (q, k, v))
             mask = bias[head] if key_bias is None else bias[head] + key_bias
-            out = softmax_attention(q, k, v, scale=self.key_dim**-0.5, attn_mask=mask)
+            out = attention(q, k, v, scale=self.key_dim**-0.5, attn_mask=mask)
             feat = rearrange(out, "w (r s) 1 c -> w c r s", r=r)
             outputs.append(feat)
         y = self.proj(torch.relu(torch.cat(outputs, dim=1)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism
-from ._channel_conv import check_positive_int, reduced_width
+from ._base import Mechanism, check_int
+from ._channel_conv import reduced_width
 from .registry import register_mechanism
 
 
@@ -40,7 +40,7 @@ class ConvBlockAttention(Mechanism):
         super().__init__(dim)
         hidden = reduced_width(dim, reduction)
         self.reduction = reduction
-        self.spatial_kernel_size = check_positive_int("spatial_kernel_size", spatial_kernel_size, odd=True)
+        self.spatial_kernel_size = check_int("spatial_kernel_size", spatial_kernel_size, odd=True)
         self.fc1 = nn.Linear(dim, hidden, bias=mlp_bias)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, dim, bias=mlp_bias)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
-from .mhsa import check_dropout, flatten_tokens, softmax_attention
+from ..ops import attention
+from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["ChannelGroupAttention"]
@@ -45,17 +45,17 @@ class ChannelGroupAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.group_dim = resolve_heads(dim, num_heads, None)
-        self.attn_drop = check_dropout("attn_drop", attn_drop)
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         tokens = flatten_tokens(x)
         # channels become the attention's tokens and the N spatial tokens its feature axis: [B, C_g, G, N]
         q, k, v = rearrange(self.qkv(tokens), "b n (three g c) -> three b c g n", three=3, g=self.num_heads)
-        out = softmax_attention(
+        out = attention(
             q, k, v, scale=self.group_dim**-0.5, dropout_p=self.attn_drop if self.training else 0.0
         )
         out = rearrange(out, "b c g n -> b n (g c)")

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ._base import flatten_tokens
 from .cross import CrossAttention
-from .mhsa import flatten_tokens
 from .registry import register_mechanism
 
 __all__ = ["ClsCrossAttention"]

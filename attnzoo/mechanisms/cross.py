@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
-from .mhsa import check_dropout, flatten_tokens, softmax_attention
+from ..ops import attention
+from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["CrossAttention"]
@@ -53,12 +53,12 @@ class CrossAttention(Mechanism):
             raise ValueError(f"context_dim={context_dim!r} must be a positive int or None")
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.context_dim = dim if context_dim is None else context_dim
-        self.attn_drop = check_dropout("attn_drop", attn_drop)
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         inner = self.num_heads * self.head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(self.context_dim, 2 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
 
     def check_context(self, context: torch.Tensor, x: torch.Tensor) -> None:
         if not isinstance(context, torch.Tensor):
@@ -91,7 +91,7 @@ class CrossAttention(Mechanism):
             mask = ~key_padding_mask[:, None, None, :]  # True = attend, [B, 1, 1, M]
         q = rearrange(self.q(flatten_tokens(x)), "b n (h d) -> b n h d", h=self.num_heads)
         k, v = rearrange(self.kv(ctx), "b m (two h d) -> two b m h d", two=2, h=self.num_heads)
-        out = softmax_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(rearrange(out, "b n h d -> b n (h d)")))
         return out.reshape(*x.shape[:-1], self.dim)
 

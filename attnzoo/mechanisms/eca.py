@@ -7,8 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism
-from ._channel_conv import check_positive_int
+from ._base import Mechanism, check_int
 from .registry import register_mechanism
 
 
@@ -42,7 +41,7 @@ class EfficientChannelAttention(Mechanism):
             if not gamma > 0:
                 raise ValueError(f"gamma={gamma!r} must be > 0")
             kernel_size = eca_kernel_size(dim, gamma, beta)
-        self.kernel_size = check_positive_int("kernel_size", kernel_size, odd=True)
+        self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=self.kernel_size // 2, bias=False)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism
-from ._channel_conv import check_choice
+from ._base import Mechanism, check_choice
 from .registry import register_mechanism
 
 # variant → (kernel_size, channels per conv group as a divisor of C: 1 = depthwise, 8 = C/8 groups, GroupNorm groups)

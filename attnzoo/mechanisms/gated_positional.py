@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
-from .mhsa import cached_table, check_dropout, softmax_attention
+from ..ops import attention
+from ._base import Mechanism, cached_table, check_probability, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["GatedPositionalSelfAttention", "relative_offsets"]
@@ -68,7 +68,7 @@ class GatedPositionalSelfAttention(Mechanism):
             raise ValueError(
                 f"local_init=True sets v to the identity, so num_heads·head_dim={inner} must equal dim={dim}"
             )
-        self.attn_drop = check_dropout("attn_drop", attn_drop)
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         self.locality_strength = float(locality_strength)
         self.qk = nn.Linear(dim, 2 * inner, bias=qkv_bias)
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
@@ -76,7 +76,7 @@ class GatedPositionalSelfAttention(Mechanism):
         self.gating_param = nn.Parameter(torch.ones(self.num_heads))
         self.proj = nn.Linear(inner, dim)
         self.pos_drop = nn.Dropout(self.attn_drop)
-        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
         if local_init:
             self.local_init()
 
@@ -98,7 +98,7 @@ class GatedPositionalSelfAttention(Mechanism):
         q, k = rearrange(self.qk(tokens), "b n (two h d) -> two b n h d", two=2, h=self.num_heads)
         v = rearrange(self.v(tokens), "b n (h d) -> b n h d", h=self.num_heads)
         dropout = self.attn_drop if self.training else 0.0
-        content = softmax_attention(q, k, v, dropout_p=dropout)
+        content = attention(q, k, v, dropout_p=dropout)
         offsets = cached_table(relative_offsets, height, width).to(device=x.device, dtype=x.dtype)
         positional_weights = self.pos_drop(self.pos_proj(offsets).softmax(dim=1))  # [N_q, N_k, h]
         positional = torch.einsum("qkh,bkhd->bqhd", positional_weights, v)

@@ -7,8 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism
-from .mhsa import flatten_tokens
+from ._base import Mechanism, flatten_tokens
 from .registry import register_mechanism
 
 __all__ = ["GaussianAdaptiveAttention"]

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import einsum, rearrange
 
-from ._base import Mechanism
-from ._channel_conv import check_choice, reduced_width
+from ._base import Mechanism, check_choice
+from ._channel_conv import reduced_width
 from .registry import register_mechanism
 
 

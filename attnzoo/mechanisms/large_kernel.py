@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism
-from ._channel_conv import check_positive_int, to_nchw, to_nhwc
+from ._base import Mechanism, check_int
+from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 
 
@@ -34,8 +34,8 @@ class LargeKernelAttention(Mechanism):
 
     def __init__(self, dim: int, *, kernel_size: int = 21, dilation: int = 3, projections: bool = True) -> None:
         super().__init__(dim)
-        self.kernel_size = check_positive_int("kernel_size", kernel_size)
-        self.dilation = check_positive_int("dilation", dilation)
+        self.kernel_size = check_int("kernel_size", kernel_size)
+        self.dilation = check_int("dilation", dilation)
         local = 2 * dilation - 1
         dilated = math.ceil(kernel_size / dilation)
         if dilated % 2 == 0:

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
-from .mhsa import cached_table, check_dropout, softmax_attention
+from ..ops import attention
+from ._base import Mechanism, cached_table, check_probability, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["ManhattanSelfAttention", "rotary_tables", "distance_table", "log_decay"]
@@ -94,7 +94,7 @@ class ManhattanSelfAttention(Mechanism):
         self.v_proj = nn.Linear(dim, inner, bias=qkv_bias)
         self.lepe = nn.Conv2d(inner, inner, lce_kernel, padding=lce_kernel // 2, groups=inner)
         self.out_proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
 
     @property
     def log_gamma(self) -> torch.Tensor:
@@ -117,13 +117,13 @@ class ManhattanSelfAttention(Mechanism):
         )
         q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
         if not self.decomposed:
-            out = softmax_attention(q, k, v, attn_mask=self.decay(height, width, like=q))
+            out = attention(q, k, v, attn_mask=self.decay(height, width, like=q))
             out = rearrange(out, "b (y x) h d -> b y x (h d)", y=height)
         else:
             rows = [rearrange(t, "b (y x) h d -> (b y) x h d", y=height) for t in (q, k, v)]
-            along_x = softmax_attention(*rows, attn_mask=self.decay(width, like=q))
+            along_x = attention(*rows, attn_mask=self.decay(width, like=q))
             cols = [rearrange(t, "(b y) x h d -> (b x) y h d", y=height) for t in (rows[0], rows[1], along_x)]
-            out = softmax_attention(*cols, attn_mask=self.decay(height, like=q))
+            out = attention(*cols, attn_mask=self.decay(height, like=q))
             out = rearrange(out, "(b x) y h d -> b y x (h d)", x=width)
         lce = self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.out_proj(out + lce))

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
-from .mhsa import check_dropout, flatten_tokens, softmax_attention
+from ..ops import attention
+from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["MixtureOfHeadsAttention"]
@@ -68,11 +68,11 @@ class MixtureOfHeadsAttention(Mechanism):
             )
         self.routed_topk = routed_topk
         self.aux_loss_weight = float(aux_loss_weight)
-        self.attn_drop = check_dropout("attn_drop", attn_drop)
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
         # bias-free routers; a softmax over one entry is constant, so such routers are not built
         self.routed_gate = nn.Linear(dim, self.routed_heads, bias=False) if self.routed_heads else None
         self.shared_gate = nn.Linear(dim, shared_heads, bias=False) if shared_heads > 1 else None
@@ -108,7 +108,7 @@ class MixtureOfHeadsAttention(Mechanism):
         self.check_input(x)
         tokens = flatten_tokens(x)
         q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
-        heads = softmax_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        heads = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         gates, aux = self.gates(tokens)
         self.aux_loss = self.aux_loss_weight * aux if self.training else None
         mixed = rearrange(heads * gates.unsqueeze(-1).to(heads.dtype), "b n h d -> b n (h d)")

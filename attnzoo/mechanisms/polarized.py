@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 from einops import einsum, rearrange
 
-from ._base import Mechanism
-from ._channel_conv import check_choice
+from ._base import Mechanism, check_choice
 from .registry import register_mechanism
 
 

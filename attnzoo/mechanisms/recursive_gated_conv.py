@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism
-from ._channel_conv import check_choice, check_positive_int, to_nchw, to_nhwc
+from ._base import Mechanism, check_choice, check_int
+from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 from .spectral_gating import SpectralGating
 
@@ -69,8 +69,8 @@ class RecursiveGatedConv(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.dw = check_choice("dw", dw, ("dw", "gf"))
-        self.order = check_positive_int("order", order)
-        self.kernel_size = check_positive_int("kernel_size", kernel_size, odd=True)
+        self.order = check_int("order", order)
+        self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
         if dim % 2 ** (order - 1):
             raise ValueError(f"dim={dim} must be divisible by 2**(order-1)={2 ** (order - 1)} for order={order}")
         self.scale = float(scale)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, check_divisible
-from ._channel_conv import check_positive_int, to_nchw, to_nhwc
+from ._base import Mechanism, check_divisible, check_int
+from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 
 
@@ -39,8 +39,8 @@ class ScaleAwareModulation(Mechanism):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__(dim)
-        self.ca_num_heads = check_positive_int("ca_num_heads", ca_num_heads)
-        self.expand_ratio = check_positive_int("expand_ratio", expand_ratio)
+        self.ca_num_heads = check_int("ca_num_heads", ca_num_heads)
+        self.expand_ratio = check_int("expand_ratio", expand_ratio)
         check_divisible("dim", dim, "ca_num_heads", ca_num_heads)
         head_width = dim // ca_num_heads
         self.v = nn.Linear(dim, dim, bias=qkv_bias)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from ..ops import attention
 from ._base import Mechanism
-from .mhsa import softmax_attention
 from .registry import register_mechanism
 
 __all__ = ["SingleHeadSelfAttention", "ConvBN"]
@@ -67,7 +67,7 @@ class SingleHeadSelfAttention(Mechanism):
         x1, x2 = t.split([self.partial_dim, self.dim - self.partial_dim], dim=1)
         q, k, v = self.qkv(self.pre_norm(x1)).split([self.qk_dim, self.qk_dim, self.partial_dim], dim=1)
         q, k, v = (rearrange(u, "b c n 1 -> b n 1 c") for u in (q, k, v))
-        x1 = rearrange(softmax_attention(q, k, v), "b n 1 c -> b c n 1")
+        x1 = rearrange(attention(q, k, v), "b n 1 c -> b c n 1")
         y = self.proj(torch.relu(torch.cat([x1, x2], dim=1)))
         return rearrange(y, "b c n 1 -> b n c").reshape(x.shape)
 

@@ -8,15 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Mechanism
-from ._channel_conv import check_positive_int
+from ._base import Mechanism, check_int
 from .registry import register_mechanism
 
 
 def _pair(name: str, value: Sequence[int]) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{name}={value!r} must be a pair of positive ints")
-    return check_positive_int(name, value[0]), check_positive_int(name, value[1])
+    return check_int(name, value[0]), check_int(name, value[1])
 
 
 @register_mechanism(

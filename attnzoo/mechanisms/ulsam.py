@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, check_divisible
-from ._channel_conv import check_positive_int, to_nchw
+from ._base import Mechanism, check_divisible, check_int
+from ._channel_conv import to_nchw
 from .registry import register_mechanism
 
 
@@ -32,7 +32,7 @@ class SubspaceAttention(Mechanism):
 
     def __init__(self, dim: int, *, num_groups: int = 4, norm: bool = True) -> None:
         super().__init__(dim)
-        self.num_groups = check_positive_int("num_groups", num_groups)
+        self.num_groups = check_int("num_groups", num_groups)
         check_divisible("dim", dim, "num_groups", num_groups)
         self.norm = norm
         self.conv_dws = nn.Conv2d(dim, dim, 1, groups=dim)
