@@ -57,6 +57,7 @@ def attention(
         scale = q.shape[-1] ** -0.5
     mask = _combined_mask(attn_mask, is_causal, scores_shape[-2:], q.device)
     if recording.is_recording():
+        recording.check_size(qf.shape[-2], kf.shape[-2])
         with torch.no_grad():
             weights, _ = softmax_with_lse(_masked_scores(qf.float(), kf.float(), scale, mask))
             recording.add("attention", weights, q.shape[1:-2], k.shape[1:-2])

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .problem import normalize_axis_arg
+from .problem import normalize_window
 
 __all__ = ["AxisWindows", "axis_windows", "combine_axes", "neighborhood_mask", "neighborhood_rel_index"]
 
@@ -85,25 +85,18 @@ def axis_windows(extent: int, kernel_size: int, stride: int, dilation: int, is_c
 
 def _axes(spatial_shape, kernel_size, stride, dilation, is_causal) -> list[AxisWindows]:
     shape = tuple(int(s) for s in spatial_shape)
-    rank = len(shape)
-    kernel = normalize_axis_arg("kernel_size", kernel_size, rank, minimum=1)
-    strides = normalize_axis_arg("stride", stride, rank, minimum=1)
-    dilations = normalize_axis_arg("dilation", dilation, rank, minimum=1)
-    causal = normalize_axis_arg("is_causal", is_causal, rank, kind=bool)
-    for axis, (extent, k, s, d) in enumerate(zip(shape, kernel, strides, dilations)):
-        if k * d > extent:
-            raise ValueError(f"kernel_size={k} with dilation={d} needs an extent >= {k * d} along axis {axis}, got {extent}")
-        if s > k:
-            raise ValueError(f"stride={s} must be <= kernel_size={k} along axis {axis}")
-    return [axis_windows(*args) for args in zip(shape, kernel, strides, dilations, causal)]
+    window = normalize_window(shape, kernel_size, stride, dilation, is_causal, min_kernel_size=1)
+    return [axis_windows(*args) for args in zip(shape, *window)]
 
 
 def combine_axes(per_axis: Sequence[torch.Tensor], combine) -> torch.Tensor:
-    """Combine per-axis [L_a, L_a] matrices into one [N, N] matrix over row-major flattened tokens."""
+    """Combine per-axis tensors of one rank (e.g. ``[L_a, L_a]`` masks) into one tensor whose every dim enumerates
+    the per-axis dims row-major (e.g. ``[N, N]`` over flattened tokens): ``combine(outer, inner)`` broadcasts."""
     out = per_axis[0]
     for m in per_axis[1:]:
-        n, n2 = out.shape[0], m.shape[0]
-        out = combine(out[:, None, :, None], m[None, :, None, :]).reshape(n * n2, n * n2)
+        outer = out.reshape([x for size in out.shape for x in (size, 1)])
+        inner = m.reshape([x for size in m.shape for x in (1, size)])
+        out = combine(outer, inner).reshape([a * b for a, b in zip(out.shape, m.shape)])
     return out
 
 
@@ -127,15 +120,9 @@ def neighborhood_rel_index(
 ) -> torch.Tensor:
     """``[query, key]`` flat index into a ``[*(2k-1)]`` relative-position table (NAT, key − query); −1 off-mask."""
     axes = _axes(spatial_shape, kernel_size, stride, dilation, is_causal)
-    flat = None
-    for a in axes:
-        idx = torch.where(a.key_mask(), a.rel_index(), torch.full((a.extent, a.extent), -1))
-        if flat is None:
-            flat = idx
-            continue
+    mask = combine_axes([a.key_mask() for a in axes], torch.logical_and)
+    index = axes[0].rel_index()
+    for a in axes[1:]:  # row-major over axes: earlier axes are scaled by this axis' table size
         size = 2 * a.kernel_size - 1
-        n, n2 = flat.shape[0], idx.shape[0]
-        combined = flat[:, None, :, None] * size + idx[None, :, None, :]
-        valid = (flat[:, None, :, None] >= 0) & (idx[None, :, None, :] >= 0)
-        flat = torch.where(valid, combined, torch.full_like(combined, -1)).reshape(n * n2, n * n2)
-    return flat
+        index = combine_axes([index, a.rel_index()], lambda outer, inner, size=size: outer * size + inner)
+    return torch.where(mask, index, torch.full_like(index, -1))

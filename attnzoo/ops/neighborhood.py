@@ -75,8 +75,9 @@ def neighborhood_attention(
 
 def _record(q, k, v, problem, scale, additional_keys, additional_values, rel_pos_bias, key_bias) -> None:
     """Dense weights of this call for ``record_attention``: the reference backend with one-hot values."""
+    n, extra = problem.num_tokens, problem.num_additional
+    recording.check_size(n, n + extra)
     with torch.no_grad():
-        n, extra = problem.num_tokens, problem.num_additional
         eye = torch.eye(n + extra, dtype=torch.float32, device=q.device)
         values = eye[:n].reshape(1, *problem.spatial_shape, 1, n + extra)
         values = values.expand(problem.batch, *problem.spatial_shape, problem.heads, n + extra)

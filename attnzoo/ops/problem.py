@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-__all__ = ["NAProblem", "normalize_axis_arg", "make_problem"]
+__all__ = ["NAProblem", "normalize_axis_arg", "normalize_window", "make_problem"]
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -38,6 +39,32 @@ def normalize_axis_arg(name: str, value, rank: int, *, kind: type = int, minimum
     return values
 
 
+def normalize_window(
+    spatial_shape: Sequence[int],
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple,
+    dilation: IntOrTuple,
+    is_causal: BoolOrTuple,
+    *,
+    min_kernel_size: int = 2,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Per-axis ``(kernel_size, stride, dilation, is_causal)`` checked against the extents, or a named error."""
+    rank = len(spatial_shape)
+    kernel = normalize_axis_arg("kernel_size", kernel_size, rank, minimum=min_kernel_size)
+    strides = normalize_axis_arg("stride", stride, rank, minimum=1)
+    dilations = normalize_axis_arg("dilation", dilation, rank, minimum=1)
+    causal = normalize_axis_arg("is_causal", is_causal, rank, kind=bool)
+    for axis, (extent, kk, st, dd) in enumerate(zip(spatial_shape, kernel, strides, dilations)):
+        if kk * dd > extent:
+            rule = f"kernel_size={kk} with dilation={dd} needs an extent >= {kk * dd}" if dd > 1 else (
+                f"kernel_size={kk} needs an extent >= {kk}"
+            )
+            raise ValueError(f"{rule} along axis {axis}, got {extent} (spatial shape {tuple(spatial_shape)})")
+        if st > kk:
+            raise ValueError(f"stride={st} must be <= kernel_size={kk} along axis {axis}")
+    return kernel, strides, dilations, causal
+
+
 @dataclass(frozen=True)
 class NAProblem:
     """Everything a backend needs to decide whether it can run a neighborhood-attention call."""
@@ -55,8 +82,6 @@ class NAProblem:
     device: torch.device
     num_additional: int = 0
     has_rel_pos_bias: bool = False
-    has_key_bias: bool = False
-    requires_grad: bool = False
     return_lse: bool = False
 
     @property
@@ -65,17 +90,7 @@ class NAProblem:
 
     @property
     def num_tokens(self) -> int:
-        n = 1
-        for s in self.spatial_shape:
-            n *= s
-        return n
-
-    @property
-    def window_volume(self) -> int:
-        n = 1
-        for k in self.kernel_size:
-            n *= k
-        return n
+        return math.prod(self.spatial_shape)
 
 
 def make_problem(
@@ -91,24 +106,16 @@ def make_problem(
     rel_pos_bias: torch.Tensor | None = None,
     return_lse: bool = False,
     key_bias: torch.Tensor | None = None,
-    rank: int | None = None,
-    min_kernel_size: int = 2,
 ) -> NAProblem:
     """Validate q/k/v and the window arguments (cheap checks only) and describe the call."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if rank is None:
-        rank = q.dim() - 3
-        if rank not in (1, 2, 3):
-            raise ValueError(
-                f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with 1, 2 or 3 spatial axes "
-                f"(3 to 6 dims), got {q.dim()} dims"
-            )
-    elif q.dim() != rank + 3:
+    rank = q.dim() - 3
+    if rank not in (1, 2, 3):
         raise ValueError(
-            f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with {rank} spatial "
-            f"axes ({rank + 3} dims), got {q.dim()} dims"
+            f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with 1, 2 or 3 spatial axes "
+            f"(3 to 6 dims), got {q.dim()} dims"
         )
     if not q.is_floating_point():
         raise TypeError(f"q.dtype={q.dtype} must be a floating-point dtype")
@@ -128,18 +135,7 @@ def make_problem(
     if min(q.shape) == 0 or v.shape[-1] == 0:
         raise ValueError(f"q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)} must not have empty dims")
     spatial = tuple(int(s) for s in q.shape[1 : 1 + rank])
-    kernel = normalize_axis_arg("kernel_size", kernel_size, rank, minimum=min_kernel_size)
-    strides = normalize_axis_arg("stride", stride, rank, minimum=1)
-    dilations = normalize_axis_arg("dilation", dilation, rank, minimum=1)
-    causal = normalize_axis_arg("is_causal", is_causal, rank, kind=bool)
-    for axis, (extent, kk, st, dd) in enumerate(zip(spatial, kernel, strides, dilations)):
-        if kk * dd > extent:
-            rule = f"kernel_size={kk} with dilation={dd} needs an extent >= {kk * dd}" if dd > 1 else (
-                f"kernel_size={kk} needs an extent >= {kk}"
-            )
-            raise ValueError(f"{rule} along axis {axis}, got {extent} (spatial shape {spatial})")
-        if st > kk:
-            raise ValueError(f"stride={st} must be <= kernel_size={kk} along axis {axis}")
+    kernel, strides, dilations, causal = normalize_window(spatial, kernel_size, stride, dilation, is_causal)
 
     num_additional = 0
     if (additional_keys is None) != (additional_values is None):
@@ -178,7 +174,6 @@ def make_problem(
         if not isinstance(key_bias, torch.Tensor) or not key_bias.is_floating_point():
             raise TypeError(f"key_bias must be a float tensor broadcastable to {target}, got {type(key_bias).__name__}")
         try:
-            torch.broadcast_shapes(tuple(key_bias.shape), target)
             ok = key_bias.dim() <= len(target) and torch.broadcast_shapes(tuple(key_bias.shape), target) == target
         except RuntimeError:
             ok = False
@@ -187,8 +182,6 @@ def make_problem(
         if key_bias.device != q.device:
             raise ValueError(f"key_bias.device={key_bias.device} must equal q.device={q.device}")
 
-    tensors = [q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias]
-    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return NAProblem(
         batch=int(q.shape[0]),
         spatial_shape=spatial,
@@ -203,7 +196,5 @@ def make_problem(
         device=q.device,
         num_additional=num_additional,
         has_rel_pos_bias=rel_pos_bias is not None,
-        has_key_bias=key_bias is not None,
-        requires_grad=requires_grad,
         return_lse=return_lse,
     )

@@ -31,34 +31,44 @@ class AttentionRecord:
     extra_keys: int = 0
 
 
-_RECORDS: list[AttentionRecord] | None = None
+@dataclass
+class _Session:
+    records: list[AttentionRecord]
+    max_tokens: int
+
+
+_ACTIVE: _Session | None = None
 
 
 def is_recording() -> bool:
-    return _RECORDS is not None
+    return _ACTIVE is not None
 
 
 @contextmanager
 def record_attention(max_tokens: int = 16384) -> Iterator[list[AttentionRecord]]:
-    """Collect an ``AttentionRecord`` per attention call made inside the block (nested blocks share one list)."""
-    global _RECORDS
-    outer = _RECORDS
-    records: list[AttentionRecord] = outer if outer is not None else []
-    _RECORDS = records
-    _LIMIT[0] = max_tokens
+    """Collect an ``AttentionRecord`` per attention call made inside the block (nested blocks share one list).
+
+    A call with more than ``max_tokens`` queries or keys raises instead of building its dense weights.
+    """
+    global _ACTIVE
+    outer = _ACTIVE
+    _ACTIVE = _Session(outer.records if outer is not None else [], max_tokens)
     try:
-        yield records
+        yield _ACTIVE.records
     finally:
-        _RECORDS = outer
+        _ACTIVE = outer
 
 
-_LIMIT = [16384]
+def check_size(n_queries: int, n_keys: int) -> None:
+    """Raise before any work when a call is too large to record densely."""
+    if _ACTIVE is not None and max(n_queries, n_keys) > _ACTIVE.max_tokens:
+        raise ValueError(
+            f"record_attention: {n_queries}×{n_keys} attention is too large to record (max_tokens={_ACTIVE.max_tokens})"
+        )
 
 
 def add(op: str, weights: torch.Tensor, query_shape, key_shape, extra_keys: int = 0) -> None:
-    if _RECORDS is None:
-        return
-    n_q, n_k = weights.shape[-2], weights.shape[-1]
-    if n_q * n_k > _LIMIT[0] * _LIMIT[0]:
-        raise ValueError(f"record_attention: {n_q}×{n_k} attention is too large to record (max_tokens={_LIMIT[0]})")
-    _RECORDS.append(AttentionRecord(op, weights.detach().float(), tuple(query_shape), tuple(key_shape), extra_keys))
+    if _ACTIVE is not None:
+        _ACTIVE.records.append(
+            AttentionRecord(op, weights.detach().float(), tuple(query_shape), tuple(key_shape), extra_keys)
+        )

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from ..geometry import axis_windows
+from ..geometry import axis_windows, combine_axes
 from ..problem import NAProblem
 from .base import Backend, compute_dtype, softmax_with_lse
 
@@ -65,25 +65,6 @@ def axis_tiles(extent: int, kernel: int, stride: int, dilation: int, causal: boo
         for i, x in enumerate(tile):
             inverse[x] = t * a + i
     return AxisTiles(q_index, k_index, mask, rel, inverse, 2 * kernel - 1)
-
-
-def _outer_and(masks: list[torch.Tensor]) -> torch.Tensor:
-    """[T_a, a_a, c_a] per axis -> [T, A, C] for the product tiling (row-major over axes)."""
-    out = masks[0]
-    for m in masks[1:]:
-        t1, a1, c1 = out.shape
-        t2, a2, c2 = m.shape
-        out = (out[:, None, :, None, :, None] & m[None, :, None, :, None, :]).reshape(t1 * t2, a1 * a2, c1 * c2)
-    return out
-
-
-def _outer_index(rels: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
-    out = rels[0]
-    for r, size in zip(rels[1:], sizes[1:]):
-        t1, a1, c1 = out.shape
-        t2, a2, c2 = r.shape
-        out = (out[:, None, :, None, :, None] * size + r[None, :, None, :, None, :]).reshape(t1 * t2, a1 * a2, c1 * c2)
-    return out
 
 
 def _gather_tiles(x: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
@@ -139,10 +120,13 @@ class TiledBackend(Backend):
         qt = _gather_tiles(q.to(ct), q_idx)  # [B, h, T, A, d]
         kt = _gather_tiles(k.to(ct), k_idx)  # [B, h, T, C, d]
         vt = _gather_tiles(v.to(ct), k_idx)
-        mask = _outer_and([pl.mask for pl in plans]).to(device)  # [T, A, C]
+        mask = combine_axes([pl.mask for pl in plans], torch.logical_and).to(device)  # [T, A, C]
         scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
         if rel_pos_bias is not None:
-            index = _outer_index([pl.rel for pl in plans], [pl.rel_size for pl in plans]).to(device)
+            index = plans[0].rel
+            for pl in plans[1:]:  # row-major over axes, as the [heads, *(2k-1)] table is laid out
+                index = combine_axes([index, pl.rel], lambda outer, inner, size=pl.rel_size: outer * size + inner)
+            index = index.to(device)
             scores = scores + rel_pos_bias.to(ct).reshape(p.heads, -1)[:, index].unsqueeze(0)
         if key_bias is not None:
             kb = key_bias.expand(p.batch, *p.spatial_shape, p.heads).to(ct).unsqueeze(-1)
