@@ -251,8 +251,8 @@ def test_polarized_bounds_and_sequential_composition():
     seq = make("polarized", 16, mode="sequential")
     seq.load_state_dict(par.state_dict())
     assert (par(x).abs() <= 2 * x.abs()).all() and (seq(x).abs() <= x.abs()).all()
-    z = x * par.channel_gate(x)
-    torch.testing.assert_close(seq(x), z * par.spatial_gate(z), **TOL)
+    # the loaded sequential module is spatial_only(channel_only(x)) of the parallel module's weights
+    torch.testing.assert_close(seq(x), polarized_reference(par, x, "sequential", "paper"), **TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------- ULSAM
@@ -647,10 +647,17 @@ def test_spectral_gating_resizes_bilinearly_with_aligned_corners():
 
 
 def test_spectral_gating_low_precision_runs_in_float32():
-    m = make("spectral_gating", 4).float()
-    x = rand(1, 6, 7, 4).float()
-    y = m.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    m = randomize_(make("spectral_gating", 4, input_resolution=(6, 7)), scale=1.0).to(torch.bfloat16)
+    x = rand(1, 6, 7, 4).to(torch.bfloat16)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    # the same bf16 input and weights, transformed in float32 and rounded once at the end
+    w = m.complex_weight.float()
+    spectrum = torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho") * torch.complex(w[..., 0], w[..., 1])
+    expected = torch.fft.irfft2(spectrum, s=(6, 7), dim=(1, 2), norm="ortho")
+    torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0)
+    resized = make("spectral_gating", 4).to(torch.bfloat16)(x)  # default 14×8 filter resized to 6×7
+    assert resized.dtype == torch.bfloat16 and torch.isfinite(resized).all()
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

@@ -1,12 +1,13 @@
-"""Small shared pieces of the channel / convolutional mechanisms: bottleneck width and layout permutes."""
+"""Small shared pieces of the channel / convolutional mechanisms: bottleneck width, layout permutes, attention
+pooling."""
 
 from __future__ import annotations
 
 import torch
 
-from ._base import check_int
+from ._base import check_int, flatten_tokens
 
-__all__ = ["reduced_width", "to_nchw", "to_nhwc"]
+__all__ = ["reduced_width", "to_nchw", "to_nhwc", "softmax_pool"]
 
 
 def reduced_width(dim: int, reduction: int) -> int:
@@ -23,3 +24,12 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` → channels-last ``(B, H, W, C)``."""
     return x.permute(0, 2, 3, 1)
+
+
+def softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention pooling Σ_j SM_j(logits)_j · values_j over all positions (GCNet context, PSA channel branch).
+
+    ``logits`` ``(B, *spatial, 1)``, ``values`` ``(B, *spatial, C)`` → ``(B, C)``.
+    """
+    weights = flatten_tokens(logits).softmax(dim=1)  # (B, N, 1)
+    return (weights.transpose(1, 2) @ flatten_tokens(values)).squeeze(1)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ._base import Mechanism, check_int
-from ._channel_conv import reduced_width
+from ._channel_conv import reduced_width, to_nhwc
 from .registry import register_mechanism
 
 
@@ -61,7 +61,7 @@ class ConvBlockAttention(Mechanism):
         """``(B, H, W, 1)`` gate from the channel-mean and channel-max maps."""
         pooled = torch.stack((x.mean(dim=-1), x.amax(dim=-1)), dim=1)  # (B, 2, H, W), paper order [avg; max]
         logits = self.spatial_norm(self.spatial_conv(pooled))
-        return torch.sigmoid(logits).permute(0, 2, 3, 1)
+        return to_nhwc(torch.sigmoid(logits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

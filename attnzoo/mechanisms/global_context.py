@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import einsum, rearrange
 
 from ._base import Mechanism, check_choice
-from ._channel_conv import reduced_width
+from ._channel_conv import reduced_width, softmax_pool
 from .registry import register_mechanism
 
 
@@ -51,8 +50,7 @@ class GlobalContext(Mechanism):
         """The pooled context vector c, shape ``(B, C)``."""
         if self.pooling == "avg":
             return x.mean(dim=(1, 2))
-        weights = rearrange(self.conv_attn(x), "b h w 1 -> b (h w)").softmax(dim=-1)
-        return einsum(weights, rearrange(x, "b h w c -> b (h w) c"), "b n, b n c -> b c")
+        return softmax_pool(self.conv_attn(x), x)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """t = W₂ ReLU(LN(W₁ c)), shape ``(B, 1, 1, C)``."""

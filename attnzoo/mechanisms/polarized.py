@@ -7,6 +7,7 @@ import torch.nn as nn
 from einops import einsum, rearrange
 
 from ._base import Mechanism, check_choice
+from ._channel_conv import softmax_pool
 from .registry import register_mechanism
 
 
@@ -46,9 +47,7 @@ class PolarizedSelfAttention(Mechanism):
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 1, C)`` channel-only gate."""
-        weights = rearrange(self.ch_wq(x), "b h w 1 -> b (h w)").softmax(dim=-1)
-        values = rearrange(self.ch_wv(x), "b h w c -> b (h w) c")
-        context = einsum(weights, values, "b n, b n c -> b c")
+        context = softmax_pool(self.ch_wq(x), self.ch_wv(x))  # (B, C/2)
         return torch.sigmoid(self.ln(self.ch_wz(context)))[:, None, None, :]
 
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:

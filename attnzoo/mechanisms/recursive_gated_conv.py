@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ._base import Mechanism, check_choice, check_int
+from ._base import Mechanism, check_choice, check_divisible, check_int
 from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 from .spectral_gating import SpectralGating
@@ -71,8 +71,7 @@ class RecursiveGatedConv(Mechanism):
         self.dw = check_choice("dw", dw, ("dw", "gf"))
         self.order = check_int("order", order)
         self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
-        if dim % 2 ** (order - 1):
-            raise ValueError(f"dim={dim} must be divisible by 2**(order-1)={2 ** (order - 1)} for order={order}")
+        check_divisible("dim", dim, "2**(order-1)", 2 ** (order - 1))
         self.scale = float(scale)
         self.dims = [dim // 2 ** (order - 1 - k) for k in range(order)]
         self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
