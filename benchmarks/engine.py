@@ -32,7 +32,7 @@ import attnzoo.ops as ops
 STATISTIC = "median"  # or "min": the fastest block, steadier on a shared, noisy machine (--statistic)
 
 
-def median_ms(fn, threads: int, min_run_time: float) -> float:
+def time_ms(fn, threads: int, min_run_time: float) -> float:
     """Time of one call in ms: median (default) or minimum over torch.utils.benchmark's measured blocks."""
     timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
@@ -72,11 +72,11 @@ def workload_2d(threads: int, min_run_time: float, backend: str = "auto") -> dic
     q, kk, v = (torch.randn(b, side, side, h, d) for _ in range(3))
     na = lambda q_, k_, v_: ops.na2d(q_, k_, v_, kernel_size=k, backend=backend)  # noqa: E731
     win = lambda q_, k_, v_: window_sdpa(q_, k_, v_, (k, k))  # noqa: E731
-    t_na = median_ms(lambda: na(q, kk, v), threads, min_run_time)
-    t_win = median_ms(lambda: win(q, kk, v), threads, min_run_time)
-    t_dense = median_ms(lambda: dense_sdpa(q, kk, v), threads, min_run_time)
-    t_na_fb = median_ms(fwd_bwd(na, q, kk, v), threads, min_run_time)
-    t_win_fb = median_ms(fwd_bwd(win, q, kk, v), threads, min_run_time)
+    t_na = time_ms(lambda: na(q, kk, v), threads, min_run_time)
+    t_win = time_ms(lambda: win(q, kk, v), threads, min_run_time)
+    t_dense = time_ms(lambda: dense_sdpa(q, kk, v), threads, min_run_time)
+    t_na_fb = time_ms(fwd_bwd(na, q, kk, v), threads, min_run_time)
+    t_win_fb = time_ms(fwd_bwd(win, q, kk, v), threads, min_run_time)
     n = side * side
     return {
         "backend": backend,
@@ -98,9 +98,9 @@ def workload_3d(threads: int, min_run_time: float) -> dict:
     b, h, d, kernel = 1, 4, 32, (3, 7, 7)
     q, kk, v = (torch.randn(b, 8, 28, 28, h, d) for _ in range(3))
     qp, kp, vp = (torch.randn(b, 9, 28, 28, h, d) for _ in range(3))
-    t_na = median_ms(lambda: ops.na3d(q, kk, v, kernel_size=kernel), threads, min_run_time)
-    t_win = median_ms(lambda: window_sdpa(qp, kp, vp, kernel), threads, min_run_time) * 8 / 9
-    t_na_fb = median_ms(fwd_bwd(lambda *t: ops.na3d(*t, kernel_size=kernel), q, kk, v), threads, min_run_time)
+    t_na = time_ms(lambda: ops.na3d(q, kk, v, kernel_size=kernel), threads, min_run_time)
+    t_win = time_ms(lambda: window_sdpa(qp, kp, vp, kernel), threads, min_run_time) * 8 / 9
+    t_na_fb = time_ms(fwd_bwd(lambda *t: ops.na3d(*t, kernel_size=kernel), q, kk, v), threads, min_run_time)
     return {
         "t_na_ms": t_na,
         "t_window_sdpa_ms_scaled": t_win,

@@ -8,9 +8,11 @@
 // optional per-key bias kb [B, S0, S1, S2, H] is added to every logit of that key (-inf drops the key).
 //
 // Speed: logits are computed with the keys as SIMD lanes. K (and V for the backward) are first transposed per
-// head to [D][tokens], with the last axis reordered by dilation group so that every window row -- start + dil*j,
-// j < count -- is a contiguous run of columns. One vector FMA per head dimension then yields up to LANES logits
-// at once, with no horizontal reductions. The P·V product accumulates value rows (head_dim as lanes).
+// head to [window row][D][columns], with the last axis reordered by dilation group so that every window row --
+// start + dil*j, j < count -- is a contiguous run of columns. One vector FMA per head dimension then yields up to
+// LANES logits at once, with no horizontal reductions, and a block of up to 8 neighbouring queries shares every
+// key-vector load. The P·V product accumulates value rows (head_dim as lanes); the backward accumulates dK and dV
+// in the transposed layout (the adjoint of the logits) and writes them back once per (batch, head).
 //
 // Plain C ABI (no torch headers) so that it compiles in about a second with the system compiler; threads are
 // std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
