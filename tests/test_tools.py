@@ -90,6 +90,25 @@ def test_reference_check_and_step_with_backward():
     assert costs.reference_check(plain, (x,)) == "finite"
 
 
+class _BackendSensitive(torch.nn.Module):
+    """Doubles its input on the reference backend only (as a buggy fast backend would look), or returns NaN."""
+
+    def __init__(self, nan: bool = False) -> None:
+        super().__init__()
+        self.backend, self.nan = "auto", nan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nan:
+            return x * math.nan
+        return 2 * x if self.backend == "reference" else x
+
+
+def test_reference_check_reports_mismatch_and_non_finite_output():
+    x = torch.randn(1, 4, 4, 8)
+    assert costs.reference_check(_BackendSensitive(), (x,)) == "REF MISMATCH (rel err 5.0e-01)"
+    assert costs.reference_check(_BackendSensitive(nan=True), (x,)) == "NON-FINITE output"
+
+
 def square_support(field: np.ndarray) -> tuple[int, int, int, int, int]:
     ys, xs = np.nonzero(field)
     return int(np.count_nonzero(field)), ys.min(), ys.max(), xs.min(), xs.max()
@@ -127,8 +146,6 @@ def test_structural_copy_randomises_only_all_zero_parameters():
 
 
 def test_attention_maps_of_neighborhood_are_the_window_softmax():
-    if not receptive.record_attention_available():
-        pytest.skip("attnzoo.ops.record_attention is not available")
     m = na_module(kernel=3)
     (amap,) = receptive.attention_maps(m, workload.make_inputs(NA, 8, 16, 1), 8, (0, 4))
     assert amap.on_canvas and amap.query == (0, 4)

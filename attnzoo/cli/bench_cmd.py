@@ -49,9 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _positive(name: str, value: int) -> int:
-    if value < 1:
-        raise UsageError(f"{name} {value} must be a positive integer")
+def check_positive(flag: str, value: int, minimum: int = 1) -> int:
+    """``value`` when it is at least ``minimum``; otherwise a usage error naming ``flag``."""
+    if value < minimum:
+        raise UsageError(f"{flag} {value} must be at least {minimum}")
     return value
 
 
@@ -106,9 +107,10 @@ def check_out_dir(out: Path) -> Path:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        size=_positive("--size", args.size), dim=_positive("--dim", args.dim), batch=_positive("--batch", args.batch),
-        threads=_positive("--threads", args.threads), dtype=args.dtype, device=check_device(args.device),
-        backward=args.backward, sizes=parse_sizes(args.sizes, args.out is not None),
+        size=check_positive("--size", args.size), dim=check_positive("--dim", args.dim),
+        batch=check_positive("--batch", args.batch), threads=check_positive("--threads", args.threads),
+        dtype=args.dtype, device=check_device(args.device), backward=args.backward,
+        sizes=parse_sizes(args.sizes, args.out is not None),
         min_run_time=max(0.01, args.min_run_time), sweep_min_run_time=max(0.01, args.min_run_time / 3),
     )  # fmt: skip
 

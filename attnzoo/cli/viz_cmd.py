@@ -20,6 +20,7 @@ from ..mechanisms import list_mechanisms, mechanism_info
 from ..tools.images import PHOTOS, load_photo
 from ..tools.workload import PrepareError
 from . import UsageError
+from .bench_cmd import check_names, check_positive
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,20 +59,6 @@ def parse_query(text: str, size: int | None) -> tuple[int, int]:
     return (y, x)
 
 
-def _check_names(names: list[str]) -> list[str]:
-    for name in names:
-        try:
-            mechanism_info(name)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(str(exc)) from None
-    return list(dict.fromkeys(names))
-
-
-def _check_positive(flag: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise UsageError(f"{flag} {value} must be at least {minimum}")
-
-
 def _output(path: Path | None, default: str) -> Path:
     """The PNG path, with its folder created and checked writable before any work."""
     path = Path(default) if path is None else path
@@ -90,13 +77,13 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     from ..tools.figures import receptive_field_figure, receptive_field_grid
     from ..tools.receptive import mechanism_view
 
-    _check_positive("--size", args.size, 2)
-    _check_positive("--dim", args.dim)
+    check_positive("--size", args.size, 2)
+    check_positive("--dim", args.dim)
     if not args.names and not args.all:
         raise UsageError("name at least one mechanism (see `attnzoo list`) or pass --all")
-    names = list_mechanisms() if args.all and not args.names else _check_names(args.names)
-    if args.all and args.names:
-        names = list(dict.fromkeys(_check_names(args.names) + list_mechanisms()))
+    names = check_names(args.names) if args.names else []
+    if args.all:
+        names = list(dict.fromkeys(names + list_mechanisms()))
     queries = [parse_query(q, args.size) for q in (args.query or [f"{args.size // 2},{args.size // 2}"])]
     out = _output(args.out, "receptive-field.png")
     console = Console()
@@ -122,15 +109,11 @@ def run_receptive_field(args: argparse.Namespace) -> int:
 
 
 def run_attention_map(args: argparse.Namespace) -> int:
-    from ..tools.receptive import record_attention_available
-
-    (name,) = _check_names([args.name])
-    _check_positive("--size", args.size, 2)
-    _check_positive("--dim", args.dim)
+    (name,) = check_names([args.name])
+    check_positive("--size", args.size, 2)
+    check_positive("--dim", args.dim)
     if not mechanism_info(name).is_attention:
         raise UsageError(f"{name!r} is not an attention mechanism (it has no attention weights); try receptive-field")
-    if not record_attention_available():
-        raise UsageError("this attnzoo has no attnzoo.ops.record_attention, so attention weights cannot be read")
     from ..tools.attention_map import trained_photo_attention, untrained_photo_attention
     from ..tools.figures import attention_overlay_figure
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from ..mechanisms import mechanism_info
+from ..models import load
 from ..ops import record_attention
 from .images import square_resize, to_channels
 from .receptive import AttentionMap, maps_from_records, record_calls, structural_copy
@@ -54,15 +54,15 @@ def untrained_photo_attention(
     query: tuple[int, int] | None = None, seed: int = 0,
 ) -> PhotoAttention:  # fmt: skip
     """Maps of ``name`` built fresh, on a ``size × size`` patch embedding of ``photo`` (module docstring)."""
-    info = mechanism_info(name)
     q = _check_query(query, (size, size))
-    module = structural_copy(prepare(name, size, dim).module, seed=seed)
+    prepared = prepare(name, size, dim)
+    module = structural_copy(prepared.module, seed=seed)
     pixels = torch.from_numpy(square_resize(photo, size * patch)).float()
     patches = rearrange(pixels, "(h p1) (w p2) c -> 1 h w (p1 p2 c)", p1=patch, p2=patch)
     gen = torch.Generator().manual_seed(seed)
     embed = torch.randn(patches.shape[-1], dim, generator=gen) / patches.shape[-1] ** 0.5
     tokens = torch.nn.functional.layer_norm(patches @ embed, (dim,))
-    maps = maps_from_records(record_calls(module, arrange_tokens(info, tokens)), size, q)
+    maps = maps_from_records(record_calls(module, arrange_tokens(prepared.info, tokens)), size, q)
     title = f"{name} (untrained, random patch embedding): attention of token ({q[0]}, {q[1]})"
     return PhotoAttention(square_resize(photo, DISPLAY_PIXELS), (size, size), q, maps, title)
 
@@ -71,10 +71,6 @@ def trained_photo_attention(
     name: str, photo: np.ndarray, checkpoint: str | Path, *, query: tuple[int, int] | None = None
 ) -> PhotoAttention:
     """Maps of ``name`` inside the model trained in ``checkpoint`` (module docstring)."""
-    try:
-        from ..models import load
-    except ImportError as exc:
-        raise ValueError(f"--checkpoint needs attnzoo.models, which cannot be imported here ({exc})") from None
     try:
         model = load(checkpoint)
     except (FileNotFoundError, ValueError, OSError) as exc:

@@ -16,9 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..mechanisms import mechanism_info
-from .costs import (
-    count_flops, count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check,
-)  # fmt: skip
+from .costs import count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check
+from .flops import count_flops
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 
@@ -86,8 +85,8 @@ class BenchRow:
         return out
 
 
-def _measure(module, inputs, cfg: BenchConfig, min_run_time: float) -> tuple[float, float]:
-    step = make_step(module, inputs, cfg.backward)
+def _measure(step, cfg: BenchConfig, min_run_time: float) -> tuple[float, float]:
+    """Median latency and peak memory of one ``make_step`` unit of work."""
     latency = median_latency(step, threads=cfg.threads, min_run_time=min_run_time)
     return latency, float(peak_memory_bytes(step, cfg.device))
 
@@ -105,7 +104,7 @@ def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
         step = make_step(module, inputs, cfg.backward)
         row.flops = float(count_flops(step))
         row.check = reference_check(module, inputs)
-        row.latency_s, row.peak_bytes = _measure(module, inputs, cfg, cfg.min_run_time)
+        row.latency_s, row.peak_bytes = _measure(step, cfg, cfg.min_run_time)
         row.throughput = cfg.batch / row.latency_s
         row.receptive_field_tokens, row.receptive_field_fraction = _receptive_field(module, info, cfg)
     except Exception as exc:  # a broken mechanism must not stop the run: its row says why
@@ -127,7 +126,8 @@ class DenseAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.heads = max(1, dim // 32) if dim % max(1, dim // 32) == 0 else 1
+        heads = max(1, dim // 32)
+        self.heads = heads if dim % heads == 0 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -159,7 +159,8 @@ def _scaling_point(name: str, size: int, kwargs: dict[str, Any], cfg: BenchConfi
         torch.manual_seed(0)
         module = build(name, cfg.dim, size, kwargs).to(device=cfg.device, dtype=cfg.torch_dtype)
         inputs = make_inputs(info, size, cfg.dim, cfg.batch, dtype=cfg.torch_dtype, device=cfg.device)
-        point.latency_s, point.peak_bytes = _measure(module, inputs, cfg, cfg.sweep_min_run_time)
+        step = make_step(module, inputs, cfg.backward)
+        point.latency_s, point.peak_bytes = _measure(step, cfg, cfg.sweep_min_run_time)
     except Exception as exc:  # one size a mechanism cannot take leaves a gap in its curve, not a crash
         point.error = one_line(exc)
     return point

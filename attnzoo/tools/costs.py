@@ -21,11 +21,8 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
-from .flops import count_flops
-
 __all__ = [
     "count_parameters",
-    "count_flops",
     "peak_memory_bytes",
     "median_latency",
     "fit_exponent",

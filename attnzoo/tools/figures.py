@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -66,7 +67,8 @@ def describe(amap: AttentionMap) -> str:
 
 
 def _message(ax, text: str, color: str = "0.3") -> None:
-    ax.text(0.5, 0.5, "\n".join(_wrap(text, 34)), ha="center", va="center", fontsize=7, color=color,
+    lines = textwrap.wrap(text, 34, break_long_words=False, break_on_hyphens=False)[:8]
+    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=7, color=color,
             transform=ax.transAxes)  # fmt: skip
     ax.set_xticks([])
     ax.set_yticks([])
@@ -74,17 +76,6 @@ def _message(ax, text: str, color: str = "0.3") -> None:
 
 def _short(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items())
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return (lines + [line])[:8]
 
 
 def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path, *, dpi: int = 100) -> None:

@@ -1,9 +1,10 @@
 """FLOP counting with ``torch.utils.flop_counter``, including the engine's fused custom ops.
 
-The engine registers the formulas of its own fused ops (``attnzoo.ops.flops``: ``na_forward`` counts
-4·B·heads·N·(Πkernel + n_add)·d, ``na_backward`` twice that), so ``FlopCounterMode`` sees the work done inside the
-native kernel wherever it is used. This module adds the usual FFT estimate for ``aten._fft_{r2c,c2r,c2c}`` (5·n·log2 n per complex transform of n points, half
-that for real ones), which ``torch.utils.flop_counter`` leaves uncounted, so spectral mixers are not free.
+The engine registers the formulas of its own fused ops when ``attnzoo.ops`` is imported (``attnzoo.ops.flops``:
+``na_forward`` counts 4·B·heads·N·(Πkernel + n_add)·d, ``na_backward`` twice that), so ``FlopCounterMode`` sees the
+work done inside the native kernel wherever it is used. This module adds the usual FFT estimate for
+``aten._fft_{r2c,c2r,c2c}`` (5·n·log2 n per complex transform of n points, half that for real ones), which
+``torch.utils.flop_counter`` leaves uncounted, so spectral mixers are not free.
 Like ``FlopCounterMode`` itself, elementwise ops and softmax are not counted.
 """
 
@@ -15,37 +16,31 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from ..ops.flops import na_backward_flops, na_forward_flops  # noqa: F401  (the engine registers its own formulas)
-
-__all__ = ["count_flops", "na_forward_flops", "na_backward_flops", "fft_flops"]
+__all__ = ["count_flops", "fft_flops"]
 
 
-def _fft(real_shape, dim, complex_transform: bool) -> int:
-    n = math.prod(real_shape[d] for d in dim)
+def fft_flops(shape: tuple[int, ...], dim: tuple[int, ...], complex_transform: bool) -> int:
+    """The estimate registered for FFTs over axes ``dim`` of a (real-side) tensor ``shape``."""
+    n = math.prod(shape[d] for d in dim)
     if n <= 1:
         return 0
-    batch = math.prod(real_shape) // n
+    batch = math.prod(shape) // n
     return int((5.0 if complex_transform else 2.5) * batch * n * math.log2(n))
 
 
 @register_flop_formula(torch.ops.aten._fft_r2c)
 def _fft_r2c_flops(self_shape, dim, normalization, onesided, out_shape=None, **kwargs: Any) -> int:
-    return _fft(self_shape, dim, complex_transform=False)
+    return fft_flops(self_shape, dim, complex_transform=False)
 
 
 @register_flop_formula(torch.ops.aten._fft_c2r)
 def _fft_c2r_flops(self_shape, dim, normalization, last_dim_size, out_shape=None, **kwargs: Any) -> int:
-    return _fft(out_shape, dim, complex_transform=False)
+    return fft_flops(out_shape, dim, complex_transform=False)
 
 
 @register_flop_formula(torch.ops.aten._fft_c2c)
 def _fft_c2c_flops(self_shape, dim, normalization, forward, out_shape=None, **kwargs: Any) -> int:
-    return _fft(self_shape, dim, complex_transform=True)
-
-
-def fft_flops(shape: tuple[int, ...], dim: tuple[int, ...], complex_transform: bool) -> int:
-    """The estimate registered for FFTs over axes ``dim`` of a (real-side) tensor ``shape``."""
-    return _fft(shape, dim, complex_transform)
+    return fft_flops(self_shape, dim, complex_transform=True)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..mechanisms.registry import MechanismInfo
-from .workload import PrepareError, make_inputs, one_line, output_token_index, prepare, token_grid
+from ..ops import record_attention
+from .workload import PrepareError, layout_inputs, make_inputs, one_line, output_token_index, prepare, token_grid
 
 __all__ = [
     "structural_copy",
@@ -33,7 +34,6 @@ __all__ = [
     "attention_maps",
     "record_calls",
     "maps_from_records",
-    "record_attention_available",
     "to_canvas",
     "MechanismView",
     "mechanism_view",
@@ -85,8 +85,7 @@ def gradient_receptive_field(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     copies = dim if exact else 1
     x = x0.to(dtype).expand(copies, *x0.shape[1:]).clone().requires_grad_()
-    inputs = (x, x.reshape(copies, -1, dim)) if info.layout == "cross" else (x,)
-    y = module(*inputs)
+    y = module(*layout_inputs(info, x))
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{info.name} returned {type(y).__name__}, expected a tensor")
     index = output_token_index(grid, tuple(y.shape), query)
@@ -106,12 +105,6 @@ def gradient_receptive_field(
 def receptive_field_tokens(field: np.ndarray) -> int:
     """Number of input tokens with a nonzero gradient."""
     return int(np.count_nonzero(field))
-
-
-def record_attention_available() -> bool:
-    from .. import ops
-
-    return hasattr(ops, "record_attention")
 
 
 @dataclass
@@ -139,8 +132,6 @@ class AttentionMap:
 
 def record_calls(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list:
     """The ``attnzoo.ops.record_attention`` records of one forward of ``module(*inputs)`` (no gradients)."""
-    from ..ops import record_attention
-
     with torch.no_grad(), record_attention() as records:
         module(*inputs)
     return list(records)
@@ -151,7 +142,7 @@ def attention_maps(
 ) -> list[AttentionMap]:
     """Exact attention weights of ``query`` in every engine call ``module(*inputs)`` makes (batch element 0).
 
-    Requires ``attnzoo.ops.record_attention``; returns ``[]`` for a mechanism that makes no attention call.
+    Returns ``[]`` for a mechanism that makes no attention call.
     """
     return maps_from_records(record_calls(module, inputs), size, query)
 
@@ -250,8 +241,6 @@ def mechanism_view(
         return view
     if not info.is_attention:
         view.attention_note = "not an attention mechanism: no attention weights"
-    elif not record_attention_available():
-        view.attention_note = "attnzoo.ops.record_attention is not available in this version"
     else:
         inputs = make_inputs(info, size, dim, 1)
         try:

@@ -1,4 +1,7 @@
-"""Write benchmark results: CSV and JSON of every figure, PNG plots, and an index.html that shows them together."""
+"""Write benchmark results: CSV and JSON of every figure, PNG plots, and an index.html that shows them together.
+
+matplotlib is imported only when a plot is drawn, so the table helpers cost the CLI nothing at start-up.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,9 @@ import platform
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .bench import BenchConfig, BenchRow  # noqa: E402
+from .bench import BenchConfig, BenchRow
 
 __all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
            "write_index_html", "write_report", "environment"]  # fmt: skip
@@ -99,12 +98,23 @@ def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path, yardstick
     path.write_text(json.dumps(_json_safe(payload), indent=2))
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     """Log-log ``latency`` or ``memory`` against token count, one line per mechanism, exponent in the legend."""
     key, exp_key, scale, label = {
         "latency": ("latency_s", "latency_exponent", 1e3, "median latency (ms)"),
         "memory": ("peak_bytes", "memory_exponent", 1 / 2**20, "peak memory (MiB)"),
     }[what]  # fmt: skip
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
     cmap = plt.get_cmap("tab20")
     drawn = 0
@@ -134,13 +144,15 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
 
 def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
     """Latency (and FLOPs as marker size) against the centre query's receptive field, one point per mechanism."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
     good = [r for r in rows if r.ok and math.isfinite(r.receptive_field_fraction) and math.isfinite(r.latency_s)]
+    top_flops = max((r.flops for r in good if math.isfinite(r.flops)), default=math.nan)
     families = sorted({r.family for r in good})
     cmap = plt.get_cmap("tab10")
     for f_i, family in enumerate(families):  # 10 colours, then the next marker shape
         members = [r for r in good if r.family == family]
-        sizes = [20 + 200 * (r.flops / max(x.flops for x in good)) if math.isfinite(r.flops) else 20 for r in members]
+        sizes = [20 + 200 * r.flops / top_flops if math.isfinite(r.flops) and top_flops > 0 else 20 for r in members]
         ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
                    s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family,
                    edgecolors="k", linewidths=0.5)  # fmt: skip

@@ -28,7 +28,8 @@ from ..mechanisms import create, mechanism_info
 from ..mechanisms.registry import MechanismInfo
 
 __all__ = [
-    "Prepared", "PrepareError", "token_grid", "make_inputs", "arrange_tokens", "build", "prepare", "output_token_index",
+    "Prepared", "PrepareError", "token_grid", "layout_inputs", "make_inputs", "arrange_tokens", "build", "prepare",
+    "output_token_index",
 ]  # fmt: skip
 
 
@@ -58,6 +59,11 @@ def token_grid(info: MechanismInfo, size: int) -> tuple[int, ...]:
     return (size, size)
 
 
+def layout_inputs(info: MechanismInfo, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The arguments ``info``'s layout takes for the input ``x``: ``(x, x flattened to (B, N, C))`` for ``cross``."""
+    return (x, x.reshape(x.shape[0], -1, x.shape[-1])) if info.layout == "cross" else (x,)
+
+
 def make_inputs(
     info: MechanismInfo,
     size: int,
@@ -72,8 +78,7 @@ def make_inputs(
     """Random normal inputs for ``info``'s layout at a ``size × size`` token workload."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *token_grid(info, size), dim, generator=gen, dtype=torch.float32)
-    x = x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    return (x, x.reshape(batch, -1, dim)) if info.layout == "cross" else (x,)
+    return layout_inputs(info, x.to(device=device, dtype=dtype).requires_grad_(requires_grad))
 
 
 def arrange_tokens(info: MechanismInfo, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -82,8 +87,7 @@ def arrange_tokens(info: MechanismInfo, tokens: torch.Tensor) -> tuple[torch.Ten
     grid = token_grid(info, h)
     if h != w or len(grid) == 3:
         raise ValueError(f"{info.name!r} takes {len(grid)}-D inputs; an image token map {h}×{w} does not fit")
-    x = tokens.reshape(b, *grid, c)
-    return (x, x.reshape(b, -1, c)) if info.layout == "cross" else (x,)
+    return layout_inputs(info, tokens.reshape(b, *grid, c))
 
 
 def build(name: str, dim: int, size: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
