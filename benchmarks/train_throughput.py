@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from torch.utils.benchmark import Timer
 
 from attnzoo import models
+from attnzoo.tools.costs import median_latency
 from attnzoo.training import TrainConfig, train
 
 
-def step_rate(mixer: str, batch: int, min_run_time: float) -> float:
+def step_rate(mixer: str, batch: int, min_run_time: float, threads: int) -> float:
     """Training images/s of one forward+backward+AdamW step of ``tiny`` with ``mixer`` in every stage."""
     torch.manual_seed(0)
     model = models.create("tiny", mixer, num_classes=10, in_chans=1, img_size=28)
@@ -38,8 +38,7 @@ def step_rate(mixer: str, batch: int, min_run_time: float) -> float:
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    step()
-    return batch / Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time).median
+    return batch / median_latency(step, threads=threads, min_run_time=min_run_time)
 
 
 def main() -> None:
@@ -55,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
-    rows = {m: {"train_images_per_s": step_rate(m, args.batch, args.min_run_time)} for m in mixers}
+    rows = {m: {"train_images_per_s": step_rate(m, args.batch, args.min_run_time, args.threads)} for m in mixers}
     if not args.skip_accuracy:
         with tempfile.TemporaryDirectory() as tmp:
             for m in mixers:

@@ -57,9 +57,15 @@ def test_sequence_mechanism_gets_flattened_tokens():
     need("mhsa")
     seen = []
     adapter = MixerAdapter("mhsa", 32, num_heads=2)
-    adapter.mixer.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    assert adapter(torch.randn(2, 3, 5, 32)).shape == (2, 3, 5, 32)
-    assert seen == [(2, 15, 32)]
+    adapter.mixer.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    x = torch.randn(2, 3, 5, 32)
+    y = adapter(x)
+    assert y.shape == (2, 3, 5, 32)
+    assert [tuple(tokens.shape) for tokens, _ in seen] == [(2, 15, 32)]
+    tokens, mixed = seen[0]
+    cells = [(i, j) for i in range(3) for j in range(5)]  # row-major: token n is cell (n // 5, n % 5)
+    assert torch.equal(tokens, torch.stack([x[:, i, j] for i, j in cells], dim=1))
+    assert torch.equal(torch.stack([y[:, i, j] for i, j in cells], dim=1), mixed)
 
 
 def test_input_resolution_is_passed_when_needed():

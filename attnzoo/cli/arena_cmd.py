@@ -1,7 +1,8 @@
 """``attnzoo arena``: train the same backbone once per mechanism (same data, same seed) and compare them.
 
 Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs) into ``--out`` and prints the table.
-FLOPs come from ``torch.utils.flop_counter`` (operators without a registered formula count as 0).
+FLOPs come from ``attnzoo.tools.flops.count_flops`` (``torch.utils.flop_counter`` plus the engine's fused ops and
+FFTs; other operators without a FLOP formula count as 0).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import UsageError
+from .train_cmd import set_threads, split_names, training_errors
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,28 +37,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from ..training import CheckpointError, DatasetMissing, TrainConfig, TrainError
+    from ..training import TrainConfig
     from ..training.arena import run_arena
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads={args.threads} must be ≥ 1")
-        torch.set_num_threads(args.threads)
-    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    set_threads(args.threads)
+    mixers = split_names(args.mixers)
     out = args.out or str(Path("runs") / f"arena-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
         mixers=mixers[:1] * 4, out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
     )  # fmt: skip
-    try:
+    with training_errors():
         base.validate()
         rows = run_arena(mixers, base, show_progress=not args.no_progress)
-    except (TrainError, CheckpointError, DatasetMissing) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
     table = Table(title=f"arena: {args.size} on {args.dataset}, {args.epochs} epoch(s), seed {args.seed}")
     for column in ("mixer", "test acc", "params", "GFLOPs/img", "train img/s", "infer img/s"):
         table.add_column(column, justify="left" if column == "mixer" else "right")
@@ -66,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")  # fmt: skip
     console = Console()
     console.print(table)
-    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: torch.utils.flop_counter)")
+    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.tools.flops.count_flops)")
     return 0

@@ -10,9 +10,10 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import UsageError
 
@@ -49,12 +50,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def split_names(text: str) -> list[str]:
+    """The non-empty names of a comma-separated list."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (when given) to torch."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads={threads} must be ≥ 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def training_errors() -> Iterator[None]:
+    """Report the training errors a user can fix (bad option, corrupt checkpoint, missing data) as one line."""
+    from ..training import CheckpointError, DatasetMissing, TrainError
+
+    try:
+        yield
+    except (TrainError, CheckpointError, DatasetMissing) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
 def parse_mixers(mixer: str | None, mixers: str | None) -> list[str]:
     """One name per stage from ``--mixer`` / ``--mixers``."""
     if mixer and mixers:
         raise UsageError("give --mixer NAME or --mixers a,b,c,d, not both")
     if mixers:
-        names = [m.strip() for m in mixers.split(",") if m.strip()]
+        names = split_names(mixers)
         if len(names) == 1:
             return names * 4
         if len(names) != 4:
@@ -104,19 +132,12 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..training import train
 
-    from ..training import CheckpointError, DatasetMissing, TrainError, train
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads={args.threads} must be ≥ 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config = _config(args)
-    try:
+    with training_errors():
         result = train(config, resume=bool(args.resume), show_progress=not args.no_progress)
-    except (TrainError, CheckpointError, DatasetMissing) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"{result.out}: test accuracy {result.test_accuracy:.4f} after {result.steps} steps, "

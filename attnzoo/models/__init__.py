@@ -3,13 +3,16 @@
 >>> model = create("tiny", mixers=("neighborhood", "neighborhood", "mhsa", "mhsa"), num_classes=10, in_chans=1)
 >>> feats = model.forward_features(torch.randn(2, 1, 28, 28))   # [(2,14,14,32), (2,7,7,64), (2,4,4,128), (2,2,2,256)]
 
-When timm is importable, importing this package registers ``attnzoo_tiny`` and ``attnzoo_small`` so that
-``timm.create_model("attnzoo_tiny", mixers="window", num_classes=10, in_chans=1)`` works.
+When timm is installed, ``attnzoo_tiny`` and ``attnzoo_small`` are registered with it so that
+``timm.create_model("attnzoo_tiny", mixers="window", num_classes=10, in_chans=1)`` works. Registration happens when
+timm is imported (at once if it already is), so importing this package never pays for importing timm.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -67,13 +70,14 @@ def create(
         if not isinstance(name, str):
             raise TypeError(f"mixers must hold mechanism names (str), got {name!r}")
     kwargs = [dict(k or {}) for k in _per_stage(mixer_kwargs, stages, "mixer_kwargs")]
+    img_size = img_size or spec.img_size
     model = Backbone(
         names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
-        num_classes=num_classes, in_chans=in_chans, img_size=img_size or spec.img_size, mixer_kwargs=kwargs,
+        num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
     )  # fmt: skip
     model.config = {
         "size": size, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
-        "img_size": img_size or spec.img_size, "mixer_kwargs": kwargs,
+        "img_size": img_size, "mixer_kwargs": kwargs,
     }  # fmt: skip
     return model
 
@@ -110,10 +114,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Bac
 
 
 def _register_with_timm() -> None:
-    try:
-        from timm.models import register_model
-    except ImportError:
-        return
+    from timm.models import register_model
 
     def entry(size: str):
         def build(pretrained: bool = False, **kwargs: Any) -> Backbone:
@@ -136,4 +137,31 @@ def _register_with_timm() -> None:
         register_model(fn)
 
 
-_register_with_timm()
+class _RegisterWhenTimmLoads:
+    """Meta-path finder that lets timm load as usual, then registers our entry points (timm costs seconds to import)."""
+
+    finding = False
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None):
+        if name != "timm" or self.finding:
+            return None
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)  # whichever finder would have found timm
+        finally:
+            self.finding = False
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module: Any) -> None:
+                exec_module(module)
+                _register_with_timm()
+
+            spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if "timm" in sys.modules:
+    _register_with_timm()
+elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTimmLoads())

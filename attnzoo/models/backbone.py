@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ..mechanisms import mechanism_info
+from ..mechanisms._base import flatten_tokens
 
 __all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "stage_defaults"]
 
@@ -124,8 +125,7 @@ class MixerAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.flatten:
             return self.mixer(x)
-        b, h, w, c = x.shape
-        return self.mixer(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return self.mixer(flatten_tokens(x)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

@@ -1,8 +1,9 @@
 """The arena: train the same backbone once per mechanism on the same data and seed, then compare them.
 
-Per mechanism: test accuracy, parameters, forward FLOPs per image (``torch.utils.flop_counter``; operators without a
-registered FLOP formula count as 0), training images/s (measured during training) and inference images/s
-(``torch.utils.benchmark``, batch 256). Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs);
+Per mechanism: test accuracy, parameters, forward FLOPs per image (``attnzoo.tools.flops.count_flops``:
+``torch.utils.flop_counter`` plus the engine's fused ops and FFTs; other operators without a FLOP formula count as
+0), training images/s (measured during training) and inference images/s (``torch.utils.benchmark`` on one thread,
+batch 256). Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs);
 each mechanism's run folder ``<out>/<name>/`` is resumed if it exists, so an interrupted arena continues.
 """
 
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.benchmark import Timer
-from torch.utils.flop_counter import FlopCounterMode
 
 from .. import models
 from ..models._io import atomic_write
+from ..tools.costs import median_latency
+from ..tools.flops import count_flops
 from .data import load_dataset
 from .loop import RUN_FILE, TrainConfig, TrainError, train
 
@@ -29,21 +30,18 @@ COLUMNS = ("mixer", "test_accuracy", "parameters", "gflops_per_image", "train_im
 
 
 def flops_per_image(model: torch.nn.Module, in_chans: int, img_size: int) -> int:
-    """Forward FLOPs of one image, as counted by ``torch.utils.flop_counter``."""
+    """Forward FLOPs of one image (``count_flops``)."""
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, in_chans, img_size, img_size))
-    return counter.get_total_flops()
+    x = torch.zeros(1, in_chans, img_size, img_size)
+    with torch.no_grad():
+        return count_flops(lambda: model(x))
 
 
 def inference_rate(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Images per second of ``model(x)`` in eval mode (median of ``torch.utils.benchmark``)."""
+    """Images per second of ``model(x)`` in eval mode (median of ``torch.utils.benchmark``, one thread)."""
     model.eval()
     with torch.no_grad():
-        model(x)
-        seconds = Timer("model(x)", globals={"model": model, "x": x}).blocked_autorange(min_run_time=1.0).median
-    return len(x) / seconds
+        return len(x) / median_latency(lambda: model(x), threads=1, min_run_time=1.0)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

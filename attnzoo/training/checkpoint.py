@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..models._io import atomic_write
 
@@ -113,9 +113,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     bad = f"checkpoint {path} is truncated or corrupt"
     hint = "delete it to restart this run from the beginning"
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{bad} ({reason}); {hint}") from None

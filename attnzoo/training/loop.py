@@ -326,10 +326,10 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
     model.train()
     with _progress(show_progress and ctx.main) as bar:
         task = bar.add_task(title, total=total, completed=step, stats="")
-        order = _epoch_order(config.seed, step // steps_per_epoch, n_train) if step < total else None
+        order = None
         while step < total:
             epoch, b = divmod(step, steps_per_epoch)
-            if b == 0:
+            if b == 0 or order is None:  # a new epoch, or resuming inside one
                 order = _epoch_order(config.seed, epoch, n_train)
             index = order[b * config.batch_size + ctx.rank * local : b * config.batch_size + (ctx.rank + 1) * local]
             t0 = time.perf_counter()
