@@ -297,6 +297,16 @@ def test_hat_index_wraps_negative_and_is_a_bijection():
     rpi = hat_rpi(4, 6)
     assert rpi.min() < 0  # HAT relies on the wrap
     assert torch.equal(torch.unique(rpi % 81), torch.arange(81))
+    # the module's per-offset engine index picks HAT's (wrapped) table row for every (query, key) pair
+    for ws, ratio in ((4, 0.5), (3, 0.7)):
+        m = attnzoo.create("overlapping_cross", 16, num_heads=2, window_size=ws, overlap_ratio=ratio)
+        ows = m.overlap_win_size
+        side, halo = ws + ows - 1, (ows - ws) // 2
+        qy, qx = grid(ws, ws)
+        ky, kx = grid(ows, ows)
+        dy = ky[None, :] - halo - qy[:, None] + ows - 1  # pixel offset key − query, shifted to the engine index
+        dx = kx[None, :] - halo - qx[:, None] + ows - 1
+        assert torch.equal(m.engine_index[dy, dx], hat_rpi(ws, ows) % (side * side))
 
 
 @pytest.mark.parametrize("size,ws,ratio", [((8, 8), 4, 0.5), ((12, 8), 4, 0.5), ((6, 9), 3, 0.7), ((8, 12), 4, 0.0)])

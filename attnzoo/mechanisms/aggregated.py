@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention, merge_attentions, neighborhood_attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, merge_heads, reject_attn_drop, resolve_heads
 from ._windows import Padding
 from .registry import register_mechanism
 
@@ -99,15 +99,10 @@ class AggregatedAttention(Mechanism):
         pretrain_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention ops; use 0.0")
-        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 3 or window_size % 2 == 0:
-            raise ValueError(f"window_size={window_size!r} must be an odd int >= 3")
-        if not isinstance(sr_ratio, int) or isinstance(sr_ratio, bool) or sr_ratio < 1:
-            raise ValueError(f"sr_ratio={sr_ratio!r} must be an int >= 1")
+        reject_attn_drop(attn_drop)
+        self.window_size = check_int("window_size", window_size, 3, odd=True)
+        self.sr_ratio = check_int("sr_ratio", sr_ratio)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
-        self.window_size = window_size
-        self.sr_ratio = sr_ratio
         self.input_resolution = _pair("input_resolution", input_resolution, sr_ratio)
         self.pretrain_size = _pair("pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, 2)
         heads, d, kk = self.num_heads, self.head_dim, window_size**2
@@ -164,10 +159,8 @@ class AggregatedAttention(Mechanism):
 
         # Local window centred on each query, zero padded: pad every side by k//2 and drop the padded keys.
         halo = Padding(spatial, (k // 2,) * 2, (k // 2,) * 2)
-        padded = [rearrange(halo.pad(rearrange(t, "b y x h d -> b y x (h d)")), "b y x (h d) -> b y x h d", h=heads)
-                  for t in (q_hat, key, value)]  # fmt: skip
         local, local_lse = neighborhood_attention(
-            *padded, kernel_size=k, scale=1.0, return_lse=True,
+            *(halo.pad(t) for t in (q_hat, key, value)), kernel_size=k, scale=1.0, return_lse=True,
             rel_pos_bias=self.local_table().to(dtype), key_bias=halo.key_bias(dtype, x.device),
         )  # fmt: skip
         local, local_lse = halo.crop(local), halo.crop(local_lse)
@@ -187,7 +180,7 @@ class AggregatedAttention(Mechanism):
         windows = rearrange(windows, "b (h d j) (y x) -> b y x h j d", h=heads, j=k * k, y=spatial[0])
         token_weights = torch.einsum("byxhd,hdj->byxhj", q, self.learnable_tokens) + self.learnable_bias.reshape(heads, -1)
         out = out + torch.einsum("byxhj,byxhjd->byxhd", token_weights, windows)
-        return self.proj_drop(self.proj(rearrange(out, "b y x h d -> b y x (h d)")))
+        return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:
         return (

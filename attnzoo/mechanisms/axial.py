@@ -6,10 +6,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 COMBINES = ("sequential", "sum")
@@ -70,17 +69,14 @@ class AxialAttention(Mechanism):
         rank: int = 2,
     ) -> None:
         super().__init__(dim)
-        if rank not in (1, 2, 3, 4):
-            raise ValueError(f"rank={rank!r} must be 1, 2, 3 or 4")
-        if combine not in COMBINES:
-            raise ValueError(f"combine={combine!r} must be one of {COMBINES}")
+        check_choice("rank", rank, (1, 2, 3, 4))
+        self.combine = check_choice("combine", combine, COMBINES)
         if attn_drop:
             raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention op; use 0.0")
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.rank = rank
         self.spatial_ranks = (rank,)
         self.axes = _normalize_axes(axes, rank)
-        self.combine = combine
         inner = self.num_heads * self.head_dim
         self.qkv = nn.ModuleList(nn.Linear(dim, 3 * inner, bias=qkv_bias) for _ in self.axes)
         self.proj = nn.ModuleList(nn.Linear(inner, dim) for _ in self.axes)
@@ -94,8 +90,8 @@ class AxialAttention(Mechanism):
         moved = x.permute(order)
         folded_shape = moved.shape
         tokens = moved.reshape(-1, *folded_shape[len(others) + 1 : -1], self.dim)
-        q, k, v = rearrange(self.qkv[step](tokens), "n ... (three h d) -> three n ... h d", three=3, h=self.num_heads)
-        out = self.proj[step](rearrange(attention(q, k, v), "n ... h d -> n ... (h d)"))
+        q, k, v = split_qkv(self.qkv[step](tokens), self.num_heads)
+        out = self.proj[step](merge_heads(attention(q, k, v)))
         inverse = sorted(range(len(order)), key=order.__getitem__)
         return out.reshape(folded_shape).permute(inverse)
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention, merge_attentions
-from ._base import Mechanism
+from ._base import Mechanism, check_int
 from .registry import register_mechanism
 
 
@@ -35,11 +35,10 @@ class CrissCrossAttention(Mechanism):
 
     def __init__(self, dim: int, *, reduction: int = 8, recurrence: int = 2, gamma_init: float = 0.0) -> None:
         super().__init__(dim)
-        if not isinstance(reduction, int) or reduction < 1 or dim // reduction < 1:
-            raise ValueError(f"reduction={reduction!r} must be a positive int <= dim={dim}")
-        if not isinstance(recurrence, int) or recurrence < 1:
-            raise ValueError(f"recurrence={recurrence!r} must be a positive int")
-        self.reduction, self.recurrence = reduction, recurrence
+        self.reduction = check_int("reduction", reduction)
+        if reduction > dim:
+            raise ValueError(f"reduction={reduction} must be <= dim={dim}")
+        self.recurrence = check_int("recurrence", recurrence)
         self.query_conv = nn.Conv2d(dim, dim // reduction, 1)
         self.key_conv = nn.Conv2d(dim, dim // reduction, 1)
         self.value_conv = nn.Conv2d(dim, dim, 1)

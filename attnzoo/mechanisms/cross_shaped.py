@@ -7,11 +7,11 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, merge_heads, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
-_STRIPES = "b (nh sh) (nw sw) c -> (b nh nw) (sh sw) c"
+_STRIPES = "b (nh sh) (nw sw) h d -> (b nh nw) (sh sw) h d"
 
 
 @register_mechanism(
@@ -54,8 +54,7 @@ class CrossShapedWindowAttention(Mechanism):
         super().__init__(dim)
         if attn_drop:
             raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention op; use 0.0")
-        if not isinstance(split_size, int) or isinstance(split_size, bool) or split_size < 1:
-            raise ValueError(f"split_size={split_size!r} must be a positive int")
+        check_int("split_size", split_size)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.branches = 1 if last_stage else 2
         if self.num_heads % self.branches:
@@ -69,7 +68,7 @@ class CrossShapedWindowAttention(Mechanism):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: int) -> torch.Tensor:
-        """Stripe attention + LePE of one branch on ``(B, H, W, width)`` q, k, v."""
+        """Stripe attention + LePE of one branch on ``(B, H, W, heads, d)`` q, k, v → ``(B, H, W, heads·d)``."""
         spatial = tuple(q.shape[1:3])
         if self.last_stage:
             stripe = spatial
@@ -78,24 +77,22 @@ class CrossShapedWindowAttention(Mechanism):
         padding = pad_to_multiple(spatial, stripe)
         grid = {"nh": padding.padded_shape[0] // stripe[0], "nw": padding.padded_shape[1] // stripe[1]}
         q, k, v = (rearrange(padding.pad(t), _STRIPES, **grid) for t in (q, k, v))
-        heads = self.num_heads // self.branches
-        q, k, v = (rearrange(t, "n s (h d) -> n s h d", h=heads) for t in (q, k, v))
         mask = None
         if not padding.is_empty:
-            valid = rearrange(padding.valid_mask(q.device)[None, ..., None], _STRIPES, **grid)  # [nh·nw, tokens, 1]
-            mask = rearrange(valid, "n s 1 -> n 1 1 s").repeat(q.shape[0] // valid.shape[0], 1, 1, 1)
+            valid = rearrange(padding.valid_mask(q.device), "(nh sh) (nw sw) -> (nh nw) 1 1 (sh sw)", **grid)
+            mask = valid.repeat(q.shape[0] // valid.shape[0], 1, 1, 1)
         out = attention(q, k, v, attn_mask=mask)
         lepe = self.lepe[index](rearrange(v, "n (sh sw) h d -> n (h d) sh sw", sh=stripe[0]))
-        out = rearrange(out, "n s h d -> n s (h d)") + rearrange(lepe, "n c sh sw -> n (sh sw) c")
+        out = merge_heads(out) + rearrange(lepe, "n c sh sw -> n (sh sw) c")
         out = rearrange(out, "(b nh nw) (sh sw) c -> b (nh sh) (nw sw) c", **grid, sh=stripe[0])
         return padding.crop(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        q, k, v = rearrange(self.qkv(x), "b h w (three c) -> three b h w c", three=3)
-        width = q.shape[-1] // self.branches
-        parts = [slice(i * width, (i + 1) * width) for i in range(self.branches)]
-        out = torch.cat([self.branch(q[..., s], k[..., s], v[..., s], i) for i, s in enumerate(parts)], dim=-1)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        heads = self.num_heads // self.branches  # first half of the heads: vertical stripes, second: horizontal
+        branches = zip(*(t.split(heads, dim=-2) for t in (q, k, v)))
+        out = torch.cat([self.branch(*qkv, index) for index, qkv in enumerate(branches)], dim=-1)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

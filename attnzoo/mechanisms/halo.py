@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_divisible, check_int, resolve_heads
 from ._windows import Padding, pad_to_multiple
 from .registry import register_mechanism
 
@@ -56,15 +56,13 @@ class HaloAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if dim % self.num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads} (values keep dim channels)")
+        check_divisible("dim", dim, "num_heads", self.num_heads)  # values keep dim channels
         self.head_dim_v = dim // self.num_heads
-        for name, value, low in (("block_size", block_size, 1), ("halo_size", halo_size, 0), ("stride", stride, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}={value!r} must be an int >= {low}")
+        self.block_size = check_int("block_size", block_size)
+        self.halo_size = check_int("halo_size", halo_size, 0)
+        self.stride = check_int("stride", stride)
         if stride > block_size:
             raise ValueError(f"stride={stride} must be <= block_size={block_size}")
-        self.block_size, self.halo_size, self.stride = block_size, halo_size, stride
         self.mask_padding = bool(mask_padding)
         # strided query blocks when the block splits evenly, else full-resolution attention then average pooling
         self.query_stride = stride if block_size % stride == 0 else 1

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention, neighborhood_attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -48,10 +48,8 @@ class HiLoAttention(Mechanism):
         mask_padding: bool = True,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention ops; use 0.0")
-        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
-            raise ValueError(f"window_size={window_size!r} must be an int >= 1")
+        reject_attn_drop(attn_drop)
+        check_int("window_size", window_size)
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha={alpha!r} must be a float in [0, 1]")
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
@@ -72,10 +70,10 @@ class HiLoAttention(Mechanism):
 
     def hifi(self, x: torch.Tensor) -> torch.Tensor:
         padding = pad_to_multiple(tuple(x.shape[1:-1]), (self.window_size,) * 2)
-        q, k, v = rearrange(self.h_qkv(padding.pad(x)), "b ... (three h d) -> three b ... h d", three=3, h=self.h_heads)
+        q, k, v = split_qkv(self.h_qkv(padding.pad(x)), self.h_heads)
         key_bias = padding.key_bias(q.dtype, q.device) if self.mask_padding else None
         out = neighborhood_attention(q, k, v, kernel_size=self.window_size, stride=self.window_size, key_bias=key_bias)
-        return self.h_proj(padding.crop(rearrange(out, "b ... h d -> b ... (h d)")))
+        return self.h_proj(padding.crop(merge_heads(out)))
 
     def lofi(self, x: torch.Tensor) -> torch.Tensor:
         q = rearrange(self.l_q(x), "b y x (h d) -> b y x h d", h=self.l_heads)
@@ -89,7 +87,7 @@ class HiLoAttention(Mechanism):
                 pooled = F.avg_pool2d(padded.permute(0, 3, 1, 2), ws, ws)
             pooled = pooled.permute(0, 2, 3, 1)
         k, v = rearrange(self.l_kv(pooled), "b y x (two h d) -> two b y x h d", two=2, h=self.l_heads)
-        return self.l_proj(rearrange(attention(q, k, v), "b y x h d -> b y x (h d)"))
+        return self.l_proj(merge_heads(attention(q, k, v)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

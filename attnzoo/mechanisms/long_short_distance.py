@@ -6,10 +6,9 @@ import math
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import neighborhood_attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, check_int, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import flip_table, pad_to_multiple
 from .registry import register_mechanism
 
@@ -76,15 +75,10 @@ class LongShortDistanceAttention(Mechanism):
         mask_padding: bool = True,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused neighborhood op; use 0.0")
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
-            raise ValueError(f"group_size={group_size!r} must be an int >= 2")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} must be one of {MODES}")
+        reject_attn_drop(attn_drop)
+        self.group_size = check_int("group_size", group_size, 2)
+        self.mode = check_choice("mode", mode, MODES)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.group_size = group_size
-        self.mode = mode
         self.mask_padding = mask_padding
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -108,13 +102,13 @@ class LongShortDistanceAttention(Mechanism):
         spatial = self.check_input(x)
         group, interval = self.geometry(spatial)
         padding = pad_to_multiple(spatial, [group * i for i in interval])
-        q, k, v = rearrange(self.qkv(padding.pad(x)), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(padding.pad(x)), self.num_heads)
         rpb = None if self.pos is None else flip_table(self.pos.table(group), 2).to(q.dtype)
         key_bias = padding.key_bias(q.dtype, q.device) if self.mask_padding else None
         out = neighborhood_attention(
             q, k, v, kernel_size=group, stride=group, dilation=interval, rel_pos_bias=rpb, key_bias=key_bias
         )
-        out = padding.crop(rearrange(out, "b ... h d -> b ... (h d)"))
+        out = padding.crop(merge_heads(out))
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

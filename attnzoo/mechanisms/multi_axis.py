@@ -6,11 +6,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -52,12 +51,9 @@ class MultiAxisAttention(Mechanism):
         backend: str = "auto",
     ) -> None:
         super().__init__(dim)
-        if partition_type not in PARTITION_TYPES:
-            raise ValueError(f"partition_type={partition_type!r} must be one of {PARTITION_TYPES}")
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused window op; use 0.0")
+        self.partition_type = check_choice("partition_type", partition_type, PARTITION_TYPES)
+        reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.partition_type = partition_type
         self.partition_size = normalize_axis_arg("partition_size", partition_size, 2, minimum=2)
         self.backend = backend
         inner = self.num_heads * self.head_dim
@@ -80,14 +76,14 @@ class MultiAxisAttention(Mechanism):
             dilation = (1, 1)
         else:  # one group = one sub-lattice of stride extent / G
             dilation = tuple(extent // p for extent, p in zip(padding.padded_shape, size))
-        q, k, v = rearrange(self.qkv(x), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
         table = self.relative_position_bias_table
         out = neighborhood_attention(
             q, k, v, size, size, dilation, rel_pos_bias=None if table is None else table.to(q.dtype),
             key_bias=padding.key_bias(q.dtype, q.device), backend=self.backend,
         )  # fmt: skip
         out = padding.crop(out)
-        return self.proj_drop(self.proj(rearrange(out, "b ... h d -> b ... (h d)")))
+        return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:
         return (

@@ -6,11 +6,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 
@@ -55,10 +54,8 @@ class NeighborhoodAttention(Mechanism):
         backend: str = "auto",
     ) -> None:
         super().__init__(dim)
-        if rank not in (1, 2, 3):
-            raise ValueError(f"rank={rank!r} must be 1, 2 or 3")
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused neighborhood op; use 0.0")
+        check_choice("rank", rank, (1, 2, 3))
+        reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.rank = rank
         self.spatial_ranks = (rank,)
@@ -79,13 +76,13 @@ class NeighborhoodAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        q, k, v = rearrange(self.qkv(x), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
         rpb = None if self.rpb is None else self.rpb.to(q.dtype)
         out = neighborhood_attention(
             q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, rel_pos_bias=rpb,
             backend=self.backend,
         )  # fmt: skip
-        return self.proj_drop(self.proj(rearrange(out, "b ... h d -> b ... (h d)")))
+        return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:
         return (

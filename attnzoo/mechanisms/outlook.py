@@ -9,14 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, resolve_heads
 from .registry import register_mechanism
-
-
-def _positive_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
 
 
 @register_mechanism(
@@ -52,9 +46,9 @@ class OutlookAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
-        self.kernel_size = _positive_int("kernel_size", kernel_size, 1)
-        self.padding = _positive_int("padding", padding, 0)
-        self.stride = _positive_int("stride", stride, 1)
+        self.kernel_size = check_int("kernel_size", kernel_size)
+        self.padding = check_int("padding", padding, 0)
+        self.stride = check_int("stride", stride)
         if self.padding >= self.kernel_size:
             raise ValueError(f"padding={padding} must be < kernel_size={kernel_size}")
         self.scale = self.head_dim**-0.5
@@ -64,9 +58,8 @@ class OutlookAttention(Mechanism):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _grid(self, spatial: tuple[int, int]) -> tuple[int, int]:
-        """Outlook locations per axis; raises unless the unfold grid matches the pooled weight grid."""
-        grid = []
+    def _check_grid(self, spatial: tuple[int, int]) -> None:
+        """Raise unless the unfold grid (outlook locations) matches the pooled weight grid along each axis."""
         for axis, extent in enumerate(spatial):
             pooled = math.ceil(extent / self.stride)
             unfolded = (extent + 2 * self.padding - self.kernel_size) // self.stride + 1
@@ -75,12 +68,10 @@ class OutlookAttention(Mechanism):
                     f"kernel_size={self.kernel_size}, padding={self.padding}, stride={self.stride} give {unfolded} "
                     f"windows along axis {axis} of extent {extent}, but ceil(extent/stride)={pooled} weight sets"
                 )
-            grid.append(pooled)
-        return grid[0], grid[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
-        self._grid(spatial)
+        self._check_grid(spatial)
         kk = self.kernel_size**2
         v = self.v(x).permute(0, 3, 1, 2)  # B, C, H, W
         v = F.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)

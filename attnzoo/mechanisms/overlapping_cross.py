@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import neighborhood_attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, check_probability, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import Padding, pad_to_multiple
 from .registry import register_mechanism
 
@@ -65,12 +64,9 @@ class OverlappingCrossAttention(Mechanism):
         mask_padding: bool = True,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused neighborhood op; use 0.0")
-        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 2:
-            raise ValueError(f"window_size={window_size!r} must be an int >= 2")
-        if not isinstance(overlap_ratio, (int, float)) or not 0 <= overlap_ratio < 1:
-            raise ValueError(f"overlap_ratio={overlap_ratio!r} must be a float in [0, 1)")
+        reject_attn_drop(attn_drop)
+        check_int("window_size", window_size, 2)
+        check_probability("overlap_ratio", overlap_ratio)
         extended = window_size + int(overlap_ratio * window_size)
         if (extended - window_size) % 2:
             raise ValueError(
@@ -113,13 +109,13 @@ class OverlappingCrossAttention(Mechanism):
         qkv = halo_pad.pad(qkv)
         if key_bias is not None:
             key_bias = halo_pad.pad(key_bias)
-        q, k, v = rearrange(qkv, "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(qkv, self.num_heads)
         table = self.engine_table()
         out = neighborhood_attention(
             q, k, v, kernel_size=self.overlap_win_size, stride=m,
             rel_pos_bias=None if table is None else table.to(q.dtype), key_bias=key_bias,
         )  # fmt: skip
-        out = padding.crop(halo_pad.crop(rearrange(out, "b ... h d -> b ... (h d)")))
+        out = padding.crop(halo_pad.crop(merge_heads(out)))
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

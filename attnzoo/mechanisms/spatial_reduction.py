@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, merge_heads, resolve_heads
 from .registry import register_mechanism
 
 
@@ -46,14 +46,10 @@ class SpatialReductionAttention(Mechanism):
         super().__init__(dim)
         if attn_drop:
             raise ValueError(f"attn_drop={attn_drop} is not supported by attnzoo.ops.attention; use 0.0")
-        if not isinstance(sr_ratio, int) or isinstance(sr_ratio, bool) or sr_ratio < 1:
-            raise ValueError(f"sr_ratio={sr_ratio!r} must be an int >= 1")
-        if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
-            raise ValueError(f"pool_size={pool_size!r} must be an int >= 1")
+        self.sr_ratio = check_int("sr_ratio", sr_ratio)
+        self.pool_size = check_int("pool_size", pool_size)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, default_head_dim=64)
-        self.sr_ratio = sr_ratio
         self.linear = linear
-        self.pool_size = pool_size
         inner = self.num_heads * self.head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
@@ -84,8 +80,7 @@ class SpatialReductionAttention(Mechanism):
             raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
         q = rearrange(self.q(x), "b y x (h d) -> b y x h d", h=self.num_heads)
         k, v = rearrange(self.kv(self.reduce(x)), "b y x (two h d) -> two b y x h d", two=2, h=self.num_heads)
-        out = rearrange(attention(q, k, v), "b y x h d -> b y x (h d)")
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(merge_heads(attention(q, k, v))))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, linear={self.linear}"

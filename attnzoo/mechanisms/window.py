@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import flip_table, pad_to_multiple
 from .registry import register_mechanism
 
@@ -59,10 +59,8 @@ class WindowAttention(Mechanism):
         backend: str = "auto",
     ) -> None:
         super().__init__(dim)
-        if rank not in (1, 2, 3):
-            raise ValueError(f"rank={rank!r} must be 1, 2 or 3")
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused window op; use 0.0")
+        check_choice("rank", rank, (1, 2, 3))
+        reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.rank = rank
         self.spatial_ranks = (rank,)
@@ -78,9 +76,7 @@ class WindowAttention(Mechanism):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
-            entries = 1
-            for m in self.window_size:
-                entries *= 2 * m - 1
+            entries = math.prod(2 * m - 1 for m in self.window_size)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(entries, self.num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
@@ -100,23 +96,16 @@ class WindowAttention(Mechanism):
         spatial = self.check_input(x)
         window = self.window_size
         shift = self.effective_shift(spatial)
-        # official behaviour: the end padding is made of ordinary (unmasked) zero tokens
-        outer = None if self.mask_padding else pad_to_multiple(spatial, window)
-        canvas = spatial if outer is None else outer.padded_shape
-        if outer is not None:
-            x = outer.pad(x)
+        # official behaviour (mask_padding=False): the end padding is made of ordinary (unmasked) zero tokens
+        outer = pad_to_multiple(spatial, (1,) * self.rank if self.mask_padding else window)
         # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked
-        inner = pad_to_multiple(canvas, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
-        x = inner.pad(x)
-        q, k, v = rearrange(self.qkv(x), "b ... (three h d) -> three b ... h d", three=3, h=self.num_heads)
+        inner = pad_to_multiple(outer.padded_shape, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
+        q, k, v = split_qkv(self.qkv(inner.pad(outer.pad(x))), self.num_heads)
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
             key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
         )  # fmt: skip
-        out = inner.crop(out)
-        if outer is not None:
-            out = outer.crop(out)
-        return self.proj_drop(self.proj(rearrange(out, "b ... h d -> b ... (h d)")))
+        return self.proj_drop(self.proj(merge_heads(outer.crop(inner.crop(out)))))
 
     def extra_repr(self) -> str:
         return (
