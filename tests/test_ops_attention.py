@@ -8,42 +8,7 @@ import pytest
 import torch
 
 import attnzoo.ops as ops
-
-
-def _rand(*shape, seed=0, grad=False):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return t.requires_grad_(grad)
-
-
-def hand_attention(q, k, v, scale, allowed=None, bias=None):
-    """Textbook softmax attention, head by head, with explicit loops over batch and heads.
-
-    q [B, *Sq, h, d], k [B, *Sk, h, d], v [B, *Sk, h, dv]; ``allowed``/``bias`` are [B, h, Nq, Nk].
-    Returns (out [B, *Sq, h, dv], lse [B, *Sq, h]); a query with no allowed key gets out 0 and lse -inf.
-    """
-    B, h = q.shape[0], q.shape[-2]
-    qf = q.reshape(B, -1, h, q.shape[-1])
-    kf = k.reshape(B, -1, h, k.shape[-1])
-    vf = v.reshape(B, -1, h, v.shape[-1])
-    outs = torch.zeros(B, qf.shape[1], h, v.shape[-1], dtype=q.dtype)
-    lses = torch.zeros(B, qf.shape[1], h, dtype=q.dtype)
-    for b in range(B):
-        for head in range(h):
-            logits = (qf[b, :, head] @ kf[b, :, head].T) * scale
-            if bias is not None:
-                logits = logits + bias[b, head]
-            for i in range(logits.shape[0]):
-                keep = torch.ones(logits.shape[1], dtype=torch.bool) if allowed is None else allowed[b, head, i]
-                if not keep.any():
-                    lses[b, i, head] = float("-inf")
-                    continue
-                row = logits[i][keep]
-                m = row.max()
-                e = torch.exp(row - m)
-                lses[b, i, head] = m + torch.log(e.sum())
-                outs[b, i, head] = (e / e.sum()) @ vf[b, :, head][keep]
-    return outs.reshape(*q.shape[:-1], v.shape[-1]), lses.reshape(q.shape[:-1])
-
+from conftest import hand_attention, rand64
 
 SHAPES = [
     dict(q=(2, 5, 3, 4), k=(2, 5, 3, 4), dv=4),  # 1-D self-attention
@@ -55,9 +20,9 @@ SHAPES = [
 @pytest.mark.parametrize("return_lse", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=["1d", "2d", "cross"])
 def test_attention_matches_hand_softmax(shape, return_lse):
-    q = _rand(*shape["q"], seed=1)
-    k = _rand(*shape["k"], seed=2)
-    v = _rand(*shape["k"][:-1], shape["dv"], seed=3)
+    q = rand64(*shape["q"], seed=1)
+    k = rand64(*shape["k"], seed=2)
+    v = rand64(*shape["k"][:-1], shape["dv"], seed=3)
     res = ops.attention(q, k, v, return_lse=return_lse)
     exp_out, exp_lse = hand_attention(q, k, v, q.shape[-1] ** -0.5)
     out = res[0] if return_lse else res
@@ -82,7 +47,7 @@ def _mask_shape(kind, B, h, nq, nk):
 @pytest.mark.parametrize("kind", MASK_SHAPES)
 def test_attention_bool_mask(kind, return_lse):
     B, h, nq, nk = 2, 3, 6, 7
-    q, k, v = _rand(B, nq, h, 4, seed=4), _rand(B, nk, h, 4, seed=5), _rand(B, nk, h, 2, seed=6)
+    q, k, v = rand64(B, nq, h, 4, seed=4), rand64(B, nk, h, 4, seed=5), rand64(B, nk, h, 2, seed=6)
     g = torch.Generator().manual_seed(7)
     mask = torch.rand(_mask_shape(kind, B, h, nq, nk), generator=g) < 0.6
     mask[..., 0] = True  # every query keeps a key (SDPA returns NaN for an empty row)
@@ -97,8 +62,8 @@ def test_attention_bool_mask(kind, return_lse):
 @pytest.mark.parametrize("kind", MASK_SHAPES)
 def test_attention_float_mask(kind, return_lse):
     B, h, nq, nk = 2, 2, 5, 6
-    q, k, v = _rand(B, nq, h, 4, seed=8), _rand(B, nk, h, 4, seed=9), _rand(B, nk, h, 3, seed=10)
-    bias = _rand(*_mask_shape(kind, B, h, nq, nk), seed=11)
+    q, k, v = rand64(B, nq, h, 4, seed=8), rand64(B, nk, h, 4, seed=9), rand64(B, nk, h, 3, seed=10)
+    bias = rand64(*_mask_shape(kind, B, h, nq, nk), seed=11)
     bias[..., 1] = float("-inf")  # an additive -inf removes the key
     res = ops.attention(q, k, v, attn_mask=bias, return_lse=return_lse)
     allowed = torch.isfinite(bias).expand(B, h, nq, nk)
@@ -111,7 +76,7 @@ def test_attention_float_mask(kind, return_lse):
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_attention_is_causal(return_lse):
     B, h, n = 2, 2, 7
-    q, k, v = _rand(B, n, h, 4, seed=12), _rand(B, n, h, 4, seed=13), _rand(B, n, h, 3, seed=14)
+    q, k, v = rand64(B, n, h, 4, seed=12), rand64(B, n, h, 4, seed=13), rand64(B, n, h, 3, seed=14)
     res = ops.attention(q, k, v, is_causal=True, return_lse=return_lse)
     tril = torch.ones(n, n, dtype=torch.bool).tril().expand(B, h, n, n)
     exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=tril)
@@ -123,15 +88,20 @@ def test_attention_is_causal(return_lse):
 
 
 def test_attention_is_causal_paths_agree_for_rectangular_scores():
-    """With N_q != N_k the SDPA path (no lse) and the explicit path (lse) must use the same alignment."""
-    q, k, v = _rand(1, 4, 2, 4, seed=15), _rand(1, 6, 2, 4, seed=16), _rand(1, 6, 2, 3, seed=17)
+    """With N_q != N_k the SDPA path (no lse) and the explicit path (lse) both align the causal mask top-left
+    (query i sees keys 0..i), as ``scaled_dot_product_attention`` does."""
+    q, k, v = rand64(1, 4, 2, 4, seed=15), rand64(1, 6, 2, 4, seed=16), rand64(1, 6, 2, 3, seed=17)
     plain = ops.attention(q, k, v, is_causal=True)
-    with_lse, _ = ops.attention(q, k, v, is_causal=True, return_lse=True)
-    torch.testing.assert_close(plain, with_lse, rtol=1e-10, atol=1e-12)
+    with_lse, lse = ops.attention(q, k, v, is_causal=True, return_lse=True)
+    top_left = torch.ones(4, 6, dtype=torch.bool).tril().expand(1, 2, 4, 6)
+    exp_out, exp_lse = hand_attention(q, k, v, 0.5, allowed=top_left)
+    torch.testing.assert_close(plain, exp_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(with_lse, exp_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, exp_lse, rtol=1e-10, atol=1e-12)
 
 
 def test_attention_all_keys_masked_gives_zero_and_neg_inf_lse():
-    q, k, v = _rand(1, 3, 1, 4, seed=18, grad=True), _rand(1, 4, 1, 4, seed=19, grad=True), _rand(1, 4, 1, 2, seed=20, grad=True)
+    q, k, v = rand64(1, 3, 1, 4, seed=18, grad=True), rand64(1, 4, 1, 4, seed=19, grad=True), rand64(1, 4, 1, 2, seed=20, grad=True)
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[1] = False
     out, lse = ops.attention(q, k, v, attn_mask=mask, return_lse=True)
@@ -145,7 +115,7 @@ def test_attention_all_keys_masked_gives_zero_and_neg_inf_lse():
 def test_attention_all_keys_masked_by_float_bias_has_finite_gradients():
     """An additive -inf bias that removes every key of a query (unlike a bool mask, the -inf reaches the logits
     through an addition, so a NaN in the logsumexp backward would reach q, k and the bias)."""
-    q, k, v = (_rand(1, n, 1, d, seed=s, grad=True) for n, d, s in ((3, 4, 18), (4, 4, 19), (4, 2, 20)))
+    q, k, v = (rand64(1, n, 1, d, seed=s, grad=True) for n, d, s in ((3, 4, 18), (4, 4, 19), (4, 2, 20)))
     bias = torch.zeros(3, 4, dtype=torch.float64)
     bias[1] = float("-inf")
     bias.requires_grad_(True)
@@ -161,7 +131,7 @@ def test_attention_all_keys_masked_by_float_bias_has_finite_gradients():
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_attention_mask_and_is_causal_both_apply(kind, return_lse):
     B, h, n = 2, 2, 5
-    q, k, v = _rand(B, n, h, 4, seed=40), _rand(B, n, h, 4, seed=41), _rand(B, n, h, 3, seed=42)
+    q, k, v = rand64(B, n, h, 4, seed=40), rand64(B, n, h, 4, seed=41), rand64(B, n, h, 3, seed=42)
     allowed = torch.rand(B, 1, n, n, generator=torch.Generator().manual_seed(43)) > 0.3
     allowed[..., 0] = True  # every query keeps key 0, which the causal mask never removes
     bias = torch.zeros(B, 1, n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
@@ -192,7 +162,7 @@ def test_attention_rejects_bad_attn_mask(mask, exc, fragments, return_lse, monke
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_heavy_work)
     monkeypatch.setattr(torch, "matmul", no_heavy_work)
-    q, k, v = _rand(2, 5, 2, 4), _rand(2, 4, 2, 4), _rand(2, 4, 2, 3)
+    q, k, v = rand64(2, 5, 2, 4), rand64(2, 4, 2, 4), rand64(2, 4, 2, 3)
     with pytest.raises(exc) as info:
         ops.attention(q, k, v, attn_mask=mask, return_lse=return_lse)
     for fragment in fragments:
@@ -201,9 +171,9 @@ def test_attention_rejects_bad_attn_mask(mask, exc, fragments, return_lse, monke
 
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_attention_accepts_broadcastable_masks(return_lse):
-    q, k, v = _rand(2, 5, 2, 4, seed=44), _rand(2, 4, 2, 4, seed=45), _rand(2, 4, 2, 3, seed=46)
+    q, k, v = rand64(2, 5, 2, 4, seed=44), rand64(2, 4, 2, 4, seed=45), rand64(2, 4, 2, 3, seed=46)
     for shape in [(4,), (5, 1), (2, 1, 5, 4), (1, 2, 1, 4), (2, 2, 5, 4)]:
-        bias = _rand(*shape, seed=47)
+        bias = rand64(*shape, seed=47)
         res = ops.attention(q, k, v, attn_mask=bias, return_lse=return_lse)
         exp_out, _ = hand_attention(q, k, v, 0.5, bias=bias.expand(2, 2, 5, 4))
         torch.testing.assert_close(res[0] if return_lse else res, exp_out, rtol=1e-10, atol=1e-12)
@@ -214,7 +184,7 @@ def test_attention_dropout_zeroes_or_rescales_each_weight(return_lse):
     """With v = identity over keys the output rows are the attention weights: after dropout each one is either 0
     or weight / (1 - p); the lse is the undropped one; dropout_p=0 changes nothing."""
     B, h, nq, nk, p = 2, 2, 6, 8, 0.5
-    q, k = _rand(B, nq, h, 4, seed=48), _rand(B, nk, h, 4, seed=49)
+    q, k = rand64(B, nq, h, 4, seed=48), rand64(B, nk, h, 4, seed=49)
     v = torch.eye(nk, dtype=torch.float64)[None, :, None, :].expand(B, nk, h, nk).contiguous()
     weights, ref_lse = hand_attention(q, k, v, 0.5)
     no_dropout = ops.attention(q, k, v, return_lse=return_lse, dropout_p=0.0)
@@ -231,7 +201,7 @@ def test_attention_dropout_zeroes_or_rescales_each_weight(return_lse):
 
 @pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5, "0.1", True, None])
 def test_attention_rejects_bad_dropout_p(dropout_p):
-    q = _rand(1, 3, 1, 4)
+    q = rand64(1, 3, 1, 4)
     with pytest.raises(ValueError, match="dropout_p"):
         ops.attention(q, q, q, dropout_p=dropout_p)
 
@@ -259,7 +229,7 @@ def _split_keys(n_keys, n_sets, seed):
 @pytest.mark.parametrize("with_empty_set", [False, True])
 def test_merge_equals_attention_over_union(n_sets, with_empty_set):
     B, nq, nk, h, d, dv = 2, 5, 9, 2, 4, 3
-    leaves = [_rand(B, nq, h, d, seed=21, grad=True), _rand(B, nk, h, d, seed=22, grad=True), _rand(B, nk, h, dv, seed=23, grad=True)]
+    leaves = [rand64(B, nq, h, d, seed=21, grad=True), rand64(B, nk, h, d, seed=22, grad=True), rand64(B, nk, h, dv, seed=23, grad=True)]
     q, k, v = leaves
     outs, lses = [], []
     for idx in _split_keys(nk, n_sets, seed=24):
@@ -289,7 +259,7 @@ def test_merge_equals_attention_over_union(n_sets, with_empty_set):
 
 def test_merge_formula_and_lse_gradients():
     """Direct check of out = Σ exp(lse_i - lse) o_i with lse = log Σ exp(lse_i), including d/d lse_i."""
-    o1, o2 = _rand(3, 4, seed=26, grad=True), _rand(3, 4, seed=27, grad=True)
+    o1, o2 = rand64(3, 4, seed=26, grad=True), rand64(3, 4, seed=27, grad=True)
     l1 = torch.tensor([0.5, -1.0, float("-inf")], dtype=torch.float64, requires_grad=True)
     l2 = torch.tensor([1.5, 2.0, 0.25], dtype=torch.float64, requires_grad=True)
     out, lse = ops.merge_attentions([o1, o2], [l1, l2])
@@ -298,11 +268,12 @@ def test_merge_formula_and_lse_gradients():
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
     w1t = torch.tensor(w1, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, w1t * o1 + (1 - w1t) * o2, rtol=1e-12, atol=1e-12)
-    # d out / d l1 = w1 (1 - w1) (o1 - o2) ; d lse / d l1 = w1
+    # d out / d l1 = w1 (1 - w1) (o1 - o2) ; d lse / d l1 = w1 (and symmetrically for l2, with w2 = 1 - w1)
     g_l1, g_l2 = torch.autograd.grad(out.sum() + lse.sum(), (l1, l2))
     expected = (w1t * (1 - w1t) * (o1 - o2)).sum(1) + w1t[:, 0]
     torch.testing.assert_close(g_l1, expected.detach(), rtol=1e-12, atol=1e-12)
-    assert torch.isfinite(g_l2).all()
+    expected = (w1t * (1 - w1t) * (o2 - o1)).sum(1) + (1 - w1t[:, 0])
+    torch.testing.assert_close(g_l2, expected.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_merge_all_sets_empty():
@@ -315,7 +286,7 @@ def test_merge_all_sets_empty():
 def test_merge_all_sets_empty_has_finite_gradients():
     """Positions where every set is empty (lse -inf) merge to output 0, lse -inf, with zero gradients; positions
     with keys keep the exact merge gradients."""
-    o1, o2 = _rand(3, 4, seed=33, grad=True), _rand(3, 4, seed=34, grad=True)
+    o1, o2 = rand64(3, 4, seed=33, grad=True), rand64(3, 4, seed=34, grad=True)
     l1 = torch.tensor([float("-inf"), 0.5, float("-inf")], dtype=torch.float64, requires_grad=True)
     l2 = torch.tensor([float("-inf"), -1.0, 0.25], dtype=torch.float64, requires_grad=True)
     out, lse = ops.merge_attentions([o1, o2], [l1, l2])
@@ -328,8 +299,8 @@ def test_merge_all_sets_empty_has_finite_gradients():
 
 def test_merge_of_neighborhood_and_extra_tokens_equals_additional_keys():
     """NA over a window merged with attention over extra tokens equals NA with additional_keys (one softmax)."""
-    q, k, v = (_rand(1, 6, 5, 2, 4, seed=s) for s in (28, 29, 30))
-    ak, av = _rand(1, 3, 2, 4, seed=31), _rand(1, 3, 2, 4, seed=32)
+    q, k, v = (rand64(1, 6, 5, 2, 4, seed=s) for s in (28, 29, 30))
+    ak, av = rand64(1, 3, 2, 4, seed=31), rand64(1, 3, 2, 4, seed=32)
     o1, l1 = ops.na2d(q, k, v, 3, return_lse=True, backend="reference")
     o2, l2 = ops.attention(q, ak, av, return_lse=True)
     out, lse = ops.merge_attentions([o1, o2], [l1, l2])

@@ -1,6 +1,7 @@
 """Paper properties of generalized neighborhood attention (shared/mechanisms.md §1.1), checked independently.
 
-* ``neighborhood_mask`` against a brute-force implementation of the per-axis rule written here in plain loops.
+* ``neighborhood_mask`` against a brute-force implementation of the per-axis rule written here in plain loops;
+  every backend (rel_pos_bias, key_bias, additional keys) against a hand softmax over that brute-force mask.
 * kernel = extent, dilation 1, non-causal ⇒ global attention; stride = kernel ⇒ independent windows;
   dilation δ ⇒ NA with δ = 1 on every sub-lattice ``x[r::δ]``; causal ⇒ no dependence on later tokens;
   every non-causal query sees exactly Πk keys; ``rel_pos_bias`` is indexed by key − query (entries by hand).
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 
@@ -17,6 +19,7 @@ import torch
 import attnzoo.ops as ops
 from attnzoo.ops.backends import BACKENDS
 from attnzoo.ops.problem import make_problem
+from conftest import hand_attention, rand64
 
 BACKEND_NAMES = ops.list_backends()
 
@@ -113,41 +116,64 @@ def test_causal_queries_see_only_earlier_keys_and_themselves():
 # properties of the op, every backend
 
 
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
 def _skip_unsupported(backend, q, k, v, **kw):
     reasons = BACKENDS[backend].not_supported_reasons(make_problem(q, k, v, **kw))
     if reasons:
         pytest.skip("; ".join(reasons))
 
 
-def _softmax_attention(q, k, v, scale, bias=None):
-    """[n, d] x [m, d] x [m, dv] -> [n, dv] by the textbook formula."""
-    logits = (q @ k.T) * scale
-    if bias is not None:
-        logits = logits + bias
-    w = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
-    return (w / w.sum(-1, keepdim=True)) @ v
+ORACLE_CASES = MULTI_D + [((6, 8), (3, 2), (3, 2), (1, 2), (True, False))]  # the last one partition runs too
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("shape,kernel,stride,dilation,causal", ORACLE_CASES)
+def test_matches_brute_force_softmax(backend, shape, kernel, stride, dilation, causal):
+    """The whole op (rel_pos_bias, key_bias with dropped keys, additional keys) against a hand softmax over the
+    brute-force mask; the bias table entry per axis is (key − query) in sub-lattice units + k − 1."""
+    b, h, d, n_add = 1, 2, 4, 2
+    q, k, v = (rand64(b, *shape, h, d, seed=s) for s in (40, 41, 42))
+    ak, av = rand64(b, n_add, h, d, seed=43), rand64(b, n_add, h, d, seed=44)
+    table = rand64(h, *(2 * kk - 1 for kk in kernel), seed=45)
+    key_bias = rand64(b, *shape, h, seed=46)
+    key_bias.view(-1)[::5] = float("-inf")  # drop every fifth key
+    kw = dict(
+        kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, additional_keys=ak,
+        additional_values=av, rel_pos_bias=table, key_bias=key_bias,
+    )  # fmt: skip
+    _skip_unsupported(backend, q, k, v, **kw)
+    out, lse = ops.neighborhood_attention(q, k, v, return_lse=True, backend=backend, **kw)
+
+    coords = list(itertools.product(*(range(n) for n in shape)))
+    n = len(coords)
+    allowed = torch.tensor(brute_mask(shape, kernel, stride, dilation, causal))
+    rpb = torch.zeros(h, n, n, dtype=torch.float64)
+    for i, qc in enumerate(coords):
+        for j, kc in enumerate(coords):
+            if allowed[i, j]:
+                entry = tuple(kc[a] // dilation[a] - qc[a] // dilation[a] + kernel[a] - 1 for a in range(len(shape)))
+                assert all(0 <= e <= 2 * kk - 2 for e, kk in zip(entry, kernel))
+                rpb[:, i, j] = table[(slice(None), *entry)]
+    bias = rpb + key_bias.reshape(b, n, h).transpose(1, 2)[:, :, None, :]  # [b, h, n, n]
+    # the additional keys: seen by every query, without bias
+    bias = torch.cat([bias, torch.zeros(b, h, n, n_add, dtype=torch.float64)], -1)
+    allowed = torch.cat([allowed, torch.ones(n, n_add, dtype=torch.bool)], -1).expand(b, h, n, n + n_add)
+    keys, values = torch.cat([k.reshape(b, n, h, d), ak], 1), torch.cat([v.reshape(b, n, h, d), av], 1)
+    exp_out, exp_lse = hand_attention(q, keys, values, d**-0.5, allowed=allowed, bias=bias)
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, exp_lse, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 2)], ids=["1d", "2d", "3d"])
 def test_full_kernel_is_global_attention(backend, shape):
-    q, k, v = _rand(2, *shape, 2, 4, seed=1), _rand(2, *shape, 2, 4, seed=2), _rand(2, *shape, 2, 3, seed=3)
+    q, k, v = rand64(2, *shape, 2, 4, seed=1), rand64(2, *shape, 2, 4, seed=2), rand64(2, *shape, 2, 3, seed=3)
     _skip_unsupported(backend, q, k, v, kernel_size=shape)
     out, lse = ops.neighborhood_attention(q, k, v, shape, return_lse=True, backend=backend)
     ref, ref_lse = ops.attention(q, k, v, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
     # and against a hand-written softmax, token by token
-    n = math.prod(shape)
-    qf, kf, vf = (t.reshape(2, n, 2, -1) for t in (q, k, v))
-    for b in range(2):
-        for h in range(2):
-            expected = _softmax_attention(qf[b, :, h], kf[b, :, h], vf[b, :, h], 0.5)
-            torch.testing.assert_close(out.reshape(2, n, 2, 3)[b, :, h], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, hand_attention(q, k, v, 0.5)[0], rtol=1e-10, atol=1e-10)
 
 
 WINDOW_CASES = [
@@ -162,29 +188,23 @@ WINDOW_CASES = [
 @pytest.mark.parametrize("shape,kernel,dilation,causal", WINDOW_CASES)
 def test_stride_equal_kernel_is_independent_windows(backend, shape, kernel, dilation, causal):
     heads, d = 2, 4
-    q, k, v = (_rand(1, *shape, heads, d, seed=s) for s in (4, 5, 6))
+    q, k, v = (rand64(1, *shape, heads, d, seed=s) for s in (4, 5, 6))
     kw = dict(kernel_size=kernel, stride=kernel, dilation=dilation, is_causal=causal)
     _skip_unsupported(backend, q, k, v, **kw)
     out = ops.neighborhood_attention(q, k, v, backend=backend, **kw)
-    # window id of coordinate x along an axis: (x // (k·δ), x % δ); tokens of a window in increasing order
+
+    def window(c):  # window id of a coordinate: per axis (x // (k·δ), x % δ)
+        return tuple((x // (kk * dd), x % dd) for x, kk, dd in zip(c, kernel, dilation))
+
+    def sees(qc, kc):  # same window and, along each causal axis, not after the query
+        return window(kc) == window(qc) and all(kc[a] <= qc[a] or not causal[a] for a in range(len(shape)))
+
     coords = list(itertools.product(*(range(n) for n in shape)))
-    windows: dict = {}
-    for c in coords:
-        key = tuple((x // (kk * dd), x % dd) for x, kk, dd in zip(c, kernel, dilation))
-        windows.setdefault(key, []).append(c)
-    assert len(windows) == math.prod(n // kk for n, kk in zip(shape, kernel))
-    expected = torch.empty_like(out)
-    for members in windows.values():
-        assert len(members) == math.prod(kernel)
-        idx = tuple(torch.tensor(axis) for axis in zip(*members))
-        qw, kw_, vw = (t[0][idx] for t in (q, k, v))  # [K, heads, d]
-        # causal along an axis inside the window: key coordinate <= query coordinate on that axis
-        allowed = torch.tensor(
-            [[all(kc[a] <= qc[a] or not causal[a] for a in range(len(shape))) for kc in members] for qc in members]
-        )
-        bias = torch.zeros(len(members), len(members), dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-        for h in range(heads):
-            expected[0][idx + (h,)] = _softmax_attention(qw[:, h], kw_[:, h], vw[:, h], d**-0.5, bias)
+    sizes = collections.Counter(window(c) for c in coords)
+    assert len(sizes) == math.prod(n // kk for n, kk in zip(shape, kernel))
+    assert set(sizes.values()) == {math.prod(kernel)}
+    allowed = torch.tensor([[sees(qc, kc) for kc in coords] for qc in coords])
+    expected, _ = hand_attention(q, k, v, d**-0.5, allowed=allowed.expand(1, heads, *allowed.shape))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -200,7 +220,7 @@ SUBLATTICE_CASES = [
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("shape,kernel,stride,dilation,causal", SUBLATTICE_CASES)
 def test_dilation_is_na_on_each_sublattice(backend, shape, kernel, stride, dilation, causal):
-    q, k, v = (_rand(2, *shape, 2, 4, seed=s) for s in (7, 8, 9))
+    q, k, v = (rand64(2, *shape, 2, 4, seed=s) for s in (7, 8, 9))
     kw = dict(kernel_size=kernel, stride=stride, is_causal=causal)
     _skip_unsupported(backend, q, k, v, dilation=dilation, **kw)
     out = ops.neighborhood_attention(q, k, v, dilation=dilation, backend=backend, **kw)
@@ -222,15 +242,15 @@ CAUSAL_CASES = [
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("shape,kernel,stride,dilation,causal,axis,t", CAUSAL_CASES)
 def test_causal_ignores_later_tokens(backend, shape, kernel, stride, dilation, causal, axis, t):
-    q, k, v = (_rand(1, *shape, 2, 4, seed=s) for s in (10, 11, 12))
+    q, k, v = (rand64(1, *shape, 2, 4, seed=s) for s in (10, 11, 12))
     kw = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
     _skip_unsupported(backend, q, k, v, **kw)
     out = ops.neighborhood_attention(q, k, v, backend=backend, **kw)
     later = (slice(None),) * (1 + axis) + (slice(t, None),)
     earlier = (slice(None),) * (1 + axis) + (slice(None, t),)
     k2, v2 = k.clone(), v.clone()
-    k2[later] += _rand(*k2[later].shape, seed=13)
-    v2[later] += _rand(*v2[later].shape, seed=14)
+    k2[later] += rand64(*k2[later].shape, seed=13)
+    v2[later] += rand64(*v2[later].shape, seed=14)
     out2 = ops.neighborhood_attention(q, k2, v2, backend=backend, **kw)
     torch.testing.assert_close(out2[earlier], out[earlier], rtol=1e-12, atol=1e-12)
     assert (out2[later] - out[later]).abs().max() > 1e-3  # the perturbation is real
@@ -241,7 +261,7 @@ def test_rel_pos_bias_is_key_minus_query_1d(backend):
     """q = 0, so the logits are the bias alone; weights = softmax of the table entries picked by key − query."""
     L, kk = 7, 3
     q = torch.zeros(1, L, 1, 2, dtype=torch.float64)
-    k = _rand(1, L, 1, 2, seed=15)
+    k = rand64(1, L, 1, 2, seed=15)
     v = torch.arange(L, dtype=torch.float64).reshape(1, L, 1, 1).repeat(1, 1, 1, 2) * torch.tensor([1.0, -2.0], dtype=torch.float64)
     table = torch.tensor([[0.3, -1.1, 0.7, 2.0, -0.4]], dtype=torch.float64)  # [heads, 2k-1], entry j <-> key-query = j-2
     out = ops.na1d(q, k, v, kk, rel_pos_bias=table, backend=backend)
@@ -263,9 +283,9 @@ def test_rel_pos_bias_is_key_minus_query_2d_dilated(backend):
     """2-D, dilation 2 along rows: offsets are counted in sub-lattice units; one query worked out by hand."""
     H, W, kk = 6, 5, 3
     q = torch.zeros(1, H, W, 2, 2, dtype=torch.float64)
-    k = _rand(1, H, W, 2, 2, seed=16)
-    v = _rand(1, H, W, 2, 2, seed=17)
-    table = _rand(2, 5, 5, seed=18)
+    k = rand64(1, H, W, 2, 2, seed=16)
+    v = rand64(1, H, W, 2, 2, seed=17)
+    table = rand64(2, 5, 5, seed=18)
     out = ops.na2d(q, k, v, kk, dilation=(2, 1), rel_pos_bias=table, backend=backend)
     # query (row 1, col 4): rows 1,3,5 form its sub-lattice (x'=0 -> keys u=0,1,2 -> rows 1,3,5, offsets 0,1,2);
     # col 4 is at the right border: keys cols 2,3,4, offsets -2,-1,0
@@ -280,7 +300,7 @@ def test_rel_pos_bias_is_key_minus_query_2d_dilated(backend):
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_constant_key_bias_shifts_lse_only(backend):
-    q, k, v = (_rand(1, 6, 8, 2, 4, seed=s) for s in (19, 20, 21))
+    q, k, v = (rand64(1, 6, 8, 2, 4, seed=s) for s in (19, 20, 21))
     kw = dict(kernel_size=(3, 4), stride=(3, 4))
     _skip_unsupported(backend, q, k, v, **kw)
     out, lse = ops.na2d(q, k, v, return_lse=True, backend=backend, **kw)
