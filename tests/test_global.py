@@ -532,6 +532,29 @@ def test_gaussian_adaptive_sum_variant_matches_direct_formula():
     torch.testing.assert_close(m(x), expected, **TOL)
 
 
+@pytest.mark.parametrize("norm_axis,axis", [("channels", -1), ("tokens", 1)])
+def test_gaussian_adaptive_product_variant_matches_direct_formula(norm_axis, axis):
+    """The pip-wheel parity test above is skipped without the wheel; this checks the same variant by hand."""
+    m = randomise(make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product"))
+    with torch.no_grad():
+        m.scales.copy_(1.0 + torch.rand_like(m.scales))  # c ≥ 1: few products underflow to 0
+    x = torch.randn(2, 11, 14, dtype=DT)  # 14 channels / 11 tokens over 3 heads: chunks 4, 4, 6 / 3, 3, 5
+    bounds = {"channels": [0, 4, 8, 14], "tokens": [0, 3, 6, 11]}[norm_axis]
+    expected = torch.empty_like(x)
+    for h in range(3):
+        chunk = x.narrow(axis, bounds[h], bounds[h + 1] - bounds[h])
+        mu, sd = chunk.mean(axis, keepdim=True), (chunk.var(axis, keepdim=True) + 1e-8).sqrt()
+        mix = torch.ones_like(chunk)
+        for g in range(2):
+            c = m.scales[h, g]
+            z = (chunk - mu - m.mean_offsets[h, g]) / sd
+            mix = mix * torch.exp(-z**2 / (2 * c**2)) / torch.sqrt(2 * torch.pi * c**2)
+        weights = mix / mix.sum(axis, keepdim=True).clamp_min(1e-8)  # M̂ = M / max(Σ_chunk M, eps)
+        expected.narrow(axis, bounds[h], bounds[h + 1] - bounds[h]).copy_(chunk * weights)
+    assert (expected != 0).double().mean() > 0.5  # most chunks do not underflow: the comparison is not vacuous
+    torch.testing.assert_close(m(x), expected, **TOL)
+
+
 @pytest.mark.parametrize("norm_axis", ["channels", "tokens"])
 def test_gaussian_adaptive_chunk_normalisation_affine_invariance_and_permutation(norm_axis):
     m = randomise(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=2, norm_axis=norm_axis, eps=1e-15))

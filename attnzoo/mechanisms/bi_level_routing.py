@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_divisible, check_int, resolve_heads
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -54,13 +54,11 @@ class BiLevelRoutingAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if not isinstance(n_win, int) or n_win < 1:
-            raise ValueError(f"n_win={n_win!r} must be a positive int")
+        check_int("n_win", n_win)
         if not isinstance(topk, int) or not 1 <= topk <= n_win * n_win:
             raise ValueError(f"topk={topk!r} must be an int in [1, n_win²={n_win * n_win}]")
         qk_dim = dim if qk_dim is None else qk_dim
-        if not isinstance(qk_dim, int) or qk_dim < 1 or qk_dim % self.num_heads:
-            raise ValueError(f"qk_dim={qk_dim!r} must be a positive int divisible by num_heads={self.num_heads}")
+        check_divisible("qk_dim", check_int("qk_dim", qk_dim), "num_heads", self.num_heads)
         if not isinstance(side_dwconv, int) or side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
             raise ValueError(f"side_dwconv={side_dwconv!r} must be 0 (no LCE) or an odd kernel size")
         self.n_win, self.topk, self.qk_dim, self.mask_padding = n_win, topk, qk_dim, mask_padding

@@ -9,7 +9,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_divisible
+from ._base import Mechanism, check_divisible, check_int
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 from .single_head import ConvBN
@@ -57,12 +57,9 @@ class CascadedGroupAttention(Mechanism):
         mask_padding: bool = True,
     ) -> None:
         super().__init__(dim)
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads={num_heads!r} must be a positive int")
-        check_divisible("dim", dim, "num_heads", num_heads)
-        for name, value in (("key_dim", key_dim), ("window_resolution", window_resolution)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_divisible("dim", dim, "num_heads", check_int("num_heads", num_heads))
+        check_int("key_dim", key_dim)
+        check_int("window_resolution", window_resolution)
         kernels = (kernels,) * num_heads if isinstance(kernels, int) else tuple(kernels)
         odd = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernels)
         if len(kernels) != num_heads or not odd:

@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
+from ._base import Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["CrossAttention"]
@@ -48,9 +48,8 @@ class CrossAttention(Mechanism):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__(dim)
-        bad_context = isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1
-        if context_dim is not None and bad_context:
-            raise ValueError(f"context_dim={context_dim!r} must be a positive int or None")
+        if context_dim is not None:
+            check_int("context_dim", context_dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.context_dim = dim if context_dim is None else context_dim
         self.attn_drop = check_probability("attn_drop", attn_drop)
@@ -92,7 +91,7 @@ class CrossAttention(Mechanism):
         q = rearrange(self.q(flatten_tokens(x)), "b n (h d) -> b n h d", h=self.num_heads)
         k, v = rearrange(self.kv(ctx), "b m (two h d) -> two b m h d", two=2, h=self.num_heads)
         out = attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
-        out = self.proj_drop(self.proj(rearrange(out, "b n h d -> b n (h d)")))
+        out = self.proj_drop(self.proj(merge_heads(out)))
         return out.reshape(*x.shape[:-1], self.dim)
 
     def extra_repr(self) -> str:

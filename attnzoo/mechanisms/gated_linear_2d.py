@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, check_int, merge_heads, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["gla_recurrent", "gla_chunked", "GatedLinearAttention2D"]
@@ -52,8 +52,7 @@ def gla_recurrent(q, k, v, log_decay, scale: float | None = None) -> torch.Tenso
 
 def gla_chunked(q, k, v, log_decay, scale: float | None = None, chunk_size: int = 64) -> torch.Tensor:
     """Chunked form: exact for any ``chunk_size`` (the last chunk may be shorter)."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    check_int("chunk_size", chunk_size)
     dtype = q.dtype
     q, k, v, log_decay = _prepare(q, k, v, log_decay, scale)
     b, n, h, d = q.shape
@@ -114,10 +113,8 @@ class GatedLinearAttention2D(Mechanism):
         key_dim = int(dim * expand_k)
         if key_dim < 1 or key_dim % self.num_heads:
             raise ValueError(f"expand_k={expand_k} gives key width {key_dim}, which must be divisible by num_heads={self.num_heads}")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} must be one of {MODES}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+        check_choice("mode", mode, MODES)
+        check_int("chunk_size", chunk_size)
         if not gate_logit_normalizer > 0:
             raise ValueError(f"gate_logit_normalizer={gate_logit_normalizer!r} must be positive")
         self.key_dim, self.mode, self.chunk_size = key_dim, mode, chunk_size
@@ -152,7 +149,7 @@ class GatedLinearAttention2D(Mechanism):
         attn = self.norm_attn((forward_scan + backward_scan) / 2)
         local = self.norm_local(rearrange(tokens, "b n (h d) -> b n h d", h=h))
         gate = torch.sigmoid(self.locality_gate(tokens))
-        y = rearrange(attn, "b n h d -> b n (h d)") * gate + rearrange(local, "b n h d -> b n (h d)") * (1 - gate)
+        y = merge_heads(attn) * gate + merge_heads(local) * (1 - gate)
         out = self.proj_drop(self.proj(y))
         return rearrange(out, "b (y x) c -> b y x c", y=x.shape[1])
 

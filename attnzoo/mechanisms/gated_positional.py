@@ -10,7 +10,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, cached_table, check_probability, resolve_heads
+from ._base import Mechanism, cached_table, check_probability, flatten_tokens, merge_heads, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["GatedPositionalSelfAttention", "relative_offsets"]
@@ -94,7 +94,7 @@ class GatedPositionalSelfAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        tokens = x.flatten(1, 2)
+        tokens = flatten_tokens(x)
         q, k = rearrange(self.qk(tokens), "b n (two h d) -> two b n h d", two=2, h=self.num_heads)
         v = rearrange(self.v(tokens), "b n (h d) -> b n h d", h=self.num_heads)
         dropout = self.attn_drop if self.training else 0.0
@@ -104,7 +104,7 @@ class GatedPositionalSelfAttention(Mechanism):
         positional = torch.einsum("qkh,bkhd->bqhd", positional_weights, v)
         gate = torch.sigmoid(self.gating_param).to(x.dtype)[:, None]
         out = (1 - gate) * content + gate * positional
-        out = self.proj_drop(self.proj(rearrange(out, "b n h d -> b n (h d)")))
+        out = self.proj_drop(self.proj(merge_heads(out)))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:

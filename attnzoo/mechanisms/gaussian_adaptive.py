@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism, flatten_tokens
+from ._base import Mechanism, check_choice, check_int, flatten_tokens
 from .registry import register_mechanism
 
 __all__ = ["GaussianAdaptiveAttention"]
@@ -53,13 +53,10 @@ class GaussianAdaptiveAttention(Mechanism):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(dim)
-        for name, value in (("num_heads", num_heads), ("num_gaussians", num_gaussians)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        if norm_axis not in AXES:
-            raise ValueError(f"norm_axis={norm_axis!r} must be one of {tuple(AXES)}")
-        if mixture not in MIXTURES:
-            raise ValueError(f"mixture={mixture!r} must be one of {MIXTURES}")
+        check_int("num_heads", num_heads)
+        check_int("num_gaussians", num_gaussians)
+        check_choice("norm_axis", norm_axis, AXES)
+        check_choice("mixture", mixture, MIXTURES)
         if norm_axis == "channels" and dim < 2 * num_heads:
             raise ValueError(
                 f"norm_axis='channels' needs dim={dim} >= 2·num_heads={2 * num_heads} (two channels per chunk)"

@@ -16,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads
 from .registry import register_mechanism
-from .retention import retention_parallel, retention_recurrent
+from .retention import _prepare, retention_parallel, retention_recurrent
 
 __all__ = ["lightning_naive", "lightning_recurrent", "lightning_tiled", "alibi_slopes", "LightningAttention"]
 
@@ -36,33 +35,38 @@ def lightning_recurrent(q, k, v, decay) -> torch.Tensor:
     return retention_recurrent(q, k, v, decay, scale=1.0)
 
 
+def _block_tables(log_decay: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+    """Decay tables of a block of ``length`` tokens: ``M`` [h, b, b], ``Λ``, ``λ^b Λ^{−1}`` [h, b] and ``λ^b`` [h]."""
+    pos = torch.arange(length, device=log_decay.device, dtype=log_decay.dtype)
+    gap = pos[:, None] - pos[None, :]
+    mask = torch.where(gap >= 0, torch.exp(log_decay[:, None, None] * gap.clamp_min(0)), 0.0)
+    mask = torch.where(gap == 0, 1.0, mask)  # λ⁰ = 1 also for λ = 0
+    into = torch.exp(log_decay[:, None] * (pos + 1))
+    out_of = torch.exp(log_decay[:, None] * (length - 1 - pos))
+    out_of = torch.where(pos == length - 1, 1.0, out_of)
+    return mask, into, out_of, torch.exp(log_decay * length)
+
+
 def lightning_tiled(q, k, v, decay, block_size: int = 64) -> torch.Tensor:
     """Tiled form (Lightning Attention, Algorithm 1): per block i of length b,
     intra ``[(Q_iK_iᵀ) ⊙ M]V_i``, inter ``ΛQ_i·KV`` with ``Λ = diag(λ¹..λ^b)``, then
     ``KV ← λ^b·KV + (λ^b Λ^{−1} K_i)ᵀ V_i``. The last block may be shorter; no padding."""
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be a positive int")
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be [batch, tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(v.shape)}")
-    dtype, ct = q.dtype, compute_dtype(q.dtype)
-    q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    log_decay = torch.as_tensor(decay, device=q.device).to(ct).reshape(-1).log()  # [h]; λ = 0 gives -inf
+    check_int("block_size", block_size)
+    dtype = q.dtype
+    q, k, v, decay, _ = _prepare(q, k, v, decay, scale=1.0)
+    log_decay = decay.log()  # [h]; λ = 0 gives -inf
     b, n, h, _ = q.shape
+    # the tables depend only on the block length: one set for full blocks, one for a shorter last block
+    lengths = {min(block_size, n - start) for start in range(0, n, block_size)}
+    tables = {length: _block_tables(log_decay, length) for length in lengths}
     kv = q.new_zeros(b, h, q.shape[-1], v.shape[-1])
     outputs = []
     for start in range(0, n, block_size):
         qi, ki, vi = (t[:, start : start + block_size] for t in (q, k, v))
-        length = qi.shape[1]
-        pos = torch.arange(length, device=q.device, dtype=ct)
-        gap = pos[:, None] - pos[None, :]
-        mask = torch.where(gap >= 0, torch.exp(log_decay[:, None, None] * gap.clamp_min(0)), 0.0)  # [h, b, b]
-        mask = torch.where(gap == 0, 1.0, mask)  # λ⁰ = 1 also for λ = 0
-        into = torch.exp(log_decay[:, None] * (pos + 1))  # Λ: [h, b]
-        out_of = torch.exp(log_decay[:, None] * (length - 1 - pos))  # λ^b Λ^{-1}: [h, b]
-        out_of = torch.where(pos == length - 1, 1.0, out_of)
+        mask, into, out_of, carry = tables[qi.shape[1]]
         intra = torch.einsum("bthd,bshd,hts,bshe->bthe", qi, ki, mask, vi)
         inter = torch.einsum("bthd,ht,bhde->bthe", qi, into, kv)
-        kv = torch.exp(log_decay * length)[:, None, None] * kv + torch.einsum("bshd,hs,bshe->bhde", ki, out_of, vi)
+        kv = carry[:, None, None] * kv + torch.einsum("bshd,hs,bshe->bhde", ki, out_of, vi)
         outputs.append(intra + inter)
     return torch.cat(outputs, dim=1).to(dtype)
 
@@ -121,10 +125,8 @@ class LightningAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} must be one of {MODES}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size={block_size!r} must be a positive int")
+        check_choice("mode", mode, MODES)
+        check_int("block_size", block_size)
         if not isinstance(num_layers, int) or num_layers < 1 or not isinstance(layer_index, int) or not 0 <= layer_index < num_layers:
             raise ValueError(f"layer_index={layer_index!r} must be in [0, num_layers={num_layers!r})")
         if isinstance(slopes, str):
@@ -155,16 +157,15 @@ class LightningAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        shape = x.shape
-        x = x.reshape(shape[0], -1, shape[-1])
-        q, k, v, u = rearrange(self.qkvu(x), "b n (four h d) -> four b n h d", four=4, h=self.num_heads)
+        tokens = flatten_tokens(x)
+        q, k, v, u = rearrange(self.qkvu(tokens), "b n (four h d) -> four b n h d", four=4, h=self.num_heads)
         q, k = F.silu(q), F.silu(k)
         o = self.scan(q, k, v)
         if not self.is_causal:
             back = self.scan(q.flip(1), k.flip(1), v.flip(1)).flip(1)
             o = o + back - (q * k).sum(-1, keepdim=True) * v
-        y = self.norm(rearrange(o, "b n h d -> b n (h d)")) * rearrange(u, "b n h d -> b n (h d)")
-        return self.proj_drop(self.proj(y)).reshape(shape)
+        y = self.norm(merge_heads(o)) * merge_heads(u)
+        return self.proj_drop(self.proj(y)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 from .retention import retention_chunkwise
 
@@ -130,17 +130,14 @@ class LinearAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map={feature_map!r} must be one of {FEATURE_MAPS}")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} must be one of {MODES}")
+        check_choice("feature_map", feature_map, FEATURE_MAPS)
+        check_choice("mode", mode, MODES)
         if mode == "recurrent" and not is_causal:
             raise ValueError(f"mode={mode!r} needs is_causal=True (the recurrent form is causal)")
         if not isinstance(eps, (int, float)) or eps < 0:
             raise ValueError(f"eps={eps!r} must be a non-negative number")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
-        self.is_causal, self.eps, self.mode, self.chunk_size = is_causal, float(eps), mode, chunk_size
+        self.is_causal, self.eps, self.mode = is_causal, float(eps), mode
+        self.chunk_size = check_int("chunk_size", chunk_size)
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
@@ -158,11 +155,9 @@ class LinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        shape = x.shape
-        x = x.reshape(shape[0], -1, shape[-1])
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(flatten_tokens(x)), self.num_heads)
         out = self.attend(elu_feature_map(q), elu_feature_map(k), v)
-        return self.proj_drop(self.proj(rearrange(out, "b n h d -> b n (h d)"))).reshape(shape)
+        return self.proj_drop(self.proj(merge_heads(out))).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, is_causal={self.is_causal}, mode={self.mode!r}"

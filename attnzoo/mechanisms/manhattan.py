@@ -9,7 +9,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, cached_table, check_probability, resolve_heads
+from ._base import Mechanism, cached_table, check_int, check_probability, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["ManhattanSelfAttention", "rotary_tables", "distance_table", "log_decay"]
@@ -84,8 +84,7 @@ class ManhattanSelfAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary position embedding")
-        if isinstance(lce_kernel, bool) or not isinstance(lce_kernel, int) or lce_kernel < 1 or lce_kernel % 2 == 0:
-            raise ValueError(f"lce_kernel={lce_kernel!r} must be an odd positive int")
+        check_int("lce_kernel", lce_kernel, odd=True)
         self.decomposed = bool(decomposed)
         self.init_value, self.heads_range = float(init_value), float(heads_range)
         inner = self.num_heads * self.head_dim

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
-
 from ..ops import attention
-from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
+from ._base import Mechanism, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["MultiHeadSelfAttention"]
@@ -65,12 +63,12 @@ class MultiHeadSelfAttention(Mechanism):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         tokens = flatten_tokens(x)
-        q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         out = attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.is_causal, dropout_p=self.attn_drop if self.training else 0.0
         )
-        out = self.proj_drop(self.proj(rearrange(out, "b n h d -> b n (h d)")))
+        out = self.proj_drop(self.proj(merge_heads(out)))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:

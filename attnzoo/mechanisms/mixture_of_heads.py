@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
-
 from ..ops import attention
-from ._base import Mechanism, check_probability, flatten_tokens, resolve_heads
+from ._base import Mechanism, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["MixtureOfHeadsAttention"]
@@ -107,11 +105,11 @@ class MixtureOfHeadsAttention(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         tokens = flatten_tokens(x)
-        q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
+        q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
         heads = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         gates, aux = self.gates(tokens)
         self.aux_loss = self.aux_loss_weight * aux if self.training else None
-        mixed = rearrange(heads * gates.unsqueeze(-1).to(heads.dtype), "b n h d -> b n (h d)")
+        mixed = merge_heads(heads * gates.unsqueeze(-1).to(heads.dtype))
         return self.proj_drop(self.proj(mixed)).reshape(x.shape)
 
     def __getstate__(self) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["retention_parallel", "retention_recurrent", "retention_chunkwise", "retnet_gammas", "MultiScaleRetention"]
@@ -77,8 +77,7 @@ def retention_chunkwise(q, k, v, gamma, scale: float | None = None, chunk_size: 
     Inside chunk i: ``(s·Q_iK_iᵀ ⊙ D)V_i``; across chunks: ``(s·Q_i R_{i−1}) ⊙ ξ``, ``ξ_j = γ^(j+1)``, with
     ``R_{i−1} = Σ_{m<i} γ^(B·(i−1−m)) U_m`` and ``U_m = K_mᵀ(V_m ⊙ ζ)``, ``ζ_j = γ^(B−1−j)``.
     """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    check_int("chunk_size", chunk_size)
     dtype = q.dtype
     q, k, v, gamma, scale = _prepare(q, k, v, gamma, scale)
     n = q.shape[1]
@@ -145,10 +144,8 @@ class MultiScaleRetention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} must be one of {MODES}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+        check_choice("mode", mode, MODES)
+        check_int("chunk_size", chunk_size)
         if gammas is None:
             gamma = retnet_gammas(self.num_heads).float()
         else:
@@ -174,14 +171,13 @@ class MultiScaleRetention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        shape = x.shape
-        x = x.reshape(shape[0], -1, shape[-1])
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
-        y = rearrange(self.retain(q, k, v), "b n h d -> (b n) (h d)")
-        y = self.group_norm(y).reshape(x.shape[0], x.shape[1], -1)
+        tokens = flatten_tokens(x)
+        q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
+        y = merge_heads(self.retain(q, k, v))
+        y = self.group_norm(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # GroupNorm wants (batch, channels)
         if self.gate is not None:
-            y = F.silu(self.gate(x)) * y
-        return self.proj_drop(self.proj(y)).reshape(shape)
+            y = F.silu(self.gate(tokens)) * y
+        return self.proj_drop(self.proj(y)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, chunk_size={self.chunk_size}"

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["RoutingAttention", "balanced_routing_attention"]
@@ -83,8 +83,7 @@ class RoutingAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1:
-            raise ValueError(f"num_clusters={num_clusters!r} must be a positive int")
+        check_int("num_clusters", num_clusters)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay={ema_decay!r} must be in [0, 1]")
         if commitment < 0:
@@ -109,9 +108,8 @@ class RoutingAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        shape = x.shape
-        x = x.reshape(shape[0], -1, shape[-1])
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        tokens = flatten_tokens(x)
+        q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         out = balanced_routing_attention(q, k, v, self.centroids)
         if self.training:  # commitment loss against the centroids used above, then their EMA step
             unit = F.normalize(torch.cat([q, k], dim=2), dim=-1)
@@ -121,7 +119,7 @@ class RoutingAttention(Mechanism):
             self.aux_loss = self.commitment * (unit - nearest).pow(2).sum(-1).mean()
             self.update_centroids(unit.detach(), assignment)
         out = rearrange(out, "b h n d -> b n (h d)")
-        return self.proj_drop(self.proj(out)).reshape(shape)
+        return self.proj_drop(self.proj(out)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}"

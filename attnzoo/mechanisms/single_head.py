@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism
+from ._base import Mechanism, check_int
 from .registry import register_mechanism
 
 __all__ = ["SingleHeadSelfAttention", "ConvBN"]
@@ -54,9 +54,7 @@ class SingleHeadSelfAttention(Mechanism):
             partial_dim = min(dim, max(1, round(dim / 4.67)))
         if isinstance(partial_dim, bool) or not isinstance(partial_dim, int) or not 1 <= partial_dim <= dim:
             raise ValueError(f"partial_dim={partial_dim!r} must be an int in [1, dim={dim}]")
-        if isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 1:
-            raise ValueError(f"qk_dim={qk_dim!r} must be a positive int")
-        self.qk_dim, self.partial_dim = qk_dim, partial_dim
+        self.qk_dim, self.partial_dim = check_int("qk_dim", qk_dim), partial_dim
         self.pre_norm = nn.GroupNorm(1, partial_dim)
         self.qkv = ConvBN(partial_dim, 2 * qk_dim + partial_dim)
         self.proj = ConvBN(dim, dim, bn_weight_init=0.0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_int, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["gaussian_kernel", "newton_inverse", "softmax_free_attention", "SoftmaxFreeAttention"]
@@ -91,13 +91,8 @@ class SoftmaxFreeAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        if not isinstance(ratio, int) or ratio < 1:
-            raise ValueError(f"ratio={ratio!r} must be a positive int")
-        if not isinstance(conv_size, int) or conv_size < 1 or conv_size % 2 == 0:
-            raise ValueError(f"conv_size={conv_size!r} must be a positive odd int")
-        if not isinstance(newton_iters, int) or newton_iters < 1:
-            raise ValueError(f"newton_iters={newton_iters!r} must be a positive int")
-        self.ratio, self.newton_iters = ratio, newton_iters
+        check_int("conv_size", conv_size, odd=True)
+        self.ratio, self.newton_iters = check_int("ratio", ratio), check_int("newton_iters", newton_iters)
         inner, d = self.num_heads * self.head_dim, self.head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
