@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import attention
-from ._base import Mechanism, check_choice, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_choice, check_probability, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 COMBINES = ("sequential", "sum")
@@ -71,8 +71,7 @@ class AxialAttention(Mechanism):
         super().__init__(dim)
         check_choice("rank", rank, (1, 2, 3, 4))
         self.combine = check_choice("combine", combine, COMBINES)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention op; use 0.0")
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.rank = rank
         self.spatial_ranks = (rank,)
@@ -91,7 +90,7 @@ class AxialAttention(Mechanism):
         folded_shape = moved.shape
         tokens = moved.reshape(-1, *folded_shape[len(others) + 1 : -1], self.dim)
         q, k, v = split_qkv(self.qkv[step](tokens), self.num_heads)
-        out = self.proj[step](merge_heads(attention(q, k, v)))
+        out = self.proj[step](merge_heads(attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)))
         inverse = sorted(range(len(order)), key=order.__getitem__)
         return out.reshape(folded_shape).permute(inverse)
 

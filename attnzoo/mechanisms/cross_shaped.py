@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_int, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_probability, merge_heads, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -52,8 +52,7 @@ class CrossShapedWindowAttention(Mechanism):
         last_stage: bool = False,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by the fused attention op; use 0.0")
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         check_int("split_size", split_size)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.branches = 1 if last_stage else 2
@@ -81,7 +80,7 @@ class CrossShapedWindowAttention(Mechanism):
         if not padding.is_empty:
             valid = rearrange(padding.valid_mask(q.device), "(nh sh) (nw sw) -> (nh nw) 1 1 (sh sw)", **grid)
             mask = valid.repeat(q.shape[0] // valid.shape[0], 1, 1, 1)
-        out = attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
         lepe = self.lepe[index](rearrange(v, "n (sh sw) h d -> n (h d) sh sw", sh=stripe[0]))
         out = merge_heads(out) + rearrange(lepe, "n c sh sw -> n (sh sw) c")
         out = rearrange(out, "(b nh nw) (sh sw) c -> b (nh sh) (nw sw) c", **grid, sh=stripe[0])

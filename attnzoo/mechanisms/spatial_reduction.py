@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_int, merge_heads, resolve_heads
+from ._base import Mechanism, check_int, check_probability, merge_heads, resolve_heads
 from .registry import register_mechanism
 
 
@@ -44,8 +44,7 @@ class SpatialReductionAttention(Mechanism):
         pool_size: int = 7,
     ) -> None:
         super().__init__(dim)
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported by attnzoo.ops.attention; use 0.0")
+        self.attn_drop = check_probability("attn_drop", attn_drop)
         self.sr_ratio = check_int("sr_ratio", sr_ratio)
         self.pool_size = check_int("pool_size", pool_size)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, default_head_dim=64)
@@ -80,7 +79,7 @@ class SpatialReductionAttention(Mechanism):
             raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
         q = rearrange(self.q(x), "b y x (h d) -> b y x h d", h=self.num_heads)
         k, v = rearrange(self.kv(self.reduce(x)), "b y x (two h d) -> two b y x h d", two=2, h=self.num_heads)
-        return self.proj_drop(self.proj(merge_heads(attention(q, k, v))))
+        return self.proj_drop(self.proj(merge_heads(attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0))))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, linear={self.linear}"
