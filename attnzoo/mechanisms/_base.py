@@ -102,11 +102,16 @@ class Mechanism(nn.Module):
     mechanism_name: str = ""
     spatial_ranks: Sequence[int] = (2,)
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, rank: int | None = None) -> None:
+        """``rank``: for mechanisms that work on 1-, 2- or 3-D grids, the number of spatial axes this instance takes
+        (one of the class's ``spatial_ranks``)."""
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim={dim!r} must be a positive int")
         self.dim = dim
+        if rank is not None:
+            self.rank = check_choice("rank", rank, type(self).spatial_ranks)
+            self.spatial_ranks = (rank,)
 
     def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
         """Validate ``x`` and return its spatial shape."""

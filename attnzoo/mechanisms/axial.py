@@ -68,13 +68,10 @@ class AxialAttention(Mechanism):
         combine: str = "sequential",
         rank: int = 2,
     ) -> None:
-        super().__init__(dim)
-        check_choice("rank", rank, (1, 2, 3, 4))
+        super().__init__(dim, rank)
         self.combine = check_choice("combine", combine, COMBINES)
         self.attn_drop = check_probability("attn_drop", attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.rank = rank
-        self.spatial_ranks = (rank,)
         self.axes = _normalize_axes(axes, rank)
         inner = self.num_heads * self.head_dim
         self.qkv = nn.ModuleList(nn.Linear(dim, 3 * inner, bias=qkv_bias) for _ in self.axes)

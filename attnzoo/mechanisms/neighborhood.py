@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import Mechanism, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 
@@ -30,8 +30,8 @@ class NeighborhoodAttention(Mechanism):
 
     Each query attends to the ``kernel_size`` window around it (clamped inside the canvas; ``stride`` groups share
     a window, ``dilation`` attends on a sparse lattice, ``is_causal`` per axis). ``rel_pos_bias=True`` adds NAT's
-    learned relative position bias (key − query). Input ``(B, *spatial, C)``, rank taken from ``kernel_size``
-    when it is a tuple, else from the input.
+    learned relative position bias (key − query). Input ``(B, *spatial, C)`` with ``rank`` spatial axes (1, 2 or
+    3; default 2).
     """
 
     spatial_ranks = (1, 2, 3)
@@ -53,12 +53,9 @@ class NeighborhoodAttention(Mechanism):
         rank: int = 2,
         backend: str = "auto",
     ) -> None:
-        super().__init__(dim)
-        check_choice("rank", rank, (1, 2, 3))
+        super().__init__(dim, rank)
         reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.rank = rank
-        self.spatial_ranks = (rank,)
         self.kernel_size = normalize_axis_arg("kernel_size", kernel_size, rank, minimum=2)
         self.stride = normalize_axis_arg("stride", stride, rank, minimum=1)
         self.dilation = normalize_axis_arg("dilation", dilation, rank, minimum=1)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import Mechanism, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import flip_table, pad_to_multiple
 from .registry import register_mechanism
 
@@ -58,12 +58,9 @@ class WindowAttention(Mechanism):
         rank: int = 2,
         backend: str = "auto",
     ) -> None:
-        super().__init__(dim)
-        check_choice("rank", rank, (1, 2, 3))
+        super().__init__(dim, rank)
         reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.rank = rank
-        self.spatial_ranks = (rank,)
         self.window_size = normalize_axis_arg("window_size", window_size, rank, minimum=2)
         self.shift_size = normalize_axis_arg("shift_size", shift_size, rank, minimum=0)
         for axis, (s, m) in enumerate(zip(self.shift_size, self.window_size)):
