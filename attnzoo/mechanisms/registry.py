@@ -12,6 +12,8 @@ __all__ = ["MechanismInfo", "register_mechanism", "create", "list_mechanisms", "
 
 LAYOUTS = ("spatial", "sequence", "cross")
 COMPLEXITIES = ("quadratic", "linear", "N·k")
+SLOTS = ("token", "channel")
+RECEPTIVE_FIELDS = ("global", "local", "causal", "channel")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,11 @@ class MechanismInfo:
 
     layout: ``"spatial"`` takes ``(B, *spatial, C)``; ``"sequence"`` takes ``(B, N, C)`` (and flattens a spatial
     input row-major); ``"cross"`` takes ``(x, context=None)``.
+    slot: ``"token"`` mixes tokens (the attention slot of a block); ``"channel"`` replaces a block's MLP.
+    receptive_field: what one output token depends on in the default configuration: ``"global"`` (every token),
+    ``"local"`` (a bounded neighbourhood of the query), ``"causal"`` (tokens up to the query in raster order),
+    ``"channel"`` (its own token only: a per-token gate or channel mixer).
+    note: what was implemented where the paper's definition is uncertain, and from which source.
     test_kwargs / test_size / test_dim: a small configuration the conformance suite builds and runs.
     """
 
@@ -36,6 +43,9 @@ class MechanismInfo:
     paper_identity: bool = False
     causal_capable: bool = False
     is_attention: bool = True
+    slot: str = "token"
+    receptive_field: str = "global"
+    note: str = ""
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     test_size: tuple[int, ...] = (8, 8)
     test_dim: int = 32
@@ -63,6 +73,9 @@ def register_mechanism(
     paper_identity: bool = False,
     causal_capable: bool = False,
     is_attention: bool = True,
+    slot: str = "token",
+    receptive_field: str = "global",
+    note: str = "",
     test_kwargs: dict[str, Any] | None = None,
     test_size: tuple[int, ...] = (8, 8),
     test_dim: int = 32,
@@ -72,6 +85,10 @@ def register_mechanism(
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     if complexity not in COMPLEXITIES:
         raise ValueError(f"complexity={complexity!r} must be one of {COMPLEXITIES}")
+    if slot not in SLOTS:
+        raise ValueError(f"slot={slot!r} must be one of {SLOTS}")
+    if receptive_field not in RECEPTIVE_FIELDS:
+        raise ValueError(f"receptive_field={receptive_field!r} must be one of {RECEPTIVE_FIELDS}")
 
     def decorate(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -81,7 +98,8 @@ def register_mechanism(
         _REGISTRY[name] = MechanismInfo(
             name=name, cls=cls, family=family, paper=paper, year=year, layout=layout, native_rank=native_rank,
             complexity=complexity, reference=reference, needs_input_size=needs_input_size,
-            paper_identity=paper_identity, causal_capable=causal_capable, is_attention=is_attention,
+            paper_identity=paper_identity, causal_capable=causal_capable, is_attention=is_attention, slot=slot,
+            receptive_field=receptive_field, note=note,
             test_kwargs=dict(test_kwargs or {}), test_size=tuple(test_size), test_dim=test_dim,
         )  # fmt: skip
         cls.mechanism_name = name
