@@ -121,3 +121,80 @@ def test_lookup_tokens_cost_is_linear_in_the_tokens():
     assert mechanism_info("lookup_tokens").complexity == "linear"
     with pytest.raises(ValueError, match="num_tokens=8"):
         attnzoo.create("lookup_tokens", 16, num_tokens=8)
+
+
+# ---------------------------------------------------------------------------------------- recursive_generalization
+
+
+def test_recursive_generalization_reduces_until_four_tokens_per_side_remain():
+    from attnzoo.mechanisms.recursive_generalization import num_recursions
+
+    assert [num_recursions(*s) for s in [(8, 8), (16, 16), (15, 64), (63, 63), (64, 64), (256, 300)]] == [0, 1, 0, 1, 2, 3]
+
+
+def test_recursive_generalization_matches_the_written_out_definition():
+    m = make("recursive_generalization", num_heads=2)  # head_dim 8, qk_dim 4
+    x = torch.randn(2, 16, 20, 16, dtype=DT)
+    y = x.permute(0, 3, 1, 2)
+    y = F.conv2d(y, m.reduce.weight, m.reduce.bias, stride=4, groups=16)  # one recursion: 4×5 summary
+    y = F.conv2d(y, m.dwconv.weight, m.dwconv.bias, padding=1, groups=16)
+    y = F.conv2d(y, m.conv.weight, m.conv.bias).permute(0, 2, 3, 1)
+    summary = F.gelu(F.layer_norm(y, (8,), m.norm.weight, m.norm.bias))
+    v = summary @ m.v.weight.T + m.v.bias
+    v = v + F.conv2d(v.permute(0, 3, 1, 2), m.cpe.weight, m.cpe.bias, padding=1, groups=16).permute(0, 2, 3, 1)
+    q = heads_of((x @ m.q.weight.T + m.q.bias).reshape(2, 320, 8), 2)
+    k = heads_of((summary @ m.k.weight.T + m.k.bias).reshape(2, 20, 8), 2)
+    out, _ = hand_attention(q, k, heads_of(v.reshape(2, 20, 16), 2), 4**-0.5)
+    expected = out.reshape(2, 16, 20, 16) @ m.proj.weight.T + m.proj.bias
+    torch.testing.assert_close(m(x), expected, **TOL)
+
+
+def test_recursive_generalization_is_global():
+    m = make("recursive_generalization", num_heads=2)
+    x = torch.randn(1, 16, 16, 16, dtype=DT, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[0, 0, 0].sum(), x)
+    assert (g.abs().sum(-1) > 0).all()
+
+
+# --------------------------------------------------------------------------------------------------- proxy_tokens
+
+
+def proxy_oracle(m, x, ws):
+    b, rows, cols, c = x.shape
+    rp, cp = -(-rows // ws) * ws, -(-cols // ws) * ws
+    padded = torch.zeros(b, rp, cp, c, dtype=DT)
+    padded[:, :rows, :cols] = x
+    proxies = torch.stack([padded[:, wy + ws // 2, wx + ws // 2] for wy in range(0, rp, ws) for wx in range(0, cp, ws)], 1)
+    pq, pk, pv = (heads_of(t, 2) for t in (proxies @ m.proxy_qkv.weight.T + m.proxy_qkv.bias).chunk(3, dim=-1))
+    mixed, _ = hand_attention(pq, pk, pv, 8**-0.5)
+    proxies = proxies + mixed.reshape(b, -1, c) @ m.proxy_proj.weight.T + m.proxy_proj.bias
+    q = heads_of(x.reshape(b, -1, c) @ m.q.weight.T + m.q.bias, 2)
+    k, v = (heads_of(t, 2) for t in (proxies @ m.kv.weight.T + m.kv.bias).chunk(2, dim=-1))
+    out, _ = hand_attention(q, k, v, 8**-0.5)
+    return (out.reshape(b, -1, c) @ m.proj.weight.T + m.proj.bias).reshape(x.shape)
+
+
+@pytest.mark.parametrize("size, ws", [((6, 6), 2), ((7, 5), 3)])
+def test_proxy_tokens_eval_matches_the_written_out_definition(size, ws):
+    m = make("proxy_tokens", num_heads=2, window_size=ws)
+    x = torch.randn(2, *size, 16, dtype=DT)
+    torch.testing.assert_close(m(x), proxy_oracle(m, x, ws), **TOL)
+
+
+def test_proxy_sampling_agrees_on_constant_windows_and_is_seeded():
+    cells = torch.randn(2, 3, 4, 16, dtype=DT)
+    x = cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # each 2×2 window holds one token
+    m = make("proxy_tokens", num_heads=2, window_size=2)
+    reference = m(x)
+    m.train()
+    torch.testing.assert_close(m(x), reference, **TOL)  # a random token of a constant window is that token
+    m.sampling = "mean"
+    torch.testing.assert_close(m(x), reference, **TOL)
+    m.sampling = "random"
+    z = torch.randn(2, 6, 8, 16, dtype=DT)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(m(z))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.allclose(outs[0], outs[2])
