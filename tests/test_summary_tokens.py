@@ -198,3 +198,75 @@ def test_proxy_sampling_agrees_on_constant_windows_and_is_seeded():
         outs.append(m(z))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.allclose(outs[0], outs[2])
+
+
+# ---------------------------------------------------------------------------------------------------------- glmix
+
+
+def test_glmix_matches_the_official_mixer_written_with_torch_multihead_attention():
+    m = make("glmix", num_heads=2, num_slots=4, kernel_size=3)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(DT).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(m.qkv.weight)
+        mha.in_proj_bias.copy_(m.qkv.bias)
+        mha.out_proj.weight.copy_(m.proj.weight)
+        mha.out_proj.bias.copy_(m.proj.bias)
+    x = torch.randn(2, 5, 7, 16, dtype=DT)
+    grid = x.permute(0, 3, 1, 2)
+    flat = x.reshape(2, 35, 16)
+    init = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    logits = F.normalize(init, dim=-1) @ (m.slot_scale * F.normalize(flat, dim=-1)).transpose(1, 2)
+    slots = torch.softmax(logits, -1) @ flat
+    slots = mha(slots, slots, slots, need_weights=False)[0]
+    out = (torch.softmax(logits.transpose(1, 2), -1) @ slots).reshape(x.shape)
+    local = F.conv2d(grid, m.local[0].weight, m.local[0].bias)
+    local = F.conv2d(local, m.local[1].weight, m.local[1].bias, padding=1, groups=16)
+    local = F.conv2d(local, m.local[2].weight, m.local[2].bias).permute(0, 2, 3, 1)
+    torch.testing.assert_close(m(x), out + local, **TOL)
+
+
+def test_glmix_soft_clustering_passes_gradients():
+    m = make("glmix", num_heads=2, num_slots=4)
+    x = torch.randn(2, 6, 6, 16, dtype=DT, requires_grad=True)
+    y = m(x) - m.local(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # the global branch only
+    g_scale, g_x = torch.autograd.grad((y * torch.randn_like(y)).sum(), [m.slot_scale, x])
+    assert g_scale.abs() > 0 and (g_x.abs().sum(-1) > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------- gather_scatter
+
+
+def gather_scatter_oracle(m, x, threshold):
+    """The official formulation: per image, masked_select the fg / bg queries, attend, scatter back."""
+    b, n, c = x.shape
+    out = torch.zeros_like(x)
+    for i in range(b):
+        t = x[i]
+        heat = torch.sigmoid(t @ m.saliency.weight.T + m.saliency.bias)[:, 0]
+        for side, weight, chosen in (("fg", heat, heat >= threshold), ("bg", 1 - heat, heat < 1 - threshold)):
+            if not chosen.any():
+                continue
+            weighted = t * weight[:, None]
+            soft = weighted @ m.gather[side].weight.T + m.gather[side].bias  # [N, K]
+            semantic = soft.T @ weighted / n
+            q = heads_of((t[chosen] @ m.q[side].weight.T + m.q[side].bias)[None], 2)
+            k, v = (heads_of(u[None], 2) for u in (semantic @ m.kv[side].weight.T + m.kv[side].bias).chunk(2, -1))
+            o, _ = hand_attention(q, k, v, 8**-0.5)
+            out[i, chosen] = o.reshape(-1, c) @ m.proj[side].weight.T + m.proj[side].bias
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.6])
+def test_gather_scatter_matches_the_gathered_formulation(threshold):
+    m = make("gather_scatter", num_heads=2, num_tokens=3, threshold=threshold)
+    x = torch.randn(3, 10, 16, dtype=DT)
+    heat = torch.sigmoid(x @ m.saliency.weight.T + m.saliency.bias)
+    assert (heat >= 0.5).any() and (heat < 0.5).any()  # both sets are populated
+    torch.testing.assert_close(m(x), gather_scatter_oracle(m, x, threshold), **TOL)
+
+
+def test_gather_scatter_saliency_learns_through_the_soft_weights():
+    m = make("gather_scatter", num_heads=2, num_tokens=3)
+    x = torch.randn(2, 10, 16, dtype=DT)
+    (g,) = torch.autograd.grad(m(x).square().sum(), [m.saliency.weight])
+    assert g.abs().sum() > 0
