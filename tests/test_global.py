@@ -1,6 +1,6 @@
 """Global, head-mixing and cross-attention mechanisms: parity with timm / torch references and paper properties.
 
-Parity protocol (shared/mechanisms.md): float64, eval mode, every parameter and BN statistic randomised, timm
+Parity protocol: float64, eval mode, every parameter and BN statistic randomised, timm
 ``fused_attn = False``, explicit key maps, tolerance 1e-10.
 """
 
