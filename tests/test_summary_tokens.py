@@ -159,12 +159,16 @@ def test_recursive_generalization_is_global():
 # --------------------------------------------------------------------------------------------------- proxy_tokens
 
 
-def proxy_oracle(m, x, ws):
+def proxy_oracle(m, x, ws, sampling):
     b, rows, cols, c = x.shape
     rp, cp = -(-rows // ws) * ws, -(-cols // ws) * ws
     padded = torch.zeros(b, rp, cp, c, dtype=DT)
     padded[:, :rows, :cols] = x
-    proxies = torch.stack([padded[:, wy + ws // 2, wx + ws // 2] for wy in range(0, rp, ws) for wx in range(0, cp, ws)], 1)
+    if sampling == "random":  # eval: the window's centre token
+        proxies = [padded[:, wy + ws // 2, wx + ws // 2] for wy in range(0, rp, ws) for wx in range(0, cp, ws)]
+    else:  # the mean of the window's tokens inside the grid
+        proxies = [x[:, wy : wy + ws, wx : wx + ws].mean(dim=(1, 2)) for wy in range(0, rp, ws) for wx in range(0, cp, ws)]
+    proxies = torch.stack(proxies, 1)
     pq, pk, pv = (heads_of(t, 2) for t in (proxies @ m.proxy_qkv.weight.T + m.proxy_qkv.bias).chunk(3, dim=-1))
     mixed, _ = hand_attention(pq, pk, pv, 8**-0.5)
     proxies = proxies + mixed.reshape(b, -1, c) @ m.proxy_proj.weight.T + m.proxy_proj.bias
@@ -174,17 +178,18 @@ def proxy_oracle(m, x, ws):
     return (out.reshape(b, -1, c) @ m.proj.weight.T + m.proj.bias).reshape(x.shape)
 
 
+@pytest.mark.parametrize("sampling", ["mean", "random"])
 @pytest.mark.parametrize("size, ws", [((6, 6), 2), ((7, 5), 3)])
-def test_proxy_tokens_eval_matches_the_written_out_definition(size, ws):
-    m = make("proxy_tokens", num_heads=2, window_size=ws)
+def test_proxy_tokens_eval_matches_the_written_out_definition(size, ws, sampling):
+    m = make("proxy_tokens", num_heads=2, window_size=ws, sampling=sampling)
     x = torch.randn(2, *size, 16, dtype=DT)
-    torch.testing.assert_close(m(x), proxy_oracle(m, x, ws), **TOL)
+    torch.testing.assert_close(m(x), proxy_oracle(m, x, ws, sampling), **TOL)
 
 
 def test_proxy_sampling_agrees_on_constant_windows_and_is_seeded():
     cells = torch.randn(2, 3, 4, 16, dtype=DT)
     x = cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # each 2×2 window holds one token
-    m = make("proxy_tokens", num_heads=2, window_size=2)
+    m = make("proxy_tokens", num_heads=2, window_size=2, sampling="random")
     reference = m(x)
     m.train()
     torch.testing.assert_close(m(x), reference, **TOL)  # a random token of a constant window is that token

@@ -25,7 +25,7 @@ __all__ = ["LearnedSparseAttention"]
     complexity="quadratic",
     reference="lim142857/Sparsifiner src/models/sparsifiner.py::MaskPredictor, Attention (official; read)",
     needs_input_size=True,
-    receptive_field="global",
+    receptive_field="local",
     note=(
         "Implemented from the official MaskPredictor: per head, q and k are reduced to head_dim/reduce_c channels, "
         "k is projected from N to N/reduce_n basis tokens, the basis coefficients softmax(s·q_c·k_basisᵀ) times a "
@@ -34,7 +34,8 @@ __all__ = ["LearnedSparseAttention"]
         "official code): the predictor learns only from aux_loss, set in training to the mean squared error between "
         "the approximate attention and the detached dense attention (the attention reconstruction loss). Not "
         "implemented: the basis thresholds and the token pruning of the official code. Without a CLS token every "
-        "query row is sparse. The token count is fixed by input_resolution (the N→N/reduce_n projection)."
+        "query row is sparse, so a query sees the top-k keys the predictor routes it to (receptive-field class "
+        "'local', as routed attention). The token count is fixed by input_resolution (the N→N/reduce_n projection)."
     ),
     test_kwargs={"num_heads": 2, "input_resolution": (6, 6)},
     test_size=(6, 6),

@@ -24,10 +24,10 @@ __all__ = ["ProxyTokenAttention"]
     receptive_field="global",
     note=(
         "From the paper's description (no code available): the grid is cut into window_size windows (padded at the "
-        "bottom/right with zeros); one proxy per window, a randomly sampled token in training (the paper) and the "
-        "window's centre token in eval (sampling='random'), or the window mean in both modes (sampling='mean'); "
-        "MHSA among the proxies (with a residual, our choice); then every token cross-attends to the updated proxies (own q, kv and output "
-        "projections). The paper's window / shifted-window attention (its detail branch) is the separate `window` "
+        "bottom/right); one proxy per window: by default the window mean (sampling='mean', deterministic, every token "
+        "feeds its proxy); sampling='random' is the paper's randomly sampled token per window in training, with the "
+        "window's centre token in eval; MHSA among the proxies (with a residual, our choice); then every token "
+        "cross-attends to the updated proxies (own q, kv and output projections). The paper's window / shifted-window attention (its detail branch) is the separate `window` "
         "mechanism. Cost O(N·N/window²)."
     ),
     test_kwargs={"num_heads": 2, "window_size": 2},
@@ -46,7 +46,8 @@ class ProxyTokenAttention(Mechanism):
         attn_drop: attention-weight dropout.
         proj_drop: dropout after the output projections.
         window_size: side of the window one proxy stands for.
-        sampling: ``"random"`` (a random token per window in training, the centre token in eval) or ``"mean"``.
+        sampling: ``"mean"`` (the window mean) or ``"random"`` (the paper: a random token per window in training, the
+            centre token in eval).
     """
 
     spatial_ranks = (2,)
@@ -61,7 +62,7 @@ class ProxyTokenAttention(Mechanism):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         window_size: int = 2,
-        sampling: str = "random",
+        sampling: str = "mean",
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
@@ -82,8 +83,10 @@ class ProxyTokenAttention(Mechanism):
         pad_rows, pad_cols = -x.shape[1] % ws, -x.shape[2] % ws
         padded = F.pad(x, (0, 0, 0, pad_cols, 0, pad_rows))
         windows = rearrange(padded, "b (y i) (x j) c -> b (y x) (i j) c", i=ws, j=ws)
-        if self.sampling == "mean":
-            return windows.mean(dim=2)
+        if self.sampling == "mean":  # over the window's tokens, padding excluded
+            valid = F.pad(x.new_ones(1, x.shape[1], x.shape[2], 1), (0, 0, 0, pad_cols, 0, pad_rows))
+            count = rearrange(valid, "b (y i) (x j) c -> b (y x) (i j) c", i=ws, j=ws).sum(dim=2)
+            return windows.sum(dim=2) / count
         if self.training:
             pick = torch.randint(ws * ws, (x.shape[0], windows.shape[1], 1, 1), device=x.device)
         else:
