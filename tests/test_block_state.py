@@ -136,3 +136,12 @@ def test_backbone_save_load_round_trip(tmp_path):
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
     clone = copy.deepcopy(source)
     torch.testing.assert_close(clone(x), source(x), rtol=0, atol=0)
+
+
+def test_backbone_with_block_state_compiles_and_exports():
+    model = small_backbone(("forward_cross", "self_guided"))
+    x = torch.randn(2, 3, 28, 28)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
