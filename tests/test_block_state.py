@@ -36,7 +36,8 @@ def oracle(m, x, earlier=()):
     wq, wk, wv = m.qkv.weight.chunk(3)
     bq, bk, bv = m.qkv.bias.chunk(3)
     keys_in = torch.cat([tokens, cross], 1)
-    bias = torch.cat([torch.zeros(heads, h * w, dtype=DT)] + [bb[:, None].expand(-1, t.shape[1]) for t, bb in entries], 1)
+    cross_bias = [bb[:, None].expand(-1, t.shape[1]) for t, bb in entries]
+    bias = torch.cat([torch.zeros(heads, h * w, dtype=DT), *cross_bias], 1)
     out = torch.zeros(b, h * w, c, dtype=DT)
     d = c // heads
     for head in range(heads):

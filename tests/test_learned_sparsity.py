@@ -100,7 +100,8 @@ def test_global_local_cross_with_r_equal_n_is_mhsa_with_the_glca_weights():
     torch.testing.assert_close(m(x), mhsa_like(m, m.glca_qkv)(x), **TOL)
 
 
-def glca_oracle(m, x, r):
+def glca_oracle(m, x, r, previous=None):
+    """Written out; ``previous`` is the rollout of the earlier blocks ``[B, N, N]`` (identity when None)."""
     b, n, c = x.shape
     q, k, v = (heads_of(t, 2) for t in (x @ m.qkv.weight.T + m.qkv.bias).chunk(3, dim=-1))
     gq, gk, gv = (heads_of(t, 2) for t in (x @ m.glca_qkv.weight.T + m.glca_qkv.bias).chunk(3, dim=-1))
@@ -110,6 +111,8 @@ def glca_oracle(m, x, r):
     for i in range(b):
         weights = torch.stack([torch.softmax(q[i, :, h] @ k[i, :, h].T * 8**-0.5, -1) for h in range(2)])
         rollout = 0.5 * weights.mean(0) + 0.5 * torch.eye(n, dtype=DT)
+        if previous is not None:
+            rollout = rollout @ previous[i]
         received = torch.stack([sum(rollout[row, col] for row in range(n)) / n for col in range(n)]).detach()
         chosen = received.argsort(descending=True)[:r]
         row = out[i].clone()
@@ -129,6 +132,22 @@ def test_global_local_cross_matches_the_written_out_selection_and_its_gradients(
     torch.testing.assert_close(g, g_ref, **TOL)
     grads = torch.autograd.grad((m(x) * probe).sum(), [m.qkv.weight, m.glca_qkv.weight])
     assert all(gr.abs().sum() > 0 for gr in grads)  # both branches train; the selection itself is integer indices
+
+
+def test_global_local_cross_accumulates_the_rollout_over_blocks():
+    from attnzoo.mechanisms._base import BlockState
+
+    first = make("global_local_cross", seed=1, num_heads=2, topk=3)
+    second = make("global_local_cross", seed=2, num_heads=2, topk=3)
+    x0, x1 = torch.randn(2, 9, 16, dtype=DT), torch.randn(2, 9, 16, dtype=DT)
+    state = BlockState()
+    torch.testing.assert_close(first(x0, state), glca_oracle(first, x0, 3), **TOL)
+    (rollout,) = state.read("global_local_cross")
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 9, dtype=DT), **TOL)  # rows stay stochastic
+    y = second(x1, state)
+    torch.testing.assert_close(y, glca_oracle(second, x1, 3, previous=rollout), **TOL)
+    chosen_alone = second(x1)
+    assert not torch.allclose(y, chosen_alone), "the earlier block's rollout changed no selection"
 
 
 def test_global_local_cross_default_selects_ten_percent():

@@ -42,7 +42,8 @@ def head_token_oracle(m, tokens):
         for head in range(h):
             pooled = tokens[i, :, head * d : (head + 1) * d].mean(0)  # this head's channel group, mean over tokens
             full = m.head_proj.weight @ pooled + m.head_proj.bias  # [C]
-            parts = [F.layer_norm(full[g * d : (g + 1) * d], (d,), m.head_norm.weight, m.head_norm.bias) for g in range(h)]
+            groups = [full[g * d : (g + 1) * d] for g in range(h)]
+            parts = [F.layer_norm(part, (d,), m.head_norm.weight, m.head_norm.bias) for part in groups]
             summary.append(F.gelu(torch.cat(parts)) + m.head_pos[head])
         rows.append(torch.cat([tokens[i], torch.stack(summary)]))
     z = torch.stack(rows)
@@ -83,7 +84,9 @@ def test_lookup_tokens_matches_vit_pytorch_look_vit_layer():
     lookup = look_vit.Attention(dim, heads=heads, dim_head=dim_head, dropout=0.0, cross_attend=True)
     attn = look_vit.Attention(dim, heads=heads, dim_head=dim_head, dropout=0.0)
     mlp = look_vit.MLP(dim, factor=4, dropout=0.0)
-    reuse = look_vit.Attention(dim, heads=heads, dim_head=dim_head, dropout=0.0, cross_attend=True, reuse_attention=True)
+    reuse = look_vit.Attention(
+        dim, heads=heads, dim_head=dim_head, dropout=0.0, cross_attend=True, reuse_attention=True
+    )
     refs = [r.to(DT).eval() for r in (lookup, attn, mlp, reuse)]
     with torch.no_grad():
         for r in refs:
@@ -129,7 +132,8 @@ def test_lookup_tokens_cost_is_linear_in_the_tokens():
 def test_recursive_generalization_reduces_until_four_tokens_per_side_remain():
     from attnzoo.mechanisms.recursive_generalization import num_recursions
 
-    assert [num_recursions(*s) for s in [(8, 8), (16, 16), (15, 64), (63, 63), (64, 64), (256, 300)]] == [0, 1, 0, 1, 2, 3]
+    sizes = [(8, 8), (16, 16), (15, 64), (63, 63), (64, 64), (256, 300)]
+    assert [num_recursions(*s) for s in sizes] == [0, 1, 0, 1, 2, 3]
 
 
 def test_recursive_generalization_matches_the_written_out_definition():
@@ -167,7 +171,8 @@ def proxy_oracle(m, x, ws, sampling):
     if sampling == "random":  # eval: the window's centre token
         proxies = [padded[:, wy + ws // 2, wx + ws // 2] for wy in range(0, rp, ws) for wx in range(0, cp, ws)]
     else:  # the mean of the window's tokens inside the grid
-        proxies = [x[:, wy : wy + ws, wx : wx + ws].mean(dim=(1, 2)) for wy in range(0, rp, ws) for wx in range(0, cp, ws)]
+        windows = [(wy, wx) for wy in range(0, rp, ws) for wx in range(0, cp, ws)]
+        proxies = [x[:, wy : wy + ws, wx : wx + ws].mean(dim=(1, 2)) for wy, wx in windows]
     proxies = torch.stack(proxies, 1)
     pq, pk, pv = (heads_of(t, 2) for t in (proxies @ m.proxy_qkv.weight.T + m.proxy_qkv.bias).chunk(3, dim=-1))
     mixed, _ = hand_attention(pq, pk, pv, 8**-0.5)

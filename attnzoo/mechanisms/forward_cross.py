@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 
 from ..ops import attention
-from ._base import BlockState, Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import (
+    BlockState, Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv,
+)
 from .registry import register_mechanism
 
 __all__ = ["ForwardCrossAttention"]
@@ -93,7 +95,7 @@ class ForwardCrossAttention(Mechanism):
     def forward(self, x: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
         spatial = self.check_input(x)
         if 0 in spatial:
-            raise ValueError(f"x.shape={tuple(x.shape)} has an empty spatial axis; forward_cross merges a non-empty grid")
+            raise ValueError(f"x.shape={tuple(x.shape)} has an empty spatial axis; forward_cross merges a grid")
         if state is not None and not isinstance(state, BlockState):
             raise TypeError(f"state must be a BlockState or None, got {type(state).__name__}")
         earlier = state.read(self.mechanism_name) if state is not None else []
@@ -112,9 +114,8 @@ class ForwardCrossAttention(Mechanism):
         q, k, v = split_qkv(self.qkv(flatten_tokens(x)), self.num_heads)
         _, k_cross, v_cross = split_qkv(self.qkv(cross), self.num_heads)
         n = q.shape[1]
-        bias = torch.cat(
-            [q.new_zeros(self.num_heads, n)] + [b.to(q.dtype)[:, None].expand(-1, t.shape[1]) for t, b in entries], dim=1
-        )
+        cross_bias = [b.to(q.dtype)[:, None].expand(-1, t.shape[1]) for t, b in entries]
+        bias = torch.cat([q.new_zeros(self.num_heads, n), *cross_bias], dim=1)
         out = attention(
             q,
             torch.cat([k, k_cross], dim=1),

@@ -8,18 +8,18 @@ import torch
 import torch.nn as nn
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import (
+    BlockState, Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv,
+)
 from .registry import register_mechanism
 
 __all__ = ["GlobalLocalCrossAttention"]
 
 
-def rollout_scores(weights: torch.Tensor) -> torch.Tensor:
-    """Per-token importance ``[B, N]`` from attention weights ``[B, heads, N, N]``: the column mean of one rollout
-    step ``0.5·mean_heads(A) + 0.5·I`` (how much attention each token receives, residual included)."""
+def rollout_step(weights: torch.Tensor) -> torch.Tensor:
+    """One attention-rollout factor ``0.5·mean_heads(A) + 0.5·I`` ``[B, N, N]`` from weights ``[B, heads, N, N]``."""
     n = weights.shape[-1]
-    rollout = 0.5 * weights.mean(dim=1) + 0.5 * torch.eye(n, dtype=weights.dtype, device=weights.device)
-    return rollout.mean(dim=1)
+    return 0.5 * weights.mean(dim=1) + 0.5 * torch.eye(n, dtype=weights.dtype, device=weights.device)
 
 
 @register_mechanism(
@@ -34,12 +34,13 @@ def rollout_scores(weights: torch.Tensor) -> torch.Tensor:
     receptive_field="global",
     note=(
         "Shape-keeping form of GLCA (our reading): a self-attention branch (its own qkv) gives every token's output "
-        "and its attention weights; the importance of a token is the column mean of one rollout step "
-        "0.5·mean_heads(A) + 0.5·I (DCAL: the CLS row of the rollout accumulated over all earlier layers; there is "
-        "no CLS token and no cross-layer state here); the R = topk (default ceil(keep_rate·N), DCAL R = 10%) most "
+        "and its attention weights A; the rollout R = Ŝ·R_prev with Ŝ = 0.5·mean_heads(A) + 0.5·I accumulates over "
+        "the global_local_cross blocks of a backbone stage (declares uses_block_state; R_prev = I standalone or in "
+        "the first block); the importance of a token is the column mean of R (DCAL: the CLS row of the rollout over "
+        "all earlier layers; there is no CLS token here); the R = topk (default ceil(keep_rate·N), DCAL R = 10%) most "
         "important tokens query all keys with the GLCA branch's own qkv (not shared with SA, as in DCAL) and their "
-        "outputs replace the SA outputs at those positions; one output projection. The top-R selection passes no "
-        "gradient (integer indices from detached scores); gradients flow through both branches' values. "
+        "outputs replace the SA outputs at those positions; one output projection. The rollout is detached and the "
+        "top-R selection passes no gradient (integer indices); gradients flow through both branches' values. "
         "topk = N gives mhsa with the GLCA weights."
     ),
     test_kwargs={"num_heads": 2},
@@ -48,6 +49,8 @@ def rollout_scores(weights: torch.Tensor) -> torch.Tensor:
 class GlobalLocalCrossAttention(Mechanism):
     """Global-local cross-attention (Zhu et al., DCAL, 2022): top-R local queries attend to all global keys.
 
+    The R tokens that receive the most accumulated attention (rollout over the stage's blocks, ``state``; see
+    ``BlockState``) query all keys with the GLCA weights; the others keep the self-attention output.
     Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
 
     Args:
@@ -62,6 +65,7 @@ class GlobalLocalCrossAttention(Mechanism):
     """
 
     spatial_ranks = (1, 2, 3)
+    uses_block_state = True
 
     def __init__(
         self,
@@ -95,8 +99,10 @@ class GlobalLocalCrossAttention(Mechanism):
             raise ValueError(f"topk={self.topk} must be at most the number of tokens N={n}")
         return self.topk
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
         self.check_input(x)
+        if state is not None and not isinstance(state, BlockState):
+            raise TypeError(f"state must be a BlockState or None, got {type(state).__name__}")
         tokens = flatten_tokens(x)
         n = tokens.shape[1]
         if n == 0:
@@ -106,7 +112,13 @@ class GlobalLocalCrossAttention(Mechanism):
         logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim**-0.5
         weights = torch.softmax(logits, dim=-1)
         out = torch.einsum("bhnm,bmhd->bnhd", weights, v)
-        selected = rollout_scores(weights.detach()).topk(r, dim=-1).indices  # [B, R]
+        rollout = rollout_step(weights.detach())
+        earlier = state.read(self.mechanism_name) if state is not None else []
+        if earlier and earlier[-1].shape == rollout.shape:
+            rollout = rollout @ earlier[-1]
+        if state is not None:
+            state.write(self.mechanism_name, rollout)
+        selected = rollout.mean(dim=1).topk(r, dim=-1).indices  # [B, R]: most attention received
         gq, gk, gv = split_qkv(self.glca_qkv(tokens), self.num_heads)
         index = selected[:, :, None, None].expand(-1, -1, self.num_heads, self.head_dim)
         local = attention(gq.gather(1, index), gk, gv, dropout_p=self.attn_drop if self.training else 0.0)

@@ -27,7 +27,8 @@ __all__ = ["ProxyTokenAttention"]
         "bottom/right); one proxy per window: by default the window mean (sampling='mean', deterministic, every token "
         "feeds its proxy); sampling='random' is the paper's randomly sampled token per window in training, with the "
         "window's centre token in eval; MHSA among the proxies (with a residual, our choice); then every token "
-        "cross-attends to the updated proxies (own q, kv and output projections). The paper's window / shifted-window attention (its detail branch) is the separate `window` "
+        "cross-attends to the updated proxies (own q, kv and output projections). The paper's window / "
+        "shifted-window attention (its detail branch) is the separate `window` "
         "mechanism. Cost O(N·N/window²)."
     ),
     test_kwargs={"num_heads": 2, "window_size": 2},

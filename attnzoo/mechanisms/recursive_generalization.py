@@ -99,7 +99,7 @@ class RecursiveGeneralizationAttention(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.check_input(x)
         if rows == 0 or cols == 0:
-            raise ValueError(f"x.shape={tuple(x.shape)} has an empty spatial axis; recursive_generalization pools a grid")
+            raise ValueError(f"x.shape={tuple(x.shape)} has an empty spatial axis; this mechanism pools a grid")
         summary = self.summary(x)
         v = self.v(summary)
         v = v + self.cpe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
