@@ -15,7 +15,7 @@ from .registry import register_mechanism
     family="conv",
     paper="MambaOut: Do We Really Need Mamba for Vision?",
     year=2024,
-    complexity="linear",
+    complexity="N·k",
     is_attention=False,
     receptive_field="local",
     reference="timm.models.mambaout.GatedConvBlock (its mixer: fc1 → split → conv → fc2; the block adds the "
