@@ -198,7 +198,7 @@ def test_large_small_conv_with_constant_kernels_is_a_depthwise_conv():
 # --- attentive_conv -----------------------------------------------------------------------------------------------
 
 
-def test_attentive_conv_matches_the_official_per_sample_grouped_conv():
+def test_attentive_conv_matches_the_official_definition():
     m = randomize_(make("attentive_conv", 16))
     x = rand(3, 7, 5, 16)
     image = nchw(x)
@@ -207,9 +207,13 @@ def test_attentive_conv_matches_the_official_per_sample_grouped_conv():
     kernels = gelu(pooled) @ m.kernel_gen.weight.T + m.kernel_gen.bias
     kernels = kernels.view(b, c, 3, 3)
     kernels = kernels - torch.sigmoid(m.difference_control).view(1, -1, 1, 1) * kernels.mean(dim=(2, 3), keepdim=True)
-    values = F.conv2d(image, m.x_proj.weight, m.x_proj.bias).reshape(1, b * c, 7, 5)
-    conv = F.conv2d(values, kernels.reshape(b * c, 1, 3, 3), padding=1, groups=b * c).reshape(b, c, 7, 5)
-    expected = nhwc(F.conv2d(conv, m.proj.weight, m.proj.bias))
+    values = F.conv2d(image, m.x_proj.weight, m.x_proj.bias)
+
+    def tap(dy, dx):  # one kernel per image and channel, the same at every position
+        return kernels[:, :, dy, dx, None, None]
+
+    tap.kernel_size = 3
+    expected = nhwc(F.conv2d(depthwise_loops(values, tap), m.proj.weight, m.proj.bias))
     torch.testing.assert_close(m(x), expected, **TOL)
 
 

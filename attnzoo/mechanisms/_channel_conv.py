@@ -1,14 +1,13 @@
 """Small shared pieces of the channel / convolutional mechanisms: bottleneck width, layout permutes, attention
-pooling, depthwise convolution with input-dependent kernels."""
+pooling."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._base import check_int, flatten_tokens
 
-__all__ = ["reduced_width", "to_nchw", "to_nhwc", "softmax_pool", "dynamic_depthwise"]
+__all__ = ["reduced_width", "to_nchw", "to_nhwc", "softmax_pool"]
 
 
 def reduced_width(dim: int, reduction: int) -> int:
@@ -34,16 +33,3 @@ def softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """
     weights = flatten_tokens(logits).softmax(dim=1)  # (B, N, 1)
     return (weights.transpose(1, 2) @ flatten_tokens(values)).squeeze(1)
-
-
-def dynamic_depthwise(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Depthwise ``kernel_size``² correlation with zero "same" padding whose taps may vary per sample and position.
-
-    ``x`` ``(B, C, H, W)``; ``kernels`` ``(B, C, kernel_size², H, W)`` or broadcastable to it (``(B, C, k², 1, 1)``
-    for one kernel per sample and channel); taps in row-major order. Returns ``(B, C, H, W)``:
-    ``out[b, c, i, j] = Σ_t x[b, c, i + dy_t, j + dx_t] · kernels[b, c, t, i, j]``.
-    """
-    batch, channels, height, width = x.shape
-    taps = F.unfold(x, kernel_size, padding=kernel_size // 2)
-    taps = taps.reshape(batch, channels, kernel_size * kernel_size, height, width)
-    return (taps * kernels).sum(dim=2)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Mechanism, check_int
-from ._channel_conv import dynamic_depthwise, to_nchw, to_nhwc
+from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 
 
@@ -55,12 +55,15 @@ class AttentiveConv(Mechanism):
         return kernels - inhibition
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = self.check_input(x)
-        if 0 in spatial:
-            raise ValueError(f"AttentiveConv pools every map to kernels; x.shape={tuple(x.shape)} has no tokens")
+        self.check_input(x)
+        if x.numel() == 0:
+            raise ValueError(f"AttentiveConv makes a kernel per image from its tokens; x.shape={tuple(x.shape)} is empty")
         image = to_nchw(x)
-        kernels = self.generate_kernels(image)[..., None, None]
-        return to_nhwc(self.proj(dynamic_depthwise(self.x_proj(image), kernels, self.kernel_size)))
+        batch, channels, height, width = image.shape
+        kernels = self.generate_kernels(image).reshape(batch * channels, 1, self.kernel_size, self.kernel_size)
+        values = self.x_proj(image).reshape(1, batch * channels, height, width)  # one group per (image, channel)
+        mixed = F.conv2d(values, kernels, padding=self.kernel_size // 2, groups=batch * channels)
+        return to_nhwc(self.proj(mixed.reshape(batch, channels, height, width)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}"

@@ -37,7 +37,9 @@ class ChannelAttentionBlock(nn.Module):
     complexity="N·k",
     reference="official XPixelGroup/HAT hat/archs/hat_arch.py::HAB (attention and CAB branches; read)",
     note="Returns attn_x + conv_scale·CAB(x), what HAB adds to its shortcut. CAB's widths are max(1, ·) so small dims "
-    "work (HAT has dim // 3 and dim // 30). The window branch is attnzoo's 'window' (Swin's shifted windows).",
+    "work (HAT has dim // 3 and dim // 30). The window branch is attnzoo's 'window' (Swin's shifted windows). "
+    "receptive_field='global' comes from CAB's global-average channel gate; at dim 32 that gate has one ReLU unit "
+    "(32 // 30), which a given initialisation may leave inactive, hiding it from gradient receptive fields.",
     test_kwargs={"num_heads": 2, "window_size": 4, "shift_size": 2},
 )
 class HybridAttentionBlock(Mechanism):

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ._base import Mechanism, check_divisible, check_int
-from ._channel_conv import dynamic_depthwise, to_nchw, to_nhwc
+from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
+
+
+def small_kernel_aggregation(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """SKA: ``out[b, c, i, j] = Σ_t x[b, c, i + dy_t, j + dx_t] · kernels[b, c mod K, t, i, j]`` with zero padding.
+
+    ``x`` ``(B, C, H, W)``, ``kernels`` ``(B, K, kernel_size², H, W)`` with C a multiple of K; taps row-major.
+    """
+    batch, channels, height, width = x.shape
+    shared = kernels.shape[1]
+    radius = kernel_size // 2
+    padded = F.pad(x, (radius, radius, radius, radius))
+    padded = padded.reshape(batch, channels // shared, shared, *padded.shape[2:])  # channel c = g·K + (c mod K)
+    out = x.new_zeros(batch, channels // shared, shared, height, width)
+    for tap in range(kernel_size * kernel_size):
+        dy, dx = divmod(tap, kernel_size)
+        out = out + padded[..., dy : dy + height, dx : dx + width] * kernels[:, None, :, tap]
+    return out.reshape(batch, channels, height, width)
 
 
 class ConvBN(nn.Sequential):
@@ -28,10 +46,12 @@ class ConvBN(nn.Sequential):
     complexity="N·k",
     paper_identity=True,
     is_attention=False,
-    receptive_field="local",
+    receptive_field="global",
     reference="official jameslahm/lsnet model/lsnet.py::LSConv, LKP and ska.py::SKA (read; the Triton SKA kernel "
     "computes out[c] = Σ_t x[c, shifted by t] · w[c mod (C / groups), t])",
-    note="Returns BN(SKA(x, LKP(x))); LSConv adds x to it (paper_identity).",
+    note="Returns BN(SKA(x, LKP(x))); LSConv adds x to it (paper_identity). The aggregation is 3×3, but the "
+    "GroupNorm of the kernel generator normalises over the whole map, so every token influences every kernel: "
+    "receptive_field='global'.",
 )
 class LargeSmallConv(Mechanism):
     """LS convolution (Wang et al., LSNet, CVPR 2025): large-kernel perception, small-kernel aggregation.
@@ -73,8 +93,7 @@ class LargeSmallConv(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         image = to_nchw(x)
-        kernels = self.dynamic_kernels(image).repeat(1, self.groups, 1, 1, 1)  # channel c uses c mod (C / groups)
-        return to_nhwc(self.bn(dynamic_depthwise(image, kernels, self.kernel_size)))
+        return to_nhwc(self.bn(small_kernel_aggregation(image, self.dynamic_kernels(image), self.kernel_size)))
 
     def extra_repr(self) -> str:
         return (
