@@ -146,7 +146,10 @@ def test_next_vit_ncb_matches_timm_next_conv_block():
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))) - x, **TOL)
 
 
-@pytest.mark.parametrize("dim, head_dim, sr_ratio, size", [(128, 32, 2, (8, 6)), (160, 32, 1, (5, 7)), (128, 32, 4, (8, 8))])
+NTB_CASES = [(128, 32, 2, (8, 6)), (160, 32, 1, (5, 7)), (128, 32, 4, (8, 8))]
+
+
+@pytest.mark.parametrize("dim, head_dim, sr_ratio, size", NTB_CASES)
 def test_next_vit_ntb_matches_timm_next_transformer_block(dim, head_dim, sr_ratio, size):
     """NextTransformerBlock(x) = cat(z, o + MHCA(o)) + MLP(...); with fc2 zeroed it is the mixed map we return.
     (head_dim 32: timm rounds the MHSA width to a multiple of 32, ours to a multiple of head_dim.)"""

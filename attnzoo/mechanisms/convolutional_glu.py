@@ -26,7 +26,8 @@ class ConvolutionalGLU(Mechanism):
     """Convolutional GLU (Shi, TransNeXt, CVPR 2024): fc2(GELU(DWConv3×3(g)) ⊙ v) with [g, v] = fc1(x).
 
     The hidden width is ``int(2/3 · int(dim · mlp_ratio))`` so that the two fc1 halves plus fc2 cost as many
-    parameters as an MLP of ratio ``mlp_ratio``; the depthwise conv (with bias, zero padding) acts on the gate half only.
+    parameters as an MLP of ratio ``mlp_ratio``; the depthwise conv (with bias, zero padding) acts on the gate half
+    only.
 
     Args:
         dim: channels in and out.

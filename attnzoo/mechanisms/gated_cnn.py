@@ -37,7 +37,9 @@ class GatedCNN(Mechanism):
         conv_ratio: the share of ``dim`` convolved (1.0: ``dim`` channels, the rest of the hidden width passes through).
     """
 
-    def __init__(self, dim: int, *, expansion_ratio: float = 8 / 3, kernel_size: int = 7, conv_ratio: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, *, expansion_ratio: float = 8 / 3, kernel_size: int = 7, conv_ratio: float = 1.0
+    ) -> None:
         super().__init__(dim)
         self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
         hidden = int(expansion_ratio * dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
 from ..ops import attention
 from ._base import Mechanism, check_choice, check_int, check_probability, merge_heads, resolve_heads, split_qkv
 from ._channel_conv import to_nchw, to_nhwc

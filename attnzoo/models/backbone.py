@@ -1,8 +1,8 @@
 """Hierarchical vision backbone with a pluggable token mixer per stage.
 
 Layout: a conv stem turns the image into channels-last tokens ``(B, H, W, C)``; each stage is a stack of pre-norm
-blocks ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (the MLP or a ``slot="channel"`` mechanism, ``channel_mixers``); a strided 3×3 conv halves the token grid between stages
-(``ceil(H / 2)``); the head is norm → global average pool → linear. Any registered mechanism can be the mixer of any
+blocks ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (``mlp``: the MLP, or a ``slot="channel"`` mechanism named in
+``channel_mixers``); a strided 3×3 conv halves the token grid between stages (``ceil(H / 2)``); the head is norm → global average pool → linear. Any registered mechanism can be the mixer of any
 stage (``attnzoo.list_mechanisms()``).
 
 Sizes (``SIZES``):
