@@ -1,4 +1,4 @@
-"""Speed and memory of the neighborhood-attention engine against same-run yardsticks (design.md, "Measuring speed").
+"""Speed and memory of the neighborhood-attention engine against same-run yardsticks (docs/architecture.md, "Measuring speed").
 
 Workload P: 2-D NA, B=2, heads=4, 56×56 tokens, head_dim=32, kernel 7, fp32.
   R1 = t(SDPA over the 7×7 non-overlapping window partition: same 49 keys per query) / t(na2d)

@@ -1,4 +1,4 @@
-"""Channel and convolutional mechanisms (mechanisms.md §6): external parity, independent formulas, paper properties.
+"""Channel and convolutional mechanisms: external parity, independent formulas, paper properties.
 
 Parity protocol: float64, eval mode, every parameter and BN statistic randomised, explicit key maps.
 """

@@ -1,4 +1,4 @@
-"""Conformance suite: every registered mechanism, no per-mechanism test code (design.md, Testing point 2)."""
+"""Conformance suite: every registered mechanism, no per-mechanism test code (docs/architecture.md, "How correctness is shown")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of the content-routed and linear / recurrent mechanisms (mechanisms.md §3.1–3.2, §4.1–4.6).
+"""Properties of the content-routed and linear / recurrent mechanisms.
 
 Every alternative form is compared with its defining form; expected values are computed here from first
 principles (explicit sums, SDPA compositions), never from the implementation's own output.

@@ -1,4 +1,4 @@
-"""Parity and paper properties for window, halo, multi_axis, cross_shaped, criss_cross, axial (mechanisms.md §1.2–1.7).
+"""Parity and paper properties for window, halo, multi_axis, cross_shaped, criss_cross, axial.
 
 References are external modules with copied weights (torchvision / timm) or dense masked attention written here
 from the definitions; float64, eval mode, every parameter randomised.

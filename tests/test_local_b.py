@@ -105,7 +105,7 @@ def _timm_pvt(ours, sr_ratio, linear):
 
 @pytest.mark.parametrize("size,sr_ratio,linear", [((8, 8), 2, False), ((9, 7), 2, False), ((10, 10), 1, True), ((13, 9), 1, True)])
 def test_spatial_reduction_matches_timm(size, sr_ratio, linear):
-    ours = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear)
+    ours = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear, mask_padding=False)
     ref = _timm_pvt(ours, sr_ratio, linear)
     x = rand(2, *size, 16)
     expected = ref(x.reshape(2, -1, 16), list(size)).reshape(x.shape)
@@ -121,10 +121,24 @@ def test_spatial_reduction_ratio_one_is_mhsa():
     torch.testing.assert_close(m(x), m.proj(out.reshape(2, 30, 16)).reshape(x.shape), **TOL)
 
 
-@pytest.mark.parametrize("size,sr_ratio,linear,keys", [((9, 13), 4, False, (2, 3)), ((9, 13), 1, True, (7, 7)), ((20, 11), 1, True, (7, 7))])
-def test_spatial_reduction_key_count(size, sr_ratio, linear, keys):
-    m = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear)
+@pytest.mark.parametrize(
+    "size,sr_ratio,linear,mask_padding,keys",
+    [((9, 13), 4, False, True, (3, 4)), ((9, 13), 4, False, False, (2, 3)), ((9, 13), 1, True, True, (7, 7)),
+     ((20, 11), 1, True, True, (7, 7))],
+)  # fmt: skip
+def test_spatial_reduction_key_count(size, sr_ratio, linear, mask_padding, keys):
+    m = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear, mask_padding=mask_padding)
     assert tuple(m.reduce(rand(1, *size, 16)).shape) == (1, *keys, 16)
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_spatial_reduction_border_tokens_reach_the_keys_only_when_padded(mask_padding):
+    """9×7 with sr_ratio 4: the last row and last 3 columns fall outside timm's floor-sized reduction."""
+    m = build("spatial_reduction", 16, num_heads=2, sr_ratio=4, mask_padding=mask_padding)
+    x = rand(1, 9, 7, 16).requires_grad_()
+    m(x)[0, 0, 0].sum().backward()  # a query far from the border: the border reaches it only through the keys
+    border = x.grad[0, 8, 6].abs().sum()
+    assert (border > 0) == mask_padding
 
 
 # --------------------------------------------------------------------------------------------- hilo (LITv2)

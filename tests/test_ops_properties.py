@@ -1,4 +1,4 @@
-"""Paper properties of generalized neighborhood attention (shared/mechanisms.md §1.1), checked independently.
+"""Paper properties of generalized neighborhood attention, checked independently.
 
 * ``neighborhood_mask`` against a brute-force implementation of the per-axis rule written here in plain loops;
   every backend (rel_pos_bias, key_bias, additional keys) against a hand softmax over that brute-force mask.
@@ -25,7 +25,7 @@ BACKEND_NAMES = ops.list_backends()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# brute force geometry (plain Python, straight from the per-axis rule in mechanisms.md §1.1)
+# brute force geometry (plain Python, straight from the per-axis rule in ops/geometry.py's docstring)
 
 
 def brute_axis_keys(x: int, L: int, k: int, st: int, dil: int, causal: bool) -> set[int]:

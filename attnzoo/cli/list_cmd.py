@@ -1,4 +1,5 @@
-"""``attnzoo list [--family F]``: every registered mechanism with its paper, year, complexity and reference."""
+"""``attnzoo list [--family F]``: every registered mechanism with its paper, year, complexity, receptive field,
+slot and reference."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def run(args: argparse.Namespace) -> int:
     names = list_mechanisms(args.family)
     table = Table(title=f"attnzoo mechanisms ({len(names)})", show_lines=False)
     for column, style in (("name", "bold cyan"), ("family", ""), ("paper", ""), ("year", ""), ("complexity", ""),
-                          ("reference", "dim")):  # fmt: skip
+                          ("sees", ""), ("slot", ""), ("reference", "dim")):  # fmt: skip
         table.add_column(column, style=style, overflow="fold")
     for name in names:
         info = mechanism_info(name)
-        table.add_row(name, info.family, info.paper, str(info.year), info.complexity, info.reference or "—")
+        table.add_row(name, info.family, info.paper, str(info.year), info.complexity, info.receptive_field, info.slot,
+                      info.reference or "—")  # fmt: skip
     wide_console().print(table)
     return 0

@@ -14,11 +14,15 @@ __all__ = [
 ]  # fmt: skip
 
 
-def resolve_heads(dim: int, num_heads: int | None, head_dim: int | None, *, default_head_dim: int = 32) -> tuple[int, int]:
+def resolve_heads(
+    dim: int, num_heads: int | None, head_dim: int | None, *, default_head_dim: int = 32, min_heads: int = 1
+) -> tuple[int, int]:
     """``(num_heads, head_dim)`` from the constructor vocabulary; inner width is ``num_heads·head_dim``.
 
     ``head_dim`` given: heads = ``num_heads`` or ``dim // head_dim``; otherwise ``head_dim = dim // num_heads``
-    (``num_heads`` defaulting to ``dim // default_head_dim``). Raises naming the argument on bad combinations.
+    (``num_heads`` defaulting to the smallest divisor of ``dim`` that is at least ``max(min_heads,
+    dim // default_head_dim)``: mechanisms that split their heads into branches ask for one head per branch).
+    Raises naming the argument on bad combinations.
     """
     if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
         raise ValueError(f"num_heads={num_heads!r} must be a positive int")
@@ -31,7 +35,10 @@ def resolve_heads(dim: int, num_heads: int | None, head_dim: int | None, *, defa
             num_heads = dim // head_dim
         return num_heads, head_dim
     if num_heads is None:
-        num_heads = max(1, dim // default_head_dim)
+        fewest = max(min_heads, dim // default_head_dim)
+        num_heads = next((h for h in range(fewest, dim + 1) if dim % h == 0), 0)
+        if not num_heads:
+            raise ValueError(f"dim={dim} has no divisor >= {fewest} to use as the default num_heads; pass num_heads")
     if dim % num_heads:
         raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
     return num_heads, dim // num_heads

@@ -17,6 +17,7 @@ __all__ = ["BiLevelRoutingAttention"]
 @register_mechanism(
     "bi_level_routing",
     family="content-routed",
+    receptive_field="local",
     paper="BiFormer: Vision Transformer with Bi-Level Routing Attention",
     year=2023,
     native_rank=2,

@@ -27,6 +27,7 @@ def absolute_offset_index(window: int) -> torch.Tensor:
 @register_mechanism(
     "cascaded_group",
     family="head-mixing",
+    receptive_field="local",
     paper="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
     year=2023,
     native_rank=2,

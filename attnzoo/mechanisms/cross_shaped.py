@@ -17,6 +17,7 @@ _STRIPES = "b (nh sh) (nw sw) h d -> (b nh nw) (sh sw) h d"
 @register_mechanism(
     "cross_shaped",
     family="local",
+    receptive_field="local",
     paper="CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
     year=2021,
     native_rank=2,
@@ -54,8 +55,8 @@ class CrossShapedWindowAttention(Mechanism):
         super().__init__(dim)
         self.attn_drop = check_probability("attn_drop", attn_drop)
         check_int("split_size", split_size)
-        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.branches = 1 if last_stage else 2
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, min_heads=self.branches)
         if self.num_heads % self.branches:
             raise ValueError(f"num_heads={self.num_heads} must be even (half the heads per stripe direction)")
         self.split_size, self.last_stage = split_size, bool(last_stage)

@@ -25,15 +25,22 @@ MIXTURES = ("sum", "product")
     native_rank=1,
     complexity="linear",
     reference="gaussian-adaptive-attention 0.1.5 MultiHeadGaussianAdaptiveAttention (= mixture='product')",
+    note=(
+        "Statistics over the tokens by default, as the official usage example (norm_axis=1 on (batch, tokens, "
+        "features)). The official module splits the normalised axis into num_heads contiguous chunks; on the token "
+        "axis a chunk is a band of image rows, so the default num_heads=1 normalises over the whole map (the example's "
+        "num_heads=4 is available). norm_axis='channels' makes it a per-token feature gate that mixes no tokens."
+    ),
     test_kwargs={"num_heads": 4, "num_gaussians": 3},
     test_size=(12,),
 )
 class GaussianAdaptiveAttention(Mechanism):
     """Gaussian adaptive attention (Ioannides et al., GAAM, 2024): ``y = x ⊙ M̂`` with M̂ a normalised Gaussian mixture.
 
-    The ``norm_axis`` ('channels': per token over each head's channel chunk; 'tokens': per channel over each head's
-    token chunk; chunks as in the official code, the last one taking the remainder) is split into ``num_heads``
-    chunks; per chunk ``μ`` = mean, ``σ² = var + eps`` (unbiased var), ``z_g = (x − μ − δ_g)/σ``;
+    The ``norm_axis`` ('tokens', the default: per channel over each head's token chunk, so every token's weight
+    depends on the whole chunk; 'channels': per token over each head's channel chunk, a gate that mixes no tokens;
+    chunks as in the official code, the last one taking the remainder) is split into ``num_heads`` chunks
+    (default 1: the whole map); per chunk ``μ`` = mean, ``σ² = var + eps`` (unbiased var), ``z_g = (x − μ − δ_g)/σ``;
     ``mixture='sum'`` (latest official variant): ``M = Σ_g softmax(ω)_g · exp(−z_g²/(2c_g²))``; ``'product'`` (the
     pip wheel 0.1.5): ``M = Π_g N(z_g; 0, c_g²)``. ``M̂ = M / max(Σ_chunk M, eps)``. Learnable per head and Gaussian:
     ``mean_offsets`` δ (init 0), ``scales`` c (init 2), ``mixture_logits`` ω (init 1). Takes ``(B, N, C)`` or flattens
@@ -46,9 +53,9 @@ class GaussianAdaptiveAttention(Mechanism):
         self,
         dim: int,
         *,
-        num_heads: int = 8,
+        num_heads: int = 1,
         num_gaussians: int = 5,
-        norm_axis: str = "channels",
+        norm_axis: str = "tokens",
         mixture: str = "sum",
         eps: float = 1e-8,
     ) -> None:

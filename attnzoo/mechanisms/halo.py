@@ -18,6 +18,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "halo",
     family="local",
+    receptive_field="local",
     paper="Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
     year=2021,
     native_rank=2,

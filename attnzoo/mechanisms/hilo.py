@@ -13,6 +13,14 @@ from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
 
+def _min_heads(alpha: float) -> int:
+    """The fewest heads (at least 2) for which ⌊alpha·h⌋ Lo-Fi heads and the rest Hi-Fi heads are both non-empty."""
+    heads = 2
+    while int(heads * alpha) < 1:
+        heads += 1
+    return heads
+
+
 @register_mechanism(
     "hilo",
     family="local",
@@ -26,7 +34,9 @@ from .registry import register_mechanism
 class HiLoAttention(Mechanism):
     """HiLo attention from LITv2 (Pan et al., 2022).
 
-    The heads split into ⌊alpha·h⌋ Lo-Fi heads and the rest Hi-Fi heads (head_dim = C/h). Hi-Fi: MHSA inside
+    The heads split into ⌊alpha·h⌋ Lo-Fi heads and the rest Hi-Fi heads (head_dim = C/h). By default
+    h = max(C/32, the fewest heads that give each branch one head), so every width keeps both branches (LITv2's
+    own configurations always have Lo-Fi heads); an explicit ``num_heads`` that leaves a branch empty is refused. Hi-Fi: MHSA inside
     non-overlapping ``window_size``² windows, then ``h_proj``. Lo-Fi: queries from every token attend to keys and
     values from the ``window_size``-average-pooled map, then ``l_proj``. The output concatenates [Hi-Fi, Lo-Fi]
     channels (no joint projection). ``window_size=1``: all heads are Lo-Fi without pooling (plain MHSA).
@@ -52,12 +62,18 @@ class HiLoAttention(Mechanism):
         check_int("window_size", window_size)
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha={alpha!r} must be a float in [0, 1]")
-        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
+        both = window_size > 1 and 0 < alpha < 1  # both branches asked for: at least one head each
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None, min_heads=_min_heads(alpha) if both else 1)
         self.window_size = window_size
         self.alpha = alpha
         self.mask_padding = mask_padding
         self.l_heads = self.num_heads if window_size == 1 else int(self.num_heads * alpha)
         self.h_heads = self.num_heads - self.l_heads
+        if both and not (self.l_heads and self.h_heads):
+            raise ValueError(
+                f"num_heads={self.num_heads} with alpha={alpha} gives {self.l_heads} Lo-Fi and {self.h_heads} Hi-Fi "
+                f"heads: 0 < alpha < 1 needs num_heads >= {_min_heads(alpha)} so that both branches have a head"
+            )
         l_dim, h_dim = self.l_heads * self.head_dim, self.h_heads * self.head_dim
         if self.l_heads:
             self.l_q = nn.Linear(dim, l_dim, bias=qkv_bias)

@@ -15,6 +15,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "large_kernel",
     family="conv",
+    receptive_field="local",
     paper="Visual Attention Network",
     year=2022,
     complexity="linear",

@@ -86,6 +86,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 @register_mechanism(
     "lightning",
     family="recurrent",
+    receptive_field="causal",
     paper="Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
     year=2024,
     layout="sequence",

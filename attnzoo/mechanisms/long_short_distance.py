@@ -42,6 +42,7 @@ class DynamicPosBias(nn.Module):
 @register_mechanism(
     "long_short_distance",
     family="local",
+    receptive_field="local",
     paper="CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention",
     year=2021,
     complexity="N·k",

@@ -19,6 +19,7 @@ PARTITION_TYPES = ("block", "grid")
 @register_mechanism(
     "multi_axis",
     family="local",
+    receptive_field="local",
     paper="MaxViT: Multi-Axis Vision Transformer",
     year=2022,
     native_rank=2,

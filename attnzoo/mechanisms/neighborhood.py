@@ -16,6 +16,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "neighborhood",
     family="local",
+    receptive_field="local",
     paper="Neighborhood Attention Transformer / Dilated Neighborhood Attention Transformer / Generalized Neighborhood Attention",
     year=2022,
     native_rank=2,

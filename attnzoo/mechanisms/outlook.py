@@ -16,6 +16,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "outlook",
     family="local",
+    receptive_field="local",
     paper="VOLO: Vision Outlooker for Visual Recognition",
     year=2021,
     complexity="N·k",

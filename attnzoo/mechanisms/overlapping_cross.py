@@ -32,6 +32,7 @@ def _engine_index(window: int, extended: int) -> torch.Tensor:
 @register_mechanism(
     "overlapping_cross",
     family="local",
+    receptive_field="local",
     paper="HAT: Hybrid Attention Transformer for Image Restoration (Activating More Pixels in Image Super-Resolution Transformer)",
     year=2023,
     complexity="N·k",

@@ -39,6 +39,7 @@ class GlobalLocalFilter(nn.Module):
 @register_mechanism(
     "recursive_gated_conv",
     family="conv",
+    receptive_field="local",
     paper="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
     year=2022,
     complexity="linear",

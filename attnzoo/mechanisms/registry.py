@@ -1,4 +1,4 @@
-"""The mechanism registry: canonical names (``shared/mechanisms.md``) → module class + metadata."""
+"""The mechanism registry: canonical names → module class + metadata (the catalogue ``attnzoo docs`` builds)."""
 
 from __future__ import annotations
 

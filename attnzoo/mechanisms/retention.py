@@ -109,6 +109,7 @@ def retnet_gammas(num_heads: int) -> torch.Tensor:
 @register_mechanism(
     "retention",
     family="recurrent",
+    receptive_field="causal",
     paper="ViR: Vision Retention Networks / Retentive Network: A Successor to Transformer for Large Language Models",
     year=2023,
     layout="sequence",

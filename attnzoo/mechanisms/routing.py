@@ -48,6 +48,7 @@ def balanced_routing_attention(
 @register_mechanism(
     "routing",
     family="content-routed",
+    receptive_field="local",
     paper="Efficient Content-Based Sparse Attention with Routing Transformers",
     year=2020,
     layout="sequence",

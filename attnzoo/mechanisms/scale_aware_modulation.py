@@ -14,6 +14,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "scale_aware_modulation",
     family="conv",
+    receptive_field="local",
     paper="Scale-Aware Modulation Meet Transformer",
     year=2023,
     complexity="linear",

@@ -18,6 +18,7 @@ from .registry import register_mechanism
 @register_mechanism(
     "window",
     family="local",
+    receptive_field="local",
     paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
     year=2021,
     native_rank=2,

@@ -102,8 +102,9 @@ def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path
                 _draw_attention(fig, ax, view.attention[qi], f"{view.name}: attention of ({query[0]}, {query[1]})")
             else:
                 _message(ax, f"{view.name}: {view.attention_note or 'no attention weights'}")
-    fig.suptitle(f"Gradient receptive field Σ|∂y[q]/∂x| over channels ({size}×{size} tokens) and exact attention",
-                 fontsize=11)  # fmt: skip
+    title = f"Gradient receptive field Σ|∂y[q]/∂x| over channels ({size}×{size} tokens)"
+    title += " and exact attention" if with_attention else ""
+    fig.suptitle(title if cols > 2 else title.replace(" over channels", "\nover channels"), fontsize=11)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 

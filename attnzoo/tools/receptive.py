@@ -30,6 +30,8 @@ __all__ = [
     "structural_copy",
     "gradient_receptive_field",
     "receptive_field_tokens",
+    "receptive_field_class",
+    "classify_fields",
     "AttentionMap",
     "attention_maps",
     "record_calls",
@@ -105,6 +107,43 @@ def gradient_receptive_field(
 def receptive_field_tokens(field: np.ndarray) -> int:
     """Number of input tokens with a nonzero gradient."""
     return int(np.count_nonzero(field))
+
+
+def classify_fields(centre: np.ndarray, corner: np.ndarray) -> str:
+    """The registry's receptive-field class from the 2-D fields of the centre and the first (top-left) query.
+
+    ``"channel"``: the centre query sees one token; ``"global"``: it sees every token; ``"causal"``: it sees
+    tokens before it in raster order and none after, and the first query sees only itself; ``"local"``: any other
+    strict subset (a neighbourhood, window, stripe, or routed regions).
+    """
+    rows, cols = np.shape(centre)
+    query = (rows // 2) * cols + cols // 2
+    seen = np.asarray(centre).reshape(-1) != 0
+    count = int(seen.sum())
+    if count == 1:
+        return "channel"
+    if count == seen.size:
+        return "global"
+    first = np.asarray(corner).reshape(-1) != 0
+    if not seen[query + 1 :].any() and seen[:query].any() and first.sum() == 1 and first[0]:
+        return "causal"
+    return "local"
+
+
+def receptive_field_class(module: nn.Module, info: MechanismInfo, size: int, dim: int, *, seeds: Sequence[int] = (0, 1)) -> str:
+    """``classify_fields`` of ``module`` on a ``size × size`` grid (``size`` even), fields united over ``seeds``.
+
+    The fields are taken on a ``structural_copy`` (no zero-initialised parameter hides a path) and united over
+    several random inputs, so a data-dependent zero gradient (a max-pool's unused inputs) does not shrink them.
+    """
+    if size % 2:
+        raise ValueError(f"size={size} must be even (the centre query is (size/2, size/2))")
+    twin = structural_copy(module)
+    fields = [
+        sum(np.abs(gradient_receptive_field(twin, info, size, dim, query, exact=False, seed=seed)) for seed in seeds)
+        for query in ((size // 2, size // 2), (0, 0))
+    ]
+    return classify_fields(*fields)
 
 
 @dataclass
