@@ -119,11 +119,11 @@ def test_hybrid_attention_block_is_window_attention_plus_scaled_cab():
     cab = m.conv_block
     hidden = F.conv2d(nchw(x), cab.conv1.weight, cab.conv1.bias, padding=1)
     feat = F.conv2d(gelu(hidden), cab.conv2.weight, cab.conv2.bias, padding=1)  # HAT CAB: C → C/3 → C
-    se = cab.channel_attention
-    squeeze = torch.relu(feat.mean(dim=(2, 3)) @ se.fc1.weight.T + se.fc1.bias)  # RCAN: C → C/30 (≥ 1)
-    gate = torch.sigmoid(squeeze @ se.fc2.weight.T + se.fc2.bias)
+    squeeze = torch.relu(feat.mean(dim=(2, 3)) @ cab.fc1.weight.T + cab.fc1.bias)  # RCAN: C → max(4, C/30)
+    gate = torch.sigmoid(squeeze @ cab.fc2.weight.T + cab.fc2.bias)
     expected = window(x) + 0.01 * nhwc(feat * gate[:, :, None, None])
-    assert cab.conv1.out_channels == 32 // 3 and se.fc1.out_features == 1
+    assert cab.conv1.out_channels == 32 // 3 and cab.fc1.out_features == 4
+    assert attnzoo.create("hybrid_attention_block", 180, num_heads=6).conv_block.fc1.out_features == 6  # HAT
     torch.testing.assert_close(m(x), expected, **TOL)
 
 

@@ -8,25 +8,29 @@ import torch
 import torch.nn as nn
 
 from ._base import Mechanism, check_int
-from ._channel_conv import to_nchw, to_nhwc
+from ._channel_conv import reduced_width, to_nchw, to_nhwc
 from .registry import register_mechanism
-from .squeeze_excite import SqueezeExcite
 from .window import WindowAttention
 
 
 class ChannelAttentionBlock(nn.Module):
-    """HAT's CAB on channels-last maps: Conv3×3 (C → C/compress) → GELU → Conv3×3 (→ C) → RCAN channel attention."""
+    """HAT's CAB on channels-last maps: Conv3×3 (C → C/compress) → GELU → Conv3×3 (→ C) → RCAN channel attention
+    x ⊙ σ(W₂ ReLU(W₁ GAP(x))) with ``max(min_width, C // reduction)`` hidden units."""
 
-    def __init__(self, dim: int, compress_ratio: int, reduction: int) -> None:
+    def __init__(self, dim: int, compress_ratio: int, reduction: int, min_width: int) -> None:
         super().__init__()
         hidden = max(1, dim // check_int("compress_ratio", compress_ratio))
         self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1)
-        self.channel_attention = SqueezeExcite(dim, reduction=reduction)
+        squeeze = max(check_int("min_width", min_width), reduced_width(dim, reduction))
+        self.fc1 = nn.Linear(dim, squeeze)
+        self.fc2 = nn.Linear(squeeze, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.channel_attention(to_nhwc(self.conv2(self.act(self.conv1(to_nchw(x))))))
+        feat = to_nhwc(self.conv2(self.act(self.conv1(to_nchw(x)))))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(feat.mean(dim=(1, 2), keepdim=True)))))
+        return feat * gate
 
 
 @register_mechanism(
@@ -36,10 +40,10 @@ class ChannelAttentionBlock(nn.Module):
     year=2023,
     complexity="N·k",
     reference="official XPixelGroup/HAT hat/archs/hat_arch.py::HAB (attention and CAB branches; read)",
-    note="Returns attn_x + conv_scale·CAB(x), what HAB adds to its shortcut. CAB's widths are max(1, ·) so small dims "
-    "work (HAT has dim // 3 and dim // 30). The window branch is attnzoo's 'window' (Swin's shifted windows). "
-    "receptive_field='global' comes from CAB's global-average channel gate; at dim 32 that gate has one ReLU unit "
-    "(32 // 30), which a given initialisation may leave inactive, hiding it from gradient receptive fields.",
+    note="Returns attn_x + conv_scale·CAB(x), what HAB adds to its shortcut. CAB's conv width is max(1, dim // 3) "
+    "and its channel gate has max(min_width=4, dim // 30) hidden units: HAT's dim // 30 at its own widths (180 and "
+    "144 give 6), but a single ReLU unit at dim 32 could start inactive and cut the gate's global path. The "
+    "window branch is attnzoo's 'window' (Swin's shifted windows).",
     test_kwargs={"num_heads": 2, "window_size": 4, "shift_size": 2},
 )
 class HybridAttentionBlock(Mechanism):
@@ -57,6 +61,7 @@ class HybridAttentionBlock(Mechanism):
         shift_size: window shift (HAT alternates 0 and window_size // 2).
         compress_ratio: channel compression of CAB's first conv (3).
         reduction: squeeze ratio of CAB's channel attention (30).
+        min_width: fewest hidden units of that channel attention (4; HAT's widths give 6).
         conv_scale: weight α of the CAB branch (0.01).
         qkv_bias: biases of the q/k/v projection.
         proj_drop: dropout after the attention output projection.
@@ -72,6 +77,7 @@ class HybridAttentionBlock(Mechanism):
         shift_size: int | Sequence[int] = 0,
         compress_ratio: int = 3,
         reduction: int = 30,
+        min_width: int = 4,
         conv_scale: float = 0.01,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
@@ -84,7 +90,7 @@ class HybridAttentionBlock(Mechanism):
             dim, num_heads=num_heads, head_dim=head_dim, window_size=window_size, shift_size=shift_size,
             qkv_bias=qkv_bias, proj_drop=proj_drop,
         )  # fmt: skip
-        self.conv_block = ChannelAttentionBlock(dim, compress_ratio, reduction)
+        self.conv_block = ChannelAttentionBlock(dim, compress_ratio, reduction, min_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
