@@ -1,0 +1,125 @@
+"""Parity and properties of the Tier-2 local and sparse patterns (tier2.md §A).
+
+References are pip classes with copied weights (timm, transformers) or oracles/equivalences written here from the
+definitions; float64, eval mode, every parameter randomised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+DT = torch.float64
+
+
+def randomize(module: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module.to(DT).eval()
+
+
+def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
+    return randomize(attnzoo.create(name, dim, **kwargs))
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+def partition(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``(B, H, W, C)`` → ``(B·nW, m·m, C)`` windows, image-major (timm's ``window_partition``)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, m * m, c)
+
+
+def unpartition(windows: torch.Tensor, m: int, h: int, w: int) -> torch.Tensor:
+    c = windows.shape[-1]
+    return windows.reshape(-1, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def changed_positions(module, x, position, eps=1.0):
+    """Boolean spatial map of outputs that change when the token at ``position`` of image 0 is perturbed."""
+    y0 = module(x)
+    x1 = x.clone()
+    x1[(0, *position)] += eps
+    return (module(x1) - y0).abs().amax(-1)[0] > 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------- window_v2
+
+
+def timm_swin_v2(module):
+    from timm.models.swin_transformer_v2 import WindowAttention
+
+    ref = WindowAttention(module.dim, window_size=module.window_size, num_heads=module.num_heads).to(DT).eval()
+    state = {k: v for k, v in module.state_dict().items()}
+    missing = ref.load_state_dict(state, strict=False)
+    assert not missing.unexpected_keys and set(missing.missing_keys) <= {"k_bias", "relative_coords_table", "relative_position_index"}
+    return ref
+
+
+def test_window_v2_matches_timm_swin_v2_window_attention():
+    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    with torch.no_grad():
+        ours.logit_scale.copy_(torch.tensor([[[0.3]], [[5.0]]]))  # the second is clamped at log(100)
+    ref = timm_swin_v2(ours)
+    x = rand(2, 8, 12, 16)
+    expected = unpartition(ref(partition(x, 4)), 4, 8, 12)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_window_v2_shifted_matches_timm_with_roll_and_region_mask():
+    m, s = 4, 2
+    ours = make("window_v2", 16, num_heads=2, window_size=m, shift_size=s)
+    ref = timm_swin_v2(ours)
+    x = rand(2, 8, 8, 16)
+    h = w = 8
+    label = torch.zeros(h, w)
+    count = 0
+    for rows in (slice(0, h - m), slice(h - m, h - s), slice(h - s, h)):
+        for cols in (slice(0, w - m), slice(w - m, w - s), slice(w - s, w)):
+            label[rows, cols] = count
+            count += 1
+    lab = partition(label[None, :, :, None], m)[..., 0]
+    mask = torch.zeros(lab.shape[0], m * m, m * m, dtype=DT).masked_fill(lab[:, :, None] != lab[:, None, :], float("-inf"))
+    out = ref(partition(torch.roll(x, (-s, -s), (1, 2)), m), mask=mask)
+    expected = torch.roll(unpartition(out, m, h, w), (s, s), (1, 2))
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_window_v2_fixed_temperature_without_cpb_is_cosine_window_attention():
+    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    with torch.no_grad():
+        ours.logit_scale.fill_(math.log(7.0))
+        ours.cpb_mlp[-1].weight.zero_()  # σ(0)·16 = 8 on every offset: a constant, softmax-invariant
+    x = rand(1, 8, 8, 16)
+    bias = torch.cat((ours.q_bias, torch.zeros_like(ours.q_bias), ours.v_bias))
+    q, k, v = F.linear(partition(x, 4), ours.qkv.weight, bias).reshape(-1, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    logits = 7.0 * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, 16, 16)
+    torch.testing.assert_close(ours(x), unpartition(ours.proj(out), 4, 8, 8), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- non_local
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_non_local_matches_timm_non_local_attn_minus_its_shortcut(train):
+    from timm.layers import NonLocalAttn
+
+    ours = make("non_local", 16, reduction=2)
+    ref = NonLocalAttn(16, rd_channels=8).to(DT)
+    state = {k: (v[..., None, None] if k[0] in "tpgz" and k.endswith("weight") else v) for k, v in ours.state_dict().items()}
+    ref.load_state_dict(state)
+    ours.train(train)
+    ref.train(train)
+    x = rand(2, 5, 6, 16)
+    expected = ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) - x
+    torch.testing.assert_close(ours(x), expected, **TOL)
