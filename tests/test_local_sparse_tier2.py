@@ -123,3 +123,47 @@ def test_non_local_matches_timm_non_local_attn_minus_its_shortcut(train):
     x = rand(2, 5, 6, 16)
     expected = ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) - x
     torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- mask_unit
+
+
+def hiera_unroll(x: torch.Tensor, unit: int, stride: int) -> torch.Tensor:
+    """``(B, H, W, C)`` → Hiera's unrolled ``(B, N, C)``: token index ``t·num_units + u``, the in-unit index ``t``
+    ordered as (pooling offset, pooled position) so that timm's q pooling takes the max over the offsets."""
+    b, h, w, c = x.shape
+    p = unit // stride
+    t = x.reshape(b, h // unit, p, stride, w // unit, p, stride, c)  # b nh ph sh nw pw sw c
+    t = t.permute(0, 3, 6, 2, 5, 1, 4, 7)  # b sh sw ph pw nh nw c
+    return t.reshape(b, -1, c)
+
+
+def hiera_roll_back(y: torch.Tensor, h: int, w: int, unit: int, stride: int) -> torch.Tensor:
+    b, c, p = y.shape[0], y.shape[-1], unit // stride
+    t = y.reshape(b, p, p, h // unit, w // unit, c)  # b ph pw nh nw c
+    return t.permute(0, 3, 1, 4, 2, 5).reshape(b, h // unit * p, w // unit * p, c)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mask_unit_matches_timm_hiera_mask_unit_attention(stride):
+    from timm.models.hiera import MaskUnitAttention
+
+    ours = make("mask_unit", 16, num_heads=2, window_size=4, q_stride=stride)
+    ref = MaskUnitAttention(16, 16, 2, q_stride=stride**2, window_size=(4 // stride) ** 2, use_mask_unit_attn=True)
+    ref = ref.to(DT).eval()
+    ref.fused_attn = False
+    ref.load_state_dict(ours.state_dict())
+    x = rand(2, 8, 12, 16)
+    expected = hiera_roll_back(ref(hiera_unroll(x, 4, stride)), 8, 12, 4, stride)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_mask_unit_perturbation_stays_in_its_unit_and_padding_is_masked():
+    ours = make("mask_unit", 16, num_heads=2, window_size=4)
+    x = rand(1, 6, 7, 16)
+    changed = changed_positions(ours, x, (5, 2))
+    expected = torch.zeros(6, 7, dtype=torch.bool)
+    expected[4:, 0:4] = True
+    assert torch.equal(changed, expected)
+    # the bottom-right unit holds the 2x3 crop plus masked padding: the same as the crop in one padded unit
+    torch.testing.assert_close(ours(x)[:, 4:, 4:], ours(x[:, 4:, 4:]), **TOL)
