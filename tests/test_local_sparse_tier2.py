@@ -167,3 +167,30 @@ def test_mask_unit_perturbation_stays_in_its_unit_and_padding_is_masked():
     assert torch.equal(changed, expected)
     # the bottom-right unit holds the 2x3 crop plus masked padding: the same as the crop in one padded unit
     torch.testing.assert_close(ours(x)[:, 4:, 4:], ours(x[:, 4:, 4:]), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- global_context_vit
+
+
+@pytest.mark.parametrize("size, window, levels", [((8, 8), 4, 1), ((16, 16), 4, 2), ((12, 12), 3, 2)])
+def test_global_context_vit_matches_timm_feature_block_and_window_attention_global(size, window, levels):
+    from timm.models.gcvit import FeatureBlock, WindowAttentionGlobal
+
+    ours = make("global_context_vit", 16, num_heads=2, window_size=window, levels=levels)
+    gen = FeatureBlock(16, levels).to(DT).eval()
+    gen.load_state_dict({k[len("global_block."):]: v for k, v in ours.state_dict().items() if k.startswith("global_block.")})
+    attn = WindowAttentionGlobal(16, 2, (window, window)).to(DT).eval()
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("global_block.")}
+    state["rel_pos.relative_position_bias_table"] = state.pop("relative_position_bias_table")
+    attn.load_state_dict(state)
+    x = rand(2, *size, 16)
+    h, w = size
+    q_global = gen(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    expected = unpartition(attn(partition(x, window), q_global), window, h, w)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_global_context_vit_every_output_depends_on_every_token():
+    ours = make("global_context_vit", 16, num_heads=2, window_size=4, levels=1)
+    x = rand(1, 8, 8, 16)
+    assert changed_positions(ours, x, (7, 7)).all()
