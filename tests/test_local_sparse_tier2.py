@@ -194,3 +194,43 @@ def test_global_context_vit_every_output_depends_on_every_token():
     ours = make("global_context_vit", 16, num_heads=2, window_size=4, levels=1)
     x = rand(1, 8, 8, 16)
     assert changed_positions(ours, x, (7, 7)).all()
+
+
+# ---------------------------------------------------------------------------------------------------- deformable
+
+
+@pytest.mark.parametrize("size", [(6, 7), (8, 8)])
+def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(size):
+    from transformers.models.deformable_detr.configuration_deformable_detr import DeformableDetrConfig
+    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+
+    ours = make("deformable", 16, num_heads=2, num_points=3)
+    with torch.no_grad():
+        ours.sampling_offsets.weight.mul_(4)  # offsets of several pixels, many outside the map
+    config = DeformableDetrConfig(d_model=16, num_feature_levels=1, disable_custom_kernels=True)
+    ref = DeformableDetrMultiscaleDeformableAttention(config, num_heads=2, n_points=3).to(DT).eval()
+    ref.load_state_dict(ours.state_dict())
+    h, w = size
+    x = rand(2, h, w, 16)
+    tokens = x.reshape(2, h * w, 16)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=DT), torch.arange(w, dtype=DT), indexing="ij")
+    reference_points = torch.stack(((xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h), -1)[None, :, None].expand(2, -1, 1, 2)
+    expected, _ = ref(
+        tokens, encoder_hidden_states=tokens, reference_points=reference_points, spatial_shapes=torch.tensor([[h, w]]),
+        spatial_shapes_list=[(h, w)], level_start_index=torch.tensor([0]),
+    )  # fmt: skip
+    torch.testing.assert_close(ours(x), expected.reshape(2, h, w, 16), **TOL)
+
+
+def test_deformable_integer_offsets_sample_exact_tokens():
+    """Offset weights zero and integer biases: each head reads the value at a fixed displacement (zero outside)."""
+    ours = make("deformable", 8, num_heads=2, num_points=1)
+    with torch.no_grad():
+        ours.sampling_offsets.weight.zero_()
+        ours.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -2.0]))  # head 0: x+1; head 1: y-2
+    x = rand(1, 5, 6, 8)
+    value = ours.value_proj(x).reshape(1, 5, 6, 2, 4)
+    expected = torch.zeros_like(value)
+    expected[:, :, :-1, 0] = value[:, :, 1:, 0]
+    expected[:, 2:, :, 1] = value[:, :-2, :, 1]
+    torch.testing.assert_close(ours(x), ours.output_proj(expected.reshape(1, 5, 6, 8)), **TOL)
