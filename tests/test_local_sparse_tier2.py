@@ -234,3 +234,61 @@ def test_deformable_integer_offsets_sample_exact_tokens():
     expected[:, :, :-1, 0] = value[:, :, 1:, 0]
     expected[:, 2:, :, 1] = value[:, :-2, :, 1]
     torch.testing.assert_close(ours(x), ours.output_proj(expected.reshape(1, 5, 6, 8)), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- factorization, mixture_of_sparse
+
+
+def neighborhood_like(source, **kwargs):
+    target = attnzoo.create("neighborhood", source.dim, rel_pos_bias=False, **kwargs).to(DT).eval()
+    target.load_state_dict(source.state_dict())
+    return target
+
+
+def test_factorization_with_one_group_is_neighborhood():
+    ours = make("factorization", 16, kernel_size=3, dilation=(2,), num_heads=2)
+    x = rand(2, 9, 8, 16)
+    torch.testing.assert_close(ours(x), neighborhood_like(ours, num_heads=2, kernel_size=3, dilation=2)(x), **TOL)
+
+
+def test_mixture_of_sparse_with_equal_groups_is_neighborhood():
+    ours = make("mixture_of_sparse", 16, kernel_size=(5, 5), num_heads=4)
+    x = rand(2, 7, 9, 16)
+    torch.testing.assert_close(ours(x), neighborhood_like(ours, num_heads=4, kernel_size=5)(x), **TOL)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("factorization", dict(kernel_size=3, dilation=(1, 3))),
+    ("mixture_of_sparse", dict(kernel_size=(3, (5, 7)))),
+])
+def test_head_groups_each_equal_the_neighborhood_of_their_own_geometry(name, kwargs):
+    """Output heads of group g (before the projection) equal a neighborhood module with group g's geometry."""
+    ours = make(name, 16, num_heads=4, **kwargs)
+    x = rand(1, 11, 10, 16)
+    q, k, v = ours.qkv(x).reshape(1, 11, 10, 3, 4, 4).unbind(3)
+    from attnzoo.ops import neighborhood_attention
+
+    heads = neighborhood_attention(q, k, v, ours.kernel_size, dilation=ours.dilation, head_groups=ours.head_groups)
+    for g, (kk, dd) in enumerate(zip(ours.kernel_size, ours.dilation)):
+        sl = slice(2 * g, 2 * g + 2)
+        alone = neighborhood_attention(q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, dilation=dd, backend="reference")
+        torch.testing.assert_close(heads[..., sl, :], alone, **TOL)
+    torch.testing.assert_close(ours(x), ours.proj(heads.reshape(1, 11, 10, 16)), **TOL)
+
+
+def test_factorization_receptive_field_is_the_union_of_its_groups_neighborhoods():
+    from attnzoo.ops import neighborhood_mask
+
+    ours = make("factorization", 16, kernel_size=3, dilation=(1, 3), num_heads=2)
+    x = rand(1, 12, 12, 16)
+    key = 6 * 12 + 6
+    near, far = neighborhood_mask((12, 12), 3, dilation=1)[:, key], neighborhood_mask((12, 12), 3, dilation=3)[:, key]
+    assert (far & ~near).any() and (near & ~far).any()
+    assert torch.equal(changed_positions(ours, x, (6, 6)), (near | far).reshape(12, 12))
+
+
+def test_grouped_mechanisms_reject_bad_groups():
+    with pytest.raises(ValueError, match="num_heads=3 must be divisible"):
+        attnzoo.create("factorization", 24, dilation=(1, 2), num_heads=3)
+    with pytest.raises(TypeError, match="kernel_size=5"):
+        attnzoo.create("mixture_of_sparse", 32, kernel_size=5)
