@@ -292,3 +292,88 @@ def test_grouped_mechanisms_reject_bad_groups():
         attnzoo.create("factorization", 24, dilation=(1, 2), num_heads=3)
     with pytest.raises(TypeError, match="kernel_size=5"):
         attnzoo.create("mixture_of_sparse", 32, kernel_size=5)
+
+
+# ---------------------------------------------------------------------------------------------------- sparse_global
+
+
+def sparse_gsa_oracle(m, x, activation):
+    """DLGSANet's SparseAttention / Restormer's MDTA (no TLC), written per head in NCHW."""
+    b, h, w, c = x.shape
+    qkv = m.qkv_dwconv(m.qkv(x.permute(0, 3, 1, 2)))
+    q, k, v = qkv.chunk(3, dim=1)
+    d = c // m.num_heads
+    outs = []
+    for head in range(m.num_heads):
+        sl = slice(head * d, (head + 1) * d)
+        qh, kh, vh = (t[:, sl].reshape(b, d, h * w) for t in (q, k, v))
+        qh = qh / qh.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        kh = kh / kh.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        logits = qh @ kh.transpose(1, 2) * m.temperature[head]
+        weights = torch.relu(logits) if activation == "relu" else torch.softmax(logits, -1)
+        outs.append((weights @ vh).reshape(b, d, h, w))
+    return m.project_out(torch.cat(outs, 1)).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softmax"])
+def test_sparse_global_matches_the_official_definition(activation):
+    ours = make("sparse_global", 16, num_heads=2, activation=activation, bias=True)
+    x = rand(2, 5, 7, 16)
+    torch.testing.assert_close(ours(x), sparse_gsa_oracle(ours, x, activation), **TOL)
+
+
+def test_sparse_global_is_global_and_relu_drops_anticorrelated_channels():
+    ours = make("sparse_global", 16, num_heads=2)
+    x = rand(1, 6, 6, 16)
+    assert changed_positions(ours, x, (5, 5)).all()
+    with torch.no_grad():
+        ours.temperature.fill_(-1e3)  # flips the sign: only anti-correlated channel pairs keep a weight
+    qkv = ours.qkv_dwconv(ours.qkv(x.permute(0, 3, 1, 2)))
+    q = F.normalize(qkv[:, :16].reshape(1, 2, 8, 36), dim=-1)
+    k = F.normalize(qkv[:, 16:32].reshape(1, 2, 8, 36), dim=-1)
+    kept = (q @ k.transpose(-1, -2) * -1e3) > 0
+    assert 0 < kept.float().mean() < 1  # a sparse map: some weights are exactly zero
+    torch.testing.assert_close(ours(x), sparse_gsa_oracle(ours, x, "relu"), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- dynamic_local
+
+
+def dynamic_conv_oracle(m, x):
+    """IDynamicDWConvBlock by explicit shifts: out[c, y, x] = Σ_offsets kernel[g(c), offset, y, x] · z[c, y+dy, x+dx]."""
+    k, g = m.kernel_size, m.num_heads
+    z = m.conv0(x.permute(0, 3, 1, 2))
+    b, c, h, w = z.shape
+    kernels = m.hyper(z).reshape(b, g, k, k, h, w)
+    padded = F.pad(z, (k // 2,) * 4)
+    out = torch.zeros_like(z)
+    for i in range(k):
+        for j in range(k):
+            weight = kernels[:, :, i, j].repeat_interleave(c // g, dim=1)
+            out = out + weight * padded[:, :, i : i + h, j : j + w]
+    return m.conv1(out).permute(0, 2, 3, 1)
+
+
+def test_dynamic_local_matches_shift_oracle():
+    ours = make("dynamic_local", 16, kernel_size=5, num_heads=4)
+    x = rand(2, 6, 9, 16)
+    torch.testing.assert_close(ours(x), dynamic_conv_oracle(ours, x), **TOL)
+
+
+def test_dynamic_local_with_constant_kernels_is_a_grouped_depthwise_conv():
+    ours = make("dynamic_local", 16, kernel_size=3, num_heads=4)
+    with torch.no_grad():
+        ours.hyper[-1].weight.zero_()  # the kernels are now the bias: the same at every pixel
+    x = rand(1, 7, 7, 16)
+    static = ours.hyper[-1].bias.reshape(4, 1, 3, 3).repeat_interleave(4, dim=0)
+    z = F.conv2d(ours.conv0(x.permute(0, 3, 1, 2)), static, padding=1, groups=16)
+    torch.testing.assert_close(ours(x), ours.conv1(z).permute(0, 2, 3, 1), **TOL)
+
+
+def test_dynamic_local_receptive_field():
+    ours = make("dynamic_local", 16, kernel_size=3, num_heads=4)
+    x = rand(1, 9, 9, 16)
+    changed = changed_positions(ours, x, (4, 4))
+    # output p reads z in the 3x3 window of p, with a kernel computed from the same window (the hyper-network's
+    # depthwise conv): a 3x3 receptive field
+    assert changed[3:6, 3:6].all() and changed.sum() == 9
