@@ -377,3 +377,63 @@ def test_dynamic_local_receptive_field():
     # output p reads z in the 3x3 window of p, with a kernel computed from the same window (the hyper-network's
     # depthwise conv): a 3x3 receptive field
     assert changed[3:6, 3:6].all() and changed.sum() == 9
+
+
+# ---------------------------------------------------------------------------------------------------- combiner
+
+
+def combiner_oracle(m, x):
+    """Per query, one softmax over [own-window keys] + [summary of each other window], by loops; border windows
+    are clipped to the grid."""
+    b, h, w, c = x.shape
+    (mh, mw), heads = m.window_size, m.num_heads
+    d = c // heads
+    q, k, v = m.qkv(x).reshape(b, h, w, 3, heads, d).unbind(3)
+    scale = d**-0.5
+    out = torch.zeros(b, h, w, heads, d, dtype=x.dtype)
+    windows = [(r, s) for r in range(0, h, mh) for s in range(0, w, mw)]
+    for bi in range(b):
+        for head in range(heads):
+            summaries = []
+            for r, s in windows:
+                kw = k[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                vw = v[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                qw = q[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                inner = torch.softmax(qw.amax(0) @ kw.T * scale, -1)
+                summaries.append((kw.amax(0), inner @ vw))
+            for i in range(h):
+                for j in range(w):
+                    own = (i // mh) * len(range(0, w, mw)) + j // mw
+                    r, s = windows[own]
+                    keys = [k[bi, r : r + mh, s : s + mw, head].reshape(-1, d)]
+                    values = [v[bi, r : r + mh, s : s + mw, head].reshape(-1, d)]
+                    for n, (sk, sv) in enumerate(summaries):
+                        if n != own:
+                            keys.append(sk[None])
+                            values.append(sv[None])
+                    weights = torch.softmax(q[bi, i, j, head] @ torch.cat(keys).T * scale, -1)
+                    out[bi, i, j, head] = weights @ torch.cat(values)
+    return m.proj(out.reshape(b, h, w, c))
+
+
+def test_combiner_matches_loop_oracle():
+    ours = make("combiner", 16, num_heads=2, window_size=(2, 3))
+    x = rand(2, 4, 6, 16)
+    torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
+
+
+def test_combiner_on_a_padded_grid_equals_the_oracle_with_clipped_border_windows():
+    """5x7 with 3x3 windows: padded tokens must stay out of the direct keys, the max-pools and the summaries."""
+    ours = make("combiner", 16, num_heads=2, window_size=3)
+    x = rand(1, 5, 7, 16)
+    torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
+
+
+def test_combiner_single_window_is_mhsa_and_every_token_is_reached():
+    ours = make("combiner", 16, num_heads=2, window_size=6)
+    x = rand(1, 6, 6, 16)
+    mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
+    mhsa.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), mhsa(x), **TOL)
+    small = make("combiner", 16, num_heads=2, window_size=2)
+    assert changed_positions(small, rand(1, 6, 6, 16), (5, 5)).all()
