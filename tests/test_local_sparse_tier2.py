@@ -437,3 +437,43 @@ def test_combiner_single_window_is_mhsa_and_every_token_is_reached():
     torch.testing.assert_close(ours(x), mhsa(x), **TOL)
     small = make("combiner", 16, num_heads=2, window_size=2)
     assert changed_positions(small, rand(1, 6, 6, 16), (5, 5)).all()
+
+
+# ---------------------------------------------------------------------------------------------------- gated_cross_neighborhood
+
+
+def test_gated_cross_neighborhood_on_one_stream_is_gated_neighborhood_self_attention():
+    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3, dilation=2)
+    nat = attnzoo.create("neighborhood", 16, num_heads=2, kernel_size=3, dilation=2).to(DT).eval()
+    state = ours.state_dict()
+    nat.load_state_dict({
+        "qkv.weight": torch.cat([state[f"embed_{n}.weight"] for n in "qkv"]),
+        "qkv.bias": torch.cat([state[f"embed_{n}.bias"] for n in "qkv"]),
+        "proj.weight": state["proj.weight"], "proj.bias": state["proj.bias"], "rpb": state["rpb"],
+    })  # fmt: skip
+    x = rand(2, 7, 9, 16)
+    t = torch.tanh(ours.gate)
+    torch.testing.assert_close(ours(x), (1 - t) * x + t * nat(x), **TOL)
+    torch.testing.assert_close(ours(x, x), ours(x), **TOL)
+
+
+def test_gated_cross_neighborhood_queries_come_from_x_and_keys_from_context():
+    from attnzoo.ops import neighborhood_mask
+
+    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
+    x, context = rand(1, 7, 7, 16), rand(1, 7, 7, 16, seed=1)
+    only_itself = torch.zeros(7, 7, dtype=torch.bool)
+    only_itself[3, 4] = True  # x gives the query (and the gated shortcut) of its own position only
+    assert torch.equal(changed_positions(lambda t: ours(t, context), x, (3, 4)), only_itself)
+    window = neighborhood_mask((7, 7), 3)[:, 3 * 7 + 4].reshape(7, 7)
+    assert torch.equal(changed_positions(lambda t: ours(x, t), context, (3, 4)), window)
+
+
+def test_gated_cross_neighborhood_gate_zero_is_identity_and_bad_context_is_named():
+    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
+    with torch.no_grad():
+        ours.gate.zero_()  # the official initialisation
+    x = rand(1, 5, 6, 16)
+    torch.testing.assert_close(ours(x, rand(1, 5, 6, 16, seed=2)), x, **TOL)
+    with pytest.raises(ValueError, match="context.shape"):
+        ours(x, rand(1, 5, 5, 16))
