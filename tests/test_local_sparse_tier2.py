@@ -477,3 +477,74 @@ def test_gated_cross_neighborhood_gate_zero_is_identity_and_bad_context_is_named
     torch.testing.assert_close(ours(x, rand(1, 5, 6, 16, seed=2)), x, **TOL)
     with pytest.raises(ValueError, match="context.shape"):
         ours(x, rand(1, 5, 5, 16))
+
+
+# ---------------------------------------------------------------------------------------------------- msa_conv
+
+
+def msa_conv_oracle(m, x, mask_padding=False):
+    """Official MSA_Conv_2d with the im2col op written with F.unfold: logits over the k×k zero-padded window."""
+    b, h, w, c = x.shape
+    k, d = m.kernel_size, m.dilation
+    q, key, v = m.qkv(x).permute(0, 3, 1, 2).chunk(3, dim=1)
+    unfold = lambda t: F.unfold(t, k, dilation=d, padding=d * (k // 2)).reshape(b, c, k * k, h, w)  # noqa: E731
+    dots = (q[:, :, None] * unfold(key)).sum(1) * c**-0.5  # [B, k², H, W]
+    if mask_padding:
+        inside = unfold(torch.ones(1, 1, h, w, dtype=x.dtype).expand(b, c, h, w))[:, :1] > 0
+        dots = dots.masked_fill(~inside[:, 0], float("-inf"))
+    attn = dots.softmax(1)
+    out = (attn[:, None] * unfold(v)).sum(2) + x.permute(0, 3, 1, 2)
+    return F.relu(m.mlp(out)).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("kernel, dilation, mask", [(3, 1, False), (5, 2, False), (3, 2, True)])
+def test_msa_conv_matches_official_unfold_definition(kernel, dilation, mask):
+    ours = make("msa_conv", 8, kernel_size=kernel, dilation=dilation, mask_padding=mask)
+    x = rand(2, 6, 7, 8)
+    torch.testing.assert_close(ours(x), msa_conv_oracle(ours, x, mask), **TOL)
+
+
+def test_msa_conv_padding_mode_only_changes_border_windows():
+    ours = make("msa_conv", 8, kernel_size=3)
+    masked = make("msa_conv", 8, kernel_size=3, mask_padding=True)
+    masked.load_state_dict(ours.state_dict())
+    x = rand(1, 8, 8, 8)
+    diff = (ours(x) - masked(x)).abs().amax(-1)[0] > 1e-12
+    # attention differs on the border ring; the 3x3 conv spreads it one more pixel inwards
+    assert diff[0].all() and not diff[3:5, 3:5].any()
+
+
+# ---------------------------------------------------------------------------------------------------- shifted_sparse_group
+
+
+def s2_oracle(m, x):
+    """Dense masked attention: group (or half-shifted group, no wrap-around) of each query, plus the sink tokens."""
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    n, g, sinks, heads = tokens.shape[1], m.group_size(tokens.shape[1]), m.num_tokens, m.num_heads
+    q, k, v = m.qkv(tokens).reshape(tokens.shape[0], n, 3, heads, -1).unbind(2)
+    pos = torch.arange(n)
+    out = []
+    for head in range(heads):
+        offset = 0 if head < heads // 2 else g // 2
+        group = (pos + offset) // g
+        allowed = (group[:, None] == group[None, :]) | (pos[None, :] < sinks)
+        logits = torch.einsum("bnd,bmd->bnm", q[:, :, head], k[:, :, head]) * q.shape[-1] ** -0.5
+        weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out.append(weights @ v[:, :, head])
+    return m.proj(torch.stack(out, 2).reshape(tokens.shape)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("size, window, sinks", [((8, 8), 16, 2), ((5, 7), 6, 3), ((30,), 8, 0)])
+def test_shifted_sparse_group_equals_dense_masked_oracle(size, window, sinks):
+    ours = make("shifted_sparse_group", 16, num_heads=4, window_size=window, num_tokens=sinks)
+    x = rand(2, *size, 16)
+    torch.testing.assert_close(ours(x), s2_oracle(ours, x), **TOL)
+
+
+def test_shifted_sparse_group_one_group_without_sinks_is_mhsa():
+    """A group of twice the sequence holds every token in both halves of the heads (the shift is g/2 = N)."""
+    ours = make("shifted_sparse_group", 16, num_heads=2, window_size=128, num_tokens=0)
+    mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
+    mhsa.load_state_dict(ours.state_dict())
+    x = rand(1, 8, 8, 16)
+    torch.testing.assert_close(ours(x), mhsa(x), **TOL)
