@@ -59,9 +59,12 @@ def timm_swin_v2(module):
     from timm.models.swin_transformer_v2 import WindowAttention
 
     ref = WindowAttention(module.dim, window_size=module.window_size, num_heads=module.num_heads).to(DT).eval()
-    state = {k: v for k, v in module.state_dict().items()}
-    missing = ref.load_state_dict(state, strict=False)
-    assert not missing.unexpected_keys and set(missing.missing_keys) <= {"k_bias", "relative_coords_table", "relative_position_index"}
+    missing = ref.load_state_dict(module.state_dict(), strict=False)
+    assert not missing.unexpected_keys and set(missing.missing_keys) <= {
+        "k_bias",
+        "relative_coords_table",
+        "relative_position_index",
+    }
     return ref
 
 
@@ -88,7 +91,9 @@ def test_window_v2_shifted_matches_timm_with_roll_and_region_mask():
             label[rows, cols] = count
             count += 1
     lab = partition(label[None, :, :, None], m)[..., 0]
-    mask = torch.zeros(lab.shape[0], m * m, m * m, dtype=DT).masked_fill(lab[:, :, None] != lab[:, None, :], float("-inf"))
+    mask = torch.zeros(lab.shape[0], m * m, m * m, dtype=DT).masked_fill(
+        lab[:, :, None] != lab[:, None, :], float("-inf")
+    )
     out = ref(partition(torch.roll(x, (-s, -s), (1, 2)), m), mask=mask)
     expected = torch.roll(unpartition(out, m, h, w), (s, s), (1, 2))
     torch.testing.assert_close(ours(x), expected, **TOL)
@@ -116,7 +121,9 @@ def test_non_local_matches_timm_non_local_attn_minus_its_shortcut(train):
 
     ours = make("non_local", 16, reduction=2)
     ref = NonLocalAttn(16, rd_channels=8).to(DT)
-    state = {k: (v[..., None, None] if k[0] in "tpgz" and k.endswith("weight") else v) for k, v in ours.state_dict().items()}
+    state = {
+        k: (v[..., None, None] if k[0] in "tpgz" and k.endswith("weight") else v) for k, v in ours.state_dict().items()
+    }
     ref.load_state_dict(state)
     ours.train(train)
     ref.train(train)
@@ -178,7 +185,9 @@ def test_global_context_vit_matches_timm_feature_block_and_window_attention_glob
 
     ours = make("global_context_vit", 16, num_heads=2, window_size=window, levels=levels)
     gen = FeatureBlock(16, levels).to(DT).eval()
-    gen.load_state_dict({k[len("global_block."):]: v for k, v in ours.state_dict().items() if k.startswith("global_block.")})
+    gen.load_state_dict(
+        {k[len("global_block.") :]: v for k, v in ours.state_dict().items() if k.startswith("global_block.")}
+    )
     attn = WindowAttentionGlobal(16, 2, (window, window)).to(DT).eval()
     state = {k: v for k, v in ours.state_dict().items() if not k.startswith("global_block.")}
     state["rel_pos.relative_position_bias_table"] = state.pop("relative_position_bias_table")
@@ -201,8 +210,13 @@ def test_global_context_vit_every_output_depends_on_every_token():
 
 @pytest.mark.parametrize("size", [(6, 7), (8, 8)])
 def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(size):
-    from transformers.models.deformable_detr.configuration_deformable_detr import DeformableDetrConfig
-    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+    pytest.importorskip("transformers")
+    from transformers.models.deformable_detr.configuration_deformable_detr import (
+        DeformableDetrConfig,
+    )
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
 
     ours = make("deformable", 16, num_heads=2, num_points=3)
     with torch.no_grad():
@@ -214,7 +228,9 @@ def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(
     x = rand(2, h, w, 16)
     tokens = x.reshape(2, h * w, 16)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=DT), torch.arange(w, dtype=DT), indexing="ij")
-    reference_points = torch.stack(((xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h), -1)[None, :, None].expand(2, -1, 1, 2)
+    reference_points = torch.stack(((xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h), -1)[None, :, None].expand(
+        2, -1, 1, 2
+    )
     expected, _ = ref(
         tokens, encoder_hidden_states=tokens, reference_points=reference_points, spatial_shapes=torch.tensor([[h, w]]),
         spatial_shapes_list=[(h, w)], level_start_index=torch.tensor([0]),
@@ -257,10 +273,13 @@ def test_mixture_of_sparse_with_equal_groups_is_neighborhood():
     torch.testing.assert_close(ours(x), neighborhood_like(ours, num_heads=4, kernel_size=5)(x), **TOL)
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("factorization", dict(kernel_size=3, dilation=(1, 3))),
-    ("mixture_of_sparse", dict(kernel_size=(3, (5, 7)))),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("factorization", dict(kernel_size=3, dilation=(1, 3))),
+        ("mixture_of_sparse", dict(kernel_size=(3, (5, 7)))),
+    ],
+)
 def test_head_groups_each_equal_the_neighborhood_of_their_own_geometry(name, kwargs):
     """Output heads of group g (before the projection) equal a neighborhood module with group g's geometry."""
     ours = make(name, 16, num_heads=4, **kwargs)
@@ -271,7 +290,9 @@ def test_head_groups_each_equal_the_neighborhood_of_their_own_geometry(name, kwa
     heads = neighborhood_attention(q, k, v, ours.kernel_size, dilation=ours.dilation, head_groups=ours.head_groups)
     for g, (kk, dd) in enumerate(zip(ours.kernel_size, ours.dilation)):
         sl = slice(2 * g, 2 * g + 2)
-        alone = neighborhood_attention(q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, dilation=dd, backend="reference")
+        alone = neighborhood_attention(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, dilation=dd, backend="reference"
+        )
         torch.testing.assert_close(heads[..., sl, :], alone, **TOL)
     torch.testing.assert_close(ours(x), ours.proj(heads.reshape(1, 11, 10, 16)), **TOL)
 
@@ -487,7 +508,7 @@ def msa_conv_oracle(m, x, mask_padding=False):
     b, h, w, c = x.shape
     k, d = m.kernel_size, m.dilation
     q, key, v = m.qkv(x).permute(0, 3, 1, 2).chunk(3, dim=1)
-    unfold = lambda t: F.unfold(t, k, dilation=d, padding=d * (k // 2)).reshape(b, c, k * k, h, w)  # noqa: E731
+    unfold = lambda t: F.unfold(t, k, dilation=d, padding=d * (k // 2)).reshape(b, c, k * k, h, w)
     dots = (q[:, :, None] * unfold(key)).sum(1) * c**-0.5  # [B, k², H, W]
     if mask_padding:
         inside = unfold(torch.ones(1, 1, h, w, dtype=x.dtype).expand(b, c, h, w))[:, :1] > 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rand64
 
 import attnzoo.ops as ops
-from conftest import rand64
 
 BACKENDS = ops.list_backends()
 
@@ -54,7 +54,9 @@ def inputs(case, extras: bool, seed: int = 0):
 def grads(out, lse, leaves):
     gen = torch.Generator().manual_seed(7)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
-    loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * torch.randn(lse.shape, generator=gen, dtype=lse.dtype)).sum()
+    loss = (
+        loss + (torch.where(torch.isfinite(lse), lse, 0) * torch.randn(lse.shape, generator=gen, dtype=lse.dtype)).sum()
+    )
     return torch.autograd.grad(loss, leaves, allow_unused=False)
 
 
@@ -137,7 +139,10 @@ def test_one_group_and_equal_groups_are_the_plain_call():
     q, k, v = (rand64(1, 7, 8, 4, 4, seed=s) for s in range(3))
     plain = ops.neighborhood_attention(q, k, v, (3, 5), dilation=(2, 1), backend="reference")
     assert rel_err(ops.neighborhood_attention(q, k, v, [(3, 5)], dilation=[(2, 1)], head_groups=[4]), plain) < 1e-12
-    assert rel_err(ops.neighborhood_attention(q, k, v, [(3, 5)] * 2, head_groups=(1, 3), dilation=[(2, 1)] * 2), plain) < 1e-10
+    assert (
+        rel_err(ops.neighborhood_attention(q, k, v, [(3, 5)] * 2, head_groups=(1, 3), dilation=[(2, 1)] * 2), plain)
+        < 1e-10
+    )
 
 
 def test_broadcast_key_bias_and_recording():

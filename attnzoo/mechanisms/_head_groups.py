@@ -9,7 +9,14 @@ import torch.nn as nn
 
 from ..ops import neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, check_divisible, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_divisible,
+    merge_heads,
+    reject_attn_drop,
+    resolve_heads,
+    split_qkv,
+)
 
 __all__ = ["GroupedNeighborhood"]
 
@@ -38,9 +45,13 @@ class GroupedNeighborhood(Mechanism):
         super().__init__(dim, rank)
         reject_attn_drop(attn_drop)
         if not isinstance(kernel_size, (tuple, list)) or not isinstance(dilation, (tuple, list)):
-            raise TypeError(f"kernel_size={kernel_size!r} and dilation={dilation!r} must be sequences, one entry per group")
+            raise TypeError(
+                f"kernel_size={kernel_size!r} and dilation={dilation!r} must be sequences, one entry per group"
+            )
         if len(kernel_size) != len(dilation) or not kernel_size:
-            raise ValueError(f"kernel_size={kernel_size!r} and dilation={dilation!r} must have the same non-zero length")
+            raise ValueError(
+                f"kernel_size={kernel_size!r} and dilation={dilation!r} must have the same non-zero length"
+            )
         groups = len(kernel_size)
         self.kernel_size = tuple(normalize_axis_arg("kernel_size", k, rank, minimum=2) for k in kernel_size)
         self.dilation = tuple(normalize_axis_arg("dilation", d, rank, minimum=1) for d in dilation)

@@ -82,7 +82,9 @@ class CombinerAttention(Mechanism):
         real = padding.valid_mask(q.device)
         real_win = rearrange(real, "(nh mh) (nw mw) -> (nh nw) (mh mw)", **grid)  # [R, w]
         hide = (~real_win)[None, :, :, None, None]
-        q_win, k_win, v_win = (rearrange(t, "b (nh mh) (nw mw) h d -> b (nh nw) (mh mw) h d", **grid) for t in (q, k, v))
+        q_win, k_win, v_win = (
+            rearrange(t, "b (nh mh) (nw mw) h d -> b (nh nw) (mh mw) h d", **grid) for t in (q, k, v)
+        )
         summary_k = k_win.masked_fill(hide, float("-inf")).amax(2)  # [B, R, h, d]
         summary_q = q_win.masked_fill(hide, float("-inf")).amax(2)
         b, regions = q.shape[0], real_win.shape[0]
@@ -91,9 +93,12 @@ class CombinerAttention(Mechanism):
             attn_mask=real_win.repeat(b, 1)[:, None, None, :],
         ).reshape(b, regions, self.num_heads, -1)  # fmt: skip
         # every query sees the summaries of the windows other than its own
-        region_of_query = torch.arange(regions, device=q.device).reshape(
-            padding.padded_shape[0] // mh, 1, padding.padded_shape[1] // mw, 1
-        ).expand(-1, mh, -1, mw).reshape(-1)
+        region_of_query = (
+            torch.arange(regions, device=q.device)
+            .reshape(padding.padded_shape[0] // mh, 1, padding.padded_shape[1] // mw, 1)
+            .expand(-1, mh, -1, mw)
+            .reshape(-1)
+        )
         other = region_of_query[:, None] != torch.arange(regions, device=q.device)[None, :]
         far, far_lse = attention(q, summary_k, summary_v, attn_mask=other, return_lse=True)
         out, _ = merge_attentions([direct, far], [direct_lse, far_lse])

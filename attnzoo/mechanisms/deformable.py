@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._base import Mechanism, check_int, flatten_tokens, reject_attn_drop, resolve_heads
+from ._base import Mechanism, check_int, reject_attn_drop, resolve_heads
 from .registry import register_mechanism
 
 

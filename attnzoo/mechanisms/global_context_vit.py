@@ -26,7 +26,9 @@ class FusedMBConv(nn.Module):
         hidden = max(8, int(dim / 4 + 4) // 8 * 8)  # timm's make_divisible(dim / 4, 8, round_limit=0)
         self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.act = nn.GELU()
-        self.se = nn.ModuleDict({"fc1": nn.Conv2d(dim, hidden, 1, bias=False), "fc2": nn.Conv2d(hidden, dim, 1, bias=False)})
+        self.se = nn.ModuleDict(
+            {"fc1": nn.Conv2d(dim, hidden, 1, bias=False), "fc2": nn.Conv2d(hidden, dim, 1, bias=False)}
+        )
         self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +110,12 @@ class GlobalContextAttention(Mechanism):
         padding = pad_to_multiple(spatial, window)
         grid = tuple(p // m for p, m in zip(padding.padded_shape, window))
         q = self.global_queries(x).repeat(1, *grid, 1, 1)  # the same queries in every window
-        k, v = rearrange(self.qkv(padding.pad(x)), "b h w (two heads d) -> two b h w heads d", two=2, heads=self.num_heads)
-        table = flip_table(self.relative_position_bias_table.t().reshape(self.num_heads, *(2 * m - 1 for m in window)), 2)
+        k, v = rearrange(
+            self.qkv(padding.pad(x)), "b h w (two heads d) -> two b h w heads d", two=2, heads=self.num_heads
+        )
+        table = flip_table(
+            self.relative_position_bias_table.t().reshape(self.num_heads, *(2 * m - 1 for m in window)), 2
+        )
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=table.to(q.dtype), key_bias=padding.key_bias(q.dtype, q.device),
             backend=self.backend,

@@ -92,7 +92,9 @@ class MaskUnitAttention(Mechanism):
         q, k, v = split_qkv(self.qkv(units), self.num_heads)
         q = rearrange(q, "u (ph sh) (pw sw) h d -> u ph pw h d (sh sw)", sh=sh, sw=sw).amax(-1)
         out = attention(q, k, v)
-        out = rearrange(merge_heads(out), "(b nh nw) ph pw c -> b (nh ph) (nw pw) c", nh=spatial[0] // mh, nw=spatial[1] // mw)
+        out = rearrange(
+            merge_heads(out), "(b nh nw) ph pw c -> b (nh ph) (nw pw) c", nh=spatial[0] // mh, nw=spatial[1] // mw
+        )
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -7,7 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import neighborhood_attention
-from ._base import Mechanism, check_int, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_int,
+    merge_heads,
+    reject_attn_drop,
+    resolve_heads,
+    split_qkv,
+)
 from ._channel_conv import to_nchw, to_nhwc
 from ._windows import Padding
 from .registry import register_mechanism

@@ -6,7 +6,15 @@ import torch
 import torch.nn as nn
 
 from ..ops import neighborhood_attention
-from ._base import Mechanism, check_int, flatten_tokens, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_int,
+    flatten_tokens,
+    merge_heads,
+    reject_attn_drop,
+    resolve_heads,
+    split_qkv,
+)
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -98,4 +106,6 @@ class ShiftedSparseGroupAttention(Mechanism):
         return self.proj_drop(self.proj(out)).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, num_tokens={self.num_tokens}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, num_tokens={self.num_tokens}"
+        )

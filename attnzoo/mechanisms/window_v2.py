@@ -84,7 +84,9 @@ class WindowAttentionV2(Mechanism):
         self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
         self.logit_scale = nn.Parameter(torch.full((self.num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(rank, cpb_hidden), nn.ReLU(), nn.Linear(cpb_hidden, self.num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(rank, cpb_hidden), nn.ReLU(), nn.Linear(cpb_hidden, self.num_heads, bias=False)
+        )
         norm_window = tuple(p if p > 0 else m for p, m in zip(pretrained, self.window_size))
         offsets = log_spaced_offsets(self.window_size, norm_window)
         self.register_buffer("relative_coords_table", offsets.float(), persistent=False)
@@ -115,4 +117,6 @@ class WindowAttentionV2(Mechanism):
         return self.proj_drop(self.proj(merge_heads(padding.crop(out))))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+        )

@@ -139,7 +139,9 @@ def _grouped_attention(
             )
     rank, heads = q.dim() - 3, int(q.shape[-2])
     groups = normalize_head_groups(head_groups, heads)
-    kernels = [normalize_axis_arg("kernel_size", kk, rank) for kk in per_group_arg("kernel_size", kernel_size, len(groups))]
+    kernels = [
+        normalize_axis_arg("kernel_size", kk, rank) for kk in per_group_arg("kernel_size", kernel_size, len(groups))
+    ]
     dilations = [normalize_axis_arg("dilation", d, rank) for d in per_group_arg("dilation", dilation, len(groups))]
     if rel_pos_bias is None:
         tables = [None] * len(groups)
@@ -149,7 +151,9 @@ def _grouped_attention(
             expected = (size, *(2 * kernel - 1 for kernel in kk))
             if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
                 got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
-                raise ValueError(f"rel_pos_bias[{i}].shape={got} must be [group_heads, *(2*kernel_size-1)] = {expected}")
+                raise ValueError(
+                    f"rel_pos_bias[{i}].shape={got} must be [group_heads, *(2*kernel_size-1)] = {expected}"
+                )
     else:
         raise TypeError(f"rel_pos_bias must be None or a sequence of {len(groups)} per-group tables with head_groups")
     runs: list[tuple[int, int, tuple, tuple, list]] = []  # start, stop, kernel, dilation, tables
