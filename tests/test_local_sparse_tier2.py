@@ -361,21 +361,17 @@ def test_sparse_global_is_global_and_relu_drops_anticorrelated_channels():
 
 
 def dynamic_conv_oracle(m, x):
-    """IDynamicDWConvBlock by explicit shifts: out[c, y, x] = Σ_offsets kernel[g(c), offset, y, x] · z[c, y+dy, x+dx]."""
+    """IDynamicDWConvBlock by im2col: out[c, p] = Σ_o kernel[c // head_dim, o, p] · unfold(z)[c, o, p]."""
     k, g = m.kernel_size, m.num_heads
     z = m.conv0(x.permute(0, 3, 1, 2))
     b, c, h, w = z.shape
-    kernels = m.hyper(z).reshape(b, g, k, k, h, w)
-    padded = F.pad(z, (k // 2,) * 4)
-    out = torch.zeros_like(z)
-    for i in range(k):
-        for j in range(k):
-            weight = kernels[:, :, i, j].repeat_interleave(c // g, dim=1)
-            out = out + weight * padded[:, :, i : i + h, j : j + w]
+    kernels = m.hyper(z).reshape(b, g, 1, k * k, h * w).expand(b, g, c // g, k * k, h * w).reshape(b, c, k * k, h * w)
+    patches = F.unfold(z, k, padding=k // 2).reshape(b, c, k * k, h * w)
+    out = (kernels * patches).sum(2).reshape(b, c, h, w)
     return m.conv1(out).permute(0, 2, 3, 1)
 
 
-def test_dynamic_local_matches_shift_oracle():
+def test_dynamic_local_matches_im2col_oracle():
     ours = make("dynamic_local", 16, kernel_size=5, num_heads=4)
     x = rand(2, 6, 9, 16)
     torch.testing.assert_close(ours(x), dynamic_conv_oracle(ours, x), **TOL)

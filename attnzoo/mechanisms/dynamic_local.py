@@ -25,7 +25,7 @@ from .registry import register_mechanism
     note="implements the official IDynamicDWConvBlock: 1×1 conv, then a zero-padded k×k depthwise conv whose "
     "per-pixel kernels come from a hyper-network (1×1 to dim/4, k×k depthwise, 1×1 to k²·heads), no softmax, then "
     "1×1 conv. The official 'heads' argument is the number of channels sharing one kernel (here head_dim); the "
-    "CUDA (cupy) kernel is replaced by an unfold in PyTorch",
+    "CUDA (cupy) kernel is replaced by a shift-and-accumulate loop in PyTorch",
     test_kwargs={"kernel_size": 3},
     test_size=(8, 8),
 )
@@ -70,10 +70,13 @@ class DynamicLocalAttention(Mechanism):
         h, w = self.check_input(x)
         k = self.kernel_size
         z = self.conv0(to_nchw(x))
-        kernels = rearrange(self.hyper(z), "b (g kk) y x -> b g 1 kk (y x)", g=self.num_heads)
-        patches = rearrange(F.unfold(z, k, padding=k // 2), "b (g c kk) n -> b g c kk n", g=self.num_heads, kk=k * k)
-        out = rearrange((patches * kernels).sum(3), "b g c (y x) -> b (g c) y x", y=h, x=w)
-        return to_nhwc(self.conv1(out))
+        kernels = rearrange(self.hyper(z), "b (g kh kw) y x -> b g 1 kh kw y x", g=self.num_heads, kh=k)
+        padded = rearrange(F.pad(z, (k // 2,) * 4), "b (g c) y x -> b g c y x", g=self.num_heads)
+        out = torch.zeros_like(padded[..., :h, :w])
+        for i in range(k):  # shift and accumulate: no k²-times larger im2col buffer
+            for j in range(k):
+                out = out + kernels[:, :, :, i, j] * padded[..., i : i + h, j : j + w]
+        return to_nhwc(self.conv1(out.flatten(1, 2)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}, num_heads={self.num_heads}"
