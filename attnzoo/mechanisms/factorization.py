@@ -25,7 +25,7 @@ from .registry import register_mechanism
     test_size=(8, 8),
 )
 class FactorizationAttention(GroupedNeighborhood):
-    """Factorization self-attention (Qin et al., FaViT, AAAI 2024 / arXiv 2023), head-group form.
+    """Factorization self-attention (Qin et al., FaViT, arXiv 2023), head-group form.
 
     Heads split into ``len(dilation)`` equal groups; group g attends to the ``kernel_size`` neighborhood at
     dilation ``dilation[g]``, so the groups together see a ``kernel_size·max(dilation)`` span at window cost.

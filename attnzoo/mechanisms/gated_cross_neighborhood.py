@@ -33,7 +33,7 @@ from .registry import register_mechanism
     test_size=(8, 8),
 )
 class GatedCrossNeighborhoodAttention(Mechanism):
-    """Gated neighborhood cross-attention (Luo et al., RTM / ASCFormer, ICCV 2023).
+    """Gated neighborhood cross-attention (Luo et al., RTM / ASCFormer, CVPR 2023).
 
     ``y = (1 − tanh γ)·x + tanh γ · proj(NA(q = W_q x, k = W_k c, v = W_v c))`` where ``c`` is the auxiliary
     stream (``context``, same shape as ``x``; ``x`` itself when omitted), NA is neighborhood attention with a
