@@ -85,6 +85,11 @@ def broken_internal_links(results: list[dict]) -> list[str]:
     return broken
 
 
+def dump_dom(page: Path, fragment: str = "") -> str:
+    """The page's DOM after its scripts ran (``fragment``: the part of the URL after ``#``)."""
+    return _run(["--virtual-time-budget=5000", "--dump-dom", page.as_uri() + (f"#{fragment}" if fragment else "")])
+
+
 def screenshot(page: Path, png: Path, size: str = "1400,2000") -> Path:
     _run([f"--screenshot={png}", f"--window-size={size}", page.as_uri()])
     return png

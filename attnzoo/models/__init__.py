@@ -55,10 +55,14 @@ def create(
     in_chans: int = 3,
     img_size: int | None = None,
     mixer_kwargs: MixerKwargs = None,
+    channel_mixer: str | Sequence[str | None] | None = None,
+    channel_mixer_kwargs: MixerKwargs = None,
 ) -> Backbone:
     """Build backbone ``size`` (``"tiny"`` or ``"small"``) with ``mixers`` (one name for all stages, or one per stage).
 
     ``mixer_kwargs``: ``None``, one dict for every stage, or a sequence with one dict (or ``None``) per stage.
+    ``channel_mixer``: ``None`` (the MLP), or a ``slot="channel"`` mechanism name replacing the MLP of every block
+    (e.g. ``"convolutional_glu"``), or one name/``None`` per stage; ``channel_mixer_kwargs`` like ``mixer_kwargs``.
     ``img_size`` defaults to the size's native resolution (28 for tiny, 224 for small).
     """
     if size not in SIZES:
@@ -70,14 +74,21 @@ def create(
         if not isinstance(name, str):
             raise TypeError(f"mixers must hold mechanism names (str), got {name!r}")
     kwargs = [dict(k or {}) for k in _per_stage(mixer_kwargs, stages, "mixer_kwargs")]
+    channel_names = _per_stage(channel_mixer, stages, "channel_mixer")
+    for name in channel_names:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"channel_mixer must hold mechanism names (str) or None, got {name!r}")
+    channel_kwargs = [dict(k or {}) for k in _per_stage(channel_mixer_kwargs, stages, "channel_mixer_kwargs")]
     img_size = img_size or spec.img_size
     model = Backbone(
         names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
         num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
+        channel_mixers=channel_names, channel_kwargs=channel_kwargs,
     )  # fmt: skip
     model.config = {
         "size": size, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
-        "img_size": img_size, "mixer_kwargs": kwargs,
+        "img_size": img_size, "mixer_kwargs": kwargs, "channel_mixer": list(channel_names),
+        "channel_mixer_kwargs": channel_kwargs,
     }  # fmt: skip
     return model
 

@@ -1,8 +1,8 @@
 """Hierarchical vision backbone with a pluggable token mixer per stage.
 
 Layout: a conv stem turns the image into channels-last tokens ``(B, H, W, C)``; each stage is a stack of pre-norm
-blocks ``x + mixer(norm(x))``, ``x + mlp(norm(x))``; a strided 3×3 conv halves the token grid between stages
-(``ceil(H / 2)``); the head is norm → global average pool → linear. Any registered mechanism can be the mixer of any
+blocks ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (``mlp``: the MLP, or a ``slot="channel"`` mechanism named in
+``channel_mixers``); a strided 3×3 conv halves the token grid between stages (``ceil(H / 2)``); the head is norm → global average pool → linear. Any registered mechanism can be the mixer of any
 stage (``attnzoo.list_mechanisms()``).
 
 Sizes (``SIZES``):
@@ -142,15 +142,46 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
-class Block(nn.Module):
-    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` on ``(B, H, W, C)``."""
+def check_slot(argument: str, name: str, slot: str) -> None:
+    """Raise a ValueError unless mechanism ``name`` (given as ``argument``) fills a block's ``slot``."""
+    actual = mechanism_info(name).slot
+    if actual != slot:
+        other = "mixers" if actual == "token" else "channel_mixer"
+        raise ValueError(
+            f"{argument}={name!r} is a {actual} mixer (slot={actual!r}) but this place takes a {slot} mixer "
+            f"(slot={slot!r}); pass it as {other}= instead"
+        )
 
-    def __init__(self, name: str, dim: int, mlp_ratio: float, mixer_kwargs: Mapping[str, Any]) -> None:
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` on ``(B, H, W, C)``.
+
+    ``channel_mixer``: a registered ``slot="channel"`` mechanism that replaces the MLP (``None``: the MLP); it gets
+    ``mlp_ratio`` when it takes one and ``channel_kwargs`` does not set it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        mlp_ratio: float,
+        mixer_kwargs: Mapping[str, Any],
+        channel_mixer: str | None = None,
+        channel_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
+        check_slot("mixer", name, "token")
         self.norm1 = nn.LayerNorm(dim)
         self.mixer = MixerAdapter(name, dim, **mixer_kwargs)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if channel_mixer is None:
+            self.mlp: nn.Module = Mlp(dim, int(dim * mlp_ratio))
+        else:
+            check_slot("channel_mixer", channel_mixer, "channel")
+            kwargs = dict(channel_kwargs or {})
+            if "mlp_ratio" in inspect.signature(mechanism_info(channel_mixer).cls.__init__).parameters:
+                kwargs.setdefault("mlp_ratio", mlp_ratio)
+            self.mlp = MixerAdapter(channel_mixer, dim, **kwargs)
 
     def forward(self, x: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x), state)
@@ -215,11 +246,22 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         img_size: int | tuple[int, int] = 224,
         mixer_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        channel_mixers: Sequence[str | None] | None = None,
+        channel_kwargs: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> None:
         super().__init__()
         stages = len(dims)
-        if len(depths) != stages or len(mixers) != stages:
-            raise ValueError(f"dims={tuple(dims)}, depths={tuple(depths)} and mixers={tuple(mixers)} must have equal length")
+        channel_mixers = list(channel_mixers) if channel_mixers is not None else [None] * stages
+        if len(depths) != stages or len(mixers) != stages or len(channel_mixers) != stages:
+            raise ValueError(
+                f"dims={tuple(dims)}, depths={tuple(depths)}, mixers={tuple(mixers)} and "
+                f"channel_mixers={tuple(channel_mixers)} must have equal length"
+            )
+        for i, (name, channel) in enumerate(zip(mixers, channel_mixers)):
+            check_slot(f"mixers[{i}]", name, "token")
+            if channel is not None:
+                check_slot(f"channel_mixers[{i}]", channel, "channel")
+        per_channel = list(channel_kwargs) if channel_kwargs is not None else [{}] * stages
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(size) != 2 or any(s < stem_stride for s in size):
             raise ValueError(f"img_size={img_size!r} must be one or two ints ≥ stem_stride={stem_stride}")
@@ -236,13 +278,21 @@ class Backbone(nn.Module):
                 self.downsamples.append(Downsample(dims[i - 1], dim))
                 grid = (_halve(grid[0]), _halve(grid[1]))
             self.grids.append(grid)
-            self.stages.append(self._build_stage(i, name, dim, depth, grid, mlp_ratio, per_stage[i] or {}))
+            channel = (channel_mixers[i], per_channel[i] or {})
+            self.stages.append(self._build_stage(i, name, dim, depth, grid, mlp_ratio, per_stage[i] or {}, channel))
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _build_stage(
-        i: int, name: str, dim: int, depth: int, grid: tuple[int, int], mlp_ratio: float, user: Mapping[str, Any]
+        i: int,
+        name: str,
+        dim: int,
+        depth: int,
+        grid: tuple[int, int],
+        mlp_ratio: float,
+        user: Mapping[str, Any],
+        channel: tuple[str | None, Mapping[str, Any]] = (None, {}),
     ) -> Stage:
         where = f"stage {i} ({grid[0]}×{grid[1]} tokens, dim {dim})"
         try:
@@ -252,7 +302,7 @@ class Backbone(nn.Module):
         first_error: tuple[dict[str, Any], Exception] | None = None
         for kwargs in candidates:
             try:
-                return Backbone._try_stage(name, dim, depth, grid, mlp_ratio, kwargs)
+                return Backbone._try_stage(name, dim, depth, grid, mlp_ratio, kwargs, channel)
             except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
                 first_error = first_error or (kwargs, exc)
         kwargs, exc = first_error  # type: ignore[misc]
@@ -261,10 +311,16 @@ class Backbone(nn.Module):
 
     @staticmethod
     def _try_stage(
-        name: str, dim: int, depth: int, grid: tuple[int, int], mlp_ratio: float, kwargs: Mapping[str, Any]
+        name: str,
+        dim: int,
+        depth: int,
+        grid: tuple[int, int],
+        mlp_ratio: float,
+        kwargs: Mapping[str, Any],
+        channel: tuple[str | None, Mapping[str, Any]] = (None, {}),
     ) -> Stage:
         """Build the stage and run its first mixer once on a zero map, so size problems surface now."""
-        blocks = Stage(*(Block(name, dim, mlp_ratio, kwargs) for _ in range(depth)))
+        blocks = Stage(*(Block(name, dim, mlp_ratio, kwargs, *channel) for _ in range(depth)))
         probe = torch.zeros(1, *grid, dim)
         with torch.no_grad():
             out = blocks[0].mixer.eval()(probe)

@@ -5,6 +5,7 @@ from .attention import attention, merge_attentions
 from .backends import list_backends
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import na1d, na2d, na3d, neighborhood_attention
+from .problem import normalize_axis_arg
 from .recording import AttentionRecord, record_attention
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "neighborhood_mask",
     "neighborhood_rel_index",
     "list_backends",
+    "normalize_axis_arg",
     "record_attention",
     "AttentionRecord",
 ]

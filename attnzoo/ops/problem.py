@@ -198,3 +198,26 @@ def make_problem(
         has_rel_pos_bias=rel_pos_bias is not None,
         return_lse=return_lse,
     )
+
+
+def normalize_head_groups(head_groups, heads: int) -> tuple[int, ...]:
+    """``head_groups`` (sizes of consecutive head groups) as a tuple of positive ints summing to ``heads``."""
+    if not isinstance(head_groups, (tuple, list)) or not head_groups:
+        raise TypeError(f"head_groups={head_groups!r} must be a non-empty sequence of positive ints")
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in head_groups):
+        raise ValueError(f"head_groups={head_groups!r} must contain positive ints")
+    if sum(head_groups) != heads:
+        raise ValueError(f"head_groups={head_groups!r} must sum to the number of heads {heads}, got {sum(head_groups)}")
+    return tuple(head_groups)
+
+
+def per_group_arg(name: str, value, num_groups: int) -> tuple:
+    """A window argument given per head group: a plain int is shared by every group, otherwise a sequence with one
+    entry (an int or a per-axis sequence) per group."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * num_groups
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name}={value!r} must be an int or a sequence with one entry per head group")
+    if len(value) != num_groups:
+        raise ValueError(f"{name}={value!r} must have one entry per head group ({num_groups} groups), got {len(value)}")
+    return tuple(value)

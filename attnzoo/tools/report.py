@@ -109,36 +109,45 @@ def _pyplot():
 
 
 def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
-    """Log-log ``latency`` or ``memory`` against token count, one line per mechanism, exponent in the legend."""
+    """Log-log ``latency`` or ``memory`` against token count: one small panel per family, one line per mechanism
+    with its fitted exponent in the panel's legend, the same axes in every panel so families compare at a glance."""
     key, exp_key, scale, label = {
         "latency": ("latency_s", "latency_exponent", 1e3, "median latency (ms)"),
         "memory": ("peak_bytes", "memory_exponent", 1 / 2**20, "peak memory (MiB)"),
     }[what]  # fmt: skip
+    curves: dict[str, list[tuple[str, float, list[tuple[int, float]]]]] = {}
+    for r in rows:
+        points = [(p.tokens, getattr(p, key) * scale) for p in r.scaling]
+        points = [(t, v) for t, v in points if math.isfinite(v) and v > 0]
+        if points:
+            curves.setdefault(r.family, []).append((r.name, getattr(r, exp_key), points))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
-    cmap = plt.get_cmap("tab20")
-    drawn = 0
-    for i, r in enumerate(rows):
-        values = [(p.tokens, getattr(p, key)) for p in r.scaling]
-        points = [(t, v * scale) for t, v in values if math.isfinite(v) and v > 0]
-        if not points:
-            continue
-        exponent = getattr(r, exp_key)
-        style = ("-", "--", ":")[(i // 20) % 3]  # 20 colours, then the next line style
-        ax.plot(*zip(*points), style, marker="o", ms=3, color=cmap(i % 20),
-                label=f"{r.name} (slope {exponent:.2f})" if math.isfinite(exponent) else r.name)  # fmt: skip
-        drawn += 1
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens N (size²)")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label.split(' (')[0].capitalize()} vs tokens (log-log; slope ≈ 1 linear/local, ≈ 2 global)")
-    ax.grid(True, which="both", alpha=0.3)
-    if drawn:
-        fig.legend(fontsize=7, ncol=2 if drawn > 22 else 1, loc="outside right upper")
-    else:
-        ax.text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(path, dpi=120)
+    cols = min(3, max(1, len(curves)))
+    panels = max(1, len(curves))
+    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(panels / cols)),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")  # fmt: skip
+    cmap = plt.get_cmap("tab10")
+    for ax, family in zip(axes.flat, sorted(curves)):
+        for i, (name, exponent, points) in enumerate(curves[family]):
+            ax.plot(*zip(*points), ("-", "--")[(i // 10) % 2], marker="o", ms=3, color=cmap(i % 10),
+                    label=f"{name} ({exponent:.2f})" if math.isfinite(exponent) else name)  # fmt: skip
+        ax.set_title(family, fontsize=10)
+        ax.legend(fontsize=6.5, loc="upper left")
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        if not ax.has_data():
+            ax.axis("off")
+    if not curves:
+        axes[0][0].axis("on")
+        axes[0][0].text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center",
+                        transform=axes[0][0].transAxes)  # fmt: skip
+    fig.supxlabel("tokens N (size²)")
+    fig.supylabel(label)
+    fig.suptitle(f"{label.split(' (')[0].capitalize()} vs tokens by family (log-log; fitted exponent in brackets: "
+                 "≈ 1 linear/local, ≈ 2 global)")  # fmt: skip
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -173,6 +182,39 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
     plt.close(fig)
 
 
+SORT_SCRIPT = """
+const table = document.getElementById("results");
+const headers = [...table.tHead.rows[0].cells];
+function sortBy(column, order) {
+  const rows = [...table.tBodies[0].rows];
+  const key = row => row.cells[column].dataset.sort;
+  const numeric = rows.every(row => key(row) === "" || !isNaN(parseFloat(key(row))));
+  const compare = numeric
+    ? (a, b) => (key(a) === "" ? Infinity : parseFloat(key(a))) - (key(b) === "" ? Infinity : parseFloat(key(b)))
+    : (a, b) => key(a).localeCompare(key(b));
+  rows.sort((a, b) => (order === "asc" ? 1 : -1) * compare(a, b));
+  rows.forEach(row => table.tBodies[0].appendChild(row));
+  headers.forEach(h => delete h.dataset.order);
+  headers[column].dataset.order = order;
+}
+headers.forEach((h, i) => h.addEventListener("click", () => sortBy(i, h.dataset.order === "asc" ? "desc" : "asc")));
+const wanted = decodeURIComponent(location.hash.replace(/^#sort=/, ""));
+const start = headers.findIndex(h => h.textContent === wanted);
+if (start >= 0) sortBy(start, "asc");
+"""
+
+
+def _sort_key(cell: str) -> str:
+    """What a table cell sorts by: its number (thousands separators removed) or its text; '' for no value."""
+    text = cell.replace(",", "").strip()
+    if text in ("—", ""):
+        return ""
+    try:
+        return repr(float(text))
+    except ValueError:
+        return html.escape(cell, quote=True)
+
+
 def write_index_html(
     rows: Sequence[BenchRow], cfg: BenchConfig, images: Sequence[str], path: Path, yardstick_s: float = math.nan
 ) -> None:
@@ -181,7 +223,7 @@ def write_index_html(
     header = list(TABLE_COLUMNS) + (list(SCALING_COLUMNS) if with_scaling else [])
     body = []
     for r in rows:
-        cells = "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, with_scaling))
+        cells = "".join(f'<td data-sort="{_sort_key(c)}">{html.escape(c)}</td>' for c in table_cells(r, with_scaling))
         body.append(f'<tr class="{"ok" if r.ok else "failed"}">{cells}</tr>')
     env = environment(cfg)
     workload = (f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype} on {cfg.device}, "
@@ -194,6 +236,9 @@ table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, td:nth-child(2), td:nth-child(10) {{ text-align: left; }}
 tr.failed {{ background: #fdd; }}
+th {{ cursor: pointer; background: #f0f0f0; }}
+th[data-order="asc"]::after {{ content: " ▲"; }}
+th[data-order="desc"]::after {{ content: " ▼"; }}
 img {{ max-width: 100%; margin: 1em 0; }}
 </style></head><body>
 <h1>attnzoo bench</h1>
@@ -205,12 +250,14 @@ by that of dense SDPA over all tokens at the same workload, measured in the same
 FLOPs: torch.utils.flop_counter (matmul, conv, attention; the engine's fused op and FFTs by registered formulas;
 elementwise ops and softmax not counted).
 Check: "ref ok" = equal to the same module on the dense reference backend; "finite" = finite output.
-Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json</a>.</p>
-<table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
+Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json</a>.
+Click a column header to sort by it (again to reverse); <code>index.html#sort=latency ms</code> opens the page sorted.</p>
+<table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
 <tbody>
 {chr(10).join(body)}
 </tbody></table>
 {chr(10).join(f'<img src="{html.escape(name)}" alt="{html.escape(name)}">' for name in images)}
+<script>{SORT_SCRIPT}</script>
 </body></html>
 """
     path.write_text(page, encoding="utf-8")
