@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.mechanisms._base import BlockState
+from attnzoo import BlockState
 from attnzoo.models.backbone import Backbone, Stage
 
 DT = torch.float64

@@ -135,7 +135,7 @@ def test_global_local_cross_matches_the_written_out_selection_and_its_gradients(
 
 
 def test_global_local_cross_accumulates_the_rollout_over_blocks():
-    from attnzoo.mechanisms._base import BlockState
+    from attnzoo import BlockState
 
     first = make("global_local_cross", seed=1, num_heads=2, topk=3)
     second = make("global_local_cross", seed=2, num_heads=2, topk=3)
