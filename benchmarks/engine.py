@@ -195,17 +195,23 @@ def _timed_once_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def gpu_workload(name: str, spec: dict, min_run_time: float, dtype: torch.dtype) -> dict:
-    """Every backend and the two SDPA yardsticks on one workload (forward and forward+backward)."""
+def gpu_workload(name: str, spec: dict, min_run_time: float, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """Every backend and the two SDPA yardsticks on one workload (forward and forward+backward); ``device="cpu"``
+    runs the same code with CPU timers (a smoke check of this function on machines without a GPU)."""
     from torch._dynamo.utils import counters
 
     from attnzoo.ops.backends import BACKENDS, select_backend
     from attnzoo.ops.backends.flex import _PLANS, _plan_key, flex_plan
     from attnzoo.ops.problem import make_problem
 
+    if device == "cuda":
+        timed, once = cuda_time_ms, _timed_once_ms
+    else:
+        timed = lambda fn, run_time: time_ms(fn, 1, run_time)  # noqa: E731
+        once = lambda fn: time_ms(fn, 1, 0.0)  # noqa: E731
     torch.manual_seed(0)
     b, h, d, spatial, kernel = spec["batch"], spec["heads"], spec["dim"], spec["spatial"], spec["kernel"]
-    make = lambda shape: torch.randn(b, *shape, h, d, device="cuda", dtype=dtype)  # noqa: E731
+    make = lambda shape: torch.randn(b, *shape, h, d, device=device, dtype=dtype)  # noqa: E731
     q, k, v = make(spatial), make(spatial), make(spatial)
     padded = tuple(-(-s // kk) * kk for s, kk in zip(spatial, kernel))
     qp, kp, vp = make(padded), make(padded), make(padded)
@@ -213,10 +219,10 @@ def gpu_workload(name: str, spec: dict, min_run_time: float, dtype: torch.dtype)
     scale_queries = n / math.prod(padded)
     win = lambda *t: window_sdpa(*t, kernel)  # noqa: E731
     out = {"spec": {**spec, "dtype": str(dtype)}, "keys_per_query": keys, "tokens": n}
-    out["t_window_ms"] = cuda_time_ms(lambda: win(qp, kp, vp), min_run_time) * scale_queries
-    out["t_window_fwd_bwd_ms"] = cuda_time_ms(fwd_bwd(win, qp, kp, vp), min_run_time) * scale_queries
-    out["t_dense_ms"] = cuda_time_ms(lambda: dense_sdpa(q, k, v), min_run_time)
-    out["t_dense_fwd_bwd_ms"] = cuda_time_ms(fwd_bwd(dense_sdpa, q, k, v), min_run_time)
+    out["t_window_ms"] = timed(lambda: win(qp, kp, vp), min_run_time) * scale_queries
+    out["t_window_fwd_bwd_ms"] = timed(fwd_bwd(win, qp, kp, vp), min_run_time) * scale_queries
+    out["t_dense_ms"] = timed(lambda: dense_sdpa(q, k, v), min_run_time)
+    out["t_dense_fwd_bwd_ms"] = timed(fwd_bwd(dense_sdpa, q, k, v), min_run_time)
     flop_ratio = n / keys  # dense FLOPs / NA FLOPs (same head dims, every query: N keys vs K keys)
     grad_problem = make_problem(*(t.detach().requires_grad_() for t in (q, k, v)), kernel)
     with torch.no_grad():
@@ -236,13 +242,13 @@ def gpu_workload(name: str, spec: dict, min_run_time: float, dtype: torch.dtype)
         if backend == "flex":
             for reorder in (None, True, False):  # time the block-mask build from scratch
                 _PLANS.pop(_plan_key(fwd_problem, reorder), None)
-            row["block_mask_build_ms"] = _timed_once_ms(lambda: flex_plan(fwd_problem))
+            row["block_mask_build_ms"] = once(lambda: flex_plan(fwd_problem))
             row["plan"] = flex_plan(fwd_problem).stats
-            row["first_call_fwd_ms"] = _timed_once_ms(lambda na=na: na(q, k, v))
-            row["first_call_fwd_bwd_ms"] = _timed_once_ms(fwd_bwd(na, q, k, v))
+            row["first_call_fwd_ms"] = once(lambda na=na: na(q, k, v))
+            row["first_call_fwd_bwd_ms"] = once(fwd_bwd(na, q, k, v))
             graphs = counters["stats"]["unique_graphs"]
-        row["t_fwd_ms"] = cuda_time_ms(lambda na=na: na(q, k, v), min_run_time)
-        row["t_fwd_bwd_ms"] = cuda_time_ms(fwd_bwd(na, q, k, v), min_run_time)
+        row["t_fwd_ms"] = timed(lambda na=na: na(q, k, v), min_run_time)
+        row["t_fwd_bwd_ms"] = timed(fwd_bwd(na, q, k, v), min_run_time)
         if backend == "flex":
             row["recompiles_after_first_call"] = counters["stats"]["unique_graphs"] - graphs
         for mode, t_na, t_win, t_dense in (
