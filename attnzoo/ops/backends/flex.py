@@ -39,8 +39,8 @@ _PAD_COORD = -(1 << 20)  # key coordinate of a padding token: never inside any w
 _MIN_CUDA_HEAD_DIM = 16  # torch's Triton FlexAttention kernel needs head dims >= 16 (tl.dot)
 _MAX_PADDING = 0.125  # above this share of padding tokens, edge tiles stay partial instead of being padded
 _CHUNK_PAIRS = 1 << 24  # (query, key) pairs evaluated at once while building a block mask
-_RECOMPILE_LIMIT = 64
-_MAX_PLANS = 64  # cached geometries (oldest dropped first)  # distinct geometries (shapes, dtypes, options) compiled before dynamo falls back to eager
+_RECOMPILE_LIMIT = 64  # distinct geometries (shapes, dtypes, options) compiled before dynamo falls back to eager
+_MAX_PLANS = 64  # cached geometries (oldest dropped first)
 
 __all__ = ["FlexBackend", "FlexPlan", "flex_plan", "tile_shape"]
 
@@ -117,13 +117,12 @@ class FlexPlan:
 
 
 def _plan_tables(shape, kernel, stride, dilation, causal, num_additional, reorder):
-    """Token order and per-slot lookup tables on the CPU (see the module docstring)."""
-    rank = len(shape)
+    """Token order (tiles if ``reorder``, else row-major) and per-slot lookup tables, on the CPU."""
     windows = [axis_windows(*args) for args in zip(shape, kernel, stride, dilation, causal)]
     if reorder:
         tile = tile_shape(tuple(-(-L // d) for L, d in zip(shape, dilation)))
         slots = [_axis_slots(L, d, t) for L, d, t in zip(shape, dilation, tile)]
-    else:  # row-major order, no padding (used to measure what reordering buys)
+    else:  # row-major order, no padding
         tile = tuple(shape)
         slots = [torch.stack([torch.zeros(L, dtype=torch.int64)] * 2 + [torch.arange(L)] * 2, 1) for L in shape]
     grids = torch.meshgrid(*[torch.arange(len(s)) for s in slots], indexing="ij")
@@ -165,7 +164,7 @@ def _plan_tables(shape, kernel, stride, dilation, causal, num_additional, reorde
     return dict(
         source=source, inverse=inverse, key_coord=key_coord, query_start=query_start, query_count=query_count,
         query_rel=query_rel, dilation=tuple(dilation), rel_size=tuple(2 * k - 1 for k in kernel), n_pad=n_pad,
-        num_additional=num_additional, tile=tile if rank else (),
+        num_additional=num_additional, tile=tile,
     )  # fmt: skip
 
 
