@@ -33,7 +33,7 @@ from timm.layers.global_context import GlobalContext
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf
 from timm.layers.squeeze_excite import SEModule
-from timm.models import maxxvit, pvt_v2, swin_transformer, volo
+from timm.models import convit, crossvit, davit, maxxvit, pvt_v2, swin_transformer, volo
 
 from ..mechanisms import create, mechanism_info
 from ..mechanisms._channel_conv import reduced_width
@@ -41,7 +41,8 @@ from ..mechanisms._windows import flip_table
 
 __all__ = [
     "swap", "SwapEntry", "Family", "FAMILIES", "Unsupported", "TokenAttention", "FeatureTokens", "ChannelsFirst",
-    "SwinBlock", "MaxxVitPartitionBlock", "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights",
+    "SquareTokens", "SwinBlock", "MaxxVitPartitionBlock", "DaVitSpatialBlock", "class_attention_weights",
+    "gpsa_weights", "davit_channel_weights", "davit_window_weights", "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights",
     "pvt_v2_attention_weights", "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights",
     "halo_weights", "outlook_weights", "carry_projections",
 ]  # fmt: skip
@@ -121,6 +122,24 @@ class FeatureTokens(nn.Module):
         return self.mixer(x.reshape(x.shape[0], height, width, x.shape[-1])).reshape(x.shape)
 
 
+class SquareTokens(nn.Module):
+    """Adapter for ConViT's GPSA call on ``(B, N, C)`` patch tokens of a square grid ↔ ``(B, √N, √N, C)``.
+
+    Args:
+        mixer: a mechanism taking ``(B, H, W, C)``.
+    """
+
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(self, x: Tensor) -> Tensor:
+        side = round(x.shape[1] ** 0.5)
+        if side * side != x.shape[1]:
+            raise ValueError(f"x.shape={tuple(x.shape)}: GPSA tokens must form a square grid")
+        return self.mixer(x.reshape(x.shape[0], side, side, x.shape[-1])).reshape(x.shape)
+
+
 class ChannelsFirst(nn.Module):
     """Adapter for NCHW modules (timm's ResNet attention modules, HaloNet): ``(B, C, H, W)`` ↔ ``(B, H, W, C)``.
 
@@ -171,6 +190,23 @@ class MaxxVitPartitionBlock(maxxvit.PartitionAttentionCl):
 
     def set_partition_size(self, partition_size: tuple[int, int]) -> None:
         raise ValueError(f"partition_size={partition_size!r}: the partition of a swapped block is fixed; swap after")
+
+
+class DaVitSpatialBlock(davit.SpatialBlock):
+    """timm's DaViT spatial block with its pad / window partition / attention / reverse as one mechanism call on
+    the ``(B, H, W, C)`` map (attnzoo ``window`` without bias or shift, padded keys unmasked as in timm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        shortcut = self.cpe1(x).flatten(2).transpose(1, 2)
+        mixed = self.attn(self.norm1(shortcut).view(batch, height, width, channels))
+        x = shortcut + self.drop_path1(mixed.reshape(batch, height * width, channels))
+        x = self.cpe2(x.transpose(1, 2).view(batch, channels, height, width))
+        if self.mlp is not None:
+            x = x.flatten(2).transpose(1, 2)
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x.transpose(1, 2).view(batch, channels, height, width)
+        return x
 
 
 # -------------------------------------------------------------------------------------------------- weight maps
@@ -440,6 +476,71 @@ def _outlook_kwargs(outlook: nn.Module) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _plain_mhsa_kwargs(attn: nn.Module) -> dict[str, Any]:
+    """timm's own-copy MHSA classes (VOLO ``Attention``, ConViT ``MHSA``): qkv + proj, head_dim = dim / heads."""
+    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None,
+            "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop")}  # fmt: skip
+
+
+def class_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
+    """timm CrossViT ``CrossAttention`` (wq, wk, wv) or VOLO ``ClassAttention`` (q, kv) → attnzoo ``cls_cross``."""
+    if hasattr(attn, "wq"):
+        state = {"q.weight": attn.wq.weight, "kv.weight": torch.cat([attn.wk.weight, attn.wv.weight])}
+        if attn.wq.bias is not None:
+            state.update({"q.bias": attn.wq.bias, "kv.bias": torch.cat([attn.wk.bias, attn.wv.bias])})
+    else:
+        state = {k: v for k, v in attn.state_dict().items() if k.split(".")[0] in ("q", "kv")}
+    return {**state, "proj.weight": attn.proj.weight, "proj.bias": attn.proj.bias}
+
+
+def _class_attention_kwargs(attn: nn.Module) -> dict[str, Any]:
+    query = attn.wq if hasattr(attn, "wq") else attn.q
+    return {"num_heads": attn.num_heads, "head_dim": query.out_features // attn.num_heads,
+            "qkv_bias": query.bias is not None, "attn_drop": _dropout(attn, "attn_drop"),
+            "proj_drop": _dropout(attn, "proj_drop")}  # fmt: skip
+
+
+def gpsa_weights(gpsa: nn.Module) -> dict[str, Tensor]:
+    """timm ConViT ``GPSA`` → attnzoo ``gated_positional`` (same names: qk, v, proj, pos_proj, gating_param)."""
+    return {k: v for k, v in gpsa.state_dict().items() if k != "rel_indices"}
+
+
+def _gpsa_kwargs(gpsa: nn.Module) -> dict[str, Any]:
+    return {"num_heads": gpsa.num_heads, "qkv_bias": gpsa.qk.bias is not None, "local_init": False,
+            "locality_strength": gpsa.locality_strength, "attn_drop": _dropout(gpsa, "attn_drop"),
+            "proj_drop": _dropout(gpsa, "proj_drop")}  # fmt: skip
+
+
+def davit_channel_weights(attn: nn.Module) -> dict[str, Tensor]:
+    """timm DaViT ``ChannelAttention`` → attnzoo ``channel_group``: timm's q, k, v slices of qkv are our V̂, Q̂, K̂."""
+    w, b = attn.qkv.weight.chunk(3), None if attn.qkv.bias is None else attn.qkv.bias.chunk(3)
+    state = {"qkv.weight": torch.cat([w[1], w[2], w[0]]), "proj.weight": attn.proj.weight, "proj.bias": attn.proj.bias}
+    if b is not None:
+        state["qkv.bias"] = torch.cat([b[1], b[2], b[0]])
+    return state
+
+
+def _davit_channel_kwargs(attn: nn.Module) -> dict[str, Any]:
+    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None}
+
+
+def davit_window_weights(attn: nn.Module) -> dict[str, Tensor]:
+    """timm DaViT ``WindowAttention`` (no bias table) → attnzoo ``window`` with ``rel_pos_bias=False``."""
+    return dict(attn.state_dict())
+
+
+def _davit_window_kwargs(block: nn.Module) -> dict[str, Any]:
+    attn = block.attn
+    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None, "window_size": tuple(block.window_size),
+            "rel_pos_bias": False, "mask_padding": False}  # fmt: skip
+
+
+def _install_davit(block: nn.Module, mixer: nn.Module) -> nn.Module:
+    block.__class__ = DaVitSpatialBlock
+    block.attn = mixer
+    return block
+
+
 # -------------------------------------------------------------------------------------------------------- table
 
 
@@ -451,8 +552,9 @@ class Family:
     weights: read off the module (kwargs raises ``Unsupported``); finish: settings the constructor does not take
     (norm eps); install: puts a mechanism in place of the module and returns what the parent should hold;
     slot: what a mixer change may put there: ``"grid"`` (any token mechanism on ``(B, H, W, C)``), ``"sequence"``
-    (sequence-layout mechanisms on ``(B, N, C)``) or ``"gate"`` (the channel-gate mechanisms); hints: settings a
-    different mixer takes from the module when its constructor has them.
+    (sequence-layout mechanisms on ``(B, N, C)``) or a set of mechanism names (the channel gates; the class-token
+    attentions, whose output is one token); hints: settings a different mixer takes from the module when its
+    constructor has them.
     """
 
     name: str
@@ -462,7 +564,7 @@ class Family:
     kwargs: Callable[[nn.Module], dict[str, Any]]
     weights: Callable[[nn.Module], dict[str, Tensor]]
     install: Callable[[nn.Module, nn.Module], nn.Module]
-    slot: str
+    slot: str | frozenset[str]
     hints: Callable[[nn.Module], dict[str, Any]] = lambda module: {}
     finish: Callable[[nn.Module, nn.Module], None] = lambda mech, module: None
     in_place: bool = False  # install changes the module itself (so the model may be the module)
@@ -492,6 +594,8 @@ def _heads_hints(attn: nn.Module) -> dict[str, Any]:
     return {"num_heads": attn.num_heads, "qkv_bias": getattr(linear, "bias", None) is not None}
 
 
+GATES = frozenset({"squeeze_excite", "eca", "cbam", "global_context"})
+
 FAMILIES: tuple[Family, ...] = (
     Family("swin", swin_transformer.SwinTransformerBlock, "window", lambda b, _: b.attn.qkv.in_features, _swin_kwargs,
            lambda b: swin_window_weights(b.attn), _install_swin, "grid", _swin_hints, in_place=True),
@@ -503,18 +607,34 @@ FAMILIES: tuple[Family, ...] = (
     Family("pvt_v2", pvt_v2.Attention, "spatial_reduction", lambda a, _: a.dim, _pvt_kwargs, pvt_v2_attention_weights,
            lambda a, m: FeatureTokens(m), "grid", _heads_hints),
     Family("squeeze_excite", SEModule, "squeeze_excite", lambda s, _: s.fc1.in_channels, _se_kwargs,
-           squeeze_excite_weights, lambda s, m: ChannelsFirst(m), "gate", finish=_se_finish),
-    Family("eca", EcaModule, "eca", _eca_channels, _eca_kwargs, eca_weights, lambda e, m: ChannelsFirst(m), "gate"),
+           squeeze_excite_weights, lambda s, m: ChannelsFirst(m), GATES, finish=_se_finish),
+    Family("eca", EcaModule, "eca", _eca_channels, _eca_kwargs, eca_weights, lambda e, m: ChannelsFirst(m), GATES),
     Family("cbam", CbamModule, "cbam", lambda c, _: c.channel.fc1.in_channels, _cbam_kwargs, cbam_weights,
-           lambda c, m: ChannelsFirst(m), "gate"),
+           lambda c, m: ChannelsFirst(m), GATES),
     Family("global_context", GlobalContext, "global_context",
            lambda g, _: (g.mlp_add if g.mlp_add is not None else g.mlp_scale).fc1.in_channels, _gc_kwargs,
-           global_context_weights, lambda g, m: ChannelsFirst(m, residual=g.mlp_add is not None), "gate",
+           global_context_weights, lambda g, m: ChannelsFirst(m, residual=g.mlp_add is not None), GATES,
            finish=_gc_finish),
     Family("halo", HaloAttn, "halo", lambda h, _: h.q.in_channels, _halo_kwargs, halo_weights,
            lambda h, m: ChannelsFirst(m), "grid", lambda h: {"num_heads": h.num_heads}),
     Family("volo", volo.OutlookAttention, "outlook", lambda o, _: o.v.in_features, _outlook_kwargs, outlook_weights,
            lambda o, m: m, "grid", _heads_hints),
+    Family("volo_attention", volo.Attention, "mhsa", lambda a, _: a.qkv.in_features, _plain_mhsa_kwargs,
+           lambda a: dict(a.state_dict()), lambda a, m: m, "grid", _heads_hints),
+    Family("volo_class_attention", volo.ClassAttention, "cls_cross", lambda a, _: a.q.in_features,
+           _class_attention_kwargs, class_attention_weights, lambda a, m: m, frozenset({"cls_cross"})),
+    Family("convit_gpsa", convit.GPSA, "gated_positional", lambda a, _: a.dim, _gpsa_kwargs, gpsa_weights,
+           lambda a, m: SquareTokens(m), "grid", lambda a: {"num_heads": a.num_heads}),
+    Family("convit_mhsa", convit.MHSA, "mhsa", lambda a, _: a.qkv.in_features, _plain_mhsa_kwargs,
+           lambda a: dict(a.state_dict()), lambda a, m: m, "sequence", _heads_hints),
+    Family("crossvit", crossvit.CrossAttention, "cls_cross", lambda a, _: a.wq.in_features, _class_attention_kwargs,
+           class_attention_weights, lambda a, m: m, frozenset({"cls_cross"})),
+    Family("davit_channel", davit.ChannelAttention, "channel_group", lambda a, _: a.qkv.in_features,
+           _davit_channel_kwargs, davit_channel_weights, lambda a, m: m, frozenset({"channel_group"})),
+    Family("davit_window", davit.SpatialBlock, "window", lambda b, _: b.dim, _davit_window_kwargs,
+           lambda b: davit_window_weights(b.attn), _install_davit, "grid",
+           lambda b: {**_heads_hints(b.attn), "kernel_size": tuple(b.window_size), "window_size": tuple(b.window_size)},
+           in_place=True),
 )  # fmt: skip
 
 _BY_CLASS = {family.cls: family for family in FAMILIES}
@@ -588,24 +708,21 @@ def _same_mechanism(family: Family, module: nn.Module, parent: nn.Module | None)
     return mech, tuple(sorted(weights))
 
 
-def _gate_mechanisms() -> set[str]:
-    return {f.mechanism for f in FAMILIES if f.slot == "gate"}
-
-
 def _other_mechanism(
     family: Family, module: nn.Module, parent: nn.Module | None, mixer: str, mixer_kwargs: dict[str, Any]
 ) -> tuple[nn.Module, tuple[str, ...]]:
     info = mechanism_info(mixer)
-    if family.slot == "gate" and mixer not in _gate_mechanisms():
-        raise Unsupported(f"mixer={mixer!r}: a channel-gate slot takes {sorted(_gate_mechanisms())}")
-    if family.slot == "sequence" and info.layout != "sequence":
-        raise Unsupported(f"mixer={mixer!r} has layout {info.layout!r}; this slot passes (B, N, C) tokens (prefix tokens)")
-    if family.slot != "gate" and (info.slot != "token" or info.layout == "cross"):
+    if isinstance(family.slot, frozenset):
+        if mixer not in family.slot:
+            raise Unsupported(f"mixer={mixer!r}: this slot takes {sorted(family.slot)}")
+    elif info.slot != "token" or info.layout == "cross":
         raise Unsupported(f"mixer={mixer!r} is not a self-attention token mixer")
+    elif family.slot == "sequence" and info.layout != "sequence":
+        raise Unsupported(f"mixer={mixer!r} has layout {info.layout!r}; this slot passes (B, N, C) tokens (prefix tokens)")
     accepted = inspect.signature(info.cls.__init__).parameters
     hints = {k: v for k, v in family.hints(module).items() if k in accepted}
     mech = _like(create(mixer, family.dim(module, parent), **{**hints, **mixer_kwargs}), module)
-    source = family.weights(module) if family.slot != "gate" else {}  # the module's weights in its mechanism's names
+    source = family.weights(module)  # the module's weights in its own mechanism's names
     return mech, tuple(carry_projections({k: v.detach() for k, v in source.items()}, family.mechanism, mech))
 
 

@@ -49,6 +49,12 @@ def halonet(**kwargs) -> nn.Module:
     return ByobNet(cfg, **kwargs)
 
 
+def volo(**kwargs) -> nn.Module:
+    from timm.models.volo import VOLO  # the volo_* entry points fix layers / widths
+
+    return VOLO(num_classes=5, **VOLO_ARGS, **kwargs)
+
+
 def timm_model(name: str, **kwargs):
     return lambda **size_kwargs: timm.create_model(name, pretrained=False, num_classes=5, **kwargs, **size_kwargs)
 
@@ -57,6 +63,11 @@ SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2))
 VIT = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 MAXVIT = dict(embed_dim=(16, 32), depths=(1, 1), stem_width=16, transformer_dim_head=8)
 PVT = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(4, 2), mlp_ratios=(2, 2))
+CONVIT = dict(embed_dim=32, depth=3, local_up_to_layer=2, num_heads=2, patch_size=8)
+CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
+                mlp_ratio=(2, 2, 1))  # fmt: skip
+VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
+DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
 # id: (builder, sizes, builder takes img_size, {mechanism swapped in: how many modules})
@@ -73,6 +84,10 @@ CASES = {
     "cbamresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="cbam")), [(32, 32), (40, 48)], False, {"cbam": 4}),
     "gcresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="gc")), [(32, 32), (40, 48)], False, {"global_context": 4}),
     "halonet": (halonet, [(32, 32), (48, 64)], False, {"halo": 2}),
+    "convit": (timm_model("convit_tiny", **CONVIT), [(32, 32), (48, 48)], True, {"gated_positional": 2, "mhsa": 1}),
+    "crossvit": (timm_model("crossvit_tiny_240", **CROSSVIT), [(48, 48), (96, 96)], True, {"mhsa": 2, "cls_cross": 2}),
+    "volo": (volo, [(32, 32), (64, 64)], True, {"outlook": 1, "mhsa": 3, "cls_cross": 2}),
+    "davit": (timm_model("davit_tiny", **DAVIT), [(64, 64), (56, 72)], False, {"window": 2, "channel_group": 2}),
 }  # fmt: skip
 
 
