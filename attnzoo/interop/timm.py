@@ -33,7 +33,7 @@ from timm.layers.global_context import GlobalContext
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf
 from timm.layers.squeeze_excite import SEModule
-from timm.models import convit, crossvit, davit, maxxvit, pvt_v2, swin_transformer, volo
+from timm.models import convit, crossvit, davit, efficientvit_msra, maxxvit, pvt_v2, shvit, swin_transformer, volo
 
 from ..mechanisms import create, mechanism_info
 from ..mechanisms._channel_conv import reduced_width
@@ -42,7 +42,7 @@ from ..mechanisms._windows import flip_table
 __all__ = [
     "swap", "SwapEntry", "Family", "FAMILIES", "Unsupported", "TokenAttention", "FeatureTokens", "ChannelsFirst",
     "SquareTokens", "SwinBlock", "MaxxVitPartitionBlock", "DaVitSpatialBlock", "class_attention_weights",
-    "gpsa_weights", "davit_channel_weights", "davit_window_weights", "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights",
+    "gpsa_weights", "davit_channel_weights", "davit_window_weights", "cascaded_group_weights", "single_head_weights", "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights",
     "pvt_v2_attention_weights", "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights",
     "halo_weights", "outlook_weights", "carry_projections",
 ]  # fmt: skip
@@ -541,6 +541,31 @@ def _install_davit(block: nn.Module, mixer: nn.Module) -> nn.Module:
     return block
 
 
+def cascaded_group_weights(local: nn.Module) -> dict[str, Tensor]:
+    """timm EfficientViT-MSRA ``LocalWindowAttention`` → attnzoo ``cascaded_group`` (ConvNorm ``conv`` = our ``c``;
+    the output ConvNorm after the ReLU, ``proj.1``, is our ``proj``)."""
+    state = local.attn.state_dict()
+    return {k.replace(".conv.", ".c.").replace("proj.1.", "proj."): v for k, v in state.items()
+            if k != "attention_bias_idxs"}  # fmt: skip
+
+
+def _cascaded_group_kwargs(local: nn.Module) -> dict[str, Any]:
+    attn = local.attn
+    _require(attn.val_dim * attn.num_heads == local.dim, f"val_dim={attn.val_dim} · num_heads != dim={local.dim}")
+    return {"num_heads": attn.num_heads, "key_dim": attn.key_dim, "window_resolution": attn.resolution,
+            "kernels": tuple(dw.conv.kernel_size[0] for dw in attn.dws), "mask_padding": False}  # fmt: skip
+
+
+def single_head_weights(shsa: nn.Module) -> dict[str, Tensor]:
+    """timm SHViT ``SHSA`` → attnzoo ``single_head`` (the output Conv2dNorm after the ReLU, ``proj.1``, is ours
+    ``proj``)."""
+    return {k.replace("proj.1.", "proj."): v for k, v in shsa.state_dict().items()}
+
+
+def _single_head_kwargs(shsa: nn.Module) -> dict[str, Any]:
+    return {"qk_dim": shsa.qk_dim, "partial_dim": shsa.pdim}
+
+
 # -------------------------------------------------------------------------------------------------------- table
 
 
@@ -635,6 +660,10 @@ FAMILIES: tuple[Family, ...] = (
            lambda b: davit_window_weights(b.attn), _install_davit, "grid",
            lambda b: {**_heads_hints(b.attn), "kernel_size": tuple(b.window_size), "window_size": tuple(b.window_size)},
            in_place=True),
+    Family("efficientvit_msra", efficientvit_msra.LocalWindowAttention, "cascaded_group", lambda a, _: a.dim,
+           _cascaded_group_kwargs, cascaded_group_weights, lambda a, m: ChannelsFirst(m), frozenset({"cascaded_group"})),
+    Family("shvit", shvit.SHSA, "single_head", lambda a, _: a.dim, _single_head_kwargs, single_head_weights,
+           lambda a, m: ChannelsFirst(m), frozenset({"single_head"})),
 )  # fmt: skip
 
 _BY_CLASS = {family.cls: family for family in FAMILIES}

@@ -68,6 +68,8 @@ CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), d
                 mlp_ratio=(2, 2, 1))  # fmt: skip
 VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
 DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
+EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3), window_size=(4, 4, 4))
+SHVIT = dict(embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), depth=(1, 1, 1), qk_dim=(4, 4, 4))
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
 # id: (builder, sizes, builder takes img_size, {mechanism swapped in: how many modules})
@@ -88,6 +90,9 @@ CASES = {
     "crossvit": (timm_model("crossvit_tiny_240", **CROSSVIT), [(48, 48), (96, 96)], True, {"mhsa": 2, "cls_cross": 2}),
     "volo": (volo, [(32, 32), (64, 64)], True, {"outlook": 1, "mhsa": 3, "cls_cross": 2}),
     "davit": (timm_model("davit_tiny", **DAVIT), [(64, 64), (56, 72)], False, {"window": 2, "channel_group": 2}),
+    "efficientvit_msra": (timm_model("efficientvit_m0", **EFFICIENTVIT), [(64, 64), (96, 80)], True,
+                          {"cascaded_group": 3, "squeeze_excite": 2}),
+    "shvit": (timm_model("shvit_s1", **SHVIT), [(64, 64), (96, 80)], False, {"single_head": 2, "squeeze_excite": 2}),
 }  # fmt: skip
 
 
