@@ -31,7 +31,7 @@ from timm.layers.cbam import CbamModule
 from timm.layers.eca import EcaModule
 from timm.layers.global_context import GlobalContext
 from timm.layers.halo_attn import HaloAttn
-from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf
+from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.layers.squeeze_excite import SEModule
 from timm.models import convit, crossvit, davit, efficientvit_msra, maxxvit, pvt_v2, shvit, swin_transformer, volo
 
@@ -278,7 +278,9 @@ def maxvit_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
 
     ``head_first`` (the rw models) lays qkv out per head ``[q_h, k_h, v_h]``; ours is ``[q; k; v]`` with heads
     inside. ``RelPosBiasTf``'s ``[heads, 2P-1, 2P-1]`` key − query table is ours as is; ``RelPosBias`` (Swin layout,
-    query − key, ``((2P-1)², heads)``) is transposed and flipped.
+    query − key, ``((2P-1)², heads)``) is transposed and flipped. ``RelPosMlp`` (MaxxViT's log-coordinate MLP, a
+    function of the offset only) is evaluated once per offset into that table: the same bias in eval mode, but the
+    table is then trained directly (the MLP and its training-time dropout are not carried).
     """
     heads, d = attn.num_heads, attn.dim_head
     weight, bias = attn.qkv.weight, attn.qkv.bias
@@ -294,16 +296,23 @@ def maxvit_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
     elif isinstance(rel, RelPosBias):
         table = rel.relative_position_bias_table.t().reshape(heads, *(2 * p - 1 for p in rel.window_size))
         state["relative_position_bias_table"] = flip_table(table, 2)
+    elif isinstance(rel, RelPosMlp):
+        training = rel.training
+        with torch.no_grad():
+            per_offset = rel.bias_act(rel.eval().mlp(rel.rel_coords_log))  # [2P-1, 2P-1, heads], query − key
+        rel.train(training)
+        per_offset = per_offset * rel.bias_gain if rel.bias_gain is not None else per_offset
+        state["relative_position_bias_table"] = flip_table(per_offset.permute(2, 0, 1), 2)
     return state
 
 
 def _maxvit_kwargs(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
     _no_attn_drop(attn)
-    if attn.rel_pos is not None and type(attn.rel_pos) not in (RelPosBias, RelPosBiasTf):
+    if attn.rel_pos is not None and type(attn.rel_pos) not in (RelPosBias, RelPosBiasTf, RelPosMlp):
         raise Unsupported(f"rel_pos={type(attn.rel_pos).__name__} (attnzoo multi_axis has a bias table only)")
-    if isinstance(attn.rel_pos, RelPosBias) and attn.rel_pos.prefix_tokens:
-        raise Unsupported("RelPosBias with prefix tokens")
+    if getattr(attn.rel_pos, "prefix_tokens", 0):
+        raise Unsupported(f"{type(attn.rel_pos).__name__} with prefix tokens")
     if attn.proj.bias is None:
         raise Unsupported("bias=False (attnzoo multi_axis always has a projection bias)")
     return {

@@ -79,6 +79,8 @@ CASES = {
     "deit_qk_norm": (timm_model("deit_tiny_patch16_224", **VIT, qk_norm=True), [(32, 32), (48, 48)], True, {"mhsa": 2}),
     "maxvit_tf": (timm_model("maxvit_tiny_tf_224", **MAXVIT), [(64, 64), (128, 128)], True, {"squeeze_excite": 2, "multi_axis": 4}),
     "maxvit_rw": (timm_model("maxvit_nano_rw_256", **MAXVIT), [(64, 64), (128, 128)], True, {"squeeze_excite": 2, "multi_axis": 4}),
+    "maxxvit_rmlp": (timm_model("maxxvit_rmlp_nano_rw_256", **MAXVIT), [(64, 64), (128, 128)], True,
+                     {"multi_axis": 4}),
     "pvt_v2": (timm_model("pvt_v2_b0", **PVT), [(64, 64), (96, 64)], False, {"spatial_reduction": 2}),
     "pvt_v2_li": (timm_model("pvt_v2_b0", **PVT, linear=True), [(64, 64), (96, 64)], False, {"spatial_reduction": 2}),
     "seresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="se")), [(32, 32), (40, 48)], False, {"squeeze_excite": 4}),
