@@ -10,17 +10,25 @@ mechanism's parameter names: the same maps the parity tests use), and how the me
 - *adapter*: the module is replaced by a small adapter that converts the block's layout to the mechanism's
   channels-last ``(B, *spatial, C)`` and back (``ChannelsFirst`` for NCHW modules, ``FeatureTokens`` for PVTv2's
   ``(B, N, C)`` + ``feat_size`` call, ``TokenAttention`` for ViT's ``(x, attn_mask)`` call).
-- *direct*: the mechanism has the module's call signature and layout (VOLO outlook attention).
+- *direct*: the mechanism has the module's call signature and layout (VOLO, ConViT MHSA, CrossViT, DaViT channel).
 
-Resolution: the swapped models run at any size the mechanism accepts; a Swin block keeps its construction-time
-window (and its shift when the map is larger than the window).
+Families: Swin v1 blocks, ViT/DeiT ``Attention``, MaxViT / MaxxViT partition blocks, PVTv2 ``Attention``, DaViT
+window blocks and channel attention, VOLO outlook / MHSA / class attention, ConViT GPSA and MHSA, CrossViT cross
+attention, EfficientViT-MSRA local window attention, SHViT single-head attention, HaloNet ``HaloAttn``, and timm's
+SE / ECA / CBAM / GCNet modules. A recognised module in a configuration the mechanism does not reproduce (e.g. Swin
+with ``attn_drop > 0``, an SE with max-pooling) is left alone and listed with the reason.
+
+Known differences: a shifted Swin block whose map is not a multiple of the window (timm pads after the cyclic roll,
+so the padding joins the wrapped region) is refused at swap time, and at such sizes a swapped block computes the
+pad-then-roll form (torchvision's); a swapped Swin / MaxViT block keeps its construction-time window (``set_input_size`` may not change it);
+MaxxViT's relative-position MLP becomes its evaluated bias table (equal in eval mode; the table is what trains).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -40,11 +48,15 @@ from ..mechanisms._channel_conv import reduced_width
 from ..mechanisms._windows import flip_table
 
 __all__ = [
-    "swap", "SwapEntry", "Family", "FAMILIES", "Unsupported", "TokenAttention", "FeatureTokens", "ChannelsFirst",
-    "SquareTokens", "SwinBlock", "MaxxVitPartitionBlock", "DaVitSpatialBlock", "class_attention_weights",
-    "gpsa_weights", "davit_channel_weights", "davit_window_weights", "cascaded_group_weights", "single_head_weights", "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights",
-    "pvt_v2_attention_weights", "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights",
-    "halo_weights", "outlook_weights", "carry_projections",
+    "swap", "SwapEntry", "Family", "FAMILIES", "Unsupported", "carry_projections",
+    # adapters and block subclasses
+    "TokenAttention", "FeatureTokens", "SquareTokens", "ChannelsFirst", "SwinBlock", "MaxxVitPartitionBlock",
+    "DaVitSpatialBlock",
+    # weight maps: a timm module's weights under the attnzoo mechanism's parameter names
+    "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights", "pvt_v2_attention_weights",
+    "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights", "halo_weights",
+    "outlook_weights", "class_attention_weights", "gpsa_weights", "davit_channel_weights", "davit_window_weights",
+    "cascaded_group_weights", "single_head_weights",
 ]  # fmt: skip
 
 Tensor = torch.Tensor
@@ -235,10 +247,10 @@ def _swin_kwargs(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
     _no_attn_drop(attn)
     height, width = block.input_resolution
-    if any(extent % m for extent, m in zip((height, width), block.window_size)):
+    if any(block.shift_size) and any(extent % m for extent, m in zip((height, width), block.window_size)):
         raise Unsupported(
             f"input_resolution={block.input_resolution} is not a multiple of window_size={block.window_size}: "
-            "timm pads after the cyclic roll, attnzoo's window pads before it"
+            "timm pads after the cyclic roll (the padding joins the wrapped region), attnzoo's window before it"
         )
     return {
         "num_heads": attn.num_heads, "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
@@ -623,6 +635,11 @@ def _swin_hints(block: nn.Module) -> dict[str, Any]:
             "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size)}  # fmt: skip
 
 
+def _halo_hints(halo: nn.Module) -> dict[str, Any]:
+    _require(halo.block_stride == 1, f"stride={halo.block_stride}: another mixer would not down-sample")
+    return {"num_heads": halo.num_heads}
+
+
 def _heads_hints(attn: nn.Module) -> dict[str, Any]:
     linear = getattr(attn, "qkv", None) or getattr(attn, "q", None)
     return {"num_heads": attn.num_heads, "qkv_bias": getattr(linear, "bias", None) is not None}
@@ -650,7 +667,7 @@ FAMILIES: tuple[Family, ...] = (
            global_context_weights, lambda g, m: ChannelsFirst(m, residual=g.mlp_add is not None), GATES,
            finish=_gc_finish),
     Family("halo", HaloAttn, "halo", lambda h, _: h.q.in_channels, _halo_kwargs, halo_weights,
-           lambda h, m: ChannelsFirst(m), "grid", lambda h: {"num_heads": h.num_heads}),
+           lambda h, m: ChannelsFirst(m), "grid", _halo_hints),
     Family("volo", volo.OutlookAttention, "outlook", lambda o, _: o.v.in_features, _outlook_kwargs, outlook_weights,
            lambda o, m: m, "grid", _heads_hints),
     Family("volo_attention", volo.Attention, "mhsa", lambda a, _: a.qkv.in_features, _plain_mhsa_kwargs,

@@ -148,6 +148,22 @@ def test_swapped_model_runs_the_mechanisms_it_reports(case):
     assert relative_error(model(x), before) > 1e-6
 
 
+def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_matches():
+    """At 40² (10×10 tokens, window 7) timm pads after the cyclic roll: that block is refused, the rest swapped."""
+    original = build("swin", (40, 40))
+    swapped = copy.deepcopy(original)
+    report = attnzoo.swap(swapped)
+    assert [(e.path, e.mechanism) for e in report] == [
+        ("layers.0.blocks.0", "window"), ("layers.0.blocks.1", None), ("layers.1.blocks.0", "window"),
+        ("layers.1.blocks.1", "window"),
+    ]  # fmt: skip
+    assert "pads after the cyclic roll" in report[1].reason
+    x = torch.randn(2, 3, 40, 40, dtype=DT)
+    y0, g0 = output_and_input_grad(original, x)
+    y1, g1 = output_and_input_grad(swapped, x)
+    assert relative_error(y1, y0) < 1e-8 and relative_error(g1, g0) < 1e-8
+
+
 def test_swin_to_neighborhood_carries_projections_and_initialises_the_bias():
     original = build("swin", (56, 56))
     model = copy.deepcopy(original)
