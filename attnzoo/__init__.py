@@ -35,4 +35,7 @@ def swap(model: torch.nn.Module, mixer: str | None = None, strict: bool = False,
     return _swap(model, mixer, strict, **mixer_kwargs)
 
 
-__all__ = ["ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism", "swap", "__version__"]
+__all__ = [
+    "ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism",
+    "swap", "__version__",
+]  # fmt: skip

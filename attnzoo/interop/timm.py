@@ -20,7 +20,8 @@ with ``attn_drop > 0``, an SE with max-pooling) is left alone and listed with th
 
 Known differences: a shifted Swin block whose map is not a multiple of the window (timm pads after the cyclic roll,
 so the padding joins the wrapped region) is refused at swap time, and at such sizes a swapped block computes the
-pad-then-roll form (torchvision's); a swapped Swin / MaxViT block keeps its construction-time window (``set_input_size`` may not change it);
+pad-then-roll form (torchvision's); a swapped Swin / MaxViT block keeps its construction-time window
+(``set_input_size`` may not change it);
 MaxxViT's relative-position MLP becomes its evaluated bias table (equal in eval mode; the table is what trains).
 """
 
@@ -184,14 +185,24 @@ class SwinBlock(swin_transformer.SwinTransformerBlock):
     def _init_buffers(self) -> None:  # the region mask is part of the mechanism
         self._buffers.pop("attn_mask", None)
 
-    def set_input_size(self, feat_size: tuple[int, int], window_size: tuple[int, int], always_partition=None) -> None:
+    def set_input_size(
+        self, feat_size: tuple[int, int], window_size: tuple[int, int], always_partition: bool | None = None
+    ) -> None:
+        """timm's resize hook: the new map may change the shift (a window mechanism follows), not the window."""
+        previous = self.input_resolution, self.always_partition
+        self.input_resolution = feat_size
+        if always_partition is not None:
+            self.always_partition = always_partition
         window, shift = self._calc_window_shift(window_size)
         current = tuple(getattr(self.attn, "window_size", window))
         if tuple(window) != current:
+            self.input_resolution, self.always_partition = previous
             raise ValueError(
                 f"window_size={tuple(window)} differs from the swapped mechanism's {current}: swap after set_input_size"
             )
-        self.input_resolution, self.window_size, self.shift_size = feat_size, window, shift
+        self.window_size, self.shift_size = window, shift
+        if hasattr(self.attn, "shift_size"):
+            self.attn.shift_size = tuple(shift)
 
 
 class MaxxVitPartitionBlock(maxxvit.PartitionAttentionCl):
@@ -231,7 +242,8 @@ def _dropout(module: nn.Module, name: str) -> float:
 
 def _no_attn_drop(module: nn.Module) -> None:
     if _dropout(module, "attn_drop"):
-        raise Unsupported(f"attn_drop={_dropout(module, 'attn_drop')} (the fused local mechanisms have no attention dropout)")
+        rate = _dropout(module, "attn_drop")
+        raise Unsupported(f"attn_drop={rate} (the fused local mechanisms have no attention dropout)")
 
 
 def _conv1x1(weight: Tensor) -> Tensor:
@@ -433,8 +445,8 @@ def _cbam_kwargs(cbam: nn.Module) -> dict[str, Any]:
     _require(type(channel.act) is nn.ReLU, f"act_layer={type(channel.act).__name__} (ReLU only)")
     _require(_is_sigmoid(channel.gate) and _is_sigmoid(spatial.gate), "gate_layer other than sigmoid")
     bn = spatial.conv.bn
-    _require(isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, "act", None), (nn.Identity, type(None)))
-             and isinstance(getattr(bn, "drop", None), (nn.Identity, type(None))), "spatial conv + BatchNorm + activation")  # fmt: skip
+    plain = all(isinstance(getattr(bn, name, None), (nn.Identity, type(None))) for name in ("act", "drop"))
+    _require(isinstance(bn, nn.BatchNorm2d) and plain, "spatial conv + BatchNorm + activation")
     _require(bn.eps == 1e-5 and bn.momentum == 0.1, f"spatial BatchNorm eps={bn.eps}, momentum={bn.momentum}")
     return {
         "reduction": _reduction(channel.fc1.in_channels, channel.fc1.out_channels),
@@ -533,7 +545,8 @@ def _gpsa_kwargs(gpsa: nn.Module) -> dict[str, Any]:
 
 
 def davit_channel_weights(attn: nn.Module) -> dict[str, Tensor]:
-    """timm DaViT ``ChannelAttention`` → attnzoo ``channel_group``: timm's q, k, v slices of qkv are our V̂, Q̂, K̂."""
+    """timm DaViT ``ChannelAttention`` → attnzoo ``channel_group``: timm's q, k, v slices of qkv are our V̂, Q̂,
+    K̂."""
     w, b = attn.qkv.weight.chunk(3), None if attn.qkv.bias is None else attn.qkv.bias.chunk(3)
     state = {"qkv.weight": torch.cat([w[1], w[2], w[0]]), "proj.weight": attn.proj.weight, "proj.bias": attn.proj.bias}
     if b is not None:
@@ -641,8 +654,8 @@ def _halo_hints(halo: nn.Module) -> dict[str, Any]:
 
 
 def _heads_hints(attn: nn.Module) -> dict[str, Any]:
-    linear = getattr(attn, "qkv", None) or getattr(attn, "q", None)
-    return {"num_heads": attn.num_heads, "qkv_bias": getattr(linear, "bias", None) is not None}
+    linear = next(getattr(attn, n) for n in ("qkv", "q", "qk", "v") if isinstance(getattr(attn, n, None), nn.Linear))
+    return {"num_heads": attn.num_heads, "qkv_bias": linear.bias is not None}
 
 
 GATES = frozenset({"squeeze_excite", "eca", "cbam", "global_context"})
@@ -687,7 +700,8 @@ FAMILIES: tuple[Family, ...] = (
            lambda b: {**_heads_hints(b.attn), "kernel_size": tuple(b.window_size), "window_size": tuple(b.window_size)},
            in_place=True),
     Family("efficientvit_msra", efficientvit_msra.LocalWindowAttention, "cascaded_group", lambda a, _: a.dim,
-           _cascaded_group_kwargs, cascaded_group_weights, lambda a, m: ChannelsFirst(m), frozenset({"cascaded_group"})),
+           _cascaded_group_kwargs, cascaded_group_weights, lambda a, m: ChannelsFirst(m),
+           frozenset({"cascaded_group"})),
     Family("shvit", shvit.SHSA, "single_head", lambda a, _: a.dim, _single_head_kwargs, single_head_weights,
            lambda a, m: ChannelsFirst(m), frozenset({"single_head"})),
 )  # fmt: skip
@@ -695,7 +709,9 @@ FAMILIES: tuple[Family, ...] = (
 _BY_CLASS = {family.cls: family for family in FAMILIES}
 
 # class names of attention-like modules that are listed when no family recognises them
-_ATTENTION_LIKE = re.compile(r"Attention|Attn|SqueezeExcit|^SE(Module|Layer|Block)?$|^Eca|Cbam|CBAM|GlobalContext|GPSA|MHSA|Outlook")
+_ATTENTION_LIKE = re.compile(
+    r"Attention|Attn|SqueezeExcit|^SE(Module|Layer|Block)?$|^Eca|Cbam|CBAM|GlobalContext|GPSA|MHSA|Outlook"
+)
 
 # mechanisms whose projections are [q; k; v] (or q + [k; v]) with heads inside and a ``proj`` on the merged heads
 _PROJECTION_LAYOUT = {
@@ -773,7 +789,7 @@ def _other_mechanism(
     elif info.slot != "token" or info.layout == "cross":
         raise Unsupported(f"mixer={mixer!r} is not a self-attention token mixer")
     elif family.slot == "sequence" and info.layout != "sequence":
-        raise Unsupported(f"mixer={mixer!r} has layout {info.layout!r}; this slot passes (B, N, C) tokens (prefix tokens)")
+        raise Unsupported(f"mixer={mixer!r} has layout {info.layout!r}; this slot passes (B, N, C) tokens")
     accepted = inspect.signature(info.cls.__init__).parameters
     hints = {k: v for k, v in family.hints(module).items() if k in accepted}
     mech = _like(create(mixer, family.dim(module, parent), **{**hints, **mixer_kwargs}), module)
@@ -789,18 +805,22 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _find(model: nn.Module) -> list[tuple[str, nn.Module, Family | None]]:
     """Recognised modules (outermost first, nothing inside them), then attention-like modules that neither lie
-    inside nor hold a recognised one (a timm block named ``...Attn...`` around a recognised module is not listed)."""
+    inside nor hold a recognised one (a timm block named ``...Attn...`` around a recognised module is not listed)
+    and are not attnzoo's own (a model swapped before)."""
     recognised: dict[str, tuple[nn.Module, Family]] = {}
     for path, module in model.named_modules():
         family = _BY_CLASS.get(type(module))
         if family is not None and not any(_inside(path, other) for other in recognised):
             recognised[path] = (module, family)
     found: list[tuple[str, nn.Module, Family | None]] = [(p, m, f) for p, (m, f) in recognised.items()]
+    ours = [p for p, m in model.named_modules() if type(m).__module__.startswith(__package__.rpartition(".")[0] + ".")]
     listed: list[str] = []
     for path, module in model.named_modules():
-        if not _ATTENTION_LIKE.search(type(module).__name__) or path in recognised:
+        if not _ATTENTION_LIKE.search(type(module).__name__) or path in recognised or path in ours:
             continue
-        if any(_inside(path, other) or _inside(other, path) for other in recognised) or any(_inside(path, o) for o in listed):
+        if any(_inside(path, other) or _inside(other, path) for other in recognised):
+            continue
+        if any(_inside(path, other) for other in listed + ours):
             continue
         listed.append(path)
         found.append((path, module, None))
@@ -857,7 +877,8 @@ def swap(model: nn.Module, mixer: str | None = None, strict: bool = False, **mix
         entries.append(SwapEntry(path, original, mech.mechanism_name, carried, initialised))
     left = [e for e in entries if not e.swapped]
     if strict and left:
-        raise ValueError("strict=True: attention modules left alone: " + "; ".join(f"{e.path} ({e.original}: {e.reason})" for e in left))
+        listing = "; ".join(f"{e.path} ({e.original}: {e.reason})" for e in left)
+        raise ValueError(f"strict=True: attention modules left alone: {listing}")
     for path, module, family, mech in plan:
         replacement = family.install(module, mech)
         if replacement is not module:

@@ -68,7 +68,8 @@ CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), d
                 mlp_ratio=(2, 2, 1))  # fmt: skip
 VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
 DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
-EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3), window_size=(4, 4, 4))
+EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3),
+                    window_size=(4, 4, 4))  # fmt: skip
 SHVIT = dict(embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), depth=(1, 1, 1), qk_dim=(4, 4, 4))
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
@@ -77,16 +78,22 @@ CASES = {
     "swin": (timm_model("swin_tiny_patch4_window7_224", **SWIN), [(56, 56), (112, 112)], True, {"window": 4}),
     "vit": (timm_model("vit_tiny_patch16_224", **VIT), [(32, 32), (48, 48)], True, {"mhsa": 2}),
     "deit_qk_norm": (timm_model("deit_tiny_patch16_224", **VIT, qk_norm=True), [(32, 32), (48, 48)], True, {"mhsa": 2}),
-    "maxvit_tf": (timm_model("maxvit_tiny_tf_224", **MAXVIT), [(64, 64), (128, 128)], True, {"squeeze_excite": 2, "multi_axis": 4}),
-    "maxvit_rw": (timm_model("maxvit_nano_rw_256", **MAXVIT), [(64, 64), (128, 128)], True, {"squeeze_excite": 2, "multi_axis": 4}),
+    "maxvit_tf": (timm_model("maxvit_tiny_tf_224", **MAXVIT), [(64, 64), (128, 128)], True,
+                  {"squeeze_excite": 2, "multi_axis": 4}),
+    "maxvit_rw": (timm_model("maxvit_nano_rw_256", **MAXVIT), [(64, 64), (128, 128)], True,
+                  {"squeeze_excite": 2, "multi_axis": 4}),
     "maxxvit_rmlp": (timm_model("maxxvit_rmlp_nano_rw_256", **MAXVIT), [(64, 64), (128, 128)], True,
                      {"multi_axis": 4}),
     "pvt_v2": (timm_model("pvt_v2_b0", **PVT), [(64, 64), (96, 64)], False, {"spatial_reduction": 2}),
     "pvt_v2_li": (timm_model("pvt_v2_b0", **PVT, linear=True), [(64, 64), (96, 64)], False, {"spatial_reduction": 2}),
-    "seresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="se")), [(32, 32), (40, 48)], False, {"squeeze_excite": 4}),
-    "ecaresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="eca")), [(32, 32), (40, 48)], False, {"eca": 4}),
-    "cbamresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="cbam")), [(32, 32), (40, 48)], False, {"cbam": 4}),
-    "gcresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="gc")), [(32, 32), (40, 48)], False, {"global_context": 4}),
+    "seresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="se")), [(32, 32), (40, 48)], False,
+               {"squeeze_excite": 4}),
+    "ecaresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="eca")), [(32, 32), (40, 48)], False,
+               {"eca": 4}),
+    "cbamresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="cbam")), [(32, 32), (40, 48)], False,
+               {"cbam": 4}),
+    "gcresnet": (timm_model("resnet18", **RESNET, block_args=dict(attn_layer="gc")), [(32, 32), (40, 48)], False,
+               {"global_context": 4}),
     "halonet": (halonet, [(32, 32), (48, 64)], False, {"halo": 2}),
     "convit": (timm_model("convit_tiny", **CONVIT), [(32, 32), (48, 48)], True, {"gated_positional": 2, "mhsa": 1}),
     "crossvit": (timm_model("crossvit_tiny_240", **CROSSVIT), [(48, 48), (96, 96)], True, {"mhsa": 2, "cls_cross": 2}),
@@ -164,6 +171,20 @@ def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_ma
     assert relative_error(y1, y0) < 1e-8 and relative_error(g1, g0) < 1e-8
 
 
+def test_swapped_swin_follows_set_input_size_with_the_same_window():
+    """timm's resize turns the clipped 7×7 stage-2 blocks (shift 0) into shifted ones at 112²; a new window is refused."""
+    original = build("swin", (56, 56))
+    swapped = copy.deepcopy(original)
+    attnzoo.swap(swapped)
+    for model in (original, swapped):
+        model.set_input_size(img_size=(112, 112), window_size=7)
+    assert swapped.layers[1].blocks[1].attn.shift_size == (3, 3)
+    x = torch.randn(1, 3, 112, 112, dtype=DT)
+    assert relative_error(swapped(x), original(x)) < 1e-8
+    with pytest.raises(ValueError, match="window_size=.*swap after set_input_size"):
+        swapped.set_input_size(img_size=(224, 224), window_size=8)
+
+
 def test_swin_to_neighborhood_carries_projections_and_initialises_the_bias():
     original = build("swin", (56, 56))
     model = copy.deepcopy(original)
@@ -183,6 +204,30 @@ def test_swin_to_neighborhood_carries_projections_and_initialises_the_bias():
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert not torch.allclose(y, original(x))  # neighborhoods are not windows
+
+
+def test_pvt_to_mhsa_fuses_q_and_kv_into_qkv():
+    original = build("pvt_v2", (64, 64))
+    model = copy.deepcopy(original)
+    report = attnzoo.swap(model, mixer="mhsa")
+    for entry in report:
+        assert entry.carried == ("proj.bias", "proj.weight", "qkv.bias", "qkv.weight") and entry.initialised == ()
+        old, new = original.get_submodule(entry.path), model.get_submodule(entry.path).mixer
+        assert new.num_heads == old.num_heads
+        torch.testing.assert_close(new.qkv.weight, torch.cat([old.q.weight, old.kv.weight]), rtol=0, atol=0)
+        torch.testing.assert_close(new.qkv.bias, torch.cat([old.q.bias, old.kv.bias]), rtol=0, atol=0)
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64, dtype=DT))).all()
+
+
+def test_gate_slots_take_gates_only():
+    model = build("seresnet", (32, 32))
+    report = attnzoo.swap(model, mixer="eca")
+    assert [e.mechanism for e in report] == ["eca"] * 4 and all(e.initialised == ("conv.weight",) for e in report)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32, dtype=DT))).all()
+    report = attnzoo.swap(model, mixer="neighborhood")  # the swapped model holds no timm gate any more
+    assert report == []
+    model = build("seresnet", (32, 32))
+    assert all("this slot takes" in e.reason for e in attnzoo.swap(model, mixer="neighborhood"))
 
 
 def test_mixer_kwargs_override_what_is_taken_from_the_module():
