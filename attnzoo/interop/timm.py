@@ -410,13 +410,15 @@ def eca_weights(eca: nn.Module) -> dict[str, Tensor]:
 
 
 def _eca_channels(eca: nn.Module, parent: nn.Module | None) -> int:
-    """ECA's 1-D conv runs over any channel count: read it from the last conv / norm before it in its parent
-    (timm's ResNet blocks: ``conv3``/``bn3`` or ``conv2``/``bn2``)."""
+    """ECA's 1-D conv runs over any channel count: read it off the last conv / norm before it in its parent (timm's
+    ResNet blocks: ``bn3`` / ``bn2``; ByobNet blocks: the norm inside ``conv2_kxk``). A wrong guess cannot pass
+    silently: the mechanism checks the channel count of every input."""
     channels = None
     for child in parent.children() if parent is not None else ():
         if child is eca:
             break
-        channels = getattr(child, "num_features", None) or getattr(child, "out_channels", None) or channels
+        for module in child.modules():
+            channels = getattr(module, "num_features", None) or getattr(module, "out_channels", None) or channels
     if channels is None:
         raise Unsupported("channel count unknown (no conv or norm before it in its parent)")
     return channels
