@@ -155,6 +155,21 @@ def test_swapped_model_runs_the_mechanisms_it_reports(case):
     assert relative_error(model(x), before) > 1e-6
 
 
+@pytest.mark.parametrize("masked, is_causal", [(True, False), (False, True)])
+def test_vit_attention_masks_pass_through_the_adapter(masked, is_causal):
+    original = build("vit", (32, 32))
+    swapped = copy.deepcopy(original)
+    attnzoo.swap(swapped)
+    x = torch.randn(2, 3, 32, 32, dtype=DT)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 17, 17, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask[..., 0] = True  # every query keeps the class token
+    expected = original.forward_features(x, attn_mask=mask, is_causal=is_causal)
+    assert relative_error(expected, original.forward_features(x)) > 1e-3  # the mask matters
+    assert relative_error(swapped.forward_features(x, attn_mask=mask, is_causal=is_causal), expected) < 1e-8
+
+
 def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_matches():
     """At 40² (10×10 tokens, window 7) timm pads after the cyclic roll: that block is refused, the rest swapped."""
     original = build("swin", (40, 40))
