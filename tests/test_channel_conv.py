@@ -78,13 +78,11 @@ def receptive_support(module: nn.Module, size: int, dim: int) -> tuple[int, int]
 def test_squeeze_excite_matches_timm(dim):
     from timm.layers.squeeze_excite import SEModule
 
-    ours = randomize_(make("squeeze_excite", dim))
-    ref = SEModule(dim, rd_channels=dim // 16).double().eval()
-    sd = ours.state_dict()
-    load(ref, {
-        "fc1.weight": as_conv(sd["fc1.weight"]), "fc1.bias": sd["fc1.bias"],
-        "fc2.weight": as_conv(sd["fc2.weight"]), "fc2.bias": sd["fc2.bias"],
-    })  # fmt: skip
+    from attnzoo.interop.timm import squeeze_excite_weights
+
+    ref = randomize_(SEModule(dim, rd_channels=dim // 16).double().eval())
+    ours = make("squeeze_excite", dim)
+    load(ours, squeeze_excite_weights(ref))
     x = rand(2, 5, 6, dim)
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))), **TOL)
 
@@ -159,32 +157,20 @@ def test_eca_locality_and_channel_translation_equivariance():
 # ---------------------------------------------------------------------------------------------------------- CBAM
 
 
-def cbam_to_timm(sd: dict[str, torch.Tensor], swap_pooled: bool = False) -> dict[str, torch.Tensor]:
-    conv = sd["spatial_conv.weight"]
-    mapping = {
-        "channel.fc1.weight": as_conv(sd["fc1.weight"]), "channel.fc2.weight": as_conv(sd["fc2.weight"]),
-        # ours stacks [avg; max] like timm's [mean, max]; the official code's [max; mean] would need the flip
-        "spatial.conv.conv.weight": conv.flip(1) if swap_pooled else conv,
-    }  # fmt: skip
-    for key in ("fc1.bias", "fc2.bias"):
-        if key in sd:
-            mapping[f"channel.{key}"] = sd[key]
-    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        mapping[f"spatial.conv.bn.{key}"] = sd[f"spatial_norm.{key}"]
-    return mapping
-
-
 @pytest.mark.parametrize("mlp_bias", [True, False])
 def test_cbam_matches_timm(mlp_bias):
     from timm.layers.cbam import CbamModule
 
-    ours = randomize_(make("cbam", 32, mlp_bias=mlp_bias))
+    from attnzoo.interop.timm import cbam_weights
+
     ref = CbamModule(32, rd_ratio=1 / 16, spatial_kernel_size=7, mlp_bias=mlp_bias).double()
-    ref.eval()
-    load(ref, cbam_to_timm(ours.state_dict()))
+    randomize_(ref).eval()
+    ours = make("cbam", 32, mlp_bias=mlp_bias)
+    load(ours, cbam_weights(ref))  # ours stacks [avg; max] like timm's [mean, max]
     x = rand(2, 6, 9, 32)
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))), **TOL)
-    load(ref, cbam_to_timm(ours.state_dict(), swap_pooled=True))  # the pooled-pair order matters
+    with torch.no_grad():  # the official code's [max; mean] order would need this flip: the pooled-pair order matters
+        ours.spatial_conv.weight.copy_(ours.spatial_conv.weight.flip(1))
     assert (ours(x) - nhwc(ref(nchw(x)))).abs().max() > 1e-3
 
 
@@ -417,30 +403,20 @@ def test_large_kernel_identity_kernels_square_the_input_and_translation_equivari
 # ---------------------------------------------------------------------------------------------------------- GCNet
 
 
-def gc_to_timm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    mapping = {
-        f"{prefix}.fc1.weight": as_conv(sd["fc1.weight"]), f"{prefix}.fc1.bias": sd["fc1.bias"],
-        f"{prefix}.norm.weight": sd["norm.weight"], f"{prefix}.norm.bias": sd["norm.bias"],
-        f"{prefix}.fc2.weight": as_conv(sd["fc2.weight"]), f"{prefix}.fc2.bias": sd["fc2.bias"],
-    }  # fmt: skip
-    if "conv_attn.weight" in sd:
-        mapping["conv_attn.weight"] = as_conv(sd["conv_attn.weight"])
-        mapping["conv_attn.bias"] = sd["conv_attn.bias"]
-    return mapping
-
-
 @pytest.mark.parametrize("fusion", ["add", "mul"])
 @pytest.mark.parametrize("pooling", ["att", "avg"])
 def test_global_context_matches_timm(fusion, pooling):
     from timm.layers.global_context import GlobalContext
 
-    ours = randomize_(make("global_context", 32, fusion=fusion, pooling=pooling))
-    ref = GlobalContext(
+    from attnzoo.interop.timm import global_context_weights
+
+    ref = randomize_(GlobalContext(
         32, use_attn=pooling == "att", fuse_add=fusion == "add", fuse_scale=fusion == "mul", rd_ratio=1 / 16
-    ).double().eval()
+    ).double().eval())  # fmt: skip
+    ours = make("global_context", 32, fusion=fusion, pooling=pooling)
     prefix = "mlp_add" if fusion == "add" else "mlp_scale"
     getattr(ref, prefix).norm.eps = ours.norm.eps  # timm's LayerNorm2d uses 1e-6, the official code 1e-5
-    load(ref, gc_to_timm(ours.state_dict(), prefix))
+    load(ours, global_context_weights(ref))
     x = rand(2, 5, 7, 32)
     paper = ours(x) + x if fusion == "add" else ours(x)  # 'add': GCNet's output is x + ours
     torch.testing.assert_close(paper, nhwc(ref(nchw(x))), **TOL)

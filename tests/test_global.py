@@ -49,11 +49,12 @@ def make(name: str, dim: int, **kwargs) -> nn.Module:
 def test_mhsa_matches_timm_attention():
     from timm.layers import Attention
 
+    from attnzoo.interop.timm import vit_attention_weights
+
     ref = randomise(Attention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ref.fused_attn = False
     ours = make("mhsa", 24, num_heads=3)
-    copy_params(ours, {"qkv.weight": ref.qkv.weight, "qkv.bias": ref.qkv.bias,
-                       "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias})  # fmt: skip
+    copy_params(ours, vit_attention_weights(ref))
     x = torch.randn(2, 11, 24, dtype=DT)
     torch.testing.assert_close(ours(x), ref(x), **TOL)
 
@@ -203,12 +204,11 @@ def test_cross_with_context_x_equals_mhsa_and_properties():
 def test_cls_cross_matches_timm_crossvit_attention():
     from timm.models.crossvit import CrossAttention
 
+    from attnzoo.interop.timm import class_attention_weights
+
     ref = randomise(CrossAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ours = make("cls_cross", 24, num_heads=3)
-    copy_params(ours, {"q.weight": ref.wq.weight, "q.bias": ref.wq.bias,
-                       "kv.weight": torch.cat([ref.wk.weight, ref.wv.weight]),
-                       "kv.bias": torch.cat([ref.wk.bias, ref.wv.bias]),
-                       "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias})  # fmt: skip
+    copy_params(ours, class_attention_weights(ref))  # wq, [wk; wv], proj
     x = torch.randn(2, 9, 24, dtype=DT)
     y = ours(x)
     assert y.shape == (2, 1, 24) and ours.output_shape(x.shape) == (2, 1, 24)
@@ -233,11 +233,11 @@ def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
 def test_channel_group_matches_timm_davit_with_sliced_qkv():
     from timm.models.davit import ChannelAttention
 
+    from attnzoo.interop.timm import davit_channel_weights
+
     ref = randomise(ChannelAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ours = make("channel_group", 24, num_heads=3)
-    w, b = ref.qkv.weight.split(24), ref.qkv.bias.split(24)  # timm's q, k, v slices = our V̂, Q̂, K̂
-    copy_params(ours, {"qkv.weight": torch.cat([w[1], w[2], w[0]]), "qkv.bias": torch.cat([b[1], b[2], b[0]]),
-                       "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias})  # fmt: skip
+    copy_params(ours, davit_channel_weights(ref))  # timm's q, k, v slices = our V̂, Q̂, K̂
     x = torch.randn(2, 4, 5, 24, dtype=DT)
     torch.testing.assert_close(ours(x), ref(x.reshape(2, 20, 24)).reshape(x.shape), **TOL)
 
@@ -268,13 +268,15 @@ def test_channel_group_properties():
 def gpsa_pair(dim=16, heads=4, locality=0.7):
     from timm.models.convit import GPSA
 
+    from attnzoo.interop.timm import gpsa_weights
+
     ref = randomise(GPSA(dim, num_heads=heads, qkv_bias=True, locality_strength=locality).to(DT)).eval()
     ref.local_init()
     with torch.no_grad():
         ref.gating_param.copy_(torch.randn(heads, dtype=DT))
     ref.fused_attn = False
     ours = make("gated_positional", dim, num_heads=heads, qkv_bias=True, locality_strength=locality)
-    copy_params(ours, {k: v for k, v in ref.state_dict().items()})
+    copy_params(ours, gpsa_weights(ref))
     return ref, ours
 
 
@@ -331,10 +333,12 @@ def test_gated_positional_local_init_head_peaks_at_its_offset():
 def test_single_head_matches_timm_shvit_shsa():
     from timm.models.shvit import SHSA
 
+    from attnzoo.interop.timm import single_head_weights
+
     ref = randomise(SHSA(20, qk_dim=6, pdim=8).to(DT))
     ref.eval()
     ours = make("single_head", 20, qk_dim=6, partial_dim=8)
-    copy_params(ours, {k.replace("proj.1.", "proj."): v for k, v in ref.state_dict().items()})
+    copy_params(ours, single_head_weights(ref))
     x = torch.randn(2, 5, 6, 20, dtype=DT)
     torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
 
@@ -358,15 +362,15 @@ def test_single_head_properties():
 def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
     from timm.models.efficientvit_msra import LocalWindowAttention
 
+    from attnzoo.interop.timm import cascaded_group_weights
+
     ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=window,
                                window_resolution=window, kernels=kernels).to(DT)  # fmt: skip
     randomise(ref)
     ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
     ours = make("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window, kernels=kernels,
                 mask_padding=False)  # fmt: skip
-    state = {k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
-             for k, v in ref.state_dict().items()}  # fmt: skip
-    copy_params(ours, state)
+    copy_params(ours, cascaded_group_weights(ref))
     return ref, ours
 
 

@@ -202,14 +202,12 @@ def halo_oracle(m, x):
 def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     from timm.layers.halo_attn import HaloAttn
 
+    from attnzoo.interop.timm import halo_weights
+
     torch.manual_seed(0)
     ref = randomize(HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, stride=stride))
     ours = attnzoo.create("halo", 16, num_heads=2, block_size=block, halo_size=halo, stride=stride, mask_padding=False)
-    # kv keeps timm's per-head [k_h, v_h] channel interleave, so the 1x1 conv weights copy over unpermuted
-    ours.to(DT).load_state_dict({
-        "q.weight": ref.q.weight[:, :, 0, 0], "kv.weight": ref.kv.weight[:, :, 0, 0],
-        "height_rel": ref.pos_embed.height_rel, "width_rel": ref.pos_embed.width_rel,
-    })  # fmt: skip
+    ours.to(DT).load_state_dict(halo_weights(ref))  # kv keeps timm's per-head [k_h, v_h] interleave
     x = rand(2, *size, 16)
     torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
 
@@ -270,16 +268,12 @@ def maxvit_reference(kind: str, head_first: bool, P: int = 4):
 @pytest.mark.parametrize("kind", ["block", "grid"])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_multi_axis_matches_timm_attention_cl(kind, head_first):
+    from attnzoo.interop.timm import maxvit_attention_weights
+
     ref, run = maxvit_reference(kind, head_first)
     ours = attnzoo.create("multi_axis", 32, head_dim=16, partition_size=4, partition_type=kind).to(DT).eval()
-    qkv_w, qkv_b = ref.qkv.weight, ref.qkv.bias
-    if head_first:  # timm rw layout is per head [q_h, k_h, v_h]; ours is [q, k, v] with heads inside
-        qkv_w = qkv_w.reshape(2, 3, 16, 32).transpose(0, 1).reshape(96, 32)
-        qkv_b = qkv_b.reshape(2, 3, 16).transpose(0, 1).reshape(96)
-    ours.load_state_dict({
-        "qkv.weight": qkv_w, "qkv.bias": qkv_b, "proj.weight": ref.proj.weight, "proj.bias": ref.proj.bias,
-        "relative_position_bias_table": ref.rel_pos.relative_position_bias_table,
-    })  # fmt: skip
+    # timm rw layout (head_first) is per head [q_h, k_h, v_h]; ours is [q, k, v] with heads inside
+    ours.load_state_dict(maxvit_attention_weights(ref))
     x = rand(2, 8, 12, 32)
     torch.testing.assert_close(ours(x), run(x), **TOL)
 
