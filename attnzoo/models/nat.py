@@ -235,8 +235,14 @@ def load_official_state_dict(model: NAT, state_dict: Mapping[str, torch.Tensor],
 
 # ---- published configurations -------------------------------------------------------------------------------------
 
-NAT_PAPER = "Hassani et al., Neighborhood Attention Transformer, CVPR 2023, Table 2 (ImageNet-1k, 224²)"
-DINAT_PAPER = "Hassani & Shi, Dilated Neighborhood Attention Transformer, 2022, Table 2 (ImageNet-1k, 224²)"
+NAT_PAPER = (
+    "Hassani et al., Neighborhood Attention Transformer, CVPR 2023, ImageNet-1k classification table "
+    "(224²; same figures in the official classification/NAT.md)"
+)
+DINAT_PAPER = (
+    "Hassani & Shi, Dilated Neighborhood Attention Transformer, arXiv 2209.15001, ImageNet-1k classification table "
+    "(224²; same figures in the official classification/DiNAT.md)"
+)
 
 _SIZES: dict[str, dict[str, Any]] = {
     "mini": dict(depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2),
