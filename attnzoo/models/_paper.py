@@ -12,6 +12,7 @@ convention of the papers' fvcore / mmcv counters (norms, activations, softmax an
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    "PaperTable", "PaperModelSpec", "PaperModel", "Stage", "DropPath", "Measured", "PAPER_MODELS",
+    "PaperTable", "PaperModelSpec", "PaperModel", "Stage", "DropPath", "Mlp", "in_stage", "init_transformer_weights", "Measured", "PAPER_MODELS",
     "register_paper_model", "paper_spec", "measure", "conv_out", "check_heads", "check_kernel_fits", "drop_path_rates",
 ]  # fmt: skip
 
@@ -49,6 +50,7 @@ class PaperModelSpec:
     table: PaperTable
     reference: str  # official code the definition was read from
     note: str = ""  # known, measured differences from the paper's figures and why
+    documented_params_error: float | None = None  # relative parameter difference explained in ``note`` (None: none)
     documented_macs_error: float | None = None  # relative MAC difference explained in ``note`` (None: none)
 
 
@@ -57,15 +59,18 @@ PAPER_MODELS: dict[str, PaperModelSpec] = {}
 
 def register_paper_model(
     name: str, builder: Callable[..., "PaperModel"], table: PaperTable, *, family: str, reference: str, note: str = "",
-    documented_macs_error: float | None = None,
+    documented_params_error: float | None = None, documented_macs_error: float | None = None,
 ) -> None:
-    """Register a published configuration. A MAC figure that cannot be matched within 3 % is documented: ``note`` says
-    why and ``documented_macs_error`` pins the measured relative difference (the tests check it stays exact)."""
+    """Register a published configuration. A figure that cannot be matched (parameters within 1 %, MACs within 3 %)
+    is documented: ``note`` says why and ``documented_*_error`` pins the measured relative difference (rounded to
+    0.01 %; the tests check that it stays exactly that)."""
     if name in PAPER_MODELS:
         raise ValueError(f"paper model {name!r} is registered twice")
-    if documented_macs_error is not None and not note:
-        raise ValueError(f"{name}: documented_macs_error needs a note that explains it")
-    PAPER_MODELS[name] = PaperModelSpec(name, family, builder, table, reference, note, documented_macs_error)
+    if (documented_params_error is not None or documented_macs_error is not None) and not note:
+        raise ValueError(f"{name}: a documented difference needs a note that explains it")
+    PAPER_MODELS[name] = PaperModelSpec(
+        name, family, builder, table, reference, note, documented_params_error, documented_macs_error
+    )
 
 
 def paper_spec(name: str, known: Sequence[str]) -> PaperModelSpec:
@@ -123,6 +128,41 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))`` on channels-last tokens (the transformer MLP of NAT, CSWin, …)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@contextlib.contextmanager
+def in_stage(stage: int):
+    """Prefix a ValueError/TypeError raised while building stage ``stage`` with the stage's number."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if str(exc).startswith("stage "):
+            raise
+        raise type(exc)(f"stage {stage}: {exc}") from None
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """Linear weights truncated normal (std 0.02), linear biases 0, LayerNorm 1 / 0 (NAT, CSWin, … official code)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 class Stage(nn.Module):

@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_heads, check_kernel_fits, conv_out, drop_path_rates,
-    register_paper_model,
+    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_kernel_fits, conv_out, drop_path_rates,
+    init_transformer_weights, register_paper_model,
 )  # fmt: skip
 
 __all__ = ["NAT", "NATBlock", "official_key", "load_official_state_dict"]
@@ -68,19 +68,6 @@ class ConvDownsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))``."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class NATBlock(nn.Module):
@@ -178,22 +165,11 @@ class NAT(PaperModel):
             ConvTokenizer(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
         )  # fmt: skip
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"rpb"}
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: linear weights truncated normal (std 0.02), biases 0, LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 _OFFICIAL_RULES = (
