@@ -102,7 +102,7 @@ def test_van_structure_follows_the_official_definition(name):
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny"])
+@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny"])
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -289,3 +289,16 @@ def test_cswin_structure_follows_the_official_definition(name):
             assert attn.last_stage == (i == 3) and attn.qkv.bias is not None
             assert block.mlp.fc1.out_features == 4 * attn.dim
     assert (model.stem.conv.kernel_size, model.stem.conv.stride, model.stem.conv.padding) == ((7, 7), (4, 4), (2, 2))
+
+
+def test_hornet_tiny_follows_the_official_definition():
+    """raoyongming/HorNet hornet.py hornet_tiny_7x7: base_dim 64, depths 2/3/18/2, gnconv orders 2..5, 7×7, s = 1/3."""
+    model = build_meta("hornet_tiny")
+    assert [len(s.blocks) for s in model.stages] == [2, 3, 18, 2]
+    for i, stage in enumerate(model.stages):
+        for block in stage.blocks:
+            g = block.gnconv
+            assert (g.dim, g.order, g.kernel_size, g.scale) == (64 * 2**i, i + 2, 7, pytest.approx(1 / 3))
+            assert g.dims == [64 * 2**i // 2**k for k in range(i + 2)][::-1]  # official: dim // 2**i, reversed
+    assert model.stem.conv.kernel_size == (4, 4) and model.stages[1].downsample.conv.kernel_size == (2, 2)
+    assert model.norm_after_pool and model.norm.eps == 1e-6

@@ -190,6 +190,7 @@ class PaperModel(nn.Module):
     """
 
     channels_last = True
+    norm_after_pool = False  # ConvNeXt-style heads (HorNet): pool the last map, then normalise the pooled vector
 
     def __init__(
         self, stem: nn.Module, stages: Sequence[nn.Module], dims: Sequence[int], reductions: Sequence[int],
@@ -219,6 +220,8 @@ class PaperModel(nn.Module):
         return x.permute(0, 3, 1, 2) if self.channels_last else x
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_after_pool:
+            return x
         if self.channels_last or isinstance(self.norm, nn.Identity):
             return self.norm(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -231,6 +234,8 @@ class PaperModel(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(1, 2) if self.channels_last else (2, 3))
+        if self.norm_after_pool:
+            x = self.norm(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
