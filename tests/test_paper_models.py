@@ -102,7 +102,7 @@ def test_van_structure_follows_the_official_definition(name):
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny"])
+@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny"])
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -302,3 +302,28 @@ def test_hornet_tiny_follows_the_official_definition():
             assert g.dims == [64 * 2**i // 2**k for k in range(i + 2)][::-1]  # official: dim // 2**i, reversed
     assert model.stem.conv.kernel_size == (4, 4) and model.stages[1].downsample.conv.kernel_size == (2, 2)
     assert model.norm_after_pool and model.norm.eps == 1e-6
+
+
+OFFICIAL_BIFORMER = {  # rayleizhu/BiFormer models/biformer.py
+    "biformer_tiny": dict(depth=[2, 2, 8, 2], embed_dim=[64, 128, 256, 512]),
+    "biformer_small": dict(depth=[4, 4, 18, 4], embed_dim=[64, 128, 256, 512]),
+    "biformer_base": dict(depth=[4, 4, 18, 4], embed_dim=[96, 192, 384, 768]),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_BIFORMER))
+def test_biformer_structure_follows_the_official_definition(name):
+    """topks 1, 4, 16, -2; n_win 7; qk_dims = widths; head_dim 32; mlp ratio 3; last stage AttentionLePE (8 heads)."""
+    from attnzoo.models.biformer import AttentionLePE
+
+    model, cfg = build_meta(name), OFFICIAL_BIFORMER[name]
+    assert [len(s.blocks) for s in model.stages] == cfg["depth"]
+    for i, (stage, dim) in enumerate(zip(model.stages, cfg["embed_dim"])):
+        for block in stage.blocks:
+            assert block.pos_embed.kernel_size == (3, 3) and block.mlp.fc1.out_features == 3 * dim
+            if i < 3:
+                bra = block.attn
+                assert (bra.n_win, bra.topk, bra.qk_dim, bra.num_heads) == (7, [1, 4, 16][i], dim, dim // 32)
+                assert bra.lepe.kernel_size == (5, 5) and bra.qkv.out_features == 3 * dim
+            else:
+                assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == 8 and block.attn.qkv.bias is None
