@@ -102,7 +102,7 @@ def test_van_structure_follows_the_official_definition(name):
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny"])
+@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny"])
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -327,3 +327,24 @@ def test_biformer_structure_follows_the_official_definition(name):
                 assert bra.lepe.kernel_size == (5, 5) and bra.qkv.out_features == 3 * dim
             else:
                 assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == 8 and block.attn.qkv.bias is None
+
+
+@pytest.mark.parametrize("name, depths", [("smt_tiny", [2, 2, 8, 1]), ("smt_small", [3, 4, 18, 2])])
+def test_smt_hybrid_layout_follows_the_official_definition(name, depths):
+    """models/smt.py: modulation in stages 0-1 and even blocks of stage 2; attention (8 / 16 heads) elsewhere;
+    mlp ratios 4, 4, 4, 2; SAM with 4 heads (3/5/7/9 convs) and expansion 2; qkv bias."""
+    from attnzoo.models.biformer import AttentionLePE
+
+    model = build_meta(name)
+    assert [len(s.blocks) for s in model.stages] == depths
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage.blocks):
+            dim = 64 * 2**i
+            assert block.mlp.fc1.out_features == dim * [4, 4, 4, 2][i]
+            if i < 2 or (i == 2 and j % 2 == 0):
+                sam = block.attn
+                assert [c.kernel_size[0] for c in sam.local_convs] == [3, 5, 7, 9] and sam.proj0.out_channels == 2 * dim
+                assert sam.v.bias is not None
+            else:
+                assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == {2: 8, 3: 16}[i]
+                assert block.attn.lepe.kernel_size == (3, 3)

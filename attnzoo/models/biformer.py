@@ -56,7 +56,8 @@ class ConvBN(nn.Sequential):
 
 
 class AttentionLePE(nn.Module):
-    """Global multi-head attention plus a depthwise conv of V (BiFormer's last stage), on ``(B, H, W, C)``.
+    """Global multi-head attention plus a depthwise conv of V, on ``(B, H, W, C)``: BiFormer's last stage
+    (``AttentionLePE``, 5×5) and SMT's multi-head self-attention blocks (``Attention(ca_attention=0)``, 3×3).
 
     Args:
         dim: channels.
