@@ -102,7 +102,7 @@ def test_van_structure_follows_the_official_definition(name):
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny"])
+@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny", "litv2_small"])
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -348,3 +348,33 @@ def test_smt_hybrid_layout_follows_the_official_definition(name, depths):
             else:
                 assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == {2: 8, 3: 16}[i]
                 assert block.attn.lepe.kernel_size == (3, 3)
+
+
+def test_litv2_deformable_conv_matches_torchvision():
+    """DTM's deformable conv against torchvision.ops.deform_conv2d, with offsets that leave the map."""
+    ops = pytest.importorskip("torchvision.ops")
+    from attnzoo.models.litv2 import deform_conv2d_stride_k
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, 6, generator=g, dtype=torch.float64)
+    offset = 3 * torch.randn(2, 8, 4, 3, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(7, 5, 2, 2, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    expected = ops.deform_conv2d(x, offset, weight, bias, stride=2)
+    torch.testing.assert_close(deform_conv2d_stride_k(x, offset, weight, bias), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_litv2_small_follows_the_official_definition():
+    """configs/litv2-small.yaml: 96, depths 2/2/6/2, heads 3/6/12/24, alpha 0.9, LOCAL_WS 0/0/2/1, has_msa 0/0/1/1."""
+    model = build_meta("litv2_small")
+    assert [len(s.blocks) for s in model.stages] == [2, 2, 6, 2]
+    for i, stage in enumerate(model.stages):
+        for block in stage.blocks:
+            assert block.mlp.fc1.out_features == 4 * 96 * 2**i
+            if i < 2:
+                assert block.attn is None
+            else:
+                hilo = block.attn
+                assert (hilo.num_heads, hilo.window_size, hilo.alpha) == ([3, 6, 12, 24][i], [0, 0, 2, 1][i], 0.9)
+        if i > 0:
+            assert stage.downsample.weight.shape == (2 * 96 * 2 ** (i - 1), 96 * 2 ** (i - 1), 2, 2)
+            assert stage.downsample.conv_offset.out_channels == 8
