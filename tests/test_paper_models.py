@@ -102,7 +102,7 @@ def test_van_structure_follows_the_official_definition(name):
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny", "litv2_small"])
+@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny", "litv2_small", "agent_swin_tiny"])
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -378,3 +378,21 @@ def test_litv2_small_follows_the_official_definition():
         if i > 0:
             assert stage.downsample.weight.shape == (2 * 96 * 2 ** (i - 1), 96 * 2 ** (i - 1), 2, 2)
             assert stage.downsample.conv_offset.out_channels == 8
+
+
+def test_agent_swin_tiny_follows_the_official_definition():
+    """cfgs/agent_swin_t.yaml: 96, depths 2/2/6/2, heads 3/6/12/24, AAAB, agents 9-16-49-49, window 56 → whole map."""
+    model = build_meta("agent_swin_tiny")
+    assert [len(s.blocks) for s in model.stages] == [2, 2, 6, 2]
+    grids = [56, 28, 14, 7]
+    for i, stage in enumerate(model.stages):
+        for block in stage.blocks:
+            attn = block.attn
+            assert attn.num_heads == [3, 6, 12, 24][i]
+            if i < 3:
+                assert (attn.num_agents, attn.input_resolution) == ([9, 16, 49][i], (grids[i], grids[i]))
+            else:
+                assert attn.window_size == (7, 7) and attn.shift_size == (0, 0)
+        if i > 0:
+            assert stage.downsample.reduction.in_features == 4 * 96 * 2 ** (i - 1) and stage.downsample.reduction.bias is None
+    assert "padded canvas" in models.model_info("agent_swin_tiny").note

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_model, save_model
 
-from . import biformer, cswin, hornet, litv2, nat, smt, van  # noqa: F401  (registers the published configurations of each family)
+from . import agent_swin, biformer, cswin, hornet, litv2, nat, smt, van  # noqa: F401  (registers the published configurations of each family)
 from ._io import atomic_write
 from ._paper import PAPER_MODELS, PaperModel, PaperTable, measure, paper_spec
 from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_defaults
