@@ -245,6 +245,8 @@ def test_unknown_name_suggests_close_ones():
         models.create("nat_tini")
     with pytest.raises(ValueError, match=r"did you mean 'dinat_small'"):
         models.model_info("dinat_smal")
+    with pytest.raises(ValueError, match="arena size with no paper table"):
+        models.model_info("tiny")
 
 
 @pytest.mark.parametrize(

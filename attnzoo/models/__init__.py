@@ -81,6 +81,8 @@ class ModelInfo:
 
 def model_info(name: str) -> ModelInfo:
     """The paper's table for published model ``name`` with the parameters and MACs measured on it."""
+    if name in SIZES:
+        raise ValueError(f"name={name!r} is an arena size with no paper table; published models: {list_models()[len(SIZES):]}")
     spec = paper_spec(name, list_models())
     measured = measure(name)
     table = spec.table

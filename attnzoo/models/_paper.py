@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -210,7 +210,7 @@ class PaperModel(nn.Module):
             "architecture": name, "tag": "", "url": "", "hf_hub_id": None, "num_classes": num_classes,
             "input_size": (in_chans, img_size, img_size), "pool_size": (img_size // reductions[-1],) * 2,
             "crop_pct": crop_pct, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "first_conv": self.first_conv_name(), "classifier": "head", "license": "apache-2.0",
+            "first_conv": self.first_conv_name(), "classifier": "head",
         }  # fmt: skip
 
     def first_conv_name(self) -> str:
@@ -298,7 +298,6 @@ class Measured:
 
     params: int
     macs: int
-    layers: dict[str, int] = field(default_factory=dict)
 
 
 def _count_macs(model: nn.Module, in_chans: int, img_size: int) -> int:
