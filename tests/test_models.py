@@ -82,7 +82,7 @@ def test_stage_that_cannot_fit_names_stage_mixer_and_size():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="size='huge'"):
+    with pytest.raises(ValueError, match="name='huge' is not a known model"):
         models.create("huge")
     with pytest.raises(ValueError, match="one per stage"):
         models.create("tiny", mixers=("neighborhood", "neighborhood"))

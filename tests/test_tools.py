@@ -47,6 +47,18 @@ def test_additional_keys_are_counted():
     assert n == 4 * 2 * 64 * (9 + 3) * 4
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_attention_on_cpu_is_counted(masked):
+    """SDPA's CPU kernel (with or without a mask) counts QKᵀ and PV: 4·B·heads·Nq·Nk·d forward; the backward 2.5
+    times that (torch's SDPA formula: dV, dP, dQ, dK and the recomputed QKᵀ)."""
+    q, k, v = (torch.randn(2, 10, 3, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(10, 10, dtype=torch.bool).tril() if masked else None
+    fwd = flops.count_flops(lambda: attnzoo.ops.attention(q, k, v, attn_mask=mask))
+    assert fwd == 4 * 2 * 3 * 10 * 10 * 8
+    both = flops.count_flops(lambda: attnzoo.ops.attention(q, k, v, attn_mask=mask).sum().backward())
+    assert both == 3.5 * fwd
+
+
 def test_fft_flops_are_counted():
     x = torch.randn(2, 8, 8, 4)
     n = flops.count_flops(lambda: torch.fft.irfft2(torch.fft.rfft2(x, dim=(1, 2)), s=(8, 8), dim=(1, 2)))

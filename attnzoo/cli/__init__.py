@@ -15,7 +15,7 @@ import sys
 # machines; that line is noise for every attnzoo command.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-SUBCOMMANDS = ("list", "bench", "viz", "train", "arena", "docs")
+SUBCOMMANDS = ("list", "bench", "viz", "train", "arena", "models", "docs")
 
 __all__ = ["main", "UsageError", "SUBCOMMANDS"]
 

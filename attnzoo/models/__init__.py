@@ -1,10 +1,16 @@
-"""Backbones with a pluggable token mixer per stage: ``create``, ``load`` and timm registration.
+"""Backbones: the arena's pluggable-mixer sizes and the papers' published models; ``create``, ``load``, timm registration.
+
+Published configurations (``nat_tiny``, ``dinat_base``, …; ``list_models()``) are built with
+``create(name, num_classes=1000, in_chans=3, img_size=224, **overrides)``; ``model_info(name)`` gives the paper's
+table (parameters, MACs at 224², ImageNet-1k top-1, source) next to the figures measured on the model.
+The arena sizes take a mixer per stage:
 
 >>> model = create("tiny", mixers=("neighborhood", "neighborhood", "mhsa", "mhsa"), num_classes=10, in_chans=1)
 >>> feats = model.forward_features(torch.randn(2, 1, 28, 28))   # [(2,14,14,32), (2,7,7,64), (2,4,4,128), (2,2,2,256)]
 
-When timm is installed, ``attnzoo_tiny`` and ``attnzoo_small`` are registered with it so that
-``timm.create_model("attnzoo_tiny", mixers="window", num_classes=10, in_chans=1)`` works. Registration happens when
+When timm is installed, every model is registered with it as ``attnzoo_<name>`` so that
+``timm.create_model("attnzoo_tiny", mixers="window", num_classes=10, in_chans=1)`` and
+``timm.create_model("attnzoo_nat_tiny", features_only=True)`` work. Registration happens when
 timm is imported (at once if it already is), so importing this package never pays for importing timm.
 """
 
@@ -13,17 +19,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from . import agent_swin, biformer, cswin, hornet, litv2, nat, smt, van  # noqa: F401  (registers the published configurations of each family)
 from ._io import atomic_write
+from ._paper import PAPER_MODELS, PaperModel, PaperTable, measure, paper_spec
 from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_defaults
 
 __all__ = [
-    "create", "load", "save", "model_config", "list_models", "Backbone", "BackboneSize", "Block", "MixerAdapter",
+    "create", "load", "save", "model_config", "list_models", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
     "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
 ]  # fmt: skip
 
@@ -33,9 +42,54 @@ WEIGHTS_FILE = "model.safetensors"
 MixerKwargs = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
 
 
-def list_models() -> list[str]:
-    """Names of the backbone sizes."""
-    return sorted(SIZES)
+def list_models(family: str | None = None) -> list[str]:
+    """Names of every buildable model: the arena sizes (family ``"arena"``) and the published configurations."""
+    arena = sorted(SIZES) if family in (None, "arena") else []
+    return arena + [n for n, spec in PAPER_MODELS.items() if family in (None, spec.family)]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A published configuration: its paper's table and the figures measured on the model built here.
+
+    ``paper_params_m`` / ``paper_gmacs`` / ``top1`` come from ``source``; ``params`` / ``macs`` are counted on the
+    model at ``img_size`` 224 with a 1000-class head (``attnzoo.models._paper`` states the convention). ``note``
+    documents any known difference.
+    """
+
+    name: str
+    family: str
+    source: str
+    reference: str
+    paper_params_m: float
+    paper_gmacs: float
+    top1: float
+    params: int
+    macs: int
+    note: str
+
+    @property
+    def params_error(self) -> float:
+        """Relative difference of the measured parameters from the paper's."""
+        return self.params / (self.paper_params_m * 1e6) - 1.0
+
+    @property
+    def macs_error(self) -> float:
+        """Relative difference of the measured MACs from the paper's."""
+        return self.macs / (self.paper_gmacs * 1e9) - 1.0
+
+
+def model_info(name: str) -> ModelInfo:
+    """The paper's table for published model ``name`` with the parameters and MACs measured on it."""
+    if name in SIZES:
+        raise ValueError(f"name={name!r} is an arena size with no paper table; published models: {list_models()[len(SIZES):]}")
+    spec = paper_spec(name, list_models())
+    measured = measure(name)
+    table = spec.table
+    return ModelInfo(
+        name=name, family=spec.family, source=table.source, reference=spec.reference, paper_params_m=table.params_m,
+        paper_gmacs=table.gmacs, top1=table.top1, params=measured.params, macs=measured.macs, note=spec.note,
+    )  # fmt: skip
 
 
 def _per_stage(value: Any, stages: int, what: str) -> list:
@@ -48,36 +102,55 @@ def _per_stage(value: Any, stages: int, what: str) -> list:
 
 
 def create(
-    size: str = "tiny",
-    mixers: str | Sequence[str] = "neighborhood",
+    name: str = "tiny",
+    mixers: str | Sequence[str] | None = None,
     *,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     in_chans: int = 3,
     img_size: int | None = None,
     mixer_kwargs: MixerKwargs = None,
     channel_mixer: str | Sequence[str | None] | None = None,
     channel_mixer_kwargs: MixerKwargs = None,
-) -> Backbone:
-    """Build backbone ``size`` (``"tiny"`` or ``"small"``) with ``mixers`` (one name for all stages, or one per stage).
+    **overrides: Any,
+) -> Backbone | PaperModel:
+    """Build model ``name``: an arena size (``"tiny"``, ``"small"``) or a published configuration (``list_models()``).
 
-    ``mixer_kwargs``: ``None``, one dict for every stage, or a sequence with one dict (or ``None``) per stage.
-    ``channel_mixer``: ``None`` (the MLP), or a ``slot="channel"`` mechanism name replacing the MLP of every block
-    (e.g. ``"convolutional_glu"``), or one name/``None`` per stage; ``channel_mixer_kwargs`` like ``mixer_kwargs``.
-    ``img_size`` defaults to the size's native resolution (28 for tiny, 224 for small).
+    Published configurations: ``create(name, num_classes=1000, in_chans=3, img_size=224, **overrides)``; overrides
+    replace arguments of the family's model class (e.g. ``kernel_size=9``, ``depths=…``) and are checked against every
+    stage. Arena sizes: ``mixers`` (one name for all stages, or one per stage; default ``"neighborhood"``) and
+    ``mixer_kwargs`` (``None``, one dict for every stage, or one dict or ``None`` per stage); ``channel_mixer``:
+    ``None`` (the MLP), or a ``slot="channel"`` mechanism name replacing the MLP of every block (e.g.
+    ``"convolutional_glu"``), or one name/``None`` per stage, with ``channel_mixer_kwargs`` like ``mixer_kwargs``;
+    ``num_classes`` defaults to 10 and ``img_size`` to the size's native resolution (28 for tiny, 224 for small).
     """
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} must be one of {list_models()}")
-    spec = SIZES[size]
+    if name in PAPER_MODELS:
+        if mixers is not None or mixer_kwargs is not None or channel_mixer is not None or channel_mixer_kwargs is not None:
+            raise TypeError(
+                f"{name!r} is a published configuration: mixers, mixer_kwargs, channel_mixer and channel_mixer_kwargs "
+                f"apply to the arena sizes {sorted(SIZES)}"
+            )
+        num_classes = 1000 if num_classes is None else num_classes
+        img_size = 224 if img_size is None else img_size
+        model = PAPER_MODELS[name].builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
+        model.config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size, **overrides}
+        return model
+    if name not in SIZES:
+        paper_spec(name, list_models())  # raises, suggesting close names
+    if overrides:
+        raise TypeError(f"unexpected arguments {sorted(overrides)} for arena size {name!r}")
+    mixers = "neighborhood" if mixers is None else mixers
+    num_classes = 10 if num_classes is None else num_classes
+    spec = SIZES[name]
     stages = len(spec.dims)
     names = _per_stage(mixers, stages, "mixers")
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"mixers must hold mechanism names (str), got {name!r}")
+    for mixer in names:
+        if not isinstance(mixer, str):
+            raise TypeError(f"mixers must hold mechanism names (str), got {mixer!r}")
     kwargs = [dict(k or {}) for k in _per_stage(mixer_kwargs, stages, "mixer_kwargs")]
     channel_names = _per_stage(channel_mixer, stages, "channel_mixer")
-    for name in channel_names:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"channel_mixer must hold mechanism names (str) or None, got {name!r}")
+    for channel in channel_names:
+        if channel is not None and not isinstance(channel, str):
+            raise TypeError(f"channel_mixer must hold mechanism names (str) or None, got {channel!r}")
     channel_kwargs = [dict(k or {}) for k in _per_stage(channel_mixer_kwargs, stages, "channel_mixer_kwargs")]
     img_size = img_size or spec.img_size
     model = Backbone(
@@ -86,14 +159,14 @@ def create(
         channel_mixers=channel_names, channel_kwargs=channel_kwargs,
     )  # fmt: skip
     model.config = {
-        "size": size, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
+        "size": name, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
         "img_size": img_size, "mixer_kwargs": kwargs, "channel_mixer": list(channel_names),
         "channel_mixer_kwargs": channel_kwargs,
     }  # fmt: skip
     return model
 
 
-def model_config(model: Backbone) -> dict[str, Any]:
+def model_config(model: Backbone | PaperModel) -> dict[str, Any]:
     """The ``create`` arguments that rebuild ``model`` (JSON-serialisable)."""
     config = getattr(model, "config", None)
     if config is None:
@@ -101,7 +174,7 @@ def model_config(model: Backbone) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
-def save(model: Backbone, directory: str | Path) -> None:
+def save(model: Backbone | PaperModel, directory: str | Path) -> None:
     """Write ``model.json`` (config) and ``model.safetensors`` (weights) into ``directory``, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -109,14 +182,15 @@ def save(model: Backbone, directory: str | Path) -> None:
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone | PaperModel:
     """The trained model of a run folder (``model.json`` + ``model.safetensors``), in eval mode."""
     directory = Path(directory)
     config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a finished attnzoo run folder")
-    model = create(**json.loads(config_path.read_text()))
+    config = json.loads(config_path.read_text())
+    model = create(config.pop("size", None) or config.pop("name"), **config)
     try:
         load_model(model, str(weights), strict=True)
     except Exception as exc:
@@ -127,23 +201,37 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Bac
 def _register_with_timm() -> None:
     from timm.models import register_model
 
-    def entry(size: str):
-        def build(pretrained: bool = False, **kwargs: Any) -> Backbone:
+    def entry(name: str):
+        def build(pretrained: bool = False, **kwargs: Any) -> Backbone | PaperModel:
             if pretrained:
-                raise ValueError(f"attnzoo_{size} has no pretrained weights; train one with `attnzoo train`")
+                raise ValueError(f"attnzoo_{name} has no pretrained weights; train one with `attnzoo train`")
             for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
                 kwargs.pop(key, None)
             device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-            model = create(size, **kwargs)
-            return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+            features_only = kwargs.pop("features_only", False)
+            out_indices = kwargs.pop("out_indices", None)
+            model = create(name, **kwargs)
+            if device is not None or dtype is not None:
+                model = model.to(device=device, dtype=dtype)
+            if not features_only:
+                return model
+            if not isinstance(model, PaperModel):
+                raise ValueError(f"features_only: attnzoo_{name} returns its stage maps from forward_features already")
+            from timm.models._features import FeatureGetterNet
 
-        build.__name__ = f"attnzoo_{size}"
+            stages = len(model.stages)
+            return FeatureGetterNet(model, out_indices=tuple(range(stages)) if out_indices is None else out_indices)
+
+        build.__name__ = f"attnzoo_{name}"
         build.__qualname__ = build.__name__
-        build.__doc__ = f"attnzoo {size} backbone with a pluggable mixer per stage (``mixers=``)."
+        if name in SIZES:
+            build.__doc__ = f"attnzoo {name} backbone with a pluggable mixer per stage (``mixers=``)."
+        else:
+            build.__doc__ = f"{name} as published ({PAPER_MODELS[name].table.source})."
         return build
 
-    for size in SIZES:
-        fn = entry(size)
+    for name in list_models():
+        fn = entry(name)
         globals()[fn.__name__] = fn
         register_model(fn)
 

@@ -4,7 +4,9 @@ The engine registers the formulas of its own fused ops when ``attnzoo.ops`` is i
 ``na_forward`` counts 4·B·heads·N·(Πkernel + n_add)·d, ``na_backward`` twice that), so ``FlopCounterMode`` sees the
 work done inside the native kernel wherever it is used. This module adds the usual FFT estimate for
 ``aten._fft_{r2c,c2r,c2c}`` (5·n·log2 n per complex transform of n points, half that for real ones), which
-``torch.utils.flop_counter`` leaves uncounted, so spectral mixers are not free.
+``torch.utils.flop_counter`` leaves uncounted, so spectral mixers are not free, and counts the CPU kernel of
+``scaled_dot_product_attention`` (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which
+``torch.utils.flop_counter`` has no formula for) with torch's own SDPA formulas, so dense attention on CPU is not free.
 Like ``FlopCounterMode`` itself, elementwise ops and softmax are not counted.
 """
 
@@ -14,7 +16,7 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["count_flops", "fft_flops"]
 
@@ -41,6 +43,16 @@ def _fft_c2r_flops(self_shape, dim, normalization, last_dim_size, out_shape=None
 @register_flop_formula(torch.ops.aten._fft_c2c)
 def _fft_c2c_flops(self_shape, dim, normalization, forward, out_shape=None, **kwargs: Any) -> int:
     return fft_flops(self_shape, dim, complex_transform=True)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
