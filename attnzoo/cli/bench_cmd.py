@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rich.table import Table
 from ..mechanisms import list_mechanisms, mechanism_info
 from ..tools.bench import BenchConfig, BenchRow, bench_mechanism, yardstick_latency
 from ..tools.report import SCALING_COLUMNS, TABLE_COLUMNS, table_cells, write_report
-from . import UsageError
+from . import UsageError, out_path
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -45,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     parser.add_argument("--min-run-time", type=float, default=0.3,
                         help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
+    parser.add_argument("--out", type=out_path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
     parser.set_defaults(run=run)
 
 
@@ -95,11 +96,13 @@ def check_names(names: list[str]) -> list[str]:
 
 def check_out_dir(out: Path) -> Path:
     """Create ``out`` and make sure it is writable, before any measuring."""
+    if not str(out).strip():
+        raise UsageError("--out '' must name a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".attnzoo-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".attnzoo-write-test.")  # a new file: never follows a link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"--out {str(out)!r} is not a writable directory ({exc.strerror or exc})") from None
     return out
