@@ -63,7 +63,7 @@ def create(
     ``mixer_kwargs``: ``None``, one dict for every stage, or a sequence with one dict (or ``None``) per stage.
     ``img_size`` defaults to the size's native resolution (28 for tiny, 224 for small).
     """
-    if size not in SIZES:
+    if not isinstance(size, str) or size not in SIZES:
         raise ValueError(f"size={size!r} must be one of {list_models()}")
     spec = SIZES[size]
     stages = len(spec.dims)
@@ -71,8 +71,11 @@ def create(
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"mixers must hold mechanism names (str), got {name!r}")
-    kwargs = [dict(k or {}) for k in _per_stage(mixer_kwargs, stages, "mixer_kwargs")]
-    img_size = img_size or spec.img_size
+    per_stage = _per_stage(mixer_kwargs, stages, "mixer_kwargs")
+    if not all(k is None or isinstance(k, Mapping) for k in per_stage):
+        raise TypeError(f"mixer_kwargs={mixer_kwargs!r} must be None, a dict, or one dict (or None) per stage")
+    kwargs = [dict(k or {}) for k in per_stage]
+    img_size = spec.img_size if img_size is None else img_size
     model = Backbone(
         names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
         num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
