@@ -118,6 +118,40 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )  # fmt: skip
 
 
+# Live tensors of one mechanism call relative to its input (input, q/k/v, intermediates, output, and gradients with
+# --backward): a deliberately low multiplier, so that the refusal below only stops runs that cannot fit.
+ACTIVATION_COPIES = 8
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes that a run on ``device`` may still allocate (``None`` when unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: BenchConfig) -> None:
+    """Refuse, before allocating anything, a grid whose activations alone cannot fit (with the estimate)."""
+    side = max((cfg.size, *cfg.sizes))
+    itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    needed = ACTIVATION_COPIES * (2 if cfg.backward else 1) * cfg.batch * side * side * cfg.dim * itemsize
+    available = available_memory(cfg.device)
+    if available is not None and needed > available:
+        raise UsageError(
+            f"a {side}×{side} grid (batch {cfg.batch}, dim {cfg.dim}, {cfg.dtype}) needs at least {needed / 2**30:,.1f} GiB "
+            f"of activations, more than the {available / 2**30:,.1f} GiB available on {cfg.device}; use a smaller --size"
+        )
+
+
 def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float, yardstick: float) -> Table:
     with_scaling = bool(cfg.sizes)
     mode = "forward+backward" if cfg.backward else "forward"
@@ -146,6 +180,7 @@ def wide_console() -> Console:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     names = check_names(args.names)
+    check_memory(cfg)
     if args.out is not None:
         check_out_dir(args.out)
     console = wide_console()
