@@ -112,6 +112,14 @@ def case_arena_seed_huge(tmp_path):
     return ["arena", "--mixers", "mhsa,window", "--dataset", "synthetic", "--seed", str(2**70), "--out", str(tmp_path / "r")], "--seed"
 
 
+def case_arena_out_unwritable(tmp_path):
+    return ["arena", "--mixers", "mhsa,window", "--data-dir", str(tmp_path / "nodata"), "--out", "/proc/attnzoo-run"], "--out"
+
+
+def case_train_out_unwritable(tmp_path):
+    return ["train", "--mixer", "mhsa", "--data-dir", str(tmp_path / "nodata"), "--out", "/proc/attnzoo-run"], "--out"
+
+
 def case_viz_proc(tmp_path):
     return ["viz", "receptive-field", "mhsa", "--out", "/proc/x.png"], "/proc/x.png"
 
@@ -157,7 +165,8 @@ SIMPLE = [
 
 CASES = [case_out_is_file, case_out_under_file, case_arena_out_is_file, case_fashion_not_gzip,
          case_fashion_truncated_gzip, case_fashion_wrong_magic, case_fashion_short_payload, case_fashion_label_count,
-         case_broken_run_json, case_run_json_wrong_type, case_seed_huge, case_arena_seed_huge, case_viz_proc,
+         case_broken_run_json, case_run_json_wrong_type, case_seed_huge, case_arena_seed_huge, case_arena_out_unwritable,
+         case_train_out_unwritable, case_viz_proc,
          case_viz_attention_proc, case_bench_huge_size, case_bench_huge_sweep]  # fmt: skip
 
 
