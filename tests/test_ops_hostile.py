@@ -336,3 +336,23 @@ def test_record_attention_is_task_local():
         return await asyncio.gather(recorder(2), recorder(3))
 
     assert asyncio.run(both()) == [2, 3]
+
+
+@pytest.mark.parametrize("where", ["q_nan", "k_nan", "q_inf", "scale_nan"])
+def test_partition_backend_propagates_nan_like_the_reference(where):
+    q, k, v = _qkv(shape=(2, 9, 6, 2, 4))
+    extra = {}
+    if where == "q_nan":
+        q[0, 4, 3, 1, 0] = NAN
+    elif where == "k_nan":
+        k[1, 2, 5, 0, 3] = NAN
+    elif where == "q_inf":
+        q[0, 4, 3, 1, 2] = INF
+    else:
+        extra["scale"] = NAN
+    expected = ops.na2d(q, k, v, 3, stride=3, backend="reference", **extra)
+    for backend in ("partition", "native", "tiled"):
+        out = ops.na2d(q, k, v, 3, stride=3, backend=backend, **extra)
+        assert torch.equal(out.isnan(), expected.isnan()), backend
+        finite = expected.isfinite()
+        torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5)
