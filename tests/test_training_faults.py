@@ -351,3 +351,16 @@ def test_python_api_validates_types(tmp_path):
         config = TrainConfig(**{"mixers": ["window"] * 4, "out": str(tmp_path / "r"), "dataset": "synthetic", **bad})
         with pytest.raises(TrainError, match=next(iter(bad))):
             train(config)
+
+
+def test_old_format_checkpoint_is_named_as_such(finished, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(finished / CHECKPOINT_FILE), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        state = json.loads(f.metadata()["state"])
+    state["format"] = "attnzoo-checkpoint-1"
+    save_file(tensors, str(tmp_path / CHECKPOINT_FILE), metadata={"state": json.dumps(state)})
+    with pytest.raises(CheckpointError, match="older attnzoo"):
+        read_checkpoint(tmp_path / CHECKPOINT_FILE)

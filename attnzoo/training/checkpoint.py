@@ -115,6 +115,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{bad} ({reason}); {hint}") from None
+    if "sha256" not in metadata and '"attnzoo-checkpoint-1"' in state:
+        raise CheckpointError(
+            f"{path} was written by an older attnzoo (format 1, metadata not covered by its SHA-256); {hint}"
+        )
     if tensor_digest(tensors, state) != metadata.get("sha256"):
         raise CheckpointError(f"{bad} (its tensors and metadata do not match their SHA-256); {hint}")
     try:
