@@ -456,7 +456,10 @@ def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, schedu
             loss = F.cross_entropy(logits, y)
             aux = raw.auxiliary_loss()
             total_loss = loss if aux is None else loss + aux
-            _check_finite("the training loss", float(total_loss.detach()), step, ckpt_path)
+            loss_value = float(total_loss.detach())
+            if ctx.world > 1:  # every rank stops together (one would otherwise wait forever in the all-reduce)
+                loss_value = loss_value if ctx.sum(0.0 if math.isfinite(loss_value) else 1.0)[0] == 0 else math.nan
+            _check_finite("the training loss", loss_value, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()
