@@ -94,6 +94,22 @@ def test_batch_one_and_odd_sizes_work_or_raise_clearly(name):
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("empty", ["batch", "spatial"])
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_input_gives_empty_output_or_names_the_shape(name, empty):
+    """Batch 0 or a zero-size spatial axis: an empty output of the right shape, or a ValueError naming x.shape."""
+    info = mechanism_info(name)
+    m = build(name)
+    size = info.test_size if empty == "batch" else (0, *info.test_size[1:])
+    inputs = sample(name, batch=0 if empty == "batch" else 2, size=size)
+    try:
+        y = m(*inputs)
+    except ValueError as err:
+        assert str(tuple(inputs[0].shape)) in str(err), f"the error does not name the input shape: {err}"
+        return
+    assert tuple(y.shape) == expected_shape(m, inputs[0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_deterministic_for_a_fixed_seed(name):
     inputs = sample(name)

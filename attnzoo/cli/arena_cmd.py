@@ -11,7 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .train_cmd import set_threads, split_names, training_errors
+from . import UsageError
+from .train_cmd import check_out, set_threads, split_names, training_errors
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..training.arena import run_arena
 
     set_threads(args.threads)
+    check_out(args.out)
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed} must be in [0, 2**63)")
     mixers = split_names(args.mixers)
     out = args.out or str(Path("runs") / f"arena-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rich.table import Table
 from ..mechanisms import list_mechanisms, mechanism_info
 from ..tools.bench import BenchConfig, BenchRow, bench_mechanism, yardstick_latency
 from ..tools.report import SCALING_COLUMNS, TABLE_COLUMNS, table_cells, write_report
-from . import UsageError
+from . import UsageError, out_path
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -45,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     parser.add_argument("--min-run-time", type=float, default=0.3,
                         help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
+    parser.add_argument("--out", type=out_path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
     parser.set_defaults(run=run)
 
 
@@ -95,11 +96,13 @@ def check_names(names: list[str]) -> list[str]:
 
 def check_out_dir(out: Path) -> Path:
     """Create ``out`` and make sure it is writable, before any measuring."""
+    if not str(out).strip():
+        raise UsageError("--out '' must name a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".attnzoo-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".attnzoo-write-test.")  # a new file: never follows a link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"--out {str(out)!r} is not a writable directory ({exc.strerror or exc})") from None
     return out
@@ -113,6 +116,40 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sizes=parse_sizes(args.sizes, args.out is not None),
         min_run_time=max(0.01, args.min_run_time), sweep_min_run_time=max(0.01, args.min_run_time / 3),
     )  # fmt: skip
+
+
+# Live tensors of one mechanism call relative to its input (input, q/k/v, intermediates, output, and gradients with
+# --backward): a deliberately low multiplier, so that the refusal below only stops runs that cannot fit.
+ACTIVATION_COPIES = 8
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes that a run on ``device`` may still allocate (``None`` when unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: BenchConfig) -> None:
+    """Refuse, before allocating anything, a grid whose activations alone cannot fit (with the estimate)."""
+    side = max((cfg.size, *cfg.sizes))
+    itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    needed = ACTIVATION_COPIES * (2 if cfg.backward else 1) * cfg.batch * side * side * cfg.dim * itemsize
+    available = available_memory(cfg.device)
+    if available is not None and needed > available:
+        raise UsageError(
+            f"a {side}×{side} grid (batch {cfg.batch}, dim {cfg.dim}, {cfg.dtype}) needs at least {needed / 2**30:,.1f} GiB "
+            f"of activations, more than the {available / 2**30:,.1f} GiB available on {cfg.device}; use a smaller --size"
+        )
 
 
 def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float, yardstick: float) -> Table:
@@ -143,6 +180,7 @@ def wide_console() -> Console:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     names = check_names(args.names)
+    check_memory(cfg)
     if args.out is not None:
         check_out_dir(args.out)
     console = wide_console()

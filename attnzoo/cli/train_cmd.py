@@ -72,11 +72,11 @@ def set_threads(threads: int | None) -> None:
 @contextmanager
 def training_errors() -> Iterator[None]:
     """Report the training errors a user can fix (bad option, corrupt checkpoint, missing data) as one line."""
-    from ..training import CheckpointError, DatasetMissing, TrainError
+    from ..training import CheckpointError, DatasetCorrupt, DatasetMissing, TrainError
 
     try:
         yield
-    except (TrainError, CheckpointError, DatasetMissing) as exc:
+    except (TrainError, CheckpointError, DatasetMissing, DatasetCorrupt) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
 
 
@@ -111,21 +111,34 @@ def parse_mixer_kwargs(text: str | None) -> list[dict[str, Any]] | None:
 
 
 def _config(args: argparse.Namespace):
-    from ..training import RUN_FILE, TrainConfig
+    from ..training import RUN_FILE, TrainConfig, TrainError
 
     if args.resume:
-        given = [f"--{o.replace('_', '-')}" for o in RUN_OPTIONS if getattr(args, o, None) is not None]
-        if given:
-            raise UsageError(f"--resume takes the run's options from {RUN_FILE}; drop {', '.join(given)}")
         run_file = Path(args.resume) / RUN_FILE
+        given = [o for o in RUN_OPTIONS if getattr(args, o, None) is not None]
         if not run_file.is_file():
+            if given:
+                flags = ", ".join(f"--{o.replace('_', '-')}" for o in given)
+                raise UsageError(f"--resume takes the run's options from {RUN_FILE}; drop {flags}")
             raise UsageError(f"{args.resume} is not a run folder ({RUN_FILE} not found)")
-        config = TrainConfig.from_json(run_file.read_text())
+        try:
+            config = TrainConfig.from_json(run_file.read_text(), source=str(run_file))
+        except TrainError as exc:
+            raise UsageError(str(exc)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{run_file} cannot be read ({exc})") from None
+        asked = _asked_values(args, given)
+        differing = [o for o in given if o != "out" and asked[o] != getattr(config, o)]
+        if differing:
+            details = ", ".join(f"--{o.replace('_', '-')} {asked[o]!r} (stored {getattr(config, o)!r})" for o in differing)
+            raise UsageError(f"--resume takes the run's options from {run_file}; these differ: {details}")
         config.out = args.resume
         if args.data_dir:
             config.data_dir = args.data_dir
         return config
     mixers = parse_mixers(args.mixer, args.mixers)
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed} must be in [0, 2**63)")
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     values["mixers"] = mixers
     values["mixer_kwargs"] = parse_mixer_kwargs(args.mixer_kwargs)
@@ -134,10 +147,35 @@ def _config(args: argparse.Namespace):
     return TrainConfig(**values)
 
 
+def _asked_values(args: argparse.Namespace, given: list[str]) -> dict[str, Any]:
+    """The run options on the command line, in ``TrainConfig``'s form (``--mixer x`` becomes ``mixers``)."""
+    asked = {o: getattr(args, o) for o in given}
+    if "mixer" in asked or "mixers" in asked:
+        asked["mixers"] = parse_mixers(args.mixer, args.mixers)
+        asked.pop("mixer", None)
+        given[:] = [o for o in given if o != "mixer"] + (["mixers"] if "mixers" not in given else [])
+    if "mixer_kwargs" in asked:
+        asked["mixer_kwargs"] = parse_mixer_kwargs(args.mixer_kwargs)
+    return asked
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an unusable ``--out`` before any data is loaded: empty, or a file (or a path through one)."""
+    if out is None:
+        return
+    if not out.strip():
+        raise UsageError("--out '' must name a folder")
+    path = Path(out)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out {out!r} is not a folder ({parent} is a file)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import train
 
     set_threads(args.threads)
+    check_out(args.out)
     config = _config(args)
     with training_errors():
         result = train(config, resume=bool(args.resume), show_progress=not args.no_progress, device=args.device)

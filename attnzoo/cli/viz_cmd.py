@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 
 from ..mechanisms import list_mechanisms, mechanism_info
+from ..models._io import atomic_write
 from ..tools.images import PHOTOS, load_photo
 from ..tools.workload import PrepareError
-from . import UsageError
+from . import UsageError, out_path
 from .bench_cmd import check_names, check_positive
 
 
@@ -34,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rf.add_argument("--dim", type=int, default=32, help="channels (default 32)")
     rf.add_argument("--query", nargs="+", default=None, metavar="Y,X", help="query token(s) (default: the centre)")
     rf.add_argument("--all", action="store_true", help="one grid picture of every registered mechanism")
-    rf.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="default receptive-field.png")
+    rf.add_argument("--out", type=out_path, default=None, metavar="FILE.png", help="default receptive-field.png")
     rf.set_defaults(run=run_receptive_field)
 
     am = kinds.add_parser("attention-map", help="attention weights of one query over a photo")
@@ -44,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     am.add_argument("--size", type=int, default=16, help="token grid side without --checkpoint (default 16)")
     am.add_argument("--dim", type=int, default=32, help="channels without --checkpoint (default 32)")
     am.add_argument("--query", default=None, metavar="Y,X", help="query token (default: the centre)")
-    am.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="default attention-map-NAME.png")
+    am.add_argument("--out", type=out_path, default=None, metavar="FILE.png", help="default attention-map-NAME.png")
     am.set_defaults(run=run_attention_map)
 
 
@@ -68,8 +70,14 @@ def _output(path: Path | None, default: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {str(path)!r}: cannot create its folder ({exc.strerror or exc})") from None
-    if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
-        raise UsageError(f"--out {str(path)!r} is not a writable file path")
+    if path.is_dir():
+        raise UsageError(f"--out {str(path)!r} is a folder, not a file path")
+    try:  # create (and remove) a new file next to it: the real test of writability, following no link
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".attnzoo-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out {str(path)!r} is not a writable file path ({exc.strerror or exc})") from None
     return path
 
 
@@ -99,9 +107,9 @@ def run_receptive_field(args: argparse.Namespace) -> int:
                 raise UsageError(f"{name}: {exc} (try another --size)") from None
             progress.advance(task)
     if args.all:
-        receptive_field_grid(views, args.size, out)
+        atomic_write(out, lambda p: receptive_field_grid(views, args.size, p))
     else:
-        receptive_field_figure(views, args.size, out)
+        atomic_write(out, lambda p: receptive_field_figure(views, args.size, p))
     failed = [v.name for v in views if v.error]
     skipped = f" ({len(failed)} could not run at {args.size}: {', '.join(failed)})" if failed else ""
     console.print(f"wrote {out}{skipped}")
@@ -131,6 +139,6 @@ def run_attention_map(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not result.maps:
         raise UsageError(f"{name} made no attention call that record_attention could see")
-    attention_overlay_figure(result.photo, result.maps, result.grid, result.query, result.title, out)
+    atomic_write(out, lambda p: attention_overlay_figure(result.photo, result.maps, result.grid, result.query, result.title, p))
     Console().print(f"wrote {out}")
     return 0

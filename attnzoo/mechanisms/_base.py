@@ -145,7 +145,10 @@ class Mechanism(nn.Module):
             self.spatial_ranks = (rank,)
 
     def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
-        """Validate ``x`` and return its spatial shape."""
+        """Validate ``x`` (a floating tensor ``(batch, *spatial, dim)``, not empty) and return its spatial shape.
+
+        Empty input (batch 0 or a zero-size spatial axis) is refused here, once for every mechanism, with a
+        ``ValueError`` naming the input shape."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         rank = x.dim() - 2
@@ -159,6 +162,11 @@ class Mechanism(nn.Module):
             raise ValueError(f"x.shape={tuple(x.shape)} must end in dim={self.dim}")
         if not x.is_floating_point():
             raise TypeError(f"x.dtype={x.dtype} must be floating point")
+        if x.numel() == 0:
+            raise ValueError(
+                f"{type(self).__name__} got an empty input x.shape={tuple(x.shape)}: the batch and every spatial axis "
+                "must have at least one element"
+            )
         return tuple(x.shape[1:-1])
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:

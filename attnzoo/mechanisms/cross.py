@@ -67,6 +67,8 @@ class CrossAttention(Mechanism):
                 f"context.shape={tuple(context.shape)} must be "
                 f"(batch={x.shape[0]}, tokens, context_dim={self.context_dim})"
             )
+        if context.numel() == 0:
+            raise ValueError(f"context.shape={tuple(context.shape)} must not be empty")
         if context.dtype != x.dtype:
             raise TypeError(f"context.dtype={context.dtype} must equal x.dtype={x.dtype}")
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..ops.backends.base import compute_dtype
 from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads
 from .registry import register_mechanism
 from .retention import _prepare, retention_parallel, retention_recurrent
@@ -160,12 +161,15 @@ class LightningAttention(Mechanism):
         self.check_input(x)
         tokens = flatten_tokens(x)
         q, k, v, u = rearrange(self.qkvu(tokens), "b n (four h d) -> four b n h d", four=4, h=self.num_heads)
-        q, k = F.silu(q), F.silu(k)
+        # The decayed sums grow with the sequence: keep them and their normalisation in (at least) fp32 so half
+        # precision stays finite wherever fp32 is; only the normalised output returns to x's dtype.
+        ct = compute_dtype(x.dtype)
+        q, k, v = F.silu(q).to(ct), F.silu(k).to(ct), v.to(ct)
         o = self.scan(q, k, v)
         if not self.is_causal:
             back = self.scan(q.flip(1), k.flip(1), v.flip(1)).flip(1)
             o = o + back - (q * k).sum(-1, keepdim=True) * v
-        y = self.norm(merge_heads(o)) * merge_heads(u)
+        y = self.norm(merge_heads(o)).to(x.dtype) * merge_heads(u)
         return self.proj_drop(self.proj(y)).reshape(x.shape)
 
     def extra_repr(self) -> str:

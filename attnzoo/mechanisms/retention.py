@@ -174,8 +174,14 @@ class MultiScaleRetention(Mechanism):
         self.check_input(x)
         tokens = flatten_tokens(x)
         q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
-        y = merge_heads(self.retain(q, k, v))
-        y = self.group_norm(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # GroupNorm wants (batch, channels)
+        # The decayed state grows with the sequence: retention and its group norm run in (at least) fp32 so half
+        # precision stays finite wherever fp32 is; the normalised output returns to x's dtype.
+        ct = compute_dtype(x.dtype)
+        y = merge_heads(self.retain(q.to(ct), k.to(ct), v.to(ct)))
+        norm = self.group_norm
+        weight, bias = (None if t is None else t.to(ct) for t in (norm.weight, norm.bias))
+        y = F.group_norm(y.flatten(0, 1), norm.num_groups, weight, bias, norm.eps)  # (batch, channels) layout
+        y = y.unflatten(0, tokens.shape[:2]).to(x.dtype)
         if self.gate is not None:
             y = F.silu(self.gate(tokens)) * y
         return self.proj_drop(self.proj(y)).reshape(x.shape)

@@ -227,6 +227,10 @@ class Stem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _halve(n: int) -> int:
     return (n + 1) // 2
 
@@ -262,10 +266,20 @@ class Backbone(nn.Module):
             if channel is not None:
                 check_slot(f"channel_mixers[{i}]", channel, "channel")
         per_channel = list(channel_kwargs) if channel_kwargs is not None else [{}] * stages
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(size) != 2 or any(s < stem_stride for s in size):
+        for name, value, minimum in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1)):
+            if not _is_int(value) or value < minimum:
+                raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+        size = (img_size, img_size) if _is_int(img_size) else tuple(img_size) if isinstance(img_size, (tuple, list)) else ()
+        if len(size) != 2 or not all(_is_int(s) and s >= stem_stride for s in size):
             raise ValueError(f"img_size={img_size!r} must be one or two ints ≥ stem_stride={stem_stride}")
         per_stage = list(mixer_kwargs) if mixer_kwargs is not None else [{}] * stages
+        if len(per_stage) != stages or not all(k is None or isinstance(k, Mapping) for k in per_stage):
+            raise ValueError(f"mixer_kwargs={mixer_kwargs!r} must be None or {stages} dicts (one per stage)")
+        for k in per_stage:
+            if k is not None and not all(isinstance(key, str) for key in k):
+                raise ValueError(f"mixer_kwargs={mixer_kwargs!r} must have argument names (str) as keys")
+        self.in_chans = in_chans
+        self.img_size = size
         self.num_classes = num_classes
         self.dims = tuple(dims)
         self.stem = Stem(in_chans, dims[0], stem_stride)
@@ -329,8 +343,25 @@ class Backbone(nn.Module):
             raise ValueError(f"it returns shape {tuple(out.shape)} for input {tuple(probe.shape)}; blocks need equal shapes")
         return blocks
 
+    def check_image(self, x: torch.Tensor) -> None:
+        """An image batch ``(B, in_chans, H, W)`` in the model's dtype and device, or an error that says what differs."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images (B, {self.in_chans}, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x.shape={tuple(x.shape)} must be (batch, in_chans={self.in_chans}, height, width)")
+        if x.numel() == 0:
+            raise ValueError(f"x.shape={tuple(x.shape)} is empty: batch, height and width must be >= 1")
+        weight = self.stem.proj[0].weight
+        if not x.is_floating_point():
+            raise TypeError(f"x.dtype={x.dtype} must be floating point (normalised images), like the model ({weight.dtype})")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x.dtype={x.dtype} differs from the model's {weight.dtype}: convert one (model.to({x.dtype}) or x.to({weight.dtype}))")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-stage feature maps, channels-last ``(B, H_i, W_i, C_i)``, for dense tasks."""
+        self.check_image(x)
         x = self.stem(x)
         features = []
         for i, stage in enumerate(self.stages):

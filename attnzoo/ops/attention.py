@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from . import recording
 from .backends.base import compute_dtype, softmax_with_lse
+from .problem import check_flag
 
 __all__ = ["attention", "merge_attentions"]
 
@@ -41,13 +42,20 @@ def attention(
             raise ValueError(f"{name}.shape={tuple(t.shape)} must be [batch, *tokens, heads, head_dim]")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
+    check_flag("is_causal", is_causal)
+    check_flag("return_lse", return_lse)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale={scale!r} must be a float or None")
     if k.shape[0] != q.shape[0] or k.shape[-2:] != q.shape[-2:]:
         raise ValueError(f"k.shape={tuple(k.shape)} must match q.shape={tuple(q.shape)} in batch, heads and head_dim")
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"v.shape={tuple(v.shape)} must match k.shape={tuple(k.shape)} except in the last dim")
     b, h = q.shape[0], q.shape[-2]
     scores_shape = (b, h, math.prod(q.shape[1:-2]), math.prod(k.shape[1:-2]))
-    attn_mask = _checked_attn_mask(attn_mask, scores_shape)
+    attn_mask = _checked_attn_mask(attn_mask, scores_shape, q.device)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p={dropout_p!r} must be a float with 0 <= dropout_p < 1")
     qf = q.reshape(b, -1, h, q.shape[-1]).transpose(1, 2)
@@ -81,7 +89,7 @@ def attention(
 
 
 def _checked_attn_mask(
-    attn_mask: torch.Tensor | None, scores_shape: tuple[int, int, int, int]
+    attn_mask: torch.Tensor | None, scores_shape: tuple[int, int, int, int], device: torch.device
 ) -> torch.Tensor | None:
     """``attn_mask`` (a bool or floating tensor that broadcasts to ``[B, heads, N_q, N_k]``) viewed as 4-D, since
     ``scaled_dot_product_attention`` wants a mask of at least 2 dims."""
@@ -91,6 +99,8 @@ def _checked_attn_mask(
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask.dtype={attn_mask.dtype} must be torch.bool or a floating-point dtype")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask.device={attn_mask.device} must equal q.device={device}")
     shape = tuple(attn_mask.shape)
     fits = len(shape) <= 4 and all(s in (1, t) for s, t in zip(reversed(shape), reversed(scores_shape)))
     if not fits:
@@ -132,6 +142,12 @@ def merge_attentions(
     with ``lse = log Σ_i exp(lse_i)`` and ``output = Σ_i exp(lse_i - lse) · outputs[i]``. A set with
     ``lse = -inf`` (no keys) contributes nothing. Differentiable in outputs and lses.
     """
+    for name, seq in (("outputs", outputs), ("lses", lses)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors (one per key set), got {type(seq).__name__}")
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     if len(outputs) != len(lses) or len(outputs) == 0:
         raise ValueError(f"merge_attentions needs as many outputs as lses (>= 1), got {len(outputs)} and {len(lses)}")
     for i, (o, l) in enumerate(zip(outputs, lses)):
@@ -139,6 +155,13 @@ def merge_attentions(
             raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} must be lses[{i}].shape={tuple(l.shape)} + [d_v]")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} differs from outputs[0].shape={tuple(outputs[0].shape)}")
+        for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", l)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name}.dtype={t.dtype} must be a floating-point dtype")
+            if t.device != outputs[0].device:
+                raise ValueError(f"{name}.device={t.device} must equal outputs[0].device={outputs[0].device}")
+        if o.dtype != outputs[0].dtype:
+            raise TypeError(f"outputs[{i}].dtype={o.dtype} must equal outputs[0].dtype={outputs[0].dtype}")
     ct = compute_dtype(outputs[0].dtype)
     weights, total = softmax_with_lse(torch.stack([l.to(ct) for l in lses]), dim=0)
     out = sum(w.unsqueeze(-1) * o.to(ct) for w, o in zip(weights, outputs))

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .problem import normalize_window
+from .problem import normalize_spatial_shape, normalize_window
 
 __all__ = ["AxisWindows", "axis_windows", "combine_axes", "neighborhood_mask", "neighborhood_rel_index"]
 
@@ -84,7 +84,7 @@ def axis_windows(extent: int, kernel_size: int, stride: int, dilation: int, is_c
 
 
 def _axes(spatial_shape, kernel_size, stride, dilation, is_causal) -> list[AxisWindows]:
-    shape = tuple(int(s) for s in spatial_shape)
+    shape = normalize_spatial_shape(spatial_shape)
     window = normalize_window(shape, kernel_size, stride, dilation, is_causal, min_kernel_size=1)
     return [axis_windows(*args) for args in zip(shape, *window)]
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["NAProblem", "normalize_axis_arg", "normalize_window", "make_problem"]
+__all__ = ["NAProblem", "normalize_axis_arg", "normalize_window", "normalize_spatial_shape", "check_flag", "make_problem"]
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -37,6 +37,24 @@ def normalize_axis_arg(name: str, value, rank: int, *, kind: type = int, minimum
             if v < minimum:
                 raise ValueError(f"{name}={value!r} must be >= {minimum} along every axis, got {v} along axis {axis}")
     return values
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is a real bool (not a string, number or tensor), else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def normalize_spatial_shape(spatial_shape) -> tuple[int, ...]:
+    """A spatial shape as a tuple of 1 to 3 positive ints (``torch.Size`` accepted; strings and floats are not)."""
+    if not isinstance(spatial_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"spatial_shape={spatial_shape!r} must be a tuple of ints, got {type(spatial_shape).__name__}")
+    if not 1 <= len(spatial_shape) <= 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in spatial_shape):
+        raise TypeError(f"spatial_shape={spatial_shape!r} must be a tuple of 1 to 3 ints")
+    if min(spatial_shape) < 1:
+        raise ValueError(f"spatial_shape={spatial_shape!r} must have positive extents")
+    return tuple(spatial_shape)
 
 
 def normalize_window(
@@ -110,6 +128,7 @@ def make_problem(
     key_bias: torch.Tensor | None = None,
 ) -> NAProblem:
     """Validate q/k/v and the window arguments (cheap checks only) and describe the call."""
+    check_flag("return_lse", return_lse)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -181,6 +200,8 @@ def make_problem(
             ok = False
         if not ok:
             raise ValueError(f"key_bias.shape={tuple(key_bias.shape)} must broadcast to [batch, *spatial, heads]={target}")
+        if key_bias.dtype not in (q.dtype, torch.float32, torch.float64):
+            raise TypeError(f"key_bias.dtype={key_bias.dtype} must be q.dtype={q.dtype}, float32 or float64")
         if key_bias.device != q.device:
             raise ValueError(f"key_bias.device={key_bias.device} must equal q.device={q.device}")
 

@@ -8,6 +8,7 @@ recording is meant for small inputs.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,11 +38,13 @@ class _Session:
     max_tokens: int
 
 
-_ACTIVE: _Session | None = None
+# Context-local (contextvars): each thread starts with no recording, and an asyncio task sees the recording of the
+# context it was created in, so concurrent callers never land in each other's list.
+_ACTIVE: ContextVar[_Session | None] = ContextVar("attnzoo_record_attention", default=None)
 
 
 def is_recording() -> bool:
-    return _ACTIVE is not None
+    return _ACTIVE.get() is not None
 
 
 @contextmanager
@@ -50,25 +53,29 @@ def record_attention(max_tokens: int = 16384) -> Iterator[list[AttentionRecord]]
 
     A call with more than ``max_tokens`` queries or keys raises instead of building its dense weights.
     """
-    global _ACTIVE
-    outer = _ACTIVE
-    _ACTIVE = _Session(outer.records if outer is not None else [], max_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r} must be a positive int")
+    outer = _ACTIVE.get()
+    session = _Session(outer.records if outer is not None else [], max_tokens)
+    token = _ACTIVE.set(session)
     try:
-        yield _ACTIVE.records
+        yield session.records
     finally:
-        _ACTIVE = outer
+        _ACTIVE.reset(token)
 
 
 def check_size(n_queries: int, n_keys: int) -> None:
     """Raise before any work when a call is too large to record densely."""
-    if _ACTIVE is not None and max(n_queries, n_keys) > _ACTIVE.max_tokens:
+    session = _ACTIVE.get()
+    if session is not None and max(n_queries, n_keys) > session.max_tokens:
         raise ValueError(
-            f"record_attention: {n_queries}×{n_keys} attention is too large to record (max_tokens={_ACTIVE.max_tokens})"
+            f"record_attention: {n_queries}×{n_keys} attention is too large to record (max_tokens={session.max_tokens})"
         )
 
 
 def add(op: str, weights: torch.Tensor, query_shape, key_shape, extra_keys: int = 0) -> None:
-    if _ACTIVE is not None:
-        _ACTIVE.records.append(
+    session = _ACTIVE.get()
+    if session is not None:
+        session.records.append(
             AttentionRecord(op, weights.detach().float(), tuple(query_shape), tuple(key_shape), extra_keys)
         )

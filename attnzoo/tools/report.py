@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models._io import atomic_write
 from .bench import BenchConfig, BenchRow
 
 __all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
@@ -267,11 +268,12 @@ def write_report(rows: Sequence[BenchRow], cfg: BenchConfig, out: Path, yardstic
     """Everything into directory ``out``: bench.csv, bench.json, the PNG plots and index.html; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "bench.csv", out / "bench.json"
-    write_csv(rows, cfg, csv_path)
-    write_json(rows, cfg, json_path, yardstick_s)
+    # Every file is written new and renamed into place: a symlink in ``out`` is replaced, never followed.
+    atomic_write(csv_path, lambda p: write_csv(rows, cfg, p))
+    atomic_write(json_path, lambda p: write_json(rows, cfg, p, yardstick_s))
     images = ["latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"]
-    plot_scaling(rows, "latency", out / images[0])
-    plot_scaling(rows, "memory", out / images[1])
-    plot_cost_vs_receptive_field(rows, cfg, out / images[2])
-    write_index_html(rows, cfg, images, out / "index.html", yardstick_s)
+    atomic_write(out / images[0], lambda p: plot_scaling(rows, "latency", p))
+    atomic_write(out / images[1], lambda p: plot_scaling(rows, "memory", p))
+    atomic_write(out / images[2], lambda p: plot_cost_vs_receptive_field(rows, cfg, p))
+    atomic_write(out / "index.html", lambda p: write_index_html(rows, cfg, images, p, yardstick_s))
     return [csv_path, json_path, *(out / i for i in images), out / "index.html"]

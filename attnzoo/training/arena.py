@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,13 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
     if len(set(mixers)) != len(mixers) or not mixers:
         raise TrainError(f"mixers={mixers} must be distinct names, at least one")
     out = Path(base.out)
+    try:  # an unusable --out fails now, not after the data is loaded and the first mechanism is trained
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".attnzoo-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TrainError(f"--out {base.out!r} is not a writable folder ({exc.strerror or exc})") from None
     data = load_dataset(base.dataset, base.data_dir)
     for name in mixers:  # fail before any training if one of them cannot be built
         try:

@@ -3,13 +3,13 @@
 Tensors: ``model/<name>`` (weights), ``optim/<param index>/<key>`` (AdamW moments and step), ``rng/<rank>/torch``,
 ``rng/<rank>/cuda`` and ``rng/<rank>/numpy`` (each rank's generator states). Metadata ``state`` (JSON): progress
 (step, epoch, batch within the epoch, running metrics), optimizer param groups, scheduler state, Python and NumPy
-scalar RNG fields per rank, and a SHA-256 of all tensor bytes, so a truncated or corrupted file is refused with a
-one-line ``CheckpointError`` instead of resuming from garbage. No pickle is involved in reading a checkpoint.
+scalar RNG fields per rank; metadata ``sha256``: a SHA-256 over every tensor (name, dtype, shape, bytes) and the
+``state`` text, so a truncated or corrupted file -- data or metadata -- is refused with a one-line ``CheckpointError``
+instead of resuming from garbage. No pickle is involved in reading a checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -21,12 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..models._io import atomic_write
+from ..models._io import atomic_write, tensor_digest
 
-__all__ = ["CHECKPOINT_FILE", "CheckpointError", "Checkpoint", "capture_rng", "restore_rng", "write_checkpoint", "read_checkpoint"]
+__all__ = ["CHECKPOINT_FILE", "CheckpointError", "tensor_digest", "Checkpoint", "capture_rng", "restore_rng", "write_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT = "attnzoo-checkpoint-1"
+FORMAT = "attnzoo-checkpoint-2"  # 2: the SHA-256 covers the metadata and every tensor's dtype and shape
 
 
 class CheckpointError(ValueError):
@@ -69,14 +69,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -102,9 +94,10 @@ def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "optim_rest": optim_rest,
         "scheduler": checkpoint.scheduler_state,
         "rng": rng_rest,
-        "sha256": _digest(tensors),
     }
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(meta)}))
+    state = json.dumps(meta)
+    metadata = {"state": state, "sha256": tensor_digest(tensors, state)}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -112,17 +105,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     bad = f"checkpoint {path} is truncated or corrupt"
     hint = "delete it to restart this run from the beginning"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a directory or symlink is in the way); {hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["state"])
+            metadata = f.metadata() or {}
+            state = metadata["state"]
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as exc:
+    except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{bad} ({reason}); {hint}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an attnzoo checkpoint (format {meta.get('format')!r}); {hint}")
-    if _digest(tensors) != meta.get("sha256"):
-        raise CheckpointError(f"{bad} (tensor data does not match its SHA-256); {hint}")
+    if "sha256" not in metadata and '"attnzoo-checkpoint-1"' in state:
+        raise CheckpointError(
+            f"{path} was written by an older attnzoo (format 1, metadata not covered by its SHA-256); {hint}"
+        )
+    if tensor_digest(tensors, state) != metadata.get("sha256"):
+        raise CheckpointError(f"{bad} (its tensors and metadata do not match their SHA-256); {hint}")
+    try:
+        meta = json.loads(state)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{bad} ({exc}); {hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} is not an attnzoo checkpoint of this version (format {found!r}); {hint}")
     model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     optim_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

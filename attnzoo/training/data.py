@@ -9,7 +9,9 @@ is learnable in a few steps; it exists so tests and smoke runs need no download,
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageData", "DatasetMissing", "load_dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR"]
+__all__ = ["ImageData", "DatasetMissing", "DatasetCorrupt", "load_dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR"]
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("fashion-mnist", "synthetic")
@@ -69,17 +71,24 @@ class ImageData:
         )  # fmt: skip
 
 
+class DatasetCorrupt(ValueError):
+    """A data set file that exists but cannot be read as what it should be; the message names the file."""
+
+
 def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DatasetCorrupt(f"{path} is not a readable gzip file ({exc}); reinstall it with `{INSTALL_HINT}`") from None
     magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
-        raise ValueError(f"{path} is not an IDX file of the expected kind (magic {magic:#x}, expected {expected_magic:#x})")
+    if len(raw) < 4 or magic != expected_magic:
+        raise DatasetCorrupt(f"{path} is not an IDX file of the expected kind (magic {magic:#x}, expected {expected_magic:#x})")
     ndim = magic & 0xFF
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    data = np.frombuffer(raw, dtype=np.uint8, offset=min(len(raw), 4 + 4 * ndim))
+    if len(raw) < 4 + 4 * ndim or data.size != math.prod(dims):
+        raise DatasetCorrupt(f"{path} is truncated: header says {dims}, found {data.size} values")
     return data.reshape(dims)
 
 
@@ -96,6 +105,13 @@ def load_fashion_mnist(directory: str | Path | None = None) -> ImageData:
     for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
         images = _read_idx(directory / images_file, 0x803)
         labels = _read_idx(directory / labels_file, 0x801)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetCorrupt(
+                f"{directory / images_file} ({images.shape}) and {directory / labels_file} ({labels.shape}) do not "
+                "hold one label per image"
+            )
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DatasetCorrupt(f"{directory / labels_file} holds label {int(labels.max())}, beyond the 10 classes")
         splits[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     return ImageData(*splits["train"], *splits["test"], FASHION_MNIST_CLASSES, mean=0.2860, std=0.3530)
 

@@ -12,6 +12,7 @@ rounding. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import models
-from ..models._io import atomic_write
+from ..models._io import atomic_write, stale_temporaries
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
 from .data import DATASETS, ImageData, load_dataset
 
@@ -66,29 +67,67 @@ class TrainConfig:
     mixer_kwargs: list[dict[str, Any]] | None = None
 
     def validate(self) -> None:
+        """Raise ``TrainError`` naming the first field that breaks its rule (types are checked, not coerced)."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
                     "eval_batch_size": self.eval_batch_size}  # fmt: skip
         for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise TrainError(f"{name}={value!r} must be a positive integer")
         for name in ("limit_train", "limit_eval"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and (not _is_int(value) or value < 1):
                 raise TrainError(f"{name}={value!r} must be a positive integer")
-        if self.checkpoint_every < 0:
-            raise TrainError(f"checkpoint_every={self.checkpoint_every} must be ≥ 0 (0: only at epoch ends)")
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            raise TrainError(f"checkpoint_every={self.checkpoint_every!r} must be an integer ≥ 0 (0: only at epoch ends)")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise TrainError(f"seed={self.seed!r} must be an integer in [0, 2**63)")
+        for name in ("lr", "weight_decay", "warmup_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrainError(f"{name}={value!r} must be a finite number")
         if not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be positive")
+        if not self.weight_decay >= 0:
+            raise TrainError(f"weight_decay={self.weight_decay} must be ≥ 0")
         if not 0 <= self.warmup_fraction < 1:
             raise TrainError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if not isinstance(self.mixers, list) or not all(isinstance(m, str) for m in self.mixers):
+            raise TrainError(f"mixers={self.mixers!r} must be a list of mechanism names")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise TrainError(f"out={self.out!r} must name a folder")
         if self.dataset not in DATASETS:
             raise TrainError(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = RUN_FILE) -> "TrainConfig":
+        """The config stored in ``run.json``; a ``TrainError`` naming ``source`` when it is not one."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"{source} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise TrainError(f"{source} must hold a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainError(f"{source} has unknown fields {unknown}")
+        try:
+            config = cls(**data)
+        except TypeError as exc:
+            raise TrainError(f"{source} does not describe a run ({exc})") from None
+        try:
+            config.validate()
+        except TrainError as exc:
+            raise TrainError(f"{source}: {exc}") from None
+        return config
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what a run computes (not where it is written or where the data lies)."""
+        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in ("out", "data_dir")}))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -212,17 +251,57 @@ def _progress(enabled: bool):
     )  # fmt: skip
 
 
-def _prepare_out(config: TrainConfig, resume: bool, ctx: _Dist) -> Path:
+LOCK_FILE = ".lock"
+
+
+def _lock_run_folder(out: Path):
+    """An exclusive ``fcntl`` lock on ``out/.lock`` holding this process's pid, held until the process ends or the
+    returned file is closed; a second run into the same folder fails at once naming the holder."""
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    lock = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise TrainError(f"{out} is in use by another attnzoo train (pid {holder}); wait for it or choose another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _clean_stale_temporaries(out: Path) -> None:
+    """Remove ``.NAME.XXXX.tmp`` files left by a process killed in the middle of an atomic write."""
+    for path in stale_temporaries(out):
+        path.unlink(missing_ok=True)
+
+
+def _open_out(config: TrainConfig, resume: bool, ctx: _Dist):
+    """Create and lock the run folder before any heavy work (rank 0), clean what a killed run left, and refuse a
+    folder that already holds another run; returns ``(folder, lock)``."""
     out = Path(config.out)
-    if not resume and (out / RUN_FILE).exists():
-        raise TrainError(f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out")
-    if ctx.world > 1:
-        dist.barrier()  # every rank has looked before rank 0 writes run.json
+    lock = None
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write(out / RUN_FILE, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
-    return out
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise TrainError(f"--out {config.out!r} is not a folder (a file or symlink is in the way)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _lock_run_folder(out)
+            _clean_stale_temporaries(out)
+        except OSError as exc:
+            raise TrainError(f"--out {config.out!r} is not a usable folder ({exc.strerror or exc})") from None
+    try:
+        if not resume and (out / RUN_FILE).exists():
+            raise TrainError(f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out")
+        if ctx.world > 1:
+            dist.barrier()  # every rank has looked before rank 0 writes run.json
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return out, lock
 
 
 def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
@@ -253,6 +332,15 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 
 
 def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -> TrainResult:
+    out, lock = _open_out(config, resume, ctx)
+    try:
+        return _build_and_run(config, resume, show_progress, ctx, out)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist, out: Path) -> TrainResult:
     data = load_dataset(config.dataset, config.data_dir).limit(config.limit_train, config.limit_eval)
     n_train = len(data.train_labels)
     if config.batch_size % ctx.world:
@@ -285,13 +373,35 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
 
-    out = _prepare_out(config, resume, ctx)
+    if ctx.main and not resume:
+        atomic_write(out / RUN_FILE, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
+    return _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
+                steps_per_epoch, local, parameters)  # fmt: skip
+
+
+def _check_finite(what: str, value: float, step: int, ckpt_path: Path) -> None:
+    if not math.isfinite(value):
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
+        raise TrainError(
+            f"{what} became {value} at step {step}: training stopped ({kept}); lower --lr or check the data"
+        )
+
+
+def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
+         steps_per_epoch, local, parameters) -> TrainResult:  # fmt: skip
+    n_train = len(data.train_labels)
     step = 0
     running = [0.0, 0.0, 0.0]  # loss sum, correct, seen (this epoch, global totals on rank 0 after a resume)
     train_time, train_images = 0.0, 0
     ckpt_path = out / CHECKPOINT_FILE
-    if resume and ckpt_path.is_file():
+    if resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
         ckpt = read_checkpoint(ckpt_path)
+        stored = ckpt.progress.get("config")
+        if stored != config.identity():
+            stored = stored if isinstance(stored, dict) else {}
+            differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+            details = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs run {config.identity().get(k)!r}" for k in differing[:6])
+            raise CheckpointError(f"{ckpt_path} belongs to another run configuration ({details})")
         if ckpt.progress.get("total_steps") != total:
             raise CheckpointError(f"{ckpt_path} was written for {ckpt.progress.get('total_steps')} steps, this run has {total}")
         try:
@@ -311,8 +421,14 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
     def log(entry: dict[str, Any]) -> None:
         if ctx.main:
             history.append(entry)
-            with open(out / METRICS_FILE, "a") as f:
+            fd = os.open(out / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def weights_finite() -> None:
+        """Never save or checkpoint non-finite weights: stop, keeping the last good checkpoint."""
+        if not all(bool(p.isfinite().all()) for p in raw.parameters()):
+            _check_finite("a model weight", float("nan"), step, ckpt_path)
 
     def checkpoint() -> None:
         states = [None] * ctx.world
@@ -321,8 +437,10 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
         else:
             states = [capture_rng()]
         reduced = ctx.sum(*running)
+        weights_finite()
         if ctx.main:
-            progress = {"step": step, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+            progress = {"config": config.identity(), "step": step, "epoch": step // steps_per_epoch,
+                        "batch_in_epoch": step % steps_per_epoch,
                         "total_steps": total, "running": reduced, "train_time": train_time,
                         "train_images": train_images, "world_size": ctx.world, "seed": config.seed}  # fmt: skip
             write_checkpoint(ckpt_path, Checkpoint(raw.state_dict(), optimizer.state_dict(), scheduler.state_dict(), progress, states))
@@ -345,6 +463,10 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
             loss = F.cross_entropy(logits, y)
             aux = raw.auxiliary_loss()
             total_loss = loss if aux is None else loss + aux
+            loss_value = float(total_loss.detach())
+            if ctx.world > 1:  # every rank stops together (one would otherwise wait forever in the all-reduce)
+                loss_value = loss_value if ctx.sum(0.0 if math.isfinite(loss_value) else 1.0)[0] == 0 else math.nan
+            _check_finite("the training loss", loss_value, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()
@@ -373,6 +495,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -
                 if ctx.main:
                     bar.console.print(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test_acc:.4f}, loss {test_loss:.4f}")
                 running = [0.0, 0.0, 0.0]
+                weights_finite()
                 if ctx.main:
                     models.save(raw, out)
                     _plot_curves(history, out / CURVES_FILE, title)

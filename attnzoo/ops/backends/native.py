@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..geometry import axis_windows
-from ..problem import NAProblem
+from ..problem import NAProblem, make_problem
 from . import _native_lib
 from .base import Backend, compute_dtype
 
@@ -40,6 +40,53 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _check_op_inputs(
+    op: str, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
+    is_causal, scale,
+) -> NAProblem:
+    """The registered ops are reachable by anyone as ``torch.ops.attnzoo.*``: check everything the C kernel trusts
+    (shapes, dtypes, devices, contiguity, window geometry) before it reads a byte, in O(number of arguments)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attnzoo::{op}: {name} must be a tensor, got {type(t).__name__}")
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"attnzoo::{op}: q.dtype={q.dtype} must be float32 or float64")
+    if key_bias is not None and isinstance(key_bias, torch.Tensor) and key_bias.dtype != q.dtype:
+        raise TypeError(f"attnzoo::{op}: key_bias.dtype={key_bias.dtype} must equal q.dtype={q.dtype}")
+    rank = q.dim() - 3
+    if rank not in (1, 2, 3):
+        raise ValueError(f"attnzoo::{op}: q.shape={tuple(q.shape)} must be [batch, *spatial (1 to 3 axes), heads, head_dim]")
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation), ("is_causal", is_causal)):
+        if not isinstance(value, (list, tuple)) or len(value) != rank:
+            raise ValueError(f"attnzoo::{op}: {name}={value!r} must be a list with one entry per spatial axis ({rank})")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attnzoo::{op}: scale={scale!r} must be a float")
+    try:
+        problem = make_problem(
+            q, k, v, list(kernel_size), list(stride), list(dilation), list(is_causal), additional_keys, additional_values,
+            rel_pos_bias, False, key_bias,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"attnzoo::{op}: {exc}") from None
+    if q.device.type != "cpu":
+        raise ValueError(f"attnzoo::{op}: runs on CPU tensors only, got device {q.device}")
+    if key_bias is not None and tuple(key_bias.shape) != (problem.batch, *problem.spatial_shape, problem.heads):
+        raise ValueError(f"attnzoo::{op}: key_bias.shape={tuple(key_bias.shape)} must be [batch, *spatial, heads]")
+    for name, t in (("q", q), ("k", k), ("v", v), ("additional_keys", additional_keys),
+                    ("additional_values", additional_values), ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):  # fmt: skip
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"attnzoo::{op}: {name} must be contiguous")
+    return problem
+
+
+def _check_same(op: str, name: str, t, shape: tuple, problem: NAProblem) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"attnzoo::{op}: {name}.shape={got} must be {tuple(shape)}")
+    if t.dtype != problem.dtype or t.device != problem.device or not t.is_contiguous():
+        raise ValueError(f"attnzoo::{op}: {name} must be a contiguous {problem.dtype} tensor on {problem.device}")
+
+
 def _call(name: str, dtype: torch.dtype):
     return getattr(_native_lib.load(), f"attnzoo_na_{name}_{_KERNEL_DTYPES[dtype]}")
 
@@ -59,6 +106,10 @@ def na_forward(
     is_causal: list[bool],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op_inputs(
+        "na_forward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
+        is_causal, scale,
+    )  # fmt: skip
     shape = tuple(q.shape[1:-2])
     _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -96,6 +147,15 @@ def na_backward(
     is_causal: list[bool],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    problem = _check_op_inputs(
+        "na_backward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
+        dilation, is_causal, scale,
+    )  # fmt: skip
+    _check_same("na_backward", "grad_out", grad_out, v.shape, problem)
+    _check_same("na_backward", "out", out, v.shape, problem)
+    _check_same("na_backward", "lse", lse, q.shape[:-1], problem)
+    if grad_lse is not None:
+        _check_same("na_backward", "grad_lse", grad_lse, q.shape[:-1], problem)
     shape = tuple(q.shape[1:-2])
     _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
     # dq, dk and dv are written in full by the kernel; the additional-key and bias gradients are accumulated.
@@ -140,7 +200,34 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
 
 
+def _differentiable_backward(ctx, grad_out, grad_lse):
+    """Gradients that are themselves differentiable (``create_graph=True``, e.g. a gradient penalty): the C kernel's
+    backward is not, so the forward is recomputed with the ``tiled`` backend (same function, plain PyTorch) and
+    differentiated by autograd. Slower than the fused backward; used only for higher-order gradients."""
+    from .tiled import TiledBackend
+
+    q, k, v, ak, av, rpb, kb, _, _ = ctx.saved_tensors
+    kernel_size, stride, dilation, is_causal, scale = ctx.geometry
+    inputs = [q, k, v, ak, av, rpb, kb]
+    leaves = [None if t is None else (t if t.requires_grad else t.detach().requires_grad_()) for t in inputs]
+    q, k, v, ak, av, rpb, kb = leaves
+    problem = make_problem(q, k, v, kernel_size, stride, dilation, is_causal, ak, av, rpb, True, kb)
+    out, lse = TiledBackend().run(
+        q, k, v, problem, scale=scale, additional_keys=ak, additional_values=av, rel_pos_bias=rpb, key_bias=kb
+    )
+    outputs, grads = [out], [grad_out if grad_out is not None else torch.zeros_like(out)]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse)
+    wanted = [t for t in leaves if t is not None]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    result = [None if t is None else next(found) for t in leaves]
+    return (*result, None, None, None, None, None)
+
+
 def _backward(ctx, grad_out, grad_lse):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must itself be differentiable
+        return _differentiable_backward(ctx, grad_out, grad_lse)
     q, k, v, ak, av, rpb, kb, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)

@@ -9,6 +9,8 @@ SDA/LDA). A causal axis becomes a lower-triangular mask inside the window.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -94,7 +96,9 @@ class PartitionBackend(Backend):
             if additional_keys is not None:
                 table = torch.cat([table, table.new_zeros(*table.shape[:-1], additional_keys.shape[1])], dim=-1)
             bias = table.unsqueeze(0) if bias is None else bias + table.unsqueeze(0)
-        if p.return_lse or key_bias is not None:
+        # SDPA's fused CPU kernel turns a NaN scale or a NaN query row into finite output; the explicit path and the
+        # row fix-up below keep NaN propagating exactly as in the reference.
+        if p.return_lse or key_bias is not None or math.isnan(scale):
             scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
             if bias is not None:
                 scores = scores + bias
@@ -106,6 +110,7 @@ class PartitionBackend(Backend):
             if bias is not None and mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))
             out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask if bias is None else bias, scale=scale)
+            out = out.masked_fill(qw.isnan().any(-1, keepdim=True), float("nan"))
             lse = None
         grid = {f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)}
         out = rearrange(out, f"{windows} -> {split}", **sizes, **grid).to(q.dtype)

@@ -57,7 +57,19 @@ inline typename Simd<float, L>::vec vexp(typename Simd<float, L>::vec x) {
   V pow2;
   std::memcpy(&pow2, &bits, sizeof(V));
   y *= pow2;
-  return x > -87.0f ? y : zero;
+  return x > -87.0f ? y : (x != x ? x : zero);  // NaN stays NaN (as std::exp)
+}
+
+// max that propagates NaN (std::max and a > b ? a : b drop it), so a NaN logit makes its whole softmax NaN as in
+// the reference; needs -fno-finite-math-only next to -ffast-math.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename V>
+inline V nan_max_vec(V a, V b) {
+  return ((a > b) | (a != a)) ? a : b;
 }
 
 // float64 keeps the exact library exp (the oracle dtype).
@@ -470,11 +482,11 @@ void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
             for (int64_t j = 0; j < used; j += L) {
               V sv;
               std::memcpy(&sv, sc + j, sizeof(V));
-              mv = mv > sv ? mv : sv;
+              mv = nan_max_vec(mv, sv);
             }
             T m = -INFINITY;
-            for (int l = 0; l < L; ++l) m = std::max(m, mv[l]);
-            for (int64_t j = used; j < used + NA; ++j) m = std::max(m, sc[j]);
+            for (int l = 0; l < L; ++l) m = nan_max(m, mv[l]);
+            for (int64_t j = used; j < used + NA; ++j) m = nan_max(m, sc[j]);
             T* o = out + qoff * DV;
             if (m == -INFINITY) {  // every key dropped by kb: empty softmax
               std::fill(o, o + DV, T(0));
