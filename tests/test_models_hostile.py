@@ -24,14 +24,14 @@ BAD_CREATE = [
     ("mixer_kwargs_str", dict(mixer_kwargs=[{}, {}, {}, "x"]), "mixer_kwargs"),
     ("mixer_kwargs_three", dict(mixer_kwargs=[{}, {}, {}]), "mixer_kwargs"),
     ("mixer_kwargs_unknown", dict(mixer_kwargs={"no_such_argument": 1}), "no_such_argument"),
-    ("size_list", dict(size=["tiny"]), "size="),
+    ("name_list", dict(name=["tiny"]), "name="),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_CREATE, ids=[c[0] for c in BAD_CREATE])
 def test_create_validates_arguments(case):
     _, kwargs, fragment = case
-    args = dict(size="tiny", mixers="mhsa", num_classes=10, in_chans=1)
+    args = dict(name="tiny", mixers="mhsa", num_classes=10, in_chans=1)
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=fragment.replace("(", r"\(").replace(")", r"\)")):
         models.create(**args)

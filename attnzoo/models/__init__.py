@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -125,6 +126,10 @@ def create(
     ``"convolutional_glu"``), or one name/``None`` per stage, with ``channel_mixer_kwargs`` like ``mixer_kwargs``;
     ``num_classes`` defaults to 10 and ``img_size`` to the size's native resolution (28 for tiny, 224 for small).
     """
+    if "size" in overrides:  # the v0.1 spelling of ``name``
+        warnings.warn("models.create(size=...) is deprecated; pass the model name first or as name=", DeprecationWarning,
+                      stacklevel=2)  # fmt: skip
+        name = overrides.pop("size")
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a model name (str); attnzoo.models.list_models() lists them")
     if name in PAPER_MODELS:

@@ -77,8 +77,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise TrainError(f"{name}={value!r} must be a positive integer")
-        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
-            raise TrainError(f"checkpoint_every={self.checkpoint_every!r} must be an integer ≥ 0 (0: only at epoch ends)")
+        if not _is_int(self.checkpoint_every) or not 0 <= self.checkpoint_every < 2**63:
+            raise TrainError(
+                f"checkpoint_every={self.checkpoint_every!r} must be an integer in [0, 2**63) (0: only at epoch ends)"
+            )
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise TrainError(f"seed={self.seed!r} must be an integer in [0, 2**63)")
         for name in ("lr", "weight_decay", "warmup_fraction"):
