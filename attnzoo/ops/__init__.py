@@ -6,6 +6,7 @@ from .backends import list_backends
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import na1d, na2d, na3d, neighborhood_attention
 from .recording import AttentionRecord, record_attention
+from .scan import selective_scan
 
 __all__ = [
     "neighborhood_attention",
@@ -19,4 +20,5 @@ __all__ = [
     "list_backends",
     "record_attention",
     "AttentionRecord",
+    "selective_scan",
 ]
