@@ -88,3 +88,91 @@ def test_bidirectional_ssm_with_the_backward_scan_silenced_is_a_causal_mamba():
     x = rand64(1, 10, 16, grad=True)
     (grad,) = torch.autograd.grad(module(x)[0, 4].sum(), x)
     assert grad[0, :5].abs().max() > 0 and grad[0, 5:].abs().max() == 0
+
+
+def test_multiscale_scan_equals_msvmamba_two_branch_layout():
+    module = build("multiscale_scan", d_state=2, chunk_size=4)
+    x = rand64(2, 5, 6, 16)
+    h, w = 5, 6
+    u, z = module.in_proj(x).chunk(2, dim=-1)
+    u = u.permute(0, 3, 1, 2)
+    fine = F.silu(module.conv(u))
+    y_fine = module.out_norm(route_s6(module.fine_scan, 0, fine.flatten(2)).transpose(1, 2))
+    coarse = F.silu(module.coarse_conv(u))  # [B, C, 3, 3]
+    ch, cw = coarse.shape[-2:]
+    row, column = coarse.flatten(2), coarse.transpose(2, 3).flatten(2)
+    sequence = torch.cat([row.flip(-1), column, column.flip(-1)], dim=-1)  # MSVMamba: one concatenated scan
+    ys = module.out_norm(route_s6(module.coarse_scan, 0, sequence).transpose(1, 2)).transpose(1, 2)
+    n = ch * cw
+    b, c = ys.shape[:2]
+    merged = (
+        ys[..., :n].flip(-1).reshape(b, c, ch, cw)
+        + ys[..., n : 2 * n].reshape(b, c, cw, ch).transpose(2, 3)
+        + ys[..., 2 * n :].flip(-1).reshape(b, c, cw, ch).transpose(2, 3)
+    )
+    up = F.interpolate(merged, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    expected = module.out_proj((y_fine.reshape(b, h, w, c) + up) * F.silu(z))
+    torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_multihead_scan_heads_scan_their_own_routes():
+    routes = ("row", "column_snake", "row_reversed", "column")
+    module = build("multihead_scan", routes=routes, d_state=3, chunk_size=4)
+    x = rand64(2, 4, 5, 16)
+    h, w = 4, 5
+    u, z = module.in_proj(x).chunk(2, dim=-1)
+    u = F.silu(module.conv(u.permute(0, 3, 1, 2)))  # [B, C, H, W]
+    d = module.scan.route_width
+    snake = u.transpose(2, 3).clone()
+    snake[:, :, 1::2] = snake[:, :, 1::2].flip(-1)
+    in_route = [u.flatten(2), snake.flatten(2), u.flatten(2).flip(-1), u.transpose(2, 3).flatten(2)]
+    heads = []
+    for r in range(4):
+        y = route_s6(module.scan, r, in_route[r][:, r * d : (r + 1) * d])
+        if r == 1:
+            y = y.reshape(*y.shape[:2], w, h)
+            y[:, :, 1::2] = y[:, :, 1::2].flip(-1)
+            y = y.transpose(2, 3).flatten(2)
+        elif r == 2:
+            y = y.flip(-1)
+        elif r == 3:
+            y = y.reshape(*y.shape[:2], w, h).transpose(2, 3).flatten(2)
+        heads.append(y)
+    y = module.out_norm(torch.cat(heads, dim=1).transpose(1, 2)).reshape(2, h, w, -1)
+    torch.testing.assert_close(module(x), module.out_proj(y * F.silu(z)), rtol=1e-10, atol=1e-10)
+
+
+def test_local_attention_mamba_without_its_ssm_branch_is_neighborhood_attention():
+    module = build("local_attention_mamba", kernel_size=3, num_heads=2)
+    with torch.no_grad():
+        module.mamba.out_proj.weight.zero_()
+    reference = attnzoo.create("neighborhood", 16, kernel_size=3, num_heads=2).double().eval()
+    reference.load_state_dict(module.attention.state_dict())
+    x = rand64(2, 6, 7, 16)
+    torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
+    with torch.no_grad():
+        module.mamba.out_proj.weight.normal_()
+    assert (module(x) - reference(x)).abs().max() > 1e-3  # the SSM branch contributes when it is on
+
+
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_noncausal_ssd_state_form_equals_masked_attention_form(head_dim):
+    recurrent = build("noncausal_ssd", d_state=6, head_dim=head_dim)
+    parallel = build("noncausal_ssd", d_state=6, head_dim=head_dim, mode="parallel")
+    x = rand64(2, 5, 6, 16)
+    torch.testing.assert_close(recurrent(x), parallel(x), rtol=1e-10, atol=1e-10)
+
+
+def test_noncausal_ssd_core_equals_a_hand_written_double_sum():
+    from attnzoo.mechanisms.noncausal_ssd import noncausal_ssd_state
+
+    x, dt = rand64(1, 7, 2, 3), F.softplus(rand64(1, 7, 2, seed=1))
+    A, D = -torch.exp(rand64(2, seed=2)), rand64(2, seed=3)
+    B, C = rand64(1, 7, 4, seed=4), rand64(1, 7, 4, seed=5)
+    expected = torch.zeros_like(x)
+    for i in range(7):
+        for h in range(2):
+            expected[0, i, h] = D[h] * x[0, i, h]
+            for j in range(7):
+                expected[0, i, h] += (C[0, i] @ B[0, j]) * dt[0, j, h] * A[h] * x[0, j, h]
+    torch.testing.assert_close(noncausal_ssd_state(x, dt, A, B, C, D), expected, rtol=1e-12, atol=1e-12)
