@@ -1,4 +1,4 @@
-"""Forward time vs token count for the linear / recurrent / routed mechanisms, against ``mhsa`` in the same run.
+"""Forward time vs token count for the linear / recurrent / scan / routed mechanisms, against ``mhsa`` in the same run.
 
 Median forward time (``torch.utils.benchmark``) at 28², 56², 112² tokens, dim 64, batch 1, fixed threads; the
 fitted log-log exponent (time ∝ N^p) per mechanism and the ratio to ``mhsa`` at every size. Absolute times drift on
@@ -29,6 +29,17 @@ MECHANISMS: dict[str, dict] = {
     "gated_linear_2d": {"num_heads": 2},
     "bi_level_routing": {"num_heads": 2},
     "routing": {"num_heads": 2},
+    "rank_augmented_linear": {"num_heads": 2},
+    "focused_linear": {"num_heads": 2},
+    "enhanced_linear": {"num_heads": 2},
+    "scattered_linear": {"num_heads": 2},
+    "noncausal_ssd": {},
+    "cross_scan_2d": {},
+    "bidirectional_ssm": {},
+    "multiscale_scan": {},
+    "multihead_scan": {},
+    "local_attention_mamba": {"num_heads": 2},
+    "hyena_nd": {},
 }
 
 
