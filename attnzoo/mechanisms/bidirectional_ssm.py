@@ -90,6 +90,8 @@ class BidirectionalSSM(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.numel() == 0:  # an empty batch or grid has nothing to mix
+            return x.new_zeros(x.shape)
         tokens = flatten_tokens(x)
         u, z = self.in_proj(tokens).chunk(2, dim=-1)
         u = F.silu(self.directional_conv(u))

@@ -86,6 +86,8 @@ class FocusedLinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
+        if x.numel() == 0:  # an empty batch or grid has nothing to mix
+            return x.new_zeros(x.shape)
         q, k, v = self.features(x)
         out = merge_heads(linear_attention_associative(q, k, v, eps=1e-6))
         v_map = rearrange(v, "b (y x) h d -> (b h) d y x", y=height)

@@ -67,4 +67,6 @@ class LocalAttentionMamba(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.numel() == 0:  # an empty batch or grid has nothing to mix
+            return x.new_zeros(x.shape)
         return self.attention(x) + self.mamba(x)

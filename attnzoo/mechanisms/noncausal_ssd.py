@@ -109,6 +109,8 @@ class NonCausalSSD(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.numel() == 0:  # an empty batch or grid has nothing to mix
+            return x.new_zeros(x.shape)
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.d_state, self.num_heads], dim=-1)
         xbc = F.silu(self.conv(xbc.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         u, B, C = flatten_tokens(xbc).split([self.inner, self.d_state, self.d_state], dim=-1)

@@ -100,6 +100,8 @@ class ScatteredLinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
+        if x.numel() == 0:  # an empty batch or grid has nothing to mix
+            return x.new_zeros(x.shape)
         segments, count = cached_table(window_segments, height, width, self.window_size)
         q, k, v = split_qkv(self.qkv(flatten_tokens(x)), self.num_heads)
         out = segment_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, segments.to(x.device), count, self.eps)
