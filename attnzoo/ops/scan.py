@@ -6,10 +6,10 @@ Per channel ``d`` and state ``n``, along a scan order ``t = 0..L−1``::
     y_t[d]    = Σ_n C_t[n]·h_t[d, n] + D[d]·u_t[d]
 
 ``selective_scan`` computes it in two equal forms: ``mode="recurrent"`` (the recurrence above, one token at a time:
-the oracle) and ``mode="chunkwise"`` (the default): the order is cut into chunks of ``chunk_size`` tokens; the
-state each chunk hands on is the closed form ``Σ_τ exp(S_end − S_τ)·Δ_τB_τu_τ`` (all chunks at once), a short
-recurrence over chunks carries it, and one pass over the ``chunk_size`` positions — all chunks in parallel —
-produces the outputs. Python steps: ``chunk_size + L / chunk_size`` instead of ``L``; work and memory O(L·d·n).
+the oracle) and ``mode="chunkwise"`` (the default): the order is cut into chunks of ``chunk_size`` tokens; a pass
+over the ``chunk_size`` positions of all chunks at once gives the state each chunk hands on, a short recurrence
+over the chunks carries it, and a second pass produces every state, contracted with ``C`` in one product. Python
+steps: ``2·chunk_size + L / chunk_size`` instead of ``L``; work and memory O(L·d·n).
 
 The scan order is any token permutation ``order`` (per channel group), so one op serves row-major, column-major,
 reversed and any other 2-D route: the op gathers, scans, and scatters the outputs back to token positions.
@@ -70,42 +70,52 @@ def _check_inputs(u, delta, A, B, C, D, order, chunk_size, mode) -> tuple[int, i
     return groups, d_state
 
 
-def _permute(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[b, index[l, g], g, ...]`` for ``t`` of shape ``[B, L, G, ...]`` and ``index`` of shape ``[L, G]``."""
-    index = index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(t.shape[0], *index.shape, *t.shape[3:])
-    return torch.gather(t, 1, index)
+def _permute(t: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[l, g], g, ...]`` for ``t [B, L, G, ...]``, with ``flat_index = index·G + g`` flattened ``[L·G]``
+    (one ``index_select`` on the merged token·group axis: much faster than ``gather`` with an expanded index)."""
+    return t.flatten(1, 2).index_select(1, flat_index).view(t.shape)
 
 
-def _recurrent(decay_log, drive, C):
-    """The recurrence, one token at a time. ``decay_log, drive: [B, L, G, dg, n]``, ``C: [B, L, G, n]``."""
-    state = torch.zeros_like(drive[:, 0])
+def _recurrent(delta, A, delta_u, B, C):
+    """The recurrence, one token at a time. ``delta, delta_u [B, L, G, dg]``, ``A [G, dg, n]``, ``B, C [B, L, G, n]``."""
+    state = delta.new_zeros(*delta.shape[:1], *delta.shape[2:], A.shape[-1])
     outputs = []
-    for t in range(drive.shape[1]):
-        state = torch.exp(decay_log[:, t]) * state + drive[:, t]
+    for t in range(delta.shape[1]):
+        state = torch.exp(delta[:, t, ..., None] * A) * state + delta_u[:, t, ..., None] * B[:, t, :, None]
         outputs.append(torch.einsum("bgdn,bgn->bgd", state, C[:, t]))
     return torch.stack(outputs, dim=1)
 
 
-def _chunkwise(decay_log, drive, C, chunk_size: int):
-    """Chunked form; same arguments as ``_recurrent``. Padding steps (zero decay log, zero drive) come last."""
-    length = drive.shape[1]
+def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
+    """Chunked form; same arguments as ``_recurrent``. Padding steps (Δ = 0, zero drive) come last.
+
+    Tensors are laid out ``[T, B, M, ...]`` (position in chunk first) so every step reads contiguous memory.
+    Pass 1 runs all chunks from a zero state to get the state each chunk hands on; a recurrence over the chunks
+    (decay ``exp(A·ΣΔ)`` per chunk) turns those into the state entering every chunk; pass 2 reruns all chunks from
+    their entering states and keeps every state.
+    """
+    length = delta.shape[1]
     pad = -length % chunk_size
     if pad:
-        decay_log, drive, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (decay_log, drive, C))
-    decay_log, drive, C = (t.unflatten(1, (-1, chunk_size)) for t in (decay_log, drive, C))  # [B, M, T, ...]
-    cumulative = decay_log.cumsum(dim=2)  # S_τ: log of the decay from the chunk start through τ
-    total = cumulative[:, :, -1]  # [B, M, G, dg, n]
-    handed_on = (torch.exp(total.unsqueeze(2) - cumulative) * drive).sum(dim=2)  # chunk-local end state
-    states, state = [], torch.zeros_like(handed_on[:, 0])
-    for m in range(drive.shape[1]):  # state entering chunk m
+        delta, delta_u, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (delta, delta_u, B, C))
+    delta, delta_u, B, C = (t.unflatten(1, (-1, chunk_size)).movedim(2, 0) for t in (delta, delta_u, B, C))
+    decay = torch.exp(delta[..., None] * A)  # [T, B, M, G, dg, n]
+    drive = delta_u[..., None] * B[..., None, :]
+    handed_on = drive[0]
+    for t in range(1, chunk_size):  # pass 1: chunk-local end states, all chunks at once
+        handed_on = torch.addcmul(drive[t], decay[t], handed_on)
+    chunk_decay = torch.exp(delta.sum(dim=0)[..., None] * A)  # [B, M, G, dg, n]
+    entering, state = [], torch.zeros_like(handed_on[:, 0])
+    for m in range(handed_on.shape[1]):  # the state entering chunk m
+        entering.append(state)
+        state = torch.addcmul(handed_on[:, m], chunk_decay[:, m], state)
+    state = torch.stack(entering, dim=1)  # [B, M, G, dg, n]
+    states = []
+    for t in range(chunk_size):  # pass 2: every chunk advances one position at a time, in parallel
+        state = torch.addcmul(drive[t], decay[t], state)
         states.append(state)
-        state = torch.exp(total[:, m]) * state + handed_on[:, m]
-    state = torch.stack(states, dim=1)  # [B, M, G, dg, n]
-    outputs = []
-    for t in range(chunk_size):  # every chunk advances one position at a time, in parallel
-        state = torch.exp(decay_log[:, :, t]) * state + drive[:, :, t]
-        outputs.append(torch.einsum("bmgdn,bmgn->bmgd", state, C[:, :, t]))
-    return torch.stack(outputs, dim=2).flatten(1, 2)[:, :length]
+    y = torch.einsum("tbmgdn,tbmgn->bmtgd", torch.stack(states), C)
+    return y.flatten(1, 2)[:, :length]
 
 
 def selective_scan(
@@ -147,18 +157,18 @@ def selective_scan(
     B, C = B.to(ct), C.to(ct)
     if order is not None:
         index = order.to(torch.int64).reshape(-1, length).expand(groups, length).t()  # [L, G]
-        u_g, delta_g, B, C = (_permute(t, index) for t in (u_g, delta_g, B, C))
+        offsets = torch.arange(groups, device=index.device)
+        forward, backward = index * groups + offsets, index.argsort(dim=0) * groups + offsets
+        u_g, delta_g, B, C = (_permute(t, forward.reshape(-1)) for t in (u_g, delta_g, B, C))
     A_g = A.to(ct).reshape(groups, channels // groups, d_state)
-    decay_log = delta_g.unsqueeze(-1) * A_g  # [B, L, G, dg, n]
-    drive = (delta_g * u_g).unsqueeze(-1) * B.unsqueeze(3)
     if length == 0 or batch == 0:
         y = u_g.new_zeros(u_g.shape)
     elif mode == "recurrent":
-        y = _recurrent(decay_log, drive, C)
+        y = _recurrent(delta_g, A_g, delta_g * u_g, B, C)
     else:
-        y = _chunkwise(decay_log, drive, C, chunk_size)
+        y = _chunkwise(delta_g, A_g, delta_g * u_g, B, C, chunk_size)
     if order is not None:
-        y = _permute(y, index.argsort(dim=0))
+        y = _permute(y, backward.reshape(-1))
     y = y.flatten(2)
     if D is not None:
         y = y + D.to(ct) * u.to(ct)
