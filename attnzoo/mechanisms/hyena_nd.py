@@ -15,14 +15,28 @@ from .registry import register_mechanism
 __all__ = ["HyenaND", "fft_conv2d"]
 
 
+def _smooth_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c ≥ n (FFT lengths with small prime factors are fast)."""
+    size = n
+    while True:
+        rest = size
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
 def fft_conv2d(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Non-circular 'same' 2-D convolution of ``u [B, C, H, W]`` with a full-offset kernel ``[C, 2H−1, 2W−1]``.
 
-    ``y[c, i, j] = Σ_{i', j'} kernel[c, i−i'+H−1, j−j'+W−1]·u[c, i', j']`` via zero-padded real FFTs of size
-    ``(3H−2, 3W−2)`` (large enough that the circular product is the linear one). O(N log N) per channel.
+    ``y[c, i, j] = Σ_{i', j'} kernel[c, i−i'+H−1, j−j'+W−1]·u[c, i', j']``. Every needed index ``i−i'+H−1`` lies in
+    ``0..2H−2``, so a zero-padded real FFT of size ≥ ``2H−1`` per axis never wraps around for the kept outputs
+    (rounded up to a fast FFT length). O(N log N) per channel.
     """
     height, width = u.shape[-2:]
-    size = (3 * height - 2, 3 * width - 2)
+    size = (_smooth_size(2 * height - 1), _smooth_size(2 * width - 1))
     product = torch.fft.rfft2(u, s=size) * torch.fft.rfft2(kernel, s=size)
     full = torch.fft.irfft2(product, s=size)
     return full[..., height - 1 : 2 * height - 1, width - 1 : 2 * width - 1]

@@ -22,7 +22,7 @@ def noncausal_ssd_state(x, dt, A, B, C, D) -> torch.Tensor:
 
     ``x [B, L, heads, p]``, ``dt [B, L, heads]``, ``A, D [heads]``, ``B, C [B, L, N]``. O(L·N·p).
     """
-    state = torch.einsum("bln,blh,blhp->bhnp", B, dt * A, x)
+    state = torch.einsum("bln,blhp->bhnp", B, x * (dt * A)[..., None])
     return torch.einsum("bln,bhnp->blhp", C, state) + D[:, None] * x
 
 
