@@ -43,9 +43,10 @@ def test_recurrence_equals_the_closed_form():
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 13, 32])  # divides 20 or not, larger than the length
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("ordered", [False, True])
-def test_chunkwise_equals_recurrent_forward_and_gradients(chunk_size, groups, ordered):
+@pytest.mark.parametrize("d_state", [1, 3])  # a one-wide state is contracted after the pass, a wide one per step
+def test_chunkwise_equals_recurrent_forward_and_gradients(chunk_size, groups, ordered, d_state):
     length = 20
-    args = inputs(length=length, groups=groups, grad=True)
+    args = inputs(length=length, groups=groups, d_state=d_state, grad=True)
     order = None
     if ordered:
         gen = torch.Generator().manual_seed(7)

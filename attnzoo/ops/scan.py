@@ -110,12 +110,16 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
         entering.append(state)
         state = torch.addcmul(handed_on[:, m], chunk_decay[:, m], state)
     state = torch.stack(entering, dim=1)  # [B, M, G, dg, n]
-    states = []
+    states, outputs = [], []
     for t in range(chunk_size):  # pass 2: every chunk advances one position at a time, in parallel
         state = torch.addcmul(drive[t], decay[t], state)
-        states.append(state)
-    y = torch.einsum("tbmgdn,tbmgn->bmtgd", torch.stack(states), C)
-    return y.flatten(1, 2)[:, :length]
+        if A.shape[-1] == 1:  # a one-wide state is as small as the output: keep it, contract once below
+            states.append(state)
+        else:  # a wide state: contract now rather than keep all L·d·n states
+            outputs.append(torch.einsum("bmgdn,bmgn->bmgd", state, C[t]))
+    if states:
+        return torch.einsum("tbmgdn,tbmgn->bmtgd", torch.stack(states), C).flatten(1, 2)[:, :length]
+    return torch.stack(outputs, dim=2).flatten(1, 2)[:, :length]
 
 
 def selective_scan(
