@@ -1,7 +1,7 @@
 """Forward time vs token count for the linear / recurrent / scan / routed mechanisms, against ``mhsa`` in the same run.
 
-Median forward time (``torch.utils.benchmark``; with ``--clock cpu`` the CPU time of the one computing thread, which
-other jobs on a shared machine do not inflate) at 28², 56², 112² tokens, dim 64, batch 1, fixed threads; the fitted
+Median forward time (``torch.utils.benchmark``; with ``--clock cpu`` the least CPU time of the one computing thread,
+which other jobs on a shared machine inflate far less) at 28², 56², 112² tokens, dim 64, batch 1, fixed threads; the fitted
 log-log exponent (time ∝ N^p) per mechanism and the ratio to ``mhsa`` at every size. Absolute times drift on shared
 machines, so read the ratios.
 
@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import time
 
 import torch
@@ -54,8 +53,9 @@ def fit_exponent(tokens: list[int], times: list[float]) -> float:
 
 
 def measure(name: str, kwargs: dict, side: int, dim: int, threads: int, min_run_time: float, clock: str) -> float:
-    """Median seconds of one forward: wall clock (``torch.utils.benchmark``) or, with ``clock="cpu"``, the CPU time
-    of the calling thread (needs ``threads=1``; robust on a machine shared with other jobs)."""
+    """Seconds of one forward: the median wall clock (``torch.utils.benchmark``) or, with ``clock="cpu"``, the least
+    CPU time of the calling thread over the repeats (one thread; other jobs on a shared machine only ever add time —
+    cache and memory-bandwidth contention — so the minimum is the robust estimate)."""
     torch.manual_seed(0)
     module = attnzoo.create(name, dim, **kwargs).eval()
     x = torch.randn(1, side, side, dim)
@@ -72,7 +72,7 @@ def measure(name: str, kwargs: dict, side: int, dim: int, threads: int, min_run_
             start = time.thread_time()
             module(x)
             samples.append(time.thread_time() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def main() -> None:
