@@ -1,9 +1,9 @@
 """Forward time vs token count for the linear / recurrent / scan / routed mechanisms, against ``mhsa`` in the same run.
 
-Median forward time (``torch.utils.benchmark``; with ``--clock cpu`` the least CPU time of the one computing thread,
-which other jobs on a shared machine inflate far less) at 28², 56², 112² tokens, dim 64, batch 1, fixed threads; the fitted
-log-log exponent (time ∝ N^p) per mechanism and the ratio to ``mhsa`` at every size. Absolute times drift on shared
-machines, so read the ratios.
+Median forward time (``torch.utils.benchmark``; with ``--clock cpu`` the least CPU time of the one computing
+thread, which other jobs on a shared machine inflate far less) at 28², 56², 112² tokens, dim 64, batch 1, fixed
+threads; the fitted log-log exponent (time ∝ N^p) per mechanism and the ratio to ``mhsa`` at every size. Absolute
+times drift on shared machines, so read the ratios.
 
     python benchmarks/linear_scaling.py --out linear_scaling.json
 """
