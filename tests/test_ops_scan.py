@@ -23,7 +23,7 @@ def inputs(batch=2, length=13, channels=6, d_state=3, groups=None, seed=0, grad=
 
 def hand_scan(u, delta, A, B, C, D):
     """``y_t[d] = Σ_{τ≤t} Σ_n C_t[n]·exp(A[d,n]·Σ_{τ<s≤t} Δ_s[d])·Δ_τ[d]·B_τ[n]·u_τ[d] + D[d]·u_t[d]``, one group."""
-    batch, length, channels = u.shape
+    batch, length = u.shape[:2]
     y = torch.zeros_like(u)
     for b in range(batch):
         for t in range(length):
@@ -58,7 +58,7 @@ def test_chunkwise_equals_recurrent_forward_and_gradients(chunk_size, groups, or
     grads_ref = torch.autograd.grad((reference * weights).sum(), args)
     grads = torch.autograd.grad((chunked * weights).sum(), args)
     for name, g, g_ref in zip("u delta A B C D".split(), grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_order_is_a_token_permutation():

@@ -85,7 +85,7 @@ class FocusedLinearAttention(Mechanism):
         return split_qkv(torch.cat([q, k, v], dim=-1), self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = self.check_input(x)
+        height, _ = self.check_input(x)
         if x.numel() == 0:  # an empty batch or grid has nothing to mix
             return x.new_zeros(x.shape)
         q, k, v = self.features(x)

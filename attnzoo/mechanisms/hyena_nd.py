@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.backends.base import compute_dtype
 from ._base import Mechanism, check_int

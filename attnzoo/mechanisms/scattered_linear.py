@@ -36,7 +36,7 @@ def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int,
     dtype = q.dtype
     ct = compute_dtype(dtype)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    b, n, h, d = k.shape
+    b, _, h, d = k.shape
     outer = torch.einsum("bnhd,bnhe->bnhde", k, v)
     states = outer.new_zeros(b, num_segments, h, d, v.shape[-1]).index_add(1, segments, outer)
     totals = k.new_zeros(b, num_segments, h, d).index_add(1, segments, k)
