@@ -83,6 +83,8 @@ class NAProblem:
     num_additional: int = 0
     has_rel_pos_bias: bool = False
     return_lse: bool = False
+    has_key_bias: bool = False
+    requires_grad: bool = False  # autograd will differentiate the call (grad mode on, an input requires grad)
 
     @property
     def rank(self) -> int:
@@ -197,6 +199,12 @@ def make_problem(
         num_additional=num_additional,
         has_rel_pos_bias=rel_pos_bias is not None,
         return_lse=return_lse,
+        has_key_bias=key_bias is not None,
+        requires_grad=torch.is_grad_enabled()
+        and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias)
+        ),
     )
 
 
