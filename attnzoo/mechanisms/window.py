@@ -13,7 +13,7 @@ from einops import rearrange
 
 from ..ops import attention, neighborhood_attention
 from ..ops.problem import normalize_axis_arg
-from ._base import Mechanism, cached_table, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import flip_table, pad_to_multiple, relative_position_index
 from .registry import register_mechanism
 
@@ -122,25 +122,18 @@ class WindowAttention(Mechanism):
         return flip_table(table, self.rank).to(dtype)
 
     def _window_mask(self, padded_shape: tuple[int, ...], shift: tuple[int, ...], dtype: torch.dtype, device):
-        """``[windows, heads, K, K]`` additive mask of the rolled canvas: bias table (query − key) + region mask.
-
-        Cached while the module runs without autograd (eval), keyed by the table's version, so an edited table
-        is picked up; recomputed whenever gradients flow."""
+        """``[windows, heads, K, K]`` additive mask of the rolled canvas: bias table (query − key) + region mask
+        (cached while autograd is off)."""
         table = self.relative_position_bias_table
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        use_cache = not torch.is_grad_enabled() and not tracing
-        key = (padded_shape, shift, dtype, device, None if table is None else (id(table), table._version))
-        cached = getattr(self, "_mask_cache", None)
-        if use_cache and cached is not None and cached[0] == key:
-            return cached[1]
-        region = cached_table(_region_mask, padded_shape, self.window_size, shift).to(device=device, dtype=dtype)
-        mask = region[:, None]  # [windows, 1, K, K]
-        if table is not None:
+
+        def compute() -> torch.Tensor:
+            region = cached_table(_region_mask, padded_shape, self.window_size, shift).to(device=device, dtype=dtype)
+            if table is None:
+                return region[:, None]
             index = cached_table(relative_position_index, self.window_size).to(device)
-            mask = mask + table.to(dtype)[index].permute(2, 0, 1)[None]
-        if use_cache and type(mask) is torch.Tensor:  # never keep a fake (traced) tensor
-            self._mask_cache = (key, mask)
-        return mask
+            return region[:, None] + table.to(dtype)[index].permute(2, 0, 1)[None]
+
+        return inference_cached(self, "_window_mask_cache", (padded_shape, shift, dtype, device), compute, table)
 
     def _rolled_windows(self, x: torch.Tensor, shift: tuple[int, ...]) -> torch.Tensor:
         """SW-MSA as Swin computes it, on ``x`` whose extents are multiples of the window: ``(B, *spatial, inner)``."""
