@@ -6,8 +6,11 @@ mixer per stage (registered with timm as ``attnzoo_tiny`` / ``attnzoo_small`` wh
 """
 
 from . import mechanisms, models, ops
-from .mechanisms import create, list_families, list_mechanisms, mechanism_info, register_mechanism
+from .mechanisms import BlockState, create, list_families, list_mechanisms, mechanism_info, register_mechanism
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism", "__version__"]
+__all__ = [
+    "ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism",
+    "BlockState", "__version__",
+]  # fmt: skip

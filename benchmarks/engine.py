@@ -11,15 +11,25 @@ Memory: peak resident memory added by forward+backward at 128×128 vs 64×64 (B=
 
 Run: ``python benchmarks/engine.py [--threads 2] [--json out.json]``. Absolute times on shared machines drift; the
 ratios are measured in one run.
+
+GPU (``--device cuda``, bf16; see ``gpu_main``): per workload and backend (flex, natten, tiled, auto), forward and
+forward+backward, R1 = t(SDPA over the window partition, same keys per query) / t(NA) and
+R2 = (t(dense SDPA) / t(NA)) / (dense FLOPs / NA FLOPs); FlexAttention's block-mask build time, first call (compile)
+and steady-state time, recompilations after the first call; and whether ``auto`` picked the fastest backend.
+Workloads: P (2-D 56×56, B 2, heads 4, d 32, k 7), 2-D 128×128 (B 4, heads 8, d 64, k 13) and 3-D 16×64×64
+(B 1, heads 8, d 64, k (3, 13, 13)). Where an extent is not a multiple of the kernel, the window yardstick runs on
+the next multiple and is scaled to the same number of queries.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +152,163 @@ def peak_memory_bytes(side: int, threads: int) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+GPU_WORKLOADS = {
+    "P_2d_56": dict(batch=2, heads=4, dim=32, spatial=(56, 56), kernel=(7, 7)),
+    "2d_128": dict(batch=4, heads=8, dim=64, spatial=(128, 128), kernel=(13, 13)),
+    "3d_16x64x64": dict(batch=1, heads=8, dim=64, spatial=(16, 64, 64), kernel=(3, 13, 13)),
+}
+GPU_BACKENDS = ("flex", "natten", "tiled", "auto")
+
+
+def cuda_time_ms(fn, min_run_time: float) -> float:
+    """Median ms per call over blocks of CUDA-event-timed calls (after 3 warm-up calls), about ``min_run_time`` s."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    per_call = max(start.elapsed_time(end), 1e-3)
+    calls = max(1, int(min_run_time * 1e3 / 10 / per_call))  # about 10 blocks
+    times = []
+    spent = 0.0
+    while spent < min_run_time * 1e3 or len(times) < 3:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        block = start.elapsed_time(end)
+        times.append(block / calls)
+        spent += block
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _timed_once_ms(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def gpu_workload(name: str, spec: dict, min_run_time: float, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """Every backend and the two SDPA yardsticks on one workload (forward and forward+backward); ``device="cpu"``
+    runs the same code with CPU timers (a smoke check of this function on machines without a GPU)."""
+    from torch._dynamo.utils import counters
+
+    from attnzoo.ops.backends import BACKENDS, select_backend
+    from attnzoo.ops.backends.flex import _PLANS, _plan_key, flex_plan
+    from attnzoo.ops.problem import make_problem
+
+    if device == "cuda":
+        timed, once = cuda_time_ms, _timed_once_ms
+    else:
+        timed = lambda fn, run_time: time_ms(fn, 1, run_time)  # noqa: E731
+        once = lambda fn: time_ms(fn, 1, 0.0)  # noqa: E731
+    torch.manual_seed(0)
+    b, h, d, spatial, kernel = spec["batch"], spec["heads"], spec["dim"], spec["spatial"], spec["kernel"]
+    make = lambda shape: torch.randn(b, *shape, h, d, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = make(spatial), make(spatial), make(spatial)
+    padded = tuple(-(-s // kk) * kk for s, kk in zip(spatial, kernel))
+    qp, kp, vp = make(padded), make(padded), make(padded)
+    n, keys = math.prod(spatial), math.prod(kernel)
+    scale_queries = n / math.prod(padded)
+    win = lambda *t: window_sdpa(*t, kernel)  # noqa: E731
+    out = {"spec": {**spec, "dtype": str(dtype)}, "keys_per_query": keys, "tokens": n}
+    out["t_window_ms"] = timed(lambda: win(qp, kp, vp), min_run_time) * scale_queries
+    out["t_window_fwd_bwd_ms"] = timed(fwd_bwd(win, qp, kp, vp), min_run_time) * scale_queries
+    out["t_dense_ms"] = timed(lambda: dense_sdpa(q, k, v), min_run_time)
+    out["t_dense_fwd_bwd_ms"] = timed(fwd_bwd(dense_sdpa, q, k, v), min_run_time)
+    flop_ratio = n / keys  # dense FLOPs / NA FLOPs (same head dims, every query: N keys vs K keys)
+    grad_problem = make_problem(*(t.detach().requires_grad_() for t in (q, k, v)), kernel)
+    with torch.no_grad():
+        fwd_problem = make_problem(q, k, v, kernel)
+    out["auto_fwd"] = select_backend("auto", fwd_problem).name
+    out["auto_fwd_bwd"] = select_backend("auto", grad_problem).name
+    results = {}
+    for backend in GPU_BACKENDS:
+        row = {}
+        if backend != "auto":
+            reasons = BACKENDS[backend].not_supported_reasons(grad_problem)
+            if reasons:
+                row["skipped"] = "; ".join(reasons)
+                results[backend] = row
+                continue
+        na = lambda q_, k_, v_, be=backend: ops.neighborhood_attention(q_, k_, v_, kernel, backend=be)  # noqa: E731
+        if backend == "flex":
+            for reorder in (None, True, False):  # time the block-mask build from scratch
+                _PLANS.pop(_plan_key(fwd_problem, reorder), None)
+            row["block_mask_build_ms"] = once(lambda: flex_plan(fwd_problem))
+            row["plan"] = flex_plan(fwd_problem).stats
+            row["first_call_fwd_ms"] = once(lambda na=na: na(q, k, v))
+            row["first_call_fwd_bwd_ms"] = once(fwd_bwd(na, q, k, v))
+            graphs = counters["stats"]["unique_graphs"]
+        row["t_fwd_ms"] = timed(lambda na=na: na(q, k, v), min_run_time)
+        row["t_fwd_bwd_ms"] = timed(fwd_bwd(na, q, k, v), min_run_time)
+        if backend == "flex":
+            row["recompiles_after_first_call"] = counters["stats"]["unique_graphs"] - graphs
+        for mode, t_na, t_win, t_dense in (
+            ("fwd", row["t_fwd_ms"], out["t_window_ms"], out["t_dense_ms"]),
+            ("fwd_bwd", row["t_fwd_bwd_ms"], out["t_window_fwd_bwd_ms"], out["t_dense_fwd_bwd_ms"]),
+        ):
+            row[f"R1_{mode}"] = t_win / t_na
+            row[f"R2_{mode}"] = (t_dense / t_na) / flop_ratio
+        results[backend] = row
+    out["backends"] = results
+    for mode, picked in (("fwd", out["auto_fwd"]), ("fwd_bwd", out["auto_fwd_bwd"])):
+        timed = {be: r[f"t_{mode}_ms"] for be, r in results.items() if be != "auto" and "skipped" not in r}
+        fastest = min(timed, key=timed.get) if timed else None
+        out[f"fastest_{mode}"] = fastest
+        out[f"auto_within_10pct_{mode}"] = bool(fastest) and results["auto"][f"t_{mode}_ms"] <= 1.1 * timed[fastest]
+        out[f"auto_picked_{mode}"] = picked
+    return out
+
+
+def gpu_main(args) -> dict:
+    """The GPU benchmark (``--device cuda``): every workload in bf16, then one summary line per backend."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "statistic": "median of CUDA-event-timed blocks",
+        "workloads": {},
+    }
+    try:
+        import natten
+
+        results["natten"] = f"{natten.__version__} (libnatten: {getattr(natten, 'HAS_LIBNATTEN', 'unknown')})"
+    except ImportError:
+        results["natten"] = "not installed"
+    names = args.workloads.split(",") if args.workloads else list(GPU_WORKLOADS)
+    for name in names:
+        w = gpu_workload(name, GPU_WORKLOADS[name], args.min_run_time, torch.bfloat16)
+        results["workloads"][name] = w
+        print(f"{name}: window SDPA {w['t_window_ms']:.3f} ms (fwd+bwd {w['t_window_fwd_bwd_ms']:.3f}) | dense SDPA "
+              f"{w['t_dense_ms']:.3f} ms (fwd+bwd {w['t_dense_fwd_bwd_ms']:.3f}) | auto: fwd {w['auto_picked_fwd']}, "
+              f"fwd+bwd {w['auto_picked_fwd_bwd']} (fastest {w['fastest_fwd']} / {w['fastest_fwd_bwd']}, within 10 %: "
+              f"{w['auto_within_10pct_fwd']} / {w['auto_within_10pct_fwd_bwd']})")  # fmt: skip
+        for backend, r in w["backends"].items():
+            if "skipped" in r:
+                print(f"  {backend:6s}: skipped ({r['skipped']})")
+                continue
+            line = (f"  {backend:6s}: fwd {r['t_fwd_ms']:.3f} ms R1 {r['R1_fwd']:.2f} R2 {r['R2_fwd']:.2f} | fwd+bwd "
+                    f"{r['t_fwd_bwd_ms']:.3f} ms R1 {r['R1_fwd_bwd']:.2f} R2 {r['R2_fwd_bwd']:.2f}")  # fmt: skip
+            if backend == "flex":
+                line += (f" | block mask {r['block_mask_build_ms']:.0f} ms, first call fwd {r['first_call_fwd_ms']:.0f} ms"
+                         f" fwd+bwd {r['first_call_fwd_bwd_ms']:.0f} ms, recompiles {r['recompiles_after_first_call']},"
+                         f" order {r['plan']['order']}, computed blocks {r['plan']['computed_blocks']}")  # fmt: skip
+            print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -149,7 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--statistic", choices=("median", "min"), default="median")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU benchmark (bf16)")
+    parser.add_argument("--workloads", help=f"GPU only: comma-separated subset of {','.join(GPU_WORKLOADS)}")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return gpu_main(args)
     global STATISTIC
     STATISTIC = args.statistic
     torch.set_num_threads(args.threads)

@@ -13,6 +13,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: no oversubscription on small CI machines
 
 
+# The device the engine, conformance and parity tests run on: ATTNZOO_TEST_DEVICE=cuda runs them on a GPU unchanged.
+DEVICE = torch.device(os.environ.get("ATTNZOO_TEST_DEVICE", "cpu"))
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason=f"CPU-only behaviour; ATTNZOO_TEST_DEVICE={DEVICE}")
+cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs ATTNZOO_TEST_DEVICE=cuda and a GPU")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms import mechanism_info
+from conftest import DEVICE
 
 NAMES = attnzoo.list_mechanisms()
 
@@ -17,7 +18,7 @@ def build(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     info = mechanism_info(name)
     torch.manual_seed(seed)
     module = attnzoo.create(name, info.test_dim, **{**info.test_kwargs, **overrides})
-    return module.eval()
+    return module.eval().to(DEVICE)
 
 
 def sample(name: str, batch: int = 2, size: tuple[int, ...] | None = None, dtype=torch.float32, seed: int = 1):
@@ -27,8 +28,8 @@ def sample(name: str, batch: int = 2, size: tuple[int, ...] | None = None, dtype
     x = torch.randn(batch, *size, info.test_dim, generator=gen, dtype=dtype)
     if info.layout == "cross":
         context = torch.randn(batch, 5, info.test_dim, generator=gen, dtype=dtype)
-        return (x, context)
-    return (x,)
+        return (x.to(DEVICE), context.to(DEVICE))
+    return (x.to(DEVICE),)
 
 
 def expected_shape(module, x: torch.Tensor) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ import torch
 import attnzoo.ops as ops
 from attnzoo.ops.backends import BACKENDS, select_backend
 from attnzoo.ops.problem import make_problem
+from conftest import DEVICE, cpu_only
 
 FAST_BACKENDS = [b for b in ops.list_backends() if b != "reference"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -98,7 +99,7 @@ def make_inputs(case: Case, variant: str, dtype: torch.dtype, seed: int = 0) -> 
     """Leaf tensors (float64 draws cast to ``dtype``) and keyword arguments for one call."""
     g = torch.Generator().manual_seed(seed)
     b, h, d, dv = case.batch, case.heads, case.dim, case.dim_v or case.dim
-    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)  # noqa: E731
     t = {"q": rnd(b, *case.spatial, h, d), "k": rnd(b, *case.spatial, h, d), "v": rnd(b, *case.spatial, h, dv)}
     kw = {"return_lse": variant != "plain"}
     if variant.startswith("extras"):
@@ -112,7 +113,7 @@ def make_inputs(case: Case, variant: str, dtype: torch.dtype, seed: int = 0) -> 
             # full-shape key bias with about a quarter of the keys dropped (-inf); additional keys keep every
             # query's softmax non-empty
             kb = rnd(b, *case.spatial, h)
-            drop = torch.rand(kb.shape, generator=g) < 0.25
+            drop = (torch.rand(kb.shape, generator=g) < 0.25).to(DEVICE)
             t["key_bias"] = kb.masked_fill(drop, float("-inf"))
         else:
             kb = rnd(1, *case.spatial, 1)
@@ -133,29 +134,29 @@ def run(case: Case, backend: str, inputs: dict, grads: bool = True):
     if not grads:
         return out, lse, {}
     g = torch.Generator().manual_seed(123)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum()
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)).sum()
     if lse is not None:
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        loss = loss + (finite * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)).sum()
+        loss = loss + (finite * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.device, lse.dtype)).sum()
     names = list(leaves)
     grads_ = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return out, lse, dict(zip(names, grads_))
 
 
-def _problem(case: Case, inputs: dict):
-    t = inputs["tensors"]
+def _problem(case: Case, inputs: dict, grads: bool = False):
+    t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
     return make_problem(
         t["q"], t["k"], t["v"], case.kernel, case.stride, case.dilation, case.causal, t.get("additional_keys"),
         t.get("additional_values"), t.get("rel_pos_bias"), inputs["kwargs"]["return_lse"], t.get("key_bias"),
     )  # fmt: skip
 
 
-def skip_or_check_refusal(case: Case, backend: str, inputs: dict):
+def skip_or_check_refusal(case: Case, backend: str, inputs: dict, grads: bool = True):
     """Skip where the backend declares it cannot run; then an explicit request must raise listing the reasons."""
-    reasons = BACKENDS[backend].not_supported_reasons(_problem(case, inputs))
+    reasons = BACKENDS[backend].not_supported_reasons(_problem(case, inputs, grads))
     if reasons:
         with pytest.raises(ValueError) as info:
-            run(case, backend, inputs, grads=False)
+            run(case, backend, inputs, grads=grads)
         for reason in reasons:
             assert reason in str(info.value)
         assert repr(backend) in str(info.value)
@@ -276,7 +277,7 @@ HALF_CASES = [CASES[9], CASES[13], CASES[17], CASES[4]]
 @pytest.mark.parametrize("case", HALF_CASES, ids=[c.id for c in HALF_CASES])
 def test_half_precision_forward(case, backend, dtype):
     inputs = make_inputs(case, "lse", dtype)
-    skip_or_check_refusal(case, backend, inputs)
+    skip_or_check_refusal(case, backend, inputs, grads=False)
     out, lse, _ = run(case, backend, inputs, grads=False)
     assert out.dtype == dtype
     assert lse.dtype == torch.float32, "lse of half inputs is float32"
@@ -347,7 +348,7 @@ def test_auto_picks_native_on_cpu():
 def test_explain_names_the_backend_and_the_reason():
     q = torch.randn(1, 6, 6, 2, 4)
     assert ops.explain(q, q, q, 3, stride=3).startswith("partition: non-overlapping windows")
-    assert ops.explain(q, q, q, 3).startswith("native: first backend of the auto order")
+    assert ops.explain(q, q, q, 3).startswith("native: first backend of the cpu auto order")
     assert ops.explain(q, q, q, 3, backend="tiled") == "tiled: requested by name"
     with pytest.raises(ValueError, match="partition"):
         ops.explain(q, q, q, 3, backend="partition")
@@ -380,6 +381,9 @@ def test_non_contiguous_inputs(backend):
     q, k, v = qkv.unbind(3)
     assert not q.is_contiguous()
     kw = dict(kernel_size=(2, 4), stride=(2, 4), return_lse=True)
+    reasons = BACKENDS[backend].not_supported_reasons(make_problem(q, k, v, (2, 4), (2, 4), return_lse=True))
+    if reasons:
+        pytest.skip(f"{backend} declines: {'; '.join(reasons)}")
     out, lse = ops.na2d(q, k, v, backend=backend, **kw)
     ref, ref_lse = ops.na2d(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference", **kw)
     assert_close_rms(out, ref, 1e-10, "output")

@@ -264,6 +264,7 @@ def test_rel_pos_bias_is_key_minus_query_1d(backend):
     k = rand64(1, L, 1, 2, seed=15)
     v = torch.arange(L, dtype=torch.float64).reshape(1, L, 1, 1).repeat(1, 1, 1, 2) * torch.tensor([1.0, -2.0], dtype=torch.float64)
     table = torch.tensor([[0.3, -1.1, 0.7, 2.0, -0.4]], dtype=torch.float64)  # [heads, 2k-1], entry j <-> key-query = j-2
+    _skip_unsupported(backend, q, k, v, kernel_size=kk, rel_pos_bias=table)
     out = ops.na1d(q, k, v, kk, rel_pos_bias=table, backend=backend)
 
     def expect(keys, entries):
@@ -286,6 +287,7 @@ def test_rel_pos_bias_is_key_minus_query_2d_dilated(backend):
     k = rand64(1, H, W, 2, 2, seed=16)
     v = rand64(1, H, W, 2, 2, seed=17)
     table = rand64(2, 5, 5, seed=18)
+    _skip_unsupported(backend, q, k, v, kernel_size=kk, dilation=(2, 1), rel_pos_bias=table)
     out = ops.na2d(q, k, v, kk, dilation=(2, 1), rel_pos_bias=table, backend=backend)
     # query (row 1, col 4): rows 1,3,5 form its sub-lattice (x'=0 -> keys u=0,1,2 -> rows 1,3,5, offsets 0,1,2);
     # col 4 is at the right border: keys cols 2,3,4, offsets -2,-1,0

@@ -167,3 +167,12 @@ def test_arena_writes_comparison(tmp_path, capsys):
     assert (tmp_path / "arena.csv").read_text().splitlines()[0].startswith("mixer,test_accuracy")
     assert "test acc" in capsys.readouterr().out
     assert main(["arena", "--mixers", "neighbourhood", "--dataset", "synthetic", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_gpu_is_one_line_error(tmp_path, capsys):
+    from attnzoo.cli import main
+
+    args = ["train", "--device", "cuda", *RUN, "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert one_line_error(capsys.readouterr().err, "CUDA is not available")

@@ -46,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/<time>-<mixers>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): CUDA when available; under torchrun each rank takes GPU LOCAL_RANK (NCCL), "
+                   "or the CPU (gloo)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     config = _config(args)
     with training_errors():
-        result = train(config, resume=bool(args.resume), show_progress=not args.no_progress)
+        result = train(config, resume=bool(args.resume), show_progress=not args.no_progress, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"{result.out}: test accuracy {result.test_accuracy:.4f} after {result.steps} steps, "

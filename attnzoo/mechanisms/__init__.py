@@ -9,9 +9,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ._base import BlockState
 from .registry import MechanismInfo, create, list_families, list_mechanisms, mechanism_info, register_mechanism
 
-__all__ = ["MechanismInfo", "create", "list_families", "list_mechanisms", "mechanism_info", "register_mechanism", "load_all"]
+__all__ = [
+    "BlockState", "MechanismInfo", "create", "list_families", "list_mechanisms", "mechanism_info", "register_mechanism",
+    "load_all",
+]  # fmt: skip
 
 _loaded = False
 

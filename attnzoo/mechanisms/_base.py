@@ -11,6 +11,7 @@ from einops import rearrange
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability",
     "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
+    "BlockState",
 ]  # fmt: skip
 
 
@@ -117,15 +118,39 @@ def inference_cached(
     return value
 
 
+class BlockState:
+    """State carried from block to block inside one backbone stage (the cross-block protocol).
+
+    A mechanism that sets ``uses_block_state = True`` takes ``forward(x, state=None)``. The backbone creates one
+    ``BlockState`` per stage and forward pass and hands the same object to every block of the stage in order, so a
+    block reads what the blocks before it wrote (``read``) and adds its own entry (``write``). ``state=None`` (a
+    standalone call) means no earlier blocks. Entries are keyed by the writer's mechanism name, so mechanisms of
+    different kinds never read each other's entries; nothing outlives the forward pass.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[Any]] = {}
+
+    def read(self, key: str) -> list[Any]:
+        """What earlier blocks wrote under ``key``, oldest first (empty when none did)."""
+        return list(self.entries.get(key, ()))
+
+    def write(self, key: str, value: Any) -> None:
+        self.entries.setdefault(key, []).append(value)
+
+
 class Mechanism(nn.Module):
     """Base class: channels-last ``(B, *spatial, C) -> (B, *spatial, C)`` with one input check.
 
     Subclasses set ``spatial_ranks`` (accepted numbers of spatial axes) and implement ``forward``; ``output_shape``
     says what shape ``forward`` returns for an input shape (identity unless the mechanism resamples).
+    ``uses_block_state = True`` declares ``forward(x, state: BlockState | None = None)``: the backbone then passes its
+    stage's ``BlockState`` (see there); every other mechanism is called as ``forward(x)``.
     """
 
     mechanism_name: str = ""
     spatial_ranks: Sequence[int] = (2,)
+    uses_block_state: bool = False
 
     def __init__(self, dim: int, rank: int | None = None) -> None:
         """``rank``: for mechanisms that work on 1-, 2- or 3-D grids, the number of spatial axes this instance takes

@@ -21,6 +21,10 @@ covers the whole grid). Mechanisms that need a fixed resolution (``needs_input_s
 argument) receive ``input_resolution=(H, W)``. Sequence-layout mechanisms receive flattened tokens ``(B, H·W, C)``.
 Arguments given by the user are never changed; a mechanism that cannot run at a stage's size raises a ``ValueError``
 at construction that names the stage, mixer, size and arguments.
+
+State between blocks: a mechanism that declares ``uses_block_state`` (e.g. ``forward_cross``) receives one
+``BlockState`` per stage and forward pass, shared by the blocks of that stage in order (``Stage``); the others are
+called as ``mixer(x)``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ..mechanisms import mechanism_info
-from ..mechanisms._base import flatten_tokens
+from ..mechanisms._base import BlockState, flatten_tokens
 
-__all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "stage_defaults"]
+__all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "Stage", "stage_defaults"]
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,13 @@ class MixerAdapter(nn.Module):
         self.name = name
         self.flatten = mechanism_info(name).layout == "sequence"
         self.mixer = create_mechanism(name, dim, **kwargs)
+        self.uses_block_state = bool(getattr(self.mixer, "uses_block_state", False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
+        extra = {"state": state} if self.uses_block_state else {}
         if not self.flatten:
-            return self.mixer(x)
-        return self.mixer(flatten_tokens(x)).reshape(x.shape)
+            return self.mixer(x, **extra)
+        return self.mixer(flatten_tokens(x), **extra).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -177,9 +183,19 @@ class Block(nn.Module):
                 kwargs.setdefault("mlp_ratio", mlp_ratio)
             self.mlp = MixerAdapter(channel_mixer, dim, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
+    def forward(self, x: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), state)
         return x + self.mlp(self.norm2(x))
+
+
+class Stage(nn.Sequential):
+    """The blocks of one stage, run in order with one fresh ``BlockState`` per forward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = BlockState()
+        for block in self:
+            x = block(x, state)
+        return x
 
 
 class Downsample(nn.Module):
@@ -277,7 +293,7 @@ class Backbone(nn.Module):
         mlp_ratio: float,
         user: Mapping[str, Any],
         channel: tuple[str | None, Mapping[str, Any]] = (None, {}),
-    ) -> nn.Sequential:
+    ) -> Stage:
         where = f"stage {i} ({grid[0]}×{grid[1]} tokens, dim {dim})"
         try:
             candidates = stage_defaults(name, grid, user)
@@ -302,9 +318,9 @@ class Backbone(nn.Module):
         mlp_ratio: float,
         kwargs: Mapping[str, Any],
         channel: tuple[str | None, Mapping[str, Any]] = (None, {}),
-    ) -> nn.Sequential:
+    ) -> Stage:
         """Build the stage and run its first mixer once on a zero map, so size problems surface now."""
-        blocks = nn.Sequential(*(Block(name, dim, mlp_ratio, kwargs, *channel) for _ in range(depth)))
+        blocks = Stage(*(Block(name, dim, mlp_ratio, kwargs, *channel) for _ in range(depth)))
         probe = torch.zeros(1, *grid, dim)
         with torch.no_grad():
             out = blocks[0].mixer.eval()(probe)

@@ -122,9 +122,15 @@ class _Dist:
         return t.tolist()
 
 
-def _setup_distributed() -> _Dist:
+def _setup_distributed(device: str = "auto") -> _Dist:
+    """One process (or one torchrun rank): CUDA when ``device`` is "cuda" (or "auto" and a GPU is there), else
+    CPU; several ranks talk over NCCL on GPUs and gloo on CPUs."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise TrainError(f"device={device!r} must be 'auto', 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device='cuda' but CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and device != "cpu"
     if world == 1 and not dist.is_initialized():
         return _Dist(device=torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -234,10 +240,11 @@ def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return history
 
 
-def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train (or resume) the run described by ``config``; returns the final test accuracy and throughput."""
+def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True, device: str = "auto") -> TrainResult:
+    """Train (or resume) the run described by ``config`` on ``device`` ("auto": CUDA when available, "cpu",
+    "cuda"); returns the final test accuracy and throughput."""
     config.validate()
-    ctx = _setup_distributed()
+    ctx = _setup_distributed(device)
     try:
         return _train(config, resume, show_progress, ctx)
     finally:

@@ -1,23 +1,41 @@
-"""Neighborhood-attention backends. ``auto`` picks the first in ``AUTO_ORDER`` that can run the problem, except that
-on CPU non-overlapping windows go to ``partition`` when it can use SDPA (``auto_choice`` says which and why)."""
+"""Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
+except that on CPU non-overlapping windows go to ``partition`` when it can use SDPA (``auto_choice`` says which and
+why)."""
 
 from __future__ import annotations
 
 from ..problem import NAProblem
 from .base import Backend
+from .flex import FlexBackend
 from .native import NativeBackend
+from .natten import NattenBackend
 from .partition import PartitionBackend
 from .reference import ReferenceBackend
 from .tiled import TiledBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (NativeBackend(), PartitionBackend(), TiledBackend(), ReferenceBackend())}
-AUTO_ORDER = ("native", "partition", "tiled", "reference")
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (NativeBackend(), PartitionBackend(), TiledBackend(), FlexBackend(), NattenBackend(), ReferenceBackend())
+}
+# per device type; any other device uses the CPU order (native declines it, the portable backends follow)
+AUTO_ORDERS = {
+    "cpu": ("native", "partition", "tiled", "reference"),
+    "cuda": ("natten", "flex", "partition", "tiled", "reference"),
+}
+AUTO_ORDER = AUTO_ORDERS["cpu"]
 
-__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "auto_choice", "select_backend", "list_backends"]
+__all__ = [
+    "Backend", "BACKENDS", "AUTO_ORDER", "AUTO_ORDERS", "auto_order", "auto_choice", "select_backend", "list_backends",
+]  # fmt: skip
 
 
 def list_backends() -> list[str]:
     return list(BACKENDS)
+
+
+def auto_order(device: str) -> tuple[str, ...]:
+    """The backends ``backend="auto"`` tries, in order, for a device type ("cpu", "cuda", ...)."""
+    return AUTO_ORDERS.get(device, AUTO_ORDER)
 
 
 def select_backend(backend: str, problem: NAProblem) -> Backend:
@@ -41,16 +59,18 @@ def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
     Rule, from same-run measurements on CPU (``benchmarks/vs_timm.py``, Swin/MaxViT shapes, 1-2 threads): when
     stride = kernel and the extents divide into windows, one SDPA over the window partition is 1.1-1.7x faster
     forward and 1.5-1.8x faster forward+backward than the fused kernel, unless a key_bias or the lse forces
-    explicit scores (then the fused kernel is faster). Otherwise the first backend of ``AUTO_ORDER`` that can run.
+    explicit scores (then the fused kernel is faster). Otherwise the first backend of the device's ``auto_order``
+    that can run.
     """
     partition = BACKENDS["partition"]
     if problem.device.type == "cpu" and not partition.not_supported_reasons(problem) and partition.uses_sdpa(problem):
         return partition, "non-overlapping windows without key_bias or return_lse: SDPA over the window partition"
     skipped = []
-    for name in AUTO_ORDER:
+    order = auto_order(problem.device.type)
+    for name in order:
         reasons = BACKENDS[name].not_supported_reasons(problem)
         if not reasons:
-            why = f"first backend of the auto order {AUTO_ORDER} that can run the call"
+            why = f"first backend of the {problem.device.type} auto order {order} that can run the call"
             return BACKENDS[name], why + "".join(f"; {s}" for s in skipped)
         skipped.append(f"{name} declined: " + ", ".join(reasons))
     raise RuntimeError("no backend can run this problem")  # unreachable: the reference accepts everything
