@@ -83,7 +83,8 @@ def swin_window(batch: int, size: int, shift: int) -> Pair:
     ours = attnzoo.create("window", 96, num_heads=3, window_size=7, shift_size=shift)
     ours.load_state_dict({k: v for k, v in block.attn.state_dict().items() if k in ours.state_dict()})
     x = torch.randn(batch, size, size, 96)
-    return Pair(f"window shift {shift} vs timm Swin _attn", f"B{batch} {size}²×96 h3 M7", Call(block, "_attn"), ours, x, x)
+    label = f"window shift {shift} vs timm Swin _attn"
+    return Pair(label, f"B{batch} {size}²×96 h3 M7", Call(block, "_attn"), ours, x, x)
 
 
 def torchvision_window(batch: int, size: int, shift: int) -> Pair:
@@ -93,7 +94,8 @@ def torchvision_window(batch: int, size: int, shift: int) -> Pair:
     ours = attnzoo.create("window", 96, num_heads=3, window_size=7, shift_size=shift, mask_padding=False)
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()})
     x = torch.randn(batch, size, size, 96)
-    return Pair(f"window shift {shift} vs torchvision ShiftedWindowAttention", f"B{batch} {size}²×96 h3 M7", ref, ours, x, x)
+    label = f"window shift {shift} vs torchvision ShiftedWindowAttention"
+    return Pair(label, f"B{batch} {size}²×96 h3 M7", ref, ours, x, x)
 
 
 def maxvit_partition(batch: int, size: int, kind: str) -> Pair:
@@ -209,7 +211,8 @@ def model_pairs(quick: bool) -> list[Pair]:
 
     b = 1 if quick else 4
     pairs = []
-    for name, patch in (("swin_tiny_patch4_window7_224", swin_with_attnzoo), ("maxvit_tiny_tf_224", maxvit_with_attnzoo)):
+    models = (("swin_tiny_patch4_window7_224", swin_with_attnzoo), ("maxvit_tiny_tf_224", maxvit_with_attnzoo))
+    for name, patch in models:
         ref = timm.create_model(name, pretrained=False)
         x = torch.randn(b, 3, 224, 224)
         pairs.append(Pair(f"{name} (images/s)", f"B{b} 224²", ref, patch(ref), x, x))
@@ -294,8 +297,9 @@ def main() -> None:
     if args.only:
         pairs = [p for p in pairs if args.only in p.name]
     rows = []
-    print(f"torch {torch.__version__}, threads {args.threads}, {repeats} interleaved repeats; ratio = t(ref)/t(attnzoo)")
-    print(f"| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) | fwd+bwd ms ref / ours |")
+    print(f"torch {torch.__version__}, {repeats} interleaved repeats; ratio = t(ref)/t(attnzoo); ms per call")
+    print("| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
+          "| fwd+bwd ms ref / ours |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for pair in pairs:
         max_diff = check_equal(pair)
@@ -304,10 +308,10 @@ def main() -> None:
             bwd = compare(pair, True, threads, repeats, budget * 2)
             rows.append({"row": pair.name, "shape": pair.shape, "threads": threads, "max_abs_diff": max_diff,
                          "fwd": fwd, "fwd_bwd": bwd})  # fmt: skip
+            spread = {key: f"{r['ratio']:.2f} ({r['min']:.2f}–{r['max']:.2f})" for key, r in (("f", fwd), ("b", bwd))}
             print(
-                f"| {pair.name} | {pair.shape} | {threads} | {fwd['ratio']:.2f} ({fwd['min']:.2f}–{fwd['max']:.2f}) | "
-                f"{fwd['ref_ms']:.1f} / {fwd['ours_ms']:.1f} | {bwd['ratio']:.2f} ({bwd['min']:.2f}–{bwd['max']:.2f}) | "
-                f"{bwd['ref_ms']:.1f} / {bwd['ours_ms']:.1f} |",
+                f"| {pair.name} | {pair.shape} | {threads} | {spread['f']} | {fwd['ref_ms']:.1f} / {fwd['ours_ms']:.1f} "
+                f"| {spread['b']} | {bwd['ref_ms']:.1f} / {bwd['ours_ms']:.1f} |",
                 flush=True,
             )
     if args.json:

@@ -8,7 +8,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-
 from einops import rearrange
 
 from ..ops import attention, neighborhood_attention
@@ -16,7 +15,6 @@ from ..ops.problem import normalize_axis_arg
 from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import flip_table, pad_to_multiple, relative_position_index
 from .registry import register_mechanism
-
 
 _AXES = "xyz"
 
@@ -63,8 +61,9 @@ class WindowAttention(Mechanism):
     roll by −S plus region mask is exactly a window grid offset by S without wrap-around. With ``backend="auto"``
     and extents that are multiples of the window it runs as Swin does (roll, windows, one additive mask holding the
     bias table and the region mask, roll back), so a shifted layer costs what an unshifted one costs; otherwise it
-    runs as plain windows on a canvas padded with M − S masked tokens in front, on the chosen engine backend. Extents are zero-padded at the end to a multiple
-    of the window (before the qkv projection); ``mask_padding=True`` drops those keys, ``False`` lets them act as
+    runs as plain windows on a canvas padded with M − S masked tokens in front (q/k/v projected on the real tokens,
+    then padded), on the chosen engine backend. Extents are zero-padded at the end to a multiple of the window
+    (before the qkv projection); ``mask_padding=True`` drops those keys, ``False`` lets them act as
     keys like the official / torchvision code (pad-then-roll). Along an axis with extent <= window the shift is 0
     (torchvision's rule) and the window covers the whole (padded) axis.
 
@@ -141,7 +140,8 @@ class WindowAttention(Mechanism):
         x = torch.roll(x, tuple(-s for s in shift if s), dims)
         split, windows = _window_pattern(self.rank)
         sizes = {f"k{a}": m for a, m in zip(_AXES, self.window_size)}
-        q, k, v = rearrange(self.qkv(x), f"{split} (three h d) -> three {windows} h d", three=3, h=self.num_heads, **sizes)
+        pattern = f"{split} (three h d) -> three {windows} h d"
+        q, k, v = rearrange(self.qkv(x), pattern, three=3, h=self.num_heads, **sizes)
         mask = self._window_mask(tuple(x.shape[1:-1]), shift, q.dtype, q.device)
         mask = mask.expand(x.shape[0], *mask.shape).flatten(0, 1)  # [B·windows, heads, K, K]
         out = attention(q, k, v, attn_mask=mask)
@@ -160,7 +160,8 @@ class WindowAttention(Mechanism):
             return self.proj_drop(self.proj(outer.crop(out)))
         # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked
         inner = pad_to_multiple(outer.padded_shape, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
-        q, k, v = split_qkv(self.qkv(inner.pad(outer.pad(x))), self.num_heads)
+        # the offset tokens are masked keys and cropped queries: pad q/k/v after projecting only the real tokens
+        q, k, v = (inner.pad(t) for t in split_qkv(self.qkv(outer.pad(x)), self.num_heads))
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
             key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
