@@ -86,8 +86,10 @@ def test_bench_writes_csv_json_png_html_for_every_requested_mechanism(tmp_path, 
     assert na["check"] == "ref ok" and na["flops"] > 0 and na["peak_bytes"] > 0 and na["params"] > 0
     yardstick = data["yardstick_dense_sdpa_latency_s"]
     assert yardstick > 0 and na["relative_latency"] == pytest.approx(na["latency_s"] / yardstick)
-    for png in ("latency_vs_tokens.png", "memory_vs_tokens.png", "cost_vs_receptive_field.png"):
-        assert png_shape(out / png) == (720, 1440)
+    assert png_shape(out / "cost_vs_receptive_field.png") == (720, 1440)
+    for png in ("latency_vs_tokens.png", "memory_vs_tokens.png"):  # one panel per family: size follows the families
+        height, width = png_shape(out / png)
+        assert height >= 300 and width >= 400
     html = (out / "index.html").read_text()
     assert all(n in html for n in names) and "cost_vs_receptive_field.png" in html
 

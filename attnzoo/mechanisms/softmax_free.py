@@ -69,7 +69,7 @@ def softmax_free_attention(q: torch.Tensor, landmarks: torch.Tensor, v: torch.Te
 class SoftmaxFreeAttention(Mechanism):
     """Softmax-free attention (Lu et al., SOFT, NeurIPS 2021 / IJCV 2024): Gaussian-kernel self-attention through Nyström landmarks.
 
-    ``Q = Linear(x)·d^-1/4`` is both query and key; landmarks ``Q̃ = GELU(LN(Conv_{r×r, stride r}(Q)))`` per head
+    ``Q = Linear(x)·d^-1/4`` is both query and key (landmarks and the kernels in fp32 for fp16/bf16 inputs); landmarks ``Q̃ = GELU(LN(Conv_{r×r, stride r}(Q)))`` per head
     (``r = ratio``; 49 landmarks on a 56×56 map with r = 8); ``O = k(Q,Q̃)·NR(k(Q̃,Q̃))·(k(Q,Q̃)ᵀV)`` with
     ``k(a, b) = exp(−‖a−b‖²/2)`` and ``newton_iters`` Newton–Raphson steps; a depthwise ``conv_size`` convolution of V
     (heads as channels, shared across head_dim) is added, then a Linear. Input ``(B, H, W, C)``, H, W ≥ ratio.
@@ -107,11 +107,18 @@ class SoftmaxFreeAttention(Mechanism):
         if rows < self.ratio or cols < self.ratio:
             raise ValueError(f"ratio={self.ratio} needs an input of at least {self.ratio}×{self.ratio}, got {rows}×{cols}")
         b, h = x.shape[0], self.num_heads
-        q = rearrange(self.q(x), "b y x (h d) -> (b h) d y x", h=h) * self.head_dim**-0.25
+        ct = compute_dtype(x.dtype)  # the landmarks feed an ill-conditioned inverse: fp32 for fp16/bf16 inputs
+        q = rearrange(self.q(x), "b y x (h d) -> (b h) d y x", h=h).to(ct) * self.head_dim**-0.25
         v = rearrange(self.v(x), "b y x (h d) -> b h (y x) d", h=h)
-        landmarks = F.gelu(self.landmark_norm(rearrange(self.landmark(q), "bh d p r -> bh (p r) d")))
+        pooled = F.conv2d(q, self.landmark.weight.to(ct), stride=self.ratio)
+        norm = self.landmark_norm
+        landmarks = F.gelu(F.layer_norm(
+            rearrange(pooled, "bh d p r -> bh (p r) d"), norm.normalized_shape, norm.weight.to(ct), norm.bias.to(ct),
+            norm.eps,
+        ))  # fmt: skip
         q_tokens = rearrange(q, "(b h) d y x -> b h (y x) d", b=b)
-        out = softmax_free_attention(q_tokens, rearrange(landmarks, "(b h) m d -> b h m d", b=b), v, self.newton_iters)
+        landmarks = rearrange(landmarks, "(b h) m d -> b h m d", b=b)
+        out = softmax_free_attention(q_tokens, landmarks, v.to(ct), self.newton_iters).to(x.dtype)
         local = rearrange(self.dwc(rearrange(v, "b h (y x) d -> (b d) h y x", y=rows)), "(b d) h y x -> b h (y x) d", b=b)
         out = rearrange(out + local, "b h (y x) d -> b y x (h d)", y=rows)
         return self.proj_drop(self.proj(out))

@@ -7,6 +7,7 @@ from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
 from .problem import normalize_axis_arg
 from .recording import AttentionRecord, record_attention
+from .scan import selective_scan
 
 __all__ = [
     "neighborhood_attention",
@@ -22,4 +23,5 @@ __all__ = [
     "normalize_axis_arg",
     "record_attention",
     "AttentionRecord",
+    "selective_scan",
 ]
