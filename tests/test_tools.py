@@ -172,6 +172,7 @@ def test_prepare_gives_every_attention_mechanism_the_same_head_width():
     for name in ("window", "mhsa", "multi_axis"):
         prepared = workload.prepare(name, 8, 64, head_dim=16)
         assert prepared.kwargs.get("head_dim") == 16 and prepared.module.head_dim == 16, name
+        assert prepared.module.num_heads == 4, name  # inner width stays dim
     assert "head_dim" not in workload.prepare("squeeze_excite", 8, 64, head_dim=16).kwargs  # not attention
     assert "head_dim" not in workload.prepare("window", 8, 64).kwargs  # None: registry defaults
 

@@ -113,13 +113,17 @@ def prepare(
 
     Tries the registry defaults, then each argument of the registry test configuration alone, then all of it;
     raises ``PrepareError`` with the reason the defaults failed when none works. With ``head_dim``, an attention
-    mechanism whose constructor takes ``head_dim`` gets it in every attempt (so latencies compare like with like),
-    and only when none of those runs is it built without (the note says so).
+    mechanism whose constructor takes ``head_dim`` gets it (and ``num_heads = dim // head_dim``, keeping the inner
+    width at ``dim``) in every attempt, so latencies compare like with like; only when none of those runs is it
+    built without (the note says so).
     """
     info = mechanism_info(name)
     base: dict[str, Any] = {}
-    if head_dim is not None and info.is_attention and "head_dim" in inspect.signature(info.cls.__init__).parameters:
+    parameters = inspect.signature(info.cls.__init__).parameters
+    if head_dim is not None and info.is_attention and "head_dim" in parameters:
         base = {"head_dim": head_dim}
+        if "num_heads" in parameters and dim % head_dim == 0:  # inner width = dim, as with the default heads
+            base["num_heads"] = dim // head_dim
     attempts: list[tuple[dict[str, Any], str]] = [({}, "")]
     singles = [{key: value} for key, value in info.test_kwargs.items()] if len(info.test_kwargs) > 1 else []
     for kwargs in singles + ([dict(info.test_kwargs)] if info.test_kwargs else []):
