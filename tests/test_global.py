@@ -381,6 +381,17 @@ def test_cascaded_group_matches_timm_local_window_attention_with_padding():
         torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
 
 
+def test_cascaded_group_cached_bias_follows_parameter_edits():
+    ref, ours = cga_pair()
+    x = torch.randn(2, 4, 4, 24, dtype=DT)
+    with torch.no_grad():
+        ours(x)  # fills the cache
+        for module in (ref, ours):
+            (module.attn if hasattr(module, "attn") else module).attention_biases.mul_(-2.0)
+        ref.train(False)  # timm re-gathers its cache on train(False)
+        torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
+
+
 def test_cascaded_group_triangular_dependency_and_masked_padding():
     _, m = cga_pair()
     x = torch.randn(1, 4, 4, 24, dtype=DT)

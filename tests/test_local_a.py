@@ -165,6 +165,40 @@ def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted()
     torch.testing.assert_close(m(rolled), torch.roll(m(x), (4, -8), (1, 2)), **TOL)
 
 
+@pytest.mark.parametrize("rank, size, window, shift, mask_padding", [
+    (2, (8, 12), 4, 2, True), (2, (8, 12), 4, (2, 1), True), (2, (7, 10), 4, 2, False), (2, (4, 8), 4, 2, True),
+    (1, (12,), 4, 3, True), (3, (4, 8, 8), (2, 4, 4), (1, 2, 2), True),
+])  # fmt: skip
+def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, window, shift, mask_padding):
+    """backend='auto' runs SW-MSA as roll + windows + region mask; a named backend as windows on the padded canvas."""
+    m = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding)
+    x = rand(2, *size, 16)
+    canvas = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank,
+                  mask_padding=mask_padding, backend="reference")  # fmt: skip
+    canvas.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), canvas(x), **TOL)
+    x.requires_grad_()
+    grads = [torch.autograd.grad(mod(x).square().sum(), (x, mod.relative_position_bias_table)) for mod in (m, canvas)]
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_window_cached_mask_follows_table_edits_in_eval():
+    m = make("window", 16, num_heads=2, window_size=4, shift_size=2)
+    canvas = make("window", 16, num_heads=2, window_size=4, shift_size=2, backend="reference")
+    x = rand(1, 8, 8, 16)
+    with torch.no_grad():
+        first = m(x)
+        assert torch.equal(m(x), first)  # served from the cache
+        m.relative_position_bias_table.mul_(-3.0)  # in-place edit: a new version of the table
+        canvas.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), canvas(x), **TOL)
+        m.load_state_dict({**m.state_dict(), "relative_position_bias_table": torch.zeros(49, 2, dtype=DT)})
+        canvas.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), canvas(x), **TOL)
+    assert not torch.allclose(first, canvas(x))
+
+
 def test_window_bad_shift_names_the_argument():
     with pytest.raises(ValueError, match="shift_size=4"):
         attnzoo.create("window", 16, window_size=4, shift_size=4)

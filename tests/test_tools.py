@@ -180,6 +180,15 @@ def test_prepare_falls_back_to_the_registry_test_config_or_says_why():
         workload.prepare("neighborhood", 2, 16)
 
 
+def test_prepare_gives_every_attention_mechanism_the_same_head_width():
+    for name in ("window", "mhsa", "multi_axis"):
+        prepared = workload.prepare(name, 8, 64, head_dim=16)
+        assert prepared.kwargs.get("head_dim") == 16 and prepared.module.head_dim == 16, name
+        assert prepared.module.num_heads == 4, name  # inner width stays dim
+    assert "head_dim" not in workload.prepare("squeeze_excite", 8, 64, head_dim=16).kwargs  # not attention
+    assert "head_dim" not in workload.prepare("window", 8, 64).kwargs  # None: registry defaults
+
+
 def test_bench_row_and_report_files(tmp_path):
     cfg = BenchConfig(size=8, dim=16, batch=1, threads=1, sizes=(8, 16), min_run_time=0.01, sweep_min_run_time=0.01)
     row = bench_mechanism("neighborhood", cfg)

@@ -4,6 +4,8 @@ Every mechanism is built with its registry defaults for a ``size × size`` grid 
 back to the registry test configuration when the defaults cannot take it; the check column says so). With
 ``--sizes`` the latency and memory are also measured at each size and a log-log exponent fitted (≈ 1 linear or
 local, ≈ 2 global). ``--out DIR`` writes bench.csv, bench.json, PNG plots and index.html.
+Attention mechanisms whose constructor takes ``head_dim`` all get ``--head-dim`` (default 32) so latencies compare
+like with like (``--head-dim 0``: registry defaults); the table title says which was used.
 Threads default to 1 so figures are stable on shared machines and comparable across them; pass ``--threads``.
 """
 
@@ -37,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=56, help="token grid side (default 56: 56×56 tokens)")
     parser.add_argument("--dim", type=int, default=64, help="channels (default 64)")
     parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    parser.add_argument("--head-dim", type=int, default=32,
+                        help="head width for every attention mechanism that takes head_dim (default 32; 0: registry "
+                        "defaults)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (default 1)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -115,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dtype=args.dtype, device=check_device(args.device), backward=args.backward,
         sizes=parse_sizes(args.sizes, args.out is not None),
         min_run_time=max(0.01, args.min_run_time), sweep_min_run_time=max(0.01, args.min_run_time / 3),
+        head_dim=check_positive("--head-dim", args.head_dim, 0) or None,
     )  # fmt: skip
 
 
@@ -157,7 +163,8 @@ def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float, yardst
     mode = "forward+backward" if cfg.backward else "forward"
     table = Table(
         title=f"attnzoo bench: {cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype}, "
-        f"{cfg.device}, {cfg.threads} thread(s), {mode}",
+        f"{cfg.device}, {cfg.threads} thread(s), {mode}, "
+        + (f"head_dim {cfg.head_dim} where taken" if cfg.head_dim else "registry head widths"),
         caption=f"{len(rows)} mechanisms in {seconds:.0f} s; × SDPA = latency / dense SDPA over all tokens "
         f"({yardstick * 1e3:.2f} ms, measured in this run)"
         + (f"; exponents fitted over sizes {', '.join(map(str, cfg.sizes))}" if with_scaling else ""),

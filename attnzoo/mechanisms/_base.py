@@ -10,7 +10,8 @@ from einops import rearrange
 
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability",
-    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "BlockState",
+    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
+    "BlockState",
 ]  # fmt: skip
 
 
@@ -97,6 +98,24 @@ def cached_table(fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` for an ``lru_cache``-wrapped geometry table; while compiling, the unwrapped function (Dynamo
     traces it into constants anyway and would warn about the cache wrapper)."""
     return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
+def inference_cached(
+    module: nn.Module, slot: str, key: tuple, compute: Callable[[], torch.Tensor], *params: torch.Tensor | None
+) -> torch.Tensor:
+    """``compute()`` (e.g. a bias gathered from a parameter table), reused across calls while autograd is off and
+    nothing is traced; cached on ``module`` under ``slot``, keyed by ``key`` and the versions of ``params`` (an
+    in-place edit or ``load_state_dict`` invalidates it). With gradients on it is recomputed every call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return compute()
+    full_key = (key, tuple((id(p), p._version) for p in params if p is not None))
+    cached = module.__dict__.get(slot)
+    if cached is not None and cached[0] == full_key:
+        return cached[1]
+    value = compute()
+    if type(value) is torch.Tensor:  # never keep a fake (traced) tensor
+        module.__dict__[slot] = (full_key, value)
+    return value
 
 
 class BlockState:

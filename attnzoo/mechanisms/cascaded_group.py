@@ -9,7 +9,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_divisible, check_int
+from ._base import Mechanism, check_divisible, check_int, inference_cached
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 from .single_head import ConvBN
@@ -79,7 +79,10 @@ class CascadedGroupAttention(Mechanism):
         r = self.window_resolution
         padding = pad_to_multiple((height, width), (r, r))
         windows = rearrange(padding.pad(x), "b (nh r) (nw s) c -> (b nh nw) c r s", r=r, s=r)
-        bias = self.attention_biases.to(x.dtype)[:, self.bias_index]  # [heads, R², R²]
+        bias = inference_cached(  # [heads, R², R²]
+            self, "_bias_cache", (x.dtype, x.device), lambda: self.attention_biases.to(x.dtype)[:, self.bias_index],
+            self.attention_biases,
+        )  # fmt: skip
         key_bias = padding.key_bias(x.dtype, x.device) if self.mask_padding else None
         if key_bias is not None:  # [1, Hp, Wp, 1] → one row per window, repeated over the batch: [B·nW, 1, 1, R²]
             key_bias = rearrange(key_bias, "1 (nh r) (nw s) 1 -> (nh nw) 1 1 (r s)", r=r, s=r)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ._base import Mechanism
-from ._channel_conv import reduced_width
+from ._channel_conv import reduced_width, token_mean
 from .registry import register_mechanism
 
 
@@ -33,14 +33,18 @@ class SqueezeExcite(Mechanism):
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
+        """Gate values in (0, 1) from pooled channels ``z`` (any leading shape, channels last)."""
+        return torch.sigmoid(self.fc2(self.act(self.fc1(z))))
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gate, shape ``(B, 1, 1, C)``."""
-        z = x.mean(dim=(1, 2), keepdim=True)
-        return torch.sigmoid(self.fc2(self.act(self.fc1(z))))
+        return self.excite(x.mean(dim=(1, 2), keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return x * self.gate(x)
+        tokens = x.flatten(1, 2)  # (B, H·W, C): the gate's gradient then sums over one axis, faster than over two
+        return (tokens * self.excite(token_mean(tokens))).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, reduction={self.reduction}, hidden={self.fc1.out_features}"

@@ -4,7 +4,7 @@ from . import flops  # noqa: F401  (FLOP formulas of the fused ops)
 from .attention import attention, merge_attentions
 from .backends import list_backends
 from .geometry import neighborhood_mask, neighborhood_rel_index
-from .neighborhood import na1d, na2d, na3d, neighborhood_attention
+from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
 from .problem import normalize_axis_arg
 from .recording import AttentionRecord, record_attention
 from .scan import selective_scan
@@ -14,6 +14,7 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "explain",
     "attention",
     "merge_attentions",
     "neighborhood_mask",

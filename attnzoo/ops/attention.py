@@ -75,10 +75,11 @@ def attention(
             mask = None  # SDPA applies is_causal itself (and may pick a causal kernel)
         elif mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
+        qf, kf, vf = _fused_cpu_layout(qf, kf, vf)
         out = F.scaled_dot_product_attention(
             qf, kf, vf, attn_mask=mask, is_causal=causal_only, dropout_p=dropout_p, scale=scale
         )
-        return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+        return out[..., : v.shape[-1]].transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
     ct = compute_dtype(q.dtype)
     weights, lse = softmax_with_lse(_masked_scores(qf.to(ct), kf.to(ct), scale, mask))
     if dropout_p > 0:
@@ -86,6 +87,21 @@ def attention(
     out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
     out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
     return out, lse.transpose(1, 2).reshape(q.shape[:-1])
+
+
+def _fused_cpu_layout(qf, kf, vf):
+    """On CPU, q/k/v as SDPA's fused kernel takes them: one head width (zero-padding q/k or v) and a unit stride
+    along it; otherwise SDPA falls back to explicit scores and a masked softmax, several times slower. Zero columns
+    add nothing to ``q·k`` (the scale is passed explicitly) and the extra output columns are dropped."""
+    if qf.device.type != "cpu":
+        return qf, kf, vf
+    qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
+    width_qk, width_v = qf.shape[-1], vf.shape[-1]
+    if width_qk < width_v:
+        return F.pad(qf, (0, width_v - width_qk)), F.pad(kf, (0, width_v - width_qk)), vf
+    if width_v < width_qk:
+        return qf, kf, F.pad(vf, (0, width_qk - width_v))
+    return qf, kf, vf
 
 
 def _checked_attn_mask(

@@ -11,13 +11,13 @@ from typing import Sequence
 import torch
 
 from . import recording
-from .backends import BACKENDS, select_backend
+from .backends import BACKENDS, auto_choice, select_backend
 from .problem import make_problem, normalize_axis_arg, normalize_head_groups, per_group_arg
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
-__all__ = ["neighborhood_attention", "na1d", "na2d", "na3d"]
+__all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "explain"]
 
 
 def neighborhood_attention(
@@ -84,6 +84,35 @@ def neighborhood_attention(
         rel_pos_bias=rel_pos_bias, key_bias=key_bias,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    rel_pos_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+) -> str:
+    """Which backend ``neighborhood_attention`` would run these arguments on, and why (nothing is computed).
+
+    Same arguments as ``neighborhood_attention`` (without ``scale`` and ``head_groups``); raises as it would.
+    """
+    problem = make_problem(
+        q, k, v, kernel_size, stride, dilation, is_causal, additional_keys, additional_values, rel_pos_bias, return_lse,
+        key_bias,
+    )
+    if backend == "auto":
+        chosen, why = auto_choice(problem)
+        return f"{chosen.name}: {why}"
+    return f"{select_backend(backend, problem).name}: requested by name"
 
 
 def _record(q, k, v, problem, scale, additional_keys, additional_values, rel_pos_bias, key_bias) -> None:

@@ -38,6 +38,7 @@ class BenchConfig:
     sizes: tuple[int, ...] = ()
     min_run_time: float = 0.3
     sweep_min_run_time: float = 0.1
+    head_dim: int | None = 32  # given to every attention mechanism that takes it (None: registry defaults)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,7 +97,7 @@ def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
     info = mechanism_info(name)
     row = BenchRow(name, info.family, info.complexity, info.layout)
     try:
-        prepared = prepare(name, cfg.size, cfg.dim, dtype=cfg.torch_dtype, device=cfg.device)
+        prepared = prepare(name, cfg.size, cfg.dim, dtype=cfg.torch_dtype, device=cfg.device, head_dim=cfg.head_dim)
         module = prepared.module
         row.note, row.config = prepared.note, prepared.kwargs
         row.params = count_parameters(module)

@@ -107,17 +107,31 @@ def prepare(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    head_dim: int | None = None,
 ) -> Prepared:
     """Build ``name`` for a ``size × size``, ``dim``-channel workload, checked by one batch-1 forward.
 
     Tries the registry defaults, then each argument of the registry test configuration alone, then all of it;
-    raises ``PrepareError`` with the reason the defaults failed when none works.
+    raises ``PrepareError`` with the reason the defaults failed when none works. With ``head_dim``, an attention
+    mechanism whose constructor takes ``head_dim`` gets it (and ``num_heads = dim // head_dim``, keeping the inner
+    width at ``dim``) in every attempt, so latencies compare like with like; only when none of those runs is it
+    built without (the note says so).
     """
     info = mechanism_info(name)
+    base: dict[str, Any] = {}
+    parameters = inspect.signature(info.cls.__init__).parameters
+    if head_dim is not None and info.is_attention and "head_dim" in parameters:
+        base = {"head_dim": head_dim}
+        if "num_heads" in parameters and dim % head_dim == 0:  # inner width = dim, as with the default heads
+            base["num_heads"] = dim // head_dim
     attempts: list[tuple[dict[str, Any], str]] = [({}, "")]
     singles = [{key: value} for key, value in info.test_kwargs.items()] if len(info.test_kwargs) > 1 else []
     for kwargs in singles + ([dict(info.test_kwargs)] if info.test_kwargs else []):
         attempts.append((kwargs, f"defaults failed; adjusted {kwargs} from the registry test config"))
+    if base:
+        fallback = [(kwargs, f"{note}; " if note else "") for kwargs, note in attempts]
+        attempts = [({**kwargs, **base}, note) for kwargs, note in attempts]
+        attempts += [(kwargs, f"{note}head_dim={head_dim} failed, built without it") for kwargs, note in fallback]
     first_error: Exception | None = None
     for kwargs, note in attempts:
         try:

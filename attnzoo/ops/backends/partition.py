@@ -68,6 +68,11 @@ class PartitionBackend(Backend):
                 )
         return reasons
 
+    def uses_sdpa(self, problem: NAProblem) -> bool:
+        """Whether ``run`` takes its ``scaled_dot_product_attention`` path (no key_bias, no lse to return); with
+        either it computes the scores explicitly, which is slower than the fused kernel."""
+        return not problem.has_key_bias and not problem.return_lse
+
     def run(self, q, k, v, problem: NAProblem, *, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
         p = problem
         split, windows = _pattern(p.rank)
