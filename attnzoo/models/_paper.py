@@ -16,7 +16,7 @@ import contextlib
 import difflib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -85,6 +85,20 @@ def paper_spec(name: str, known: Sequence[str]) -> PaperModelSpec:
 def conv_out(size: int, kernel: int = 3, stride: int = 2, padding: int = 1) -> int:
     """Output length of a convolution (the map size after a strided stem or downsampling conv)."""
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def check_per_stage(levels: int, source: str, **per_stage: Sequence[Any]) -> None:
+    """Every ``per_stage`` argument has one entry per stage (``levels`` of them, counted from ``source``)."""
+    for arg, value in per_stage.items():
+        if len(value) != levels:
+            raise ValueError(f"{arg}={list(value)!r} must have one entry per stage ({levels}, from {source})")
+
+
+def halve_grid(stage: int, grid: int, what: str, img_size: int) -> int:
+    """The token map side after a 2× downsampling between ``stage`` and the next; an odd map is refused."""
+    if grid % 2:
+        raise ValueError(f"stage {stage} ({grid}×{grid} tokens): {what} needs an even map; img_size={img_size}")
+    return grid // 2
 
 
 def check_heads(stage: int, dim: int, num_heads: int) -> None:

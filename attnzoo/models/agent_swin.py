@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, conv_out, drop_path_rates, in_stage,
-    init_transformer_weights, register_paper_model,
+    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates,
+    halve_grid, in_stage, init_transformer_weights, register_paper_model,
 )  # fmt: skip
 
 __all__ = ["AgentSwin", "AgentSwinBlock"]
@@ -110,18 +110,14 @@ class AgentSwin(PaperModel):
         num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "agent_swin",
     ) -> None:  # fmt: skip
         levels = len(depths)
-        for arg, value in (("num_heads", num_heads), ("attn_types", attn_types), ("num_agents", num_agents)):
-            if len(value) != levels:
-                raise ValueError(f"{arg}={value!r} must have one entry per stage ({levels}, from depths={list(depths)})")
+        check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, attn_types=attn_types, num_agents=num_agents)
         dims = [embed_dim * 2**i for i in range(levels)]
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(img_size, 4, 4, 0)
         stages = []
         for i in range(levels):
             if i > 0:
-                if grid % 2:
-                    raise ValueError(f"stage {i - 1} ({grid}×{grid} tokens): patch merging needs an even map; img_size={img_size}")
-                grid //= 2
+                grid = halve_grid(i - 1, grid, "patch merging", img_size)
             check_heads(i, dims[i], num_heads[i])
             if attn_types[i] not in "AB":
                 raise ValueError(f"stage {i}: attn_types[{i}]={attn_types[i]!r} must be 'A' (agent) or 'B' (window)")

@@ -21,7 +21,7 @@ from ..mechanisms import create as create_mechanism
 from ..mechanisms._base import merge_heads, split_qkv
 from ..ops import attention
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, conv_out, drop_path_rates, in_stage,
+    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
     init_transformer_weights, register_paper_model,
 )  # fmt: skip
 
@@ -135,9 +135,7 @@ class BiFormer(PaperModel):
         img_size: int = 224, name: str = "biformer",
     ) -> None:  # fmt: skip
         levels = len(dims)
-        for arg, value in (("depths", depths), ("topks", topks)):
-            if len(value) != levels:
-                raise ValueError(f"{arg}={list(value)} must have one entry per stage ({levels}, from dims={list(dims)})")
+        check_per_stage(levels, f"dims={list(dims)}", depths=depths, topks=topks)
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(conv_out(img_size))
         stages = []

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, conv_out, drop_path_rates, in_stage,
+    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
     init_transformer_weights, register_paper_model,
 )  # fmt: skip
 
@@ -92,9 +92,7 @@ class CSWin(PaperModel):
         img_size: int = 224, name: str = "cswin",
     ) -> None:  # fmt: skip
         levels = len(depths)
-        for arg, value in (("num_heads", num_heads), ("split_sizes", split_sizes)):
-            if len(value) != levels:
-                raise ValueError(f"{arg}={list(value)} must have one entry per stage ({levels}, from depths={list(depths)})")
+        check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, split_sizes=split_sizes)
         dims = [embed_dim * 2**i for i in range(levels)]
         grid = conv_out(img_size, 7, 4, 2)
         rates = drop_path_rates(drop_path_rate, depths)

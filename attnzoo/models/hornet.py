@@ -16,7 +16,10 @@ import torch
 import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
-from ._paper import DropPath, Mlp, PaperModel, PaperTable, Stage, conv_out, drop_path_rates, in_stage, register_paper_model
+from ._paper import (
+    DropPath, Mlp, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, in_stage,
+    register_paper_model,
+)  # fmt: skip
 
 __all__ = ["HorNet", "HorNetBlock"]
 
@@ -91,8 +94,7 @@ class HorNet(PaperModel):
         name: str = "hornet",
     ) -> None:  # fmt: skip
         levels = len(depths)
-        if len(orders) != levels:
-            raise ValueError(f"orders={list(orders)} must have one entry per stage ({levels}, from depths={list(depths)})")
+        check_per_stage(levels, f"depths={list(depths)}", orders=orders)
         dims = [base_dim * 2**i for i in range(levels)]
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(img_size, 4, 4, 0)

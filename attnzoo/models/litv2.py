@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_heads, conv_out, drop_path_rates, in_stage, init_transformer_weights,
-    register_paper_model,
+    DropPath, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, halve_grid,
+    in_stage, init_transformer_weights, register_paper_model,
 )  # fmt: skip
 
 __all__ = ["LITv2", "DeformableTokenMerging", "deform_conv2d_stride_k"]
@@ -158,18 +158,14 @@ class LITv2(PaperModel):
         num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "litv2",
     ) -> None:  # fmt: skip
         levels = len(depths)
-        for arg, value in (("num_heads", num_heads), ("has_msa", has_msa), ("window_sizes", window_sizes)):
-            if len(value) != levels:
-                raise ValueError(f"{arg}={list(value)} must have one entry per stage ({levels}, from depths={list(depths)})")
+        check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, has_msa=has_msa, window_sizes=window_sizes)
         dims = [embed_dim * 2**i for i in range(levels)]
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(img_size, 4, 4, 0)
         stages = []
         for i in range(levels):
             if i > 0:
-                if grid % 2:
-                    raise ValueError(f"stage {i - 1} ({grid}×{grid} tokens): deformable token merging needs an even map; img_size={img_size}")
-                grid //= 2
+                grid = halve_grid(i - 1, grid, "deformable token merging", img_size)
             heads = num_heads[i] if has_msa[i] else None
             if heads is not None:
                 check_heads(i, dims[i], heads)

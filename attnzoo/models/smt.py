@@ -19,7 +19,10 @@ import torch
 import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
-from ._paper import DropPath, PaperModel, PaperTable, Stage, check_heads, conv_out, drop_path_rates, in_stage, register_paper_model
+from ._paper import (
+    DropPath, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
+    register_paper_model,
+)  # fmt: skip
 from .biformer import AttentionLePE
 
 __all__ = ["SMT", "SMTBlock"]
@@ -136,9 +139,7 @@ class SMT(PaperModel):
     ) -> None:  # fmt: skip
         if len(dims) != 4:
             raise ValueError(f"dims={list(dims)}: SMT's hybrid layout has 4 stages")
-        for arg, value in (("depths", depths), ("mlp_ratios", mlp_ratios), ("sa_num_heads", sa_num_heads)):
-            if len(value) != 4:
-                raise ValueError(f"{arg}={list(value)} must have one entry per stage (4)")
+        check_per_stage(4, "SMT's hybrid layout", depths=depths, mlp_ratios=mlp_ratios, sa_num_heads=sa_num_heads)
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(conv_out(img_size), 2, 2, 0)
         stages = []

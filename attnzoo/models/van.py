@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
-from ._paper import DropPath, PaperModel, PaperTable, Stage, conv_out, drop_path_rates, register_paper_model
+from ._paper import (
+    DropPath, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, register_paper_model,
+)  # fmt: skip
 
 __all__ = ["VAN", "VANBlock"]
 
@@ -119,9 +121,7 @@ class VAN(PaperModel):
         img_size: int = 224, name: str = "van",
     ) -> None:  # fmt: skip
         stages_n = len(dims)
-        for arg, value in (("depths", depths), ("mlp_ratios", mlp_ratios)):
-            if len(value) != stages_n:
-                raise ValueError(f"{arg}={list(value)} must have one entry per stage ({stages_n}, from dims={list(dims)})")
+        check_per_stage(stages_n, f"dims={list(dims)}", depths=depths, mlp_ratios=mlp_ratios)
         grid = conv_out(img_size, 7, 4, 3)
         rates = drop_path_rates(drop_path_rate, depths)
         stages = []
