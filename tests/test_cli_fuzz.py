@@ -214,26 +214,30 @@ def _valid_for(flag: str, text: str) -> bool:
     return value >= 1
 
 
-@settings(max_examples=40, deadline=None)
-@given(flag=st.sampled_from(NUMERIC_FLAGS),
-       value=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "2**70",
-                                                               str(2**70), "-0", "1.5", " ", "0x10", "1_000"])))  # fmt: skip
-def test_fuzz_numeric_options(flag, value):
-    assume(not _valid_for(flag, value))
+def _assert_refused_before_any_output(option: str) -> None:
+    """``attnzoo train ... OPTION`` (in-process, hypothesis cannot fork) is a one-line usage error and creates no --out."""
     from io import StringIO
 
-    err = StringIO()
-    real = sys.stderr
+    err, real = StringIO(), sys.stderr
     sys.stderr = err
     try:
         try:
-            code = main([*TRAIN, "--mixer", "mhsa", f"{flag}={value}", "--out", str(SCRATCH / "never")])
+            code = main([*TRAIN, "--mixer", "mhsa", option, "--out", str(SCRATCH / "never")])
         except SystemExit as exc:
             code = exc.code
     finally:
         sys.stderr = real
     assert_one_line_usage_error(code, err.getvalue())
     assert not (SCRATCH / "never").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(flag=st.sampled_from(NUMERIC_FLAGS),
+       value=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "2**70",
+                                                               str(2**70), "-0", "1.5", " ", "0x10", "1_000"])))  # fmt: skip
+def test_fuzz_numeric_options(flag, value):
+    assume(not _valid_for(flag, value))
+    _assert_refused_before_any_output(f"{flag}={value}")
 
 
 @settings(max_examples=30, deadline=None)
@@ -244,17 +248,4 @@ def test_fuzz_mixer_kwargs(text):
     except ValueError:
         value = None
     assume(not isinstance(value, (dict, list)) or value == [])  # real kwargs would train; malformed ones may not
-    from io import StringIO
-
-    err = StringIO()
-    real = sys.stderr
-    sys.stderr = err
-    try:
-        try:
-            code = main([*TRAIN, "--mixer", "mhsa", f"--mixer-kwargs={text}", "--out", str(SCRATCH / "never")])
-        except SystemExit as exc:
-            code = exc.code
-    finally:
-        sys.stderr = real
-    assert_one_line_usage_error(code, err.getvalue())
-    assert not (SCRATCH / "never").exists()
+    _assert_refused_before_any_output(f"--mixer-kwargs={text}")

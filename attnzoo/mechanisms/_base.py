@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 from einops import rearrange
 
 __all__ = [
-    "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability",
+    "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
     "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
     "BlockState",
 ]  # fmt: skip
@@ -70,6 +71,13 @@ def check_probability(name: str, p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"{name}={p!r} must be a probability in [0, 1)")
     return float(p)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a finite float > 0 (a ratio, a scale, an epsilon), or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite positive number")
+    return float(value)
 
 
 def reject_attn_drop(attn_drop: Any) -> None:

@@ -13,11 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import selective_scan
-from ..ops.backends.base import compute_dtype
-from ._base import cached_table, check_choice
+from ..ops import compute_dtype, selective_scan
+from ._base import cached_table, check_choice, check_positive
 
-__all__ = ["ROUTES", "route_orders", "check_routes", "RouteScan", "dt_rank_for"]
+__all__ = ["ROUTES", "route_orders", "check_routes", "RouteScan", "dt_rank_for", "inner_width"]
 
 ROUTES = ("row", "column", "row_reversed", "column_reversed", "row_snake", "column_snake")
 
@@ -41,6 +40,14 @@ def route_orders(routes: tuple[str, ...], height: int, width: int) -> torch.Tens
     boustrophedon (every other row / column reversed).
     """
     return torch.stack([cached_table(_route_order, route, height, width) for route in routes])
+
+
+def inner_width(dim: int, ssm_ratio: float) -> int:
+    """Mamba's expanded width ``int(ssm_ratio · dim)``, at least one channel (ValueError naming ``ssm_ratio``)."""
+    inner = int(check_positive("ssm_ratio", ssm_ratio) * dim)
+    if inner < 1:
+        raise ValueError(f"ssm_ratio={ssm_ratio!r} gives int(ssm_ratio·dim) = 0 channels for dim={dim}; it must be >= 1")
+    return inner
 
 
 def dt_rank_for(dim: int) -> int:

@@ -13,7 +13,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Padding", "pad_to_multiple", "relative_position_index", "flip_table"]
+from ..ops import normalize_axis_arg
+
+__all__ = [
+    "Padding", "pad_to_multiple", "window_and_shift", "effective_shift", "offset_windows", "relative_position_index",
+    "flip_table",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,29 @@ def pad_to_multiple(
     before = tuple(before) if before is not None else (0,) * len(spatial_shape)
     after = tuple((-(s + b)) % m for s, b, m in zip(spatial_shape, before, multiples))
     return Padding(tuple(int(s) for s in spatial_shape), tuple(before), after)
+
+
+def window_and_shift(
+    window_size: int | Sequence[int], shift_size: int | Sequence[int], rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-axis window extents (>= 2) and Swin shifts (0 <= shift < window), each a ValueError naming the argument."""
+    window = normalize_axis_arg("window_size", window_size, rank, minimum=2)
+    shift = normalize_axis_arg("shift_size", shift_size, rank, minimum=0)
+    for axis, (s, m) in enumerate(zip(shift, window)):
+        if s >= m:
+            raise ValueError(f"shift_size={shift_size!r} must be < window_size={m} along axis {axis}, got {s}")
+    return window, shift
+
+
+def effective_shift(shift: Sequence[int], window: Sequence[int], spatial_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shift used for an input: 0 along axes whose extent fits in one window (torchvision's rule)."""
+    return tuple(s if extent > m else 0 for s, m, extent in zip(shift, window, spatial_shape))
+
+
+def offset_windows(spatial_shape: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> Padding:
+    """Swin's roll by −shift plus region mask as plain windows: a grid offset by ``shift`` without wrap-around,
+    i.e. ``window − shift`` masked tokens in front (none where the shift is 0) and end padding to a multiple."""
+    return pad_to_multiple(spatial_shape, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
 
 
 @lru_cache(maxsize=64)

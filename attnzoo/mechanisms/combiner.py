@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..ops import attention, merge_attentions, neighborhood_attention
-from ..ops.problem import normalize_axis_arg
+from ..ops import attention, merge_attentions, neighborhood_attention, normalize_axis_arg
 from ._base import Mechanism, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._base import Mechanism, check_int, check_probability
+from ._base import Mechanism, check_int, check_positive, check_probability
 from ._channel_conv import to_nchw, to_nhwc
 from .registry import register_mechanism
 
@@ -38,8 +38,7 @@ class ConvolutionalGLU(Mechanism):
 
     def __init__(self, dim: int, *, mlp_ratio: float = 4.0, kernel_size: int = 3, proj_drop: float = 0.0) -> None:
         super().__init__(dim)
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={mlp_ratio!r} must be a positive number")
+        check_positive("mlp_ratio", mlp_ratio)
         self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
         hidden = int(2 * int(dim * mlp_ratio) / 3)
         if hidden < 1:

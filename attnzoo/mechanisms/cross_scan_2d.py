@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Mechanism, check_int
-from ._ssm import RouteScan, check_routes, dt_rank_for, route_orders
+from ._ssm import RouteScan, check_routes, dt_rank_for, inner_width, route_orders
 from .registry import register_mechanism
 
 __all__ = ["CrossScan2D"]
@@ -70,10 +70,8 @@ class CrossScan2D(Mechanism):
         check_int("d_state", d_state)
         check_int("kernel_size", kernel_size, odd=True)
         check_int("chunk_size", chunk_size)
-        if not isinstance(ssm_ratio, (int, float)) or ssm_ratio <= 0 or int(ssm_ratio * dim) < 1:
-            raise ValueError(f"ssm_ratio={ssm_ratio!r} must be a positive number with ssm_ratio·dim >= 1")
         self.routes = check_routes(routes)
-        inner = int(ssm_ratio * dim)
+        inner = inner_width(dim, ssm_ratio)
         self.in_proj = nn.Linear(dim, inner)
         self.conv = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner, bias=False)
         self.scan = RouteScan(

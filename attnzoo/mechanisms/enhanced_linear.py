@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Mechanism, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .linear import linear_attention_associative
 from .registry import register_mechanism
 
@@ -57,8 +57,7 @@ class EnhancedLinearAttention(Mechanism):
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
         check_int("kernel_size", kernel_size, odd=True)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"eps={eps!r} must be a positive number")
+        check_positive("eps", eps)
         self.eps = float(eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         pad = kernel_size // 2

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._base import Mechanism, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .linear import linear_attention_associative
 from .registry import register_mechanism
 
@@ -68,8 +68,7 @@ class FocusedLinearAttention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
-        if isinstance(focusing_factor, bool) or not isinstance(focusing_factor, (int, float)) or focusing_factor <= 0:
-            raise ValueError(f"focusing_factor={focusing_factor!r} must be a positive number")
+        check_positive("focusing_factor", focusing_factor)
         self.focusing_factor = float(focusing_factor)
         check_int("kernel_size", kernel_size, odd=True)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)

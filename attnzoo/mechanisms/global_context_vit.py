@@ -10,8 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..ops import neighborhood_attention
-from ..ops.problem import normalize_axis_arg
+from ..ops import neighborhood_attention, normalize_axis_arg
 from ._base import Mechanism, check_int, merge_heads, reject_attn_drop, resolve_heads
 from ._channel_conv import to_nchw, to_nhwc
 from ._windows import flip_table, pad_to_multiple

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.backends.base import compute_dtype
+from ..ops import compute_dtype
 from ._base import Mechanism, check_int
 from .registry import register_mechanism
 

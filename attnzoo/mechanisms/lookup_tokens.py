@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_positive, check_probability, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["LookupTokensAttention"]
@@ -68,8 +68,7 @@ class LookupTokensAttention(Mechanism):
         check_int("num_tokens", num_tokens)
         if math.isqrt(num_tokens) ** 2 != num_tokens:
             raise ValueError(f"num_tokens={num_tokens} must be a square number (the compressed tokens form a grid)")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={mlp_ratio!r} must be a positive number")
+        check_positive("mlp_ratio", mlp_ratio)
         self.num_tokens, self.side = num_tokens, math.isqrt(num_tokens)
         self.attn_drop = check_probability("attn_drop", attn_drop)
         drop = check_probability("proj_drop", proj_drop)

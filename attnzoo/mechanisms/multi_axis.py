@@ -7,8 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..ops import neighborhood_attention
-from ..ops.problem import normalize_axis_arg
+from ..ops import neighborhood_attention, normalize_axis_arg
 from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Mechanism, check_int
-from ._ssm import RouteScan, check_routes, dt_rank_for, route_orders
+from ._ssm import RouteScan, check_routes, dt_rank_for, inner_width, route_orders
 from .registry import register_mechanism
 
 __all__ = ["MultiHeadScan"]
@@ -71,9 +71,7 @@ class MultiHeadScan(Mechanism):
         check_int("d_state", d_state)
         check_int("kernel_size", kernel_size, odd=True)
         check_int("chunk_size", chunk_size)
-        if not isinstance(ssm_ratio, (int, float)) or ssm_ratio <= 0:
-            raise ValueError(f"ssm_ratio={ssm_ratio!r} must be a positive number")
-        inner = int(ssm_ratio * dim)
+        inner = inner_width(dim, ssm_ratio)
         if inner < len(self.routes) or inner % len(self.routes):
             raise ValueError(
                 f"ssm_ratio·dim={inner} must be a positive multiple of the number of heads len(routes)={len(self.routes)}"

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Mechanism, check_int
-from ._ssm import RouteScan, dt_rank_for, route_orders
+from ._ssm import RouteScan, dt_rank_for, inner_width, route_orders
 from .registry import register_mechanism
 
 __all__ = ["MultiScaleScan"]
@@ -67,9 +67,7 @@ class MultiScaleScan(Mechanism):
         check_int("d_state", d_state)
         check_int("kernel_size", kernel_size, odd=True)
         check_int("chunk_size", chunk_size)
-        if not isinstance(ssm_ratio, (int, float)) or ssm_ratio <= 0 or int(ssm_ratio * dim) < 1:
-            raise ValueError(f"ssm_ratio={ssm_ratio!r} must be a positive number with ssm_ratio·dim >= 1")
-        inner = int(ssm_ratio * dim)
+        inner = inner_width(dim, ssm_ratio)
         rank = dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.backends.base import compute_dtype
+from ..ops import compute_dtype
 from ._base import Mechanism, check_choice, check_int, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..ops.backends.base import compute_dtype
+from ..ops import compute_dtype
 from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.backends.base import compute_dtype
-from ._base import Mechanism, cached_table, check_int, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ..ops import compute_dtype
+from ._base import (
+    Mechanism, cached_table, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv,
+)
 from .registry import register_mechanism
 
 __all__ = ["ScatteredLinearAttention", "segment_linear_attention", "window_segments"]
@@ -91,8 +93,7 @@ class ScatteredLinearAttention(Mechanism):
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
         self.window_size = check_int("window_size", window_size)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"eps={eps!r} must be a positive number")
+        check_positive("eps", eps)
         self.eps = float(eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

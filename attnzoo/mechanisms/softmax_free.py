@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..ops.backends.base import compute_dtype
+from ..ops import compute_dtype
 from ._base import Mechanism, check_int, resolve_heads
 from .registry import register_mechanism
 

@@ -11,9 +11,10 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention, neighborhood_attention
-from ..ops.problem import normalize_axis_arg
 from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
-from ._windows import flip_table, pad_to_multiple, relative_position_index
+from ._windows import (
+    effective_shift, flip_table, offset_windows, pad_to_multiple, relative_position_index, window_and_shift,
+)  # fmt: skip
 from .registry import register_mechanism
 
 _AXES = "xyz"
@@ -92,11 +93,7 @@ class WindowAttention(Mechanism):
         super().__init__(dim, rank)
         reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.window_size = normalize_axis_arg("window_size", window_size, rank, minimum=2)
-        self.shift_size = normalize_axis_arg("shift_size", shift_size, rank, minimum=0)
-        for axis, (s, m) in enumerate(zip(self.shift_size, self.window_size)):
-            if s >= m:
-                raise ValueError(f"shift_size={shift_size!r} must be < window_size={m} along axis {axis}, got {s}")
+        self.window_size, self.shift_size = window_and_shift(window_size, shift_size, rank)
         self.mask_padding = bool(mask_padding)
         self.backend = backend
         inner = self.num_heads * self.head_dim
@@ -109,10 +106,6 @@ class WindowAttention(Mechanism):
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
             self.register_parameter("relative_position_bias_table", None)
-
-    def effective_shift(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        """The shift used for an input: 0 along axes whose extent fits in one window."""
-        return tuple(s if extent > m else 0 for s, m, extent in zip(self.shift_size, self.window_size, spatial_shape))
 
     def _key_minus_query_table(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.relative_position_bias_table is None:
@@ -152,14 +145,14 @@ class WindowAttention(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
         window = self.window_size
-        shift = self.effective_shift(spatial)
+        shift = effective_shift(self.shift_size, window, spatial)
         # official behaviour (mask_padding=False): the end padding is made of ordinary (unmasked) zero tokens
         outer = pad_to_multiple(spatial, (1,) * self.rank if self.mask_padding else window)
         if self.backend == "auto" and any(shift) and all(e % m == 0 for e, m in zip(outer.padded_shape, window)):
             out = self._rolled_windows(outer.pad(x), shift)
             return self.proj_drop(self.proj(outer.crop(out)))
         # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked
-        inner = pad_to_multiple(outer.padded_shape, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
+        inner = offset_windows(outer.padded_shape, window, shift)
         # the offset tokens are masked keys and cropped queries: pad q/k/v after projecting only the real tokens
         q, k, v = (inner.pad(t) for t in split_qkv(self.qkv(outer.pad(x)), self.num_heads))
         out = neighborhood_attention(

@@ -9,10 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import neighborhood_attention
-from ..ops.problem import normalize_axis_arg
+from ..ops import neighborhood_attention, normalize_axis_arg
 from ._base import Mechanism, merge_heads, reject_attn_drop, resolve_heads, split_qkv
-from ._windows import flip_table, pad_to_multiple
+from ._windows import effective_shift, flip_table, offset_windows, window_and_shift
 from .registry import register_mechanism
 
 
@@ -72,11 +71,7 @@ class WindowAttentionV2(Mechanism):
         super().__init__(dim, rank)
         reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.window_size = normalize_axis_arg("window_size", window_size, rank, minimum=2)
-        self.shift_size = normalize_axis_arg("shift_size", shift_size, rank, minimum=0)
-        for axis, (s, m) in enumerate(zip(self.shift_size, self.window_size)):
-            if s >= m:
-                raise ValueError(f"shift_size={shift_size!r} must be < window_size={m} along axis {axis}, got {s}")
+        self.window_size, self.shift_size = window_and_shift(window_size, shift_size, rank)
         pretrained = normalize_axis_arg("pretrained_window_size", pretrained_window_size, rank, minimum=0)
         self.backend = backend
         inner = self.num_heads * self.head_dim
@@ -102,12 +97,12 @@ class WindowAttentionV2(Mechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
         window = self.window_size
-        shift = tuple(s if e > m else 0 for s, m, e in zip(self.shift_size, window, spatial))
-        padding = pad_to_multiple(spatial, window, before=tuple((m - s) % m for m, s in zip(window, shift)))
+        padding = offset_windows(spatial, window, effective_shift(self.shift_size, window, spatial))
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        q, k, v = split_qkv(F.linear(padding.pad(x), self.qkv.weight, bias), self.num_heads)
+        # the offset and end tokens are masked keys and cropped queries: project only the real tokens, then pad
+        q, k, v = (padding.pad(t) for t in split_qkv(F.linear(x, self.qkv.weight, bias), self.num_heads))
         tau = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().reshape(self.num_heads, 1)
         q = F.normalize(q, dim=-1) * tau.to(q.dtype)
         out = neighborhood_attention(

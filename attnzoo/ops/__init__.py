@@ -3,6 +3,7 @@
 from . import flops  # noqa: F401  (FLOP formulas of the fused ops)
 from .attention import attention, merge_attentions
 from .backends import list_backends
+from .backends.base import compute_dtype
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
 from .problem import normalize_axis_arg
@@ -10,6 +11,7 @@ from .recording import AttentionRecord, record_attention
 from .scan import selective_scan
 
 __all__ = [
+    "compute_dtype",
     "neighborhood_attention",
     "na1d",
     "na2d",
