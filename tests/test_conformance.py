@@ -41,6 +41,7 @@ def test_registry_is_populated():
     for name in NAMES:
         info = mechanism_info(name)
         assert info.name == name and info.paper and 1950 < info.year < 2030
+        assert info.reference, f"{name}: the registry entry must name its source (pip class, official code or paper)"
         assert info.layout in ("spatial", "sequence", "cross")
 
 

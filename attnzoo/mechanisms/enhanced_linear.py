@@ -20,6 +20,7 @@ __all__ = ["EnhancedLinearAttention"]
     year=2025,
     native_rank=2,
     complexity="linear",
+    reference="paper equations and text (no official code read; see note)",
     reference="",
     note=(
         "From the paper's description (the official repository was not found in the search index): φ = ReLU, "

@@ -59,6 +59,7 @@ class Sin(nn.Module):
     year=2024,
     native_rank=2,
     complexity="linear",
+    reference="paper equations and text (no official code read; see note)",
     reference="",
     is_attention=False,
     note=(

@@ -21,6 +21,7 @@ __all__ = ["LocalAttentionMamba"]
     year=2024,
     native_rank=2,
     complexity="linear",
+    reference="paper equations and text (no official code read; see note)",
     reference="",
     note=(
         "From the paper's description (no official code read): the local branch is attnzoo's neighborhood "

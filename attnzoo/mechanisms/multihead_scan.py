@@ -24,6 +24,7 @@ DEFAULT_ROUTES = ("row", "column", "row_reversed", "column_reversed")
     year=2024,
     native_rank=2,
     complexity="linear",
+    reference="paper equations and text (no official code read; see note)",
     reference="",
     is_attention=False,
     note=(

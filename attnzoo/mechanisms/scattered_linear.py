@@ -54,6 +54,7 @@ def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int,
     year=2024,
     native_rank=2,
     complexity="linear",
+    reference="paper equations and text (no official code read; see note)",
     reference="",
     receptive_field="local",
     note=(
