@@ -21,7 +21,6 @@ __all__ = ["EnhancedLinearAttention"]
     native_rank=2,
     complexity="linear",
     reference="paper equations and text (no official code read; see note)",
-    reference="",
     note=(
         "From the paper's description (the official repository was not found in the search index): φ = ReLU, "
         "o = φ(q)(Σφ(k)vᵀ) / (φ(q)·Σφ(k) + eps) per head; the local concentration module LCM = DWConv k×k → GELU → "

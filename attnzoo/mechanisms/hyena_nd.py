@@ -60,7 +60,6 @@ class Sin(nn.Module):
     native_rank=2,
     complexity="linear",
     reference="paper equations and text (no official code read; see note)",
-    reference="",
     is_attention=False,
     note=(
         "From the paper's description and Hyena's HyenaFilter (no official Hyena-ND code read): order-N recurrence "

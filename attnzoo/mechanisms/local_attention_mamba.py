@@ -22,7 +22,6 @@ __all__ = ["LocalAttentionMamba"]
     native_rank=2,
     complexity="linear",
     reference="paper equations and text (no official code read; see note)",
-    reference="",
     note=(
         "From the paper's description (no official code read): the local branch is attnzoo's neighborhood "
         "attention (NAT, kernel_size 7 with relative position bias, on the engine), the global branch is the "

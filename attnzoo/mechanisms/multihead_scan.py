@@ -25,7 +25,6 @@ DEFAULT_ROUTES = ("row", "column", "row_reversed", "column_reversed")
     native_rank=2,
     complexity="linear",
     reference="paper equations and text (no official code read; see note)",
-    reference="",
     is_attention=False,
     note=(
         "From the paper's description (no official code read): the inner channels are split into num_heads "

@@ -55,7 +55,6 @@ def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int,
     native_rank=2,
     complexity="linear",
     reference="paper equations and text (no official code read; see note)",
-    reference="",
     receptive_field="local",
     note=(
         "From the paper's description (no official code read): tokens are grouped into windows of variable length "
