@@ -15,6 +15,7 @@ import torch
 
 from . import mechanisms, models, ops
 from .mechanisms import BlockState, create, list_families, list_mechanisms, mechanism_info, register_mechanism
+from .ops import use_backend
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,5 @@ def swap(model: torch.nn.Module, mixer: str | None = None, strict: bool = False,
 
 __all__ = [
     "ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism",
-    "BlockState", "swap", "__version__",
+    "BlockState", "swap", "use_backend", "__version__",
 ]  # fmt: skip

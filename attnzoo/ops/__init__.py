@@ -9,6 +9,7 @@ from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
 from .problem import normalize_axis_arg
 from .recording import AttentionRecord, record_attention
 from .scan import selective_scan
+from .switch import BackendRun, record_backends, resolve_backend, use_backend
 
 __all__ = [
     "compute_dtype",
@@ -26,4 +27,8 @@ __all__ = [
     "record_attention",
     "AttentionRecord",
     "selective_scan",
+    "use_backend",
+    "resolve_backend",
+    "record_backends",
+    "BackendRun",
 ]

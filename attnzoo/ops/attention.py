@@ -8,9 +8,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import recording
+from . import recording, switch
+from .backends import BACKENDS
 from .backends.base import compute_dtype, softmax_with_lse
-from .problem import check_flag
+from .problem import check_flag, make_problem
 
 __all__ = ["attention", "merge_attentions"]
 
@@ -25,6 +26,7 @@ def attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every query over every key.
 
@@ -34,7 +36,13 @@ def attention(
     ``dropout_p`` drops attention weights (scaling the kept ones by ``1 / (1 - dropout_p)``) whenever it is
     positive, as in ``scaled_dot_product_attention``: pass 0 in eval mode. Returns ``[B, *spatial_q, heads, d_v]``
     (and the logsumexp ``[B, *spatial_q, heads]`` of the logits, unaffected by dropout, with ``return_lse``).
+
+    ``backend="auto"`` (or the ``use_backend`` switch, when set) picks how: ``auto`` runs torch's fused
+    ``scaled_dot_product_attention`` (explicit scores with ``return_lse``), ``"reference"`` explicit scores and
+    softmax, and any other engine backend runs a call with as many queries as keys, no ``attn_mask`` and no
+    dropout as one neighborhood covering every key (``kernel_size`` = token count), else raises why.
     """
+    chosen = switch.resolve_backend(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -69,7 +77,8 @@ def attention(
         with torch.no_grad():
             weights, _ = softmax_with_lse(_masked_scores(qf.float(), kf.float(), scale, mask))
             recording.add("attention", weights, q.shape[1:-2], k.shape[1:-2])
-    if not return_lse:
+    if chosen == "auto" and not return_lse:
+        switch.note("attention", "sdpa")
         causal_only = is_causal and attn_mask is None
         if causal_only:
             mask = None  # SDPA applies is_causal itself (and may pick a causal kernel)
@@ -80,13 +89,48 @@ def attention(
             qf, kf, vf, attn_mask=mask, is_causal=causal_only, dropout_p=dropout_p, scale=scale
         )
         return out[..., : v.shape[-1]].transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
-    ct = compute_dtype(q.dtype)
-    weights, lse = softmax_with_lse(_masked_scores(qf.to(ct), kf.to(ct), scale, mask))
+    if chosen in ("auto", "reference"):
+        switch.note("attention", "reference")
+        ct = compute_dtype(q.dtype)
+        weights, lse = softmax_with_lse(_masked_scores(qf.to(ct), kf.to(ct), scale, mask))
+        if dropout_p > 0:
+            weights = F.dropout(weights, p=dropout_p)
+        out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
+        out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+        lse = lse.transpose(1, 2).reshape(q.shape[:-1])
+    else:
+        out, lse = _full_neighborhood(chosen, backend, q, k, v, float(scale), attn_mask, is_causal, dropout_p, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _full_neighborhood(name, backend, q, k, v, scale, attn_mask, is_causal, dropout_p, return_lse):
+    """Dense attention on engine backend ``name`` as one 1-D neighborhood holding every key, or a ValueError
+    naming the backend and every reason it cannot."""
+    b, h = q.shape[0], q.shape[-2]
+    n_q, n_k = math.prod(q.shape[1:-2]), math.prod(k.shape[1:-2])
+    reasons = []
+    if n_q != n_k:
+        reasons.append(f"queries and keys differ in number ({n_q} and {n_k})")
+    elif n_k < 2:
+        reasons.append(f"a neighborhood needs at least 2 keys, got {n_k}")
+    if attn_mask is not None:
+        reasons.append("attn_mask is given (a dense mask runs on backend='reference' or 'auto')")
     if dropout_p > 0:
-        weights = F.dropout(weights, p=dropout_p)
-    out = torch.matmul(weights, vf.to(ct)).to(q.dtype)
-    out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
-    return out, lse.transpose(1, 2).reshape(q.shape[:-1])
+        reasons.append(f"dropout_p={dropout_p} > 0")
+    problem = None
+    if not reasons:
+        flat = [t.reshape(b, n_k, h, t.shape[-1]) for t in (q, k, v)]
+        problem = make_problem(*flat, n_k, 1 if is_causal else n_k, 1, is_causal, return_lse=return_lse)
+        reasons = BACKENDS[name].not_supported_reasons(problem)
+    if reasons:
+        source = "" if backend == name else f" ({switch.forced_by(name)})"
+        raise ValueError(f"backend={name!r} cannot run this attention call: " + "; ".join(reasons) + source)
+    switch.note("attention", name)
+    out, lse = BACKENDS[name].run(
+        *flat, problem, scale=scale, additional_keys=None, additional_values=None, rel_pos_bias=None, key_bias=None
+    )
+    out = out.reshape(*q.shape[:-1], v.shape[-1])
+    return out, (lse.reshape(q.shape[:-1]) if return_lse else None)
 
 
 def _fused_cpu_layout(qf, kf, vf):

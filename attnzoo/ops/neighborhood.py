@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import recording
+from . import recording, switch
 from .backends import BACKENDS, auto_choice, select_backend
 from .problem import make_problem, normalize_axis_arg, normalize_head_groups, per_group_arg
 
@@ -49,7 +49,8 @@ def neighborhood_attention(
         return_lse: also return the logsumexp of the logits ``[B, *spatial, heads]`` (float32 for half inputs),
             for ``merge_attentions``.
         backend: ``"auto"`` or one of ``attnzoo.ops.list_backends()``; an explicit backend that cannot run the
-            call raises with every reason instead of falling back.
+            call raises with every reason instead of falling back. ``"auto"`` defers to ``use_backend`` when a
+            block is active; an explicit name wins over it.
         rel_pos_bias: optional ``[heads, *(2·kernel_size - 1)]`` table added to the logits, indexed by the
             key − query offset in dilation-group units (NAT's relative position bias).
         key_bias: optional float tensor broadcastable to ``[B, *spatial, heads]`` added to every logit of that key
@@ -76,7 +77,8 @@ def neighborhood_attention(
         scale = problem.head_dim**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale={scale!r} must be a float or None")
-    chosen = select_backend(backend, problem)
+    chosen = switch.select(backend, problem)
+    switch.note("neighborhood", chosen.name)
     if recording.is_recording():
         _record(q, k, v, problem, float(scale), additional_keys, additional_values, rel_pos_bias, key_bias)
     out, lse = chosen.run(
@@ -109,6 +111,8 @@ def explain(
         q, k, v, kernel_size, stride, dilation, is_causal, additional_keys, additional_values, rel_pos_bias, return_lse,
         key_bias,
     )
+    if backend == "auto" and switch.forced() != "auto":
+        return f"{switch.select(backend, problem).name}: {switch.forced_by(switch.forced())}"
     if backend == "auto":
         chosen, why = auto_choice(problem)
         return f"{chosen.name}: {why}"
@@ -201,13 +205,14 @@ def _grouped_attention(
         table = None if run_tables[0] is None else (run_tables[0] if len(run_tables) == 1 else torch.cat(run_tables))
         args = (q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], kk, stride, dd, is_causal, ak, av, table)
         problem = make_problem(*args, return_lse, kb)
-        calls.append((args, kb, problem, select_backend(backend, problem)))
+        calls.append((args, kb, problem, switch.select(backend, problem)))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale={scale!r} must be a float or None")
     outs, lses, weights = [], [], []
     for (gq, gk, gv, _, _, _, _, ak, av, table), kb, problem, chosen in calls:
+        switch.note("neighborhood", chosen.name)
         if recording.is_recording():
             recording.check_size(problem.num_tokens, problem.num_tokens + problem.num_additional)
             weights.append(_dense_weights(gq, gk, problem, float(scale), ak, table, kb))
