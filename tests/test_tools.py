@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo import ops
 from attnzoo.tools import costs, flops, receptive, workload
 from attnzoo.tools.bench import BenchConfig, BenchRow, ScalingPoint, bench_mechanism
 from attnzoo.tools.report import write_report
@@ -103,16 +104,18 @@ def test_reference_check_and_step_with_backward():
 
 
 class _BackendSensitive(torch.nn.Module):
-    """Doubles its input on the reference backend only (as a buggy fast backend would look), or returns NaN."""
+    """Doubles its output on the reference backend only (as a buggy fast backend would look), or returns NaN."""
 
     def __init__(self, nan: bool = False) -> None:
         super().__init__()
-        self.backend, self.nan = "auto", nan
+        self.nan = nan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+        y = ops.attention(tokens, tokens, tokens).reshape(x.shape)
         if self.nan:
-            return x * math.nan
-        return 2 * x if self.backend == "reference" else x
+            return y * math.nan
+        return 2 * y if ops.resolve_backend() == "reference" else y
 
 
 def test_reference_check_reports_mismatch_and_non_finite_output():

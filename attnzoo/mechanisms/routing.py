@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..ops import attention
 from ._base import Mechanism, check_int, flatten_tokens, resolve_heads
 from .registry import register_mechanism
 
@@ -37,7 +38,9 @@ def balanced_routing_attention(
         return rearrange(flat, "b h (c w) e -> b (h c) w e", w=width)
 
     q_index, k_index = members(q), members(k)
-    out = F.scaled_dot_product_attention(take(q, q_index), take(k, k_index), take(v, k_index), scale=scale)
+    # one engine call over every cluster: [B, (h c), w, d] read as w tokens of h·n_c heads
+    cq, ck, cv = (take(x, index).transpose(1, 2) for x, index in ((q, q_index), (k, k_index), (v, k_index)))
+    out = attention(cq, ck, cv, scale=scale).transpose(1, 2)
     flat_index = rearrange(q_index, "b h c w -> b h (c w)")
     out = rearrange(out, "b (h c) w e -> b h (c w) e", h=h)
     total = v.new_zeros(b, h, n, v.shape[-1]).scatter_add(2, flat_index[..., None].expand_as(out), out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..ops import attention, neighborhood_attention
+from ..ops import attention, neighborhood_attention, resolve_backend
 from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import (
     effective_shift, flip_table, offset_windows, pad_to_multiple, relative_position_index, window_and_shift,
@@ -60,9 +60,9 @@ class WindowAttention(Mechanism):
 
     Tokens attend inside non-overlapping ``window_size`` windows. ``shift_size`` S > 0 gives SW-MSA: Swin's
     roll by −S plus region mask is exactly a window grid offset by S without wrap-around. With ``backend="auto"``
-    and extents that are multiples of the window it runs as Swin does (roll, windows, one additive mask holding the
-    bias table and the region mask, roll back), so a shifted layer costs what an unshifted one costs; otherwise it
-    runs as plain windows on a canvas padded with M − S masked tokens in front (q/k/v projected on the real tokens,
+    (and no ``attnzoo.ops.use_backend`` block) and extents that are multiples of the window it runs as Swin does
+    (roll, windows, one additive mask holding the bias table and the region mask, roll back), so a shifted layer
+    costs what an unshifted one costs; otherwise it runs as plain windows on a canvas padded with M − S masked tokens in front (q/k/v projected on the real tokens,
     then padded), on the chosen engine backend. Extents are zero-padded at the end to a multiple of the window
     (before the qkv projection); ``mask_padding=True`` drops those keys, ``False`` lets them act as
     keys like the official / torchvision code (pad-then-roll). Along an axis with extent <= window the shift is 0
@@ -148,7 +148,7 @@ class WindowAttention(Mechanism):
         shift = effective_shift(self.shift_size, window, spatial)
         # official behaviour (mask_padding=False): the end padding is made of ordinary (unmasked) zero tokens
         outer = pad_to_multiple(spatial, (1,) * self.rank if self.mask_padding else window)
-        if self.backend == "auto" and any(shift) and all(e % m == 0 for e, m in zip(outer.padded_shape, window)):
+        if resolve_backend(self.backend) == "auto" and any(shift) and all(e % m == 0 for e, m in zip(outer.padded_shape, window)):
             out = self._rolled_windows(outer.pad(x), shift)
             return self.proj_drop(self.proj(outer.crop(out)))
         # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked

@@ -250,7 +250,8 @@ max_memory_allocated on CUDA). Latency: median of torch.utils.benchmark blocked_
 by that of dense SDPA over all tokens at the same workload, measured in the same run ({_num(yardstick_s * 1e3, ".2f")} ms).
 FLOPs: torch.utils.flop_counter (matmul, conv, attention; the engine's fused op and FFTs by registered formulas;
 elementwise ops and softmax not counted).
-Check: "ref ok" = equal to the same module on the dense reference backend; "finite" = finite output.
+Check: "ref ok" = equal to the same module run under use_backend("reference"); "finite" = finite output of a
+mechanism that makes no engine call.
 Raw figures: <a href="bench.csv">bench.csv</a>, <a href="bench.json">bench.json</a>.
 Click a column header to sort by it (again to reverse); <code>index.html#sort=latency ms</code> opens the page sorted.</p>
 <table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
