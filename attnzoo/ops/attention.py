@@ -39,8 +39,9 @@ def attention(
 
     ``backend="auto"`` (or the ``use_backend`` switch, when set) picks how: ``auto`` runs torch's fused
     ``scaled_dot_product_attention`` (explicit scores with ``return_lse``), ``"reference"`` explicit scores and
-    softmax, and any other engine backend runs a call with as many queries as keys, no ``attn_mask`` and no
-    dropout as one neighborhood covering every key (``kernel_size`` = token count), else raises why.
+    softmax, and any other engine backend runs a call with as many queries as keys, no dropout and an
+    ``attn_mask`` (if any) that is the same for every query as one neighborhood covering every key
+    (``kernel_size`` = token count, the mask as ``key_bias``), else raises why.
     """
     chosen = switch.resolve_backend(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -113,24 +114,34 @@ def _full_neighborhood(name, backend, q, k, v, scale, attn_mask, is_causal, drop
         reasons.append(f"queries and keys differ in number ({n_q} and {n_k})")
     elif n_k < 2:
         reasons.append(f"a neighborhood needs at least 2 keys, got {n_k}")
-    if attn_mask is not None:
-        reasons.append("attn_mask is given (a dense mask runs on backend='reference' or 'auto')")
+    if attn_mask is not None and attn_mask.shape[-2] != 1:
+        reasons.append("attn_mask varies over queries (such a mask runs on backend='reference' or 'auto')")
     if dropout_p > 0:
         reasons.append(f"dropout_p={dropout_p} > 0")
-    problem = None
+    problem = key_bias = None
     if not reasons:
         flat = [t.reshape(b, n_k, h, t.shape[-1]) for t in (q, k, v)]
-        problem = make_problem(*flat, n_k, 1 if is_causal else n_k, 1, is_causal, return_lse=return_lse)
+        if attn_mask is not None:  # one mask row for every query: a per-key bias [B|1, N_k, heads|1]
+            key_bias = attn_mask[:, :, 0, :].transpose(1, 2)
+            key_bias = key_bias.to(q.dtype) if key_bias.is_floating_point() else _bool_to_bias(key_bias, q.dtype)
+        problem = make_problem(
+            *flat, n_k, 1 if is_causal else n_k, 1, is_causal, return_lse=return_lse, key_bias=key_bias
+        )
         reasons = BACKENDS[name].not_supported_reasons(problem)
     if reasons:
         source = "" if backend == name else f" ({switch.forced_by(name)})"
         raise ValueError(f"backend={name!r} cannot run this attention call: " + "; ".join(reasons) + source)
     switch.note("attention", name)
     out, lse = BACKENDS[name].run(
-        *flat, problem, scale=scale, additional_keys=None, additional_values=None, rel_pos_bias=None, key_bias=None
+        *flat, problem, scale=scale, additional_keys=None, additional_values=None, rel_pos_bias=None, key_bias=key_bias
     )
     out = out.reshape(*q.shape[:-1], v.shape[-1])
     return out, (lse.reshape(q.shape[:-1]) if return_lse else None)
+
+
+def _bool_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as an additive bias: 0 where allowed, -inf elsewhere."""
+    return torch.full(allowed.shape, float("-inf"), dtype=dtype, device=allowed.device).masked_fill(allowed, 0.0)
 
 
 def _fused_cpu_layout(qf, kf, vf):

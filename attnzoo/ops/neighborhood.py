@@ -103,7 +103,8 @@ def explain(
     rel_pos_bias: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
 ) -> str:
-    """Which backend ``neighborhood_attention`` would run these arguments on, and why (nothing is computed).
+    """Which backend ``neighborhood_attention`` would run these arguments on, and why (nothing is computed), a
+    ``use_backend`` block included.
 
     Same arguments as ``neighborhood_attention`` (without ``scale`` and ``head_groups``); raises as it would.
     """

@@ -46,8 +46,8 @@ def use_backend(name: str) -> Iterator[str]:
     ``name`` is ``"auto"`` (restores automatic dispatch inside an outer block) or one of ``list_backends()``.
     A per-call ``backend=`` other than ``"auto"`` still wins. A call the forced backend cannot run raises the
     ValueError an explicit ``backend=`` gives (no silent fallback); the dense op ``attention`` runs on
-    ``"reference"`` always and on the other backends when the call is one full neighborhood (same number of
-    queries and keys, no ``attn_mask``, no dropout). Blocks nest; the previous setting returns on exit, also on
+    ``"reference"`` always and on the other backends when the call is one full neighborhood (as many queries
+    as keys, no dropout, an ``attn_mask`` that is the same for every query). Blocks nest; the previous setting returns on exit, also on
     an exception.
     """
     token = _FORCED.set(_check_name(name))
@@ -61,8 +61,9 @@ def resolve_backend(backend: str = "auto") -> str:
     """The backend a call with ``backend=`` would be forced to: ``backend`` itself unless it is ``"auto"``, then the
     innermost ``use_backend`` (``"auto"`` when none). Mechanisms with a fast path of their own take it only when
     this is ``"auto"``."""
-    _check_name(backend, "backend")
-    return backend if backend != "auto" else _FORCED.get()
+    if isinstance(backend, str) and backend == "auto":
+        return _FORCED.get()
+    return _check_name(backend, "backend")
 
 
 def forced() -> str:

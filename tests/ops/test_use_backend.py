@@ -170,17 +170,26 @@ def test_asyncio_tasks_keep_their_own_switch():
 # --- the dense op on every backend ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("key_mask", [None, "bool", "float"])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_dense_attention_on_every_backend_that_can_run_it_matches_a_hand_oracle(is_causal):
-    q, k, v = qkv(2, 3, 4, 2, 5)
-    v = rand64(2, 3, 4, 2, 3, seed=9)  # another head_dim for values
-    allowed = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 2, 12, 12) if is_causal else None
-    expected_out, expected_lse = hand_attention(q, k, v, 0.4, allowed)
+def test_dense_attention_on_every_backend_that_can_run_it_matches_a_hand_oracle(is_causal, key_mask):
+    q, k = rand64(2, 3, 4, 2, 5, seed=0), rand64(2, 3, 4, 2, 5, seed=1)
+    v = rand64(2, 3, 4, 2, 3, seed=2)  # another head_dim for values
+    allowed = torch.ones(12, 12, dtype=torch.bool).tril() if is_causal else torch.ones(12, 12, dtype=torch.bool)
+    allowed, bias, attn_mask = allowed.expand(2, 2, 12, 12), None, None
+    if key_mask is not None:  # one row for every query: keys 3 and 7 of the first batch item dropped, a bias
+        keep = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+        keep[0, 0, 0, [3, 7]] = False
+        bias = rand64(2, 2, 1, 12, seed=4)
+        attn_mask = keep if key_mask == "bool" else bias
+        allowed = allowed & keep if key_mask == "bool" else allowed
+        bias = None if key_mask == "bool" else bias.expand(2, 2, 12, 12)
+    expected_out, expected_lse = hand_attention(q, k, v, 0.4, allowed, bias)
     ran = []
     for name in ops.list_backends():
         with ops.use_backend(name), ops.record_backends() as runs:
             try:
-                out, lse = ops.attention(q, k, v, scale=0.4, is_causal=is_causal, return_lse=True)
+                out, lse = ops.attention(q, k, v, scale=0.4, is_causal=is_causal, attn_mask=attn_mask, return_lse=True)
             except ValueError as exc:
                 assert f"backend={name!r} cannot run" in str(exc)
                 continue
@@ -236,8 +245,8 @@ def test_every_engine_calling_mechanism_runs_wholly_on_the_forced_backend(name):
         assert backends_of(forced_runs) == {other} and len(forced_runs) == len(runs)
         torch.testing.assert_close(forced, default, rtol=1e-10, atol=1e-10)
         break
-    else:  # only the reference holds it: then a dense call that is no neighborhood (a mask, fewer keys) is why
-        assert all("cannot run this attention call" in reason for reason in refusals), refusals
+    else:  # only the reference holds it: then tiled (which runs every neighborhood) refused a dense call
+        assert "backend='tiled' cannot run this attention call" in refusals[0], refusals
 
 
 @pytest.mark.parametrize("name", NAMES)
