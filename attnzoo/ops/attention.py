@@ -100,7 +100,9 @@ def attention(
         out = out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
         lse = lse.transpose(1, 2).reshape(q.shape[:-1])
     else:
-        out, lse = _full_neighborhood(chosen, backend, q, k, v, float(scale), attn_mask, is_causal, dropout_p, return_lse)
+        out, lse = _full_neighborhood(
+            chosen, backend, q, k, v, float(scale), attn_mask, is_causal, dropout_p, return_lse
+        )
     return (out, lse) if return_lse else out
 
 

@@ -9,14 +9,15 @@ the context it was created in, so concurrent callers never force or record each 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from .backends import BACKENDS, Backend, select_backend
 from .problem import NAProblem
 
-__all__ = ["use_backend", "resolve_backend", "record_backends", "BackendRun"]
+__all__ = ["BackendRun", "record_backends", "resolve_backend", "use_backend"]
 
 _FORCED: ContextVar[str] = ContextVar("attnzoo_use_backend", default="auto")
 _RUNS: ContextVar[list | None] = ContextVar("attnzoo_record_backends", default=None)
@@ -47,8 +48,8 @@ def use_backend(name: str) -> Iterator[str]:
     A per-call ``backend=`` other than ``"auto"`` still wins. A call the forced backend cannot run raises the
     ValueError an explicit ``backend=`` gives (no silent fallback); the dense op ``attention`` runs on
     ``"reference"`` always and on the other backends when the call is one full neighborhood (as many queries
-    as keys, no dropout, an ``attn_mask`` that is the same for every query). Blocks nest; the previous setting returns on exit, also on
-    an exception.
+    as keys, no dropout, an ``attn_mask`` that is the same for every query). Blocks nest; the previous setting
+    returns on exit, also on an exception.
     """
     token = _FORCED.set(_check_name(name))
     try:

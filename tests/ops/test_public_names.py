@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import attnzoo.ops as ops
+from attnzoo import ops
 
 PACKAGE = Path(ops.__file__).parent.parent
 LAYERS = ("mechanisms", "models", "tools", "cli", "training", "interop")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnzoo
-import attnzoo.ops as ops
+from attnzoo import ops
 from attnzoo.mechanisms import mechanism_info
 from attnzoo.tools import costs
 from conftest import DEVICE, hand_attention, rand64
@@ -33,9 +33,8 @@ def qkv(*shape, seed=0):
 
 @pytest.mark.parametrize("bad", ["Reference", "sdpa", "", "fast"])
 def test_use_backend_rejects_unknown_names_before_entering(bad):
-    with pytest.raises(ValueError) as info:
-        with ops.use_backend(bad):
-            pytest.fail("the block must not run")
+    with pytest.raises(ValueError) as info, ops.use_backend(bad):
+        pytest.fail("the block must not run")
     message = str(info.value)
     assert f"name={bad!r}" in message and all(repr(b) in message for b in ["auto", *ops.list_backends()])
     assert ops.resolve_backend() == "auto"
@@ -43,19 +42,17 @@ def test_use_backend_rejects_unknown_names_before_entering(bad):
 
 @pytest.mark.parametrize("bad", [None, 1, ("tiled",)])
 def test_use_backend_rejects_non_strings(bad):
-    with pytest.raises(TypeError, match="name="):
-        with ops.use_backend(bad):
-            pass
+    with pytest.raises(TypeError, match="name="), ops.use_backend(bad):
+        pass
 
 
 def test_blocks_nest_and_restore_also_on_exception():
     assert ops.resolve_backend() == "auto"
     with ops.use_backend("reference"):
         assert ops.resolve_backend() == "reference"
-        with pytest.raises(RuntimeError, match="boom"):
-            with ops.use_backend("tiled"):
-                assert ops.resolve_backend() == "tiled"
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), ops.use_backend("tiled"):
+            assert ops.resolve_backend() == "tiled"
+            raise RuntimeError("boom")
         assert ops.resolve_backend() == "reference"
         with ops.use_backend("auto"):  # "auto" restores automatic dispatch inside an outer block
             assert ops.resolve_backend() == "auto"
@@ -258,7 +255,8 @@ def test_bench_reference_check_compares_every_engine_calling_mechanism(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["neighborhood", "mhsa", "window", "routing", "hilo", "aggregated", "overlapping_cross", "long_short_distance"]
+    "name",
+    ["neighborhood", "mhsa", "window", "routing", "hilo", "aggregated", "overlapping_cross", "long_short_distance"],
 )
 def test_known_engine_callers_are_recorded(name):
     """The guard of the two tests above: these mechanisms call the engine, so an empty record would be a bug (it is
@@ -270,7 +268,8 @@ def test_known_engine_callers_are_recorded(name):
 
 def test_bench_reference_check_refuses_to_compare_a_module_with_an_explicit_backend():
     info = mechanism_info("neighborhood")
-    module = attnzoo.create("neighborhood", info.test_dim, **info.test_kwargs, backend="tiled").eval().to(DEVICE, torch.float64)
+    module = attnzoo.create("neighborhood", info.test_dim, **info.test_kwargs, backend="tiled")
+    module = module.eval().to(DEVICE, torch.float64)
     check = costs.reference_check(module, sample64("neighborhood"))
     assert check.startswith("REF SKIPPED") and "'tiled'" in check
 
