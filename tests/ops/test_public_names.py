@@ -47,3 +47,17 @@ def test_layers_use_only_public_ops_names(path):
     public = {f"attnzoo.ops.{name}" for name in ops.__all__} | {"attnzoo.ops"}
     private = [f"line {line}: {what}" for line, what in engine_uses(path) if what not in public]
     assert not private, f"{path.name} reaches into the engine; export these from attnzoo/ops/__init__.py: {private}"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in FILES if p.parts[-2] in ("mechanisms", "models")], ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_mechanisms_and_models_attend_through_the_engine(path):
+    """No direct ``scaled_dot_product_attention``: a call that bypasses ``ops.attention`` escapes the
+    ``use_backend`` switch, ``record_backends`` and ``record_attention`` (and the bench reference check)."""
+    direct = [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "scaled_dot_product_attention"
+    ]
+    assert not direct, f"{path.name} calls scaled_dot_product_attention directly on lines {direct}; use ops.attention"
