@@ -25,7 +25,8 @@ _RUNS: ContextVar[list | None] = ContextVar("attnzoo_record_backends", default=N
 
 class BackendRun(NamedTuple):
     """One engine call: ``op`` is ``"neighborhood"`` or ``"attention"``, ``backend`` the backend that ran it
-    (a name of ``list_backends()``, or ``"sdpa"`` for the dense op's fused ``scaled_dot_product_attention``)."""
+    (a name of ``list_backends()``, or ``"sdpa"`` for the dense op's fused ``scaled_dot_product_attention``; its
+    explicit-scores path, which ``auto`` takes for ``return_lse``, is the ``"reference"`` computation and says so)."""
 
     op: str
     backend: str
@@ -48,8 +49,9 @@ def use_backend(name: str) -> Iterator[str]:
     A per-call ``backend=`` other than ``"auto"`` still wins. A call the forced backend cannot run raises the
     ValueError an explicit ``backend=`` gives (no silent fallback); the dense op ``attention`` runs on
     ``"reference"`` always and on the other backends when the call is one full neighborhood (as many queries
-    as keys, no dropout, an ``attn_mask`` that is the same for every query). Blocks nest; the previous setting
-    returns on exit, also on an exception.
+    as keys, no dropout, an ``attn_mask`` that is the same for every query). A mechanism's own fast path (Swin's
+    roll + masked SDPA in ``window``) is taken only while ``resolve_backend(self.backend)`` is ``"auto"``. Blocks
+    nest; the previous setting returns on exit, also on an exception.
     """
     token = _FORCED.set(_check_name(name))
     try:
