@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.tools import costs, flops, receptive, workload
+from attnzoo.ops import flops
+from attnzoo.tools import costs, receptive, workload
 from attnzoo.tools.bench import BenchConfig, BenchRow, ScalingPoint, bench_mechanism
 from attnzoo.tools.report import write_report
 

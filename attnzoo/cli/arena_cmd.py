@@ -1,7 +1,7 @@
 """``attnzoo arena``: train the same backbone once per mechanism (same data, same seed) and compare them.
 
 Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs) into ``--out`` and prints the table.
-FLOPs come from ``attnzoo.tools.flops.count_flops`` (``torch.utils.flop_counter`` plus the engine's fused ops and
+FLOPs come from ``attnzoo.ops.count_flops`` (``torch.utils.flop_counter`` plus the engine's fused ops and
 FFTs; other operators without a FLOP formula count as 0).
 """
 
@@ -65,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")  # fmt: skip
     console = Console()
     console.print(table)
-    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.tools.flops.count_flops)")
+    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.ops.count_flops)")
     return 0

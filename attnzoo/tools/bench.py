@@ -16,8 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..mechanisms import mechanism_info
-from .costs import count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check
-from .flops import count_flops
+from ..ops import count_flops
+from .costs import (
+    count_parameters,
+    fit_exponent,
+    make_step,
+    median_latency,
+    peak_memory_bytes,
+    reference_check,
+)
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import models
-from ..models._io import atomic_write, stale_temporaries
+from ..models.saving import atomic_write, stale_temporaries
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
 from .data import DATASETS, ImageData, load_dataset
 
