@@ -22,14 +22,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-
 from . import agent_swin, biformer, cswin, hornet, litv2, nat, smt, van  # noqa: F401  (registers the published configurations of each family)
 from ._paper import PAPER_MODELS, PaperModel, PaperTable, measure, paper_spec
 from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_defaults
 from .saving import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load, model_config, save
 
 __all__ = [
-    "create", "load", "save", "model_config", "list_models", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
+    "create", "load", "save", "model_config", "list_models", "list_families", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
     "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
 ]  # fmt: skip
 
@@ -40,6 +39,11 @@ def list_models(family: str | None = None) -> list[str]:
     """Names of every buildable model: the arena sizes (family ``"arena"``) and the published configurations."""
     arena = sorted(SIZES) if family in (None, "arena") else []
     return arena + [n for n, spec in PAPER_MODELS.items() if family in (None, spec.family)]
+
+
+def list_families() -> list[str]:
+    """Families of the published configurations (``"nat"``, ``"dinat"``, …), sorted; ``"arena"`` is not one."""
+    return sorted({spec.family for spec in PAPER_MODELS.values()})
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def create(
     mixers = "neighborhood" if mixers is None else mixers
     num_classes = 10 if num_classes is None else num_classes
     spec = SIZES[name]
-    stages = len(spec.dims)
+    stages = spec.num_stages
     names = _per_stage(mixers, stages, "mixers")
     for mixer in names:
         if not isinstance(mixer, str):

@@ -54,6 +54,10 @@ class BackboneSize:
     mlp_ratio: float
     img_size: int
 
+    @property
+    def num_stages(self) -> int:
+        return len(self.dims)
+
 
 SIZES: dict[str, BackboneSize] = {
     "tiny": BackboneSize(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), stem_stride=2, mlp_ratio=2.0, img_size=28),

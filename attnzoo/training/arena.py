@@ -84,7 +84,7 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
     x = data.batch("test", torch.arange(min(256, len(data.test_labels))))[0]
     rows = []
     for name in mixers:
-        config = replace(base, mixers=[name] * 4, out=str(out / name))
+        config = replace(base, mixers=[name] * models.SIZES[base.size].num_stages, out=str(out / name))
         result = train(config, resume=(out / name / RUN_FILE).is_file(), show_progress=show_progress)
         model = models.load(out / name)
         rows.append({
