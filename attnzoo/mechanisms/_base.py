@@ -154,6 +154,9 @@ class Mechanism(nn.Module):
     says what shape ``forward`` returns for an input shape (identity unless the mechanism resamples).
     ``uses_block_state = True`` declares ``forward(x, state: BlockState | None = None)``: the backbone then passes its
     stage's ``BlockState`` (see there); every other mechanism is called as ``forward(x)``.
+    A mechanism with an auxiliary training loss (load balancing, a commitment term, a predictor's own objective)
+    hands it over with ``record_aux_loss`` in ``forward``; ``aux_loss()`` returns it, and the backbone adds the
+    ``aux_loss()`` of every mechanism to the training objective (``attnzoo.models.Backbone.auxiliary_loss``).
     """
 
     mechanism_name: str = ""
@@ -198,6 +201,22 @@ class Mechanism(nn.Module):
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(input_shape)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the last training-mode forward (a scalar in its autograd graph), or ``None``: the
+        mechanism has none, the last forward ran in eval mode, or the module was copied since."""
+        return getattr(self, "_aux_loss", None)
+
+    def record_aux_loss(self, loss: torch.Tensor | None) -> None:
+        """Hand over this forward's auxiliary loss; kept in training mode only, so an eval-mode forward (which may
+        pass ``None`` rather than compute it) clears the last one."""
+        self._aux_loss = loss if self.training else None
+
+    def __getstate__(self) -> dict:
+        # the last aux loss belongs to the last autograd graph: copies and pickles start without it
+        state = super().__getstate__()
+        state.pop("_aux_loss", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -31,7 +31,7 @@ __all__ = ["LearnedSparseAttention"]
         "k is projected from N to N/reduce_n basis tokens, the basis coefficients softmax(s·q_c·k_basisᵀ) times a "
         "learned basis (N/reduce_n × N) give the approximate attention, and each query keeps its top-k keys "
         "(topk, default ceil(keep_rate·N)). No gradient flows through the top-k mask (it is detached, as in the "
-        "official code): the predictor learns only from aux_loss, set in training to the mean squared error between "
+        "official code): the predictor learns only from aux_loss(), recorded in training to the mean squared error between "
         "the approximate attention and the detached dense attention (the attention reconstruction loss). Not "
         "implemented: the basis thresholds and the token pruning of the official code. Without a CLS token every "
         "query row is sparse, so a query sees the top-k keys the predictor routes it to (receptive-field class "
@@ -104,7 +104,6 @@ class LearnedSparseAttention(Mechanism):
         nn.init.trunc_normal_(self.token_basis, std=0.02)
         nn.init.trunc_normal_(self.basis_back, std=0.02)
         self.predictor_scale = self.num_heads**-0.5  # as the official MaskPredictor (num_heads, not head_dim)
-        self.aux_loss: torch.Tensor | None = None
 
     def approximate_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The predictor's low-rank attention ``[B, heads, N, N]`` from q, k ``[B, N, heads, head_dim]``."""
@@ -134,7 +133,9 @@ class LearnedSparseAttention(Mechanism):
         if self.training:
             with torch.no_grad():
                 dense = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim**-0.5, dim=-1)
-            self.aux_loss = F.mse_loss(approx, dense)
+            self.record_aux_loss(F.mse_loss(approx, dense))
+        else:
+            self.record_aux_loss(None)
         return self.proj_drop(self.proj(merge_heads(out))).reshape(x.shape)
 
     def extra_repr(self) -> str:
