@@ -11,7 +11,7 @@ from einops import rearrange
 
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
-    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
+    "check_resolution",    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
     "BlockState",
 ]  # fmt: skip
 
@@ -78,6 +78,23 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a finite positive number")
     return float(value)
+
+
+def check_resolution(name: str, value: Any, rank: int | None = 2, minimum: int = 1) -> tuple[int, ...]:
+    """A grid size (``input_resolution`` and the like) as a tuple of ints >= ``minimum``: an int stands for every
+    axis (``rank`` of them; ``(n,)`` when ``rank`` is ``None``), a sequence gives one entry per axis (``rank`` of
+    them when given). Anything else is a ValueError naming ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        values: tuple = (value,) * (rank or 1)
+    elif isinstance(value, (tuple, list, torch.Size)):
+        values = tuple(value)
+    else:
+        values = ()
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+    if not values or not whole or (rank is not None and len(values) != rank):
+        entries = f"a tuple of {rank}" if rank is not None else "a tuple"
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum} or {entries} of them")
+    return values
 
 
 def reject_attn_drop(attn_drop: Any) -> None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_probability, check_resolution, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["LearnedSparseAttention"]
@@ -79,11 +79,8 @@ class LearnedSparseAttention(Mechanism):
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.attn_drop = check_probability("attn_drop", attn_drop)
-        resolution = (input_resolution,) if isinstance(input_resolution, int) else tuple(input_resolution)
-        if not resolution or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in resolution):
-            raise ValueError(f"input_resolution={input_resolution!r} must be a positive int or a tuple of them")
-        self.input_resolution = resolution
-        self.num_tokens = math.prod(resolution)
+        self.input_resolution = check_resolution("input_resolution", input_resolution, rank=None)
+        self.num_tokens = math.prod(self.input_resolution)
         if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0 < keep_rate <= 1:
             raise ValueError(f"keep_rate={keep_rate!r} must be a number in (0, 1]")
         self.topk = math.ceil(keep_rate * self.num_tokens) if topk is None else check_int("topk", topk)
