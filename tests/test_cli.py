@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -183,3 +184,38 @@ def test_viz_attention_map_from_a_checkpoint(tmp_path, capsys):
     assert png_shape(out) == (484, 924)
     argv[2] = "window" if "window" in attnzoo.list_mechanisms() else "linear"
     assert main(argv) == 2 and "not one of them" in one_error_line(capsys)
+
+
+def test_train_options_come_from_the_models_and_data_modules(monkeypatch, tmp_path, capsys):
+    """The CLI hard-codes no sizes, stage counts or data sets: a size added to ``attnzoo.models.SIZES`` (3 stages)
+    and a data set added to ``attnzoo.training.data.DATASETS`` show up as choices and set the stage count."""
+    from attnzoo.cli import build_parser, train_cmd
+    from attnzoo.models import SIZES, BackboneSize
+    from attnzoo.training import data
+
+    micro = BackboneSize(dims=(8, 16, 32), depths=(1, 1, 1), stem_stride=2, mlp_ratio=2.0, img_size=28)
+    monkeypatch.setitem(SIZES, "micro", micro)
+    monkeypatch.setitem(data.DATASETS, "planted", "a data set only this test knows")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "micro (3 stages)" in help_text and "planted: a data set only this test knows" in help_text
+    parser = build_parser()
+    args = parser.parse_args(["train", "--size", "micro", "--dataset", "planted", "--mixers", "mhsa,window,mhsa",
+                              "--mixer-kwargs", "{}", "--out", str(tmp_path / "r")])  # fmt: skip
+    config = train_cmd._config(args)
+    assert config.mixers == ["mhsa", "window", "mhsa"] and config.mixer_kwargs == [{}, {}, {}]
+    assert config.dataset == "planted"
+    assert train_cmd._config(parser.parse_args(["train", "--size", "micro", "--mixer", "mhsa"])).mixers == ["mhsa"] * 3
+    code = main(["train", "--size", "micro", "--mixers", "mhsa,window,mhsa,mhsa", "--out", str(tmp_path / "s")])
+    assert code == 2 and "must name 1 or 3 mechanisms" in one_error_line(capsys)
+
+
+def test_bench_tool_fills_the_relative_latency():
+    """The yardstick ratio is computed by ``attnzoo.tools.bench``, not by the CLI that prints it."""
+    from attnzoo.tools.bench import BenchConfig, bench_mechanism
+
+    cfg = BenchConfig(size=8, dim=16, batch=1, threads=1, min_run_time=0.01)
+    row = bench_mechanism("neighborhood", cfg, yardstick_s=2.5e-3)
+    assert row.ok and row.relative_latency == pytest.approx(row.latency_s / 2.5e-3)
+    assert math.isnan(bench_mechanism("neighborhood", cfg).relative_latency)

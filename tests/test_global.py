@@ -120,10 +120,12 @@ def test_mixture_of_heads_matches_official_forward_and_aux_loss():
     x = torch.randn(2, 10, 24, dtype=DT)
     expected, aux = moh_reference(m, x)
     torch.testing.assert_close(m(x), expected, **TOL)
-    assert m.aux_loss is None  # eval mode
+    assert m.aux_loss() is None  # eval mode
     m.train()
     torch.testing.assert_close(m(x), expected, **TOL)
-    torch.testing.assert_close(m.aux_loss, 0.01 * aux, **TOL)
+    torch.testing.assert_close(m.aux_loss(), 0.01 * aux, **TOL)
+    m.eval()(x)
+    assert m.aux_loss() is None  # an eval-mode forward clears the last one
 
 
 def test_mixture_of_heads_with_zero_routers_and_all_heads_equals_mhsa():

@@ -294,7 +294,9 @@ def test_routing_eval_keeps_centroids_training_moves_them():
     assert not torch.equal(m.centroids, before)
     moved = (m.centroids - before).norm(dim=-1)
     assert moved.max() < 2 * (1 - m.ema_decay) + 1e-6  # one EMA step: |Δμ| ≤ (1 − λ)·|mean − μ| ≤ (1 − λ)·2
-    assert m.aux_loss is not None and m.aux_loss.item() > 0 and m.aux_loss.requires_grad
+    assert m.aux_loss() is not None and m.aux_loss().item() > 0 and m.aux_loss().requires_grad
+    m.eval()(x)
+    assert m.aux_loss() is None  # an eval-mode forward clears the last one
 
 
 def test_routing_is_permutation_equivariant():

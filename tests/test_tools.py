@@ -11,7 +11,8 @@ import torch
 
 import attnzoo
 from attnzoo import ops
-from attnzoo.tools import costs, flops, receptive, workload
+from attnzoo.ops import flops
+from attnzoo.tools import costs, receptive, workload
 from attnzoo.tools.bench import BenchConfig, BenchRow, ScalingPoint, bench_mechanism
 from attnzoo.tools.report import write_report
 

@@ -1,7 +1,7 @@
 """``attnzoo arena``: train the same backbone once per mechanism (same data, same seed) and compare them.
 
 Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs) into ``--out`` and prints the table.
-FLOPs come from ``attnzoo.tools.flops.count_flops`` (``torch.utils.flop_counter`` plus the engine's fused ops and
+FLOPs come from ``attnzoo.ops.count_flops`` (``torch.utils.flop_counter`` plus the engine's fused ops and
 FFTs; other operators without a FLOP formula count as 0).
 """
 
@@ -11,8 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
+from ..training import TrainConfig
+from ..training.arena import run_arena
 from . import UsageError
-from .train_cmd import check_out, set_threads, split_names, training_errors
+from .train_cmd import add_data_options, check_out, num_stages, set_threads, split_names, training_errors
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--mixers", required=True, help="comma-separated mechanisms; each is used in every stage")
-    p.add_argument("--size", choices=("tiny", "small"), default="tiny")
-    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
-                   help="fashion-mnist (real) or synthetic (generated, for tests only)")  # fmt: skip
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    add_data_options(p, defaults=True)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -41,9 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..training import TrainConfig
-    from ..training.arena import run_arena
-
     set_threads(args.threads)
     check_out(args.out)
     if args.seed is not None and not 0 <= args.seed < 2**63:
@@ -51,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     mixers = split_names(args.mixers)
     out = args.out or str(Path("runs") / f"arena-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
-        mixers=mixers[:1] * 4, out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+        mixers=mixers[:1] * num_stages(args.size), out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
     )  # fmt: skip
     with training_errors():
@@ -65,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")  # fmt: skip
     console = Console()
     console.print(table)
-    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.tools.flops.count_flops)")
+    console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.ops.count_flops)")
     return 0

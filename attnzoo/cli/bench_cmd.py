@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..mechanisms import list_mechanisms, mechanism_info
-from ..tools.bench import BenchConfig, BenchRow, bench_mechanism, yardstick_latency
+from ..tools.bench import DEFAULT_SWEEP, BenchConfig, BenchRow, bench_mechanism, yardstick_latency
 from ..tools.report import SCALING_COLUMNS, TABLE_COLUMNS, table_cells, write_report
 from . import UsageError, out_path
 
@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--sizes", default=None, metavar="S1,S2,...",
                         help="grid sides for the scaling sweep, e.g. 14,28,56,112 "
-                        "(default: none; 14,28,56 with --out)")  # fmt: skip
+                        f"(default: none; {','.join(map(str, DEFAULT_SWEEP))} with --out)")  # fmt: skip
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     parser.add_argument("--min-run-time", type=float, default=0.3,
                         help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")  # fmt: skip
@@ -63,9 +63,9 @@ def check_positive(flag: str, value: int, minimum: int = 1) -> int:
 
 
 def parse_sizes(text: str | None, with_out: bool) -> tuple[int, ...]:
-    """``"14,28,56"`` → ``(14, 28, 56)``; ``None`` → the default sweep when writing a report, else none."""
+    """``"14,28,56"`` → ``(14, 28, 56)``; ``None`` → the tool's default sweep when writing a report, else none."""
     if text is None:
-        return (14, 28, 56) if with_out else ()
+        return DEFAULT_SWEEP if with_out else ()
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -206,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
             progress.advance(task)
             for name in names:
                 progress.update(task, description=f"benchmarking {name:<24}")
-                rows.append(bench_mechanism(name, cfg))
-                rows[-1].relative_latency = rows[-1].latency_s / yardstick
+                rows.append(bench_mechanism(name, cfg, yardstick))
                 progress.advance(task)
     finally:
         torch.set_num_threads(previous_threads)

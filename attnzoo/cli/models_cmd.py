@@ -6,8 +6,7 @@ import argparse
 
 from rich.table import Table
 
-from ..models import list_models, model_info
-from ..models._paper import PAPER_MODELS
+from ..models import list_families, list_models, model_info
 from . import UsageError
 from .bench_cmd import wide_console
 
@@ -23,10 +22,10 @@ def _signed_percent(error: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    families = sorted({spec.family for spec in PAPER_MODELS.values()})
+    families = list_families()
     if args.family is not None and args.family not in families:
         raise UsageError(f"--family {args.family!r} is unknown; families: {', '.join(families)}")
-    names = [n for n in list_models(args.family) if n in PAPER_MODELS]
+    names = [n for n in list_models(args.family) if n not in list_models("arena")]
     table = Table(title=f"attnzoo published models ({len(names)}): MACs at 224², 1000 classes", show_lines=False)
     columns = ("name", "family", "params (paper)", "params (measured)", "Δ", "GMACs (paper)", "GMACs (measured)", "Δ",
                "top-1", "source", "note")  # fmt: skip

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..mechanisms import list_mechanisms, mechanism_info
-from ..models._io import atomic_write
+from ..models.saving import atomic_write
 from ..tools.images import PHOTOS, load_photo
 from ..tools.workload import PrepareError
 from . import UsageError, out_path

@@ -11,7 +11,7 @@ from einops import rearrange
 
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
-    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
+    "check_resolution",    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
     "BlockState",
 ]  # fmt: skip
 
@@ -78,6 +78,23 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a finite positive number")
     return float(value)
+
+
+def check_resolution(name: str, value: Any, rank: int | None = 2, minimum: int = 1) -> tuple[int, ...]:
+    """A grid size (``input_resolution`` and the like) as a tuple of ints >= ``minimum``: an int stands for every
+    axis (``rank`` of them; ``(n,)`` when ``rank`` is ``None``), a sequence gives one entry per axis (``rank`` of
+    them when given). Anything else is a ValueError naming ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        values: tuple = (value,) * (rank or 1)
+    elif isinstance(value, (tuple, list, torch.Size)):
+        values = tuple(value)
+    else:
+        values = ()
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+    if not values or not whole or (rank is not None and len(values) != rank):
+        entries = f"a tuple of {rank}" if rank is not None else "a tuple"
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum} or {entries} of them")
+    return values
 
 
 def reject_attn_drop(attn_drop: Any) -> None:
@@ -154,6 +171,9 @@ class Mechanism(nn.Module):
     says what shape ``forward`` returns for an input shape (identity unless the mechanism resamples).
     ``uses_block_state = True`` declares ``forward(x, state: BlockState | None = None)``: the backbone then passes its
     stage's ``BlockState`` (see there); every other mechanism is called as ``forward(x)``.
+    A mechanism with an auxiliary training loss (load balancing, a commitment term, a predictor's own objective)
+    hands it over with ``record_aux_loss`` in ``forward``; ``aux_loss()`` returns it, and the backbone adds the
+    ``aux_loss()`` of every mechanism to the training objective (``attnzoo.models.Backbone.auxiliary_loss``).
     """
 
     mechanism_name: str = ""
@@ -198,6 +218,22 @@ class Mechanism(nn.Module):
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(input_shape)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the last training-mode forward (a scalar in its autograd graph), or ``None``: the
+        mechanism has none, the last forward ran in eval mode, or the module was copied since."""
+        return getattr(self, "_aux_loss", None)
+
+    def record_aux_loss(self, loss: torch.Tensor | None) -> None:
+        """Hand over this forward's auxiliary loss; kept in training mode only, so an eval-mode forward (which may
+        pass ``None`` rather than compute it) clears the last one."""
+        self._aux_loss = loss if self.training else None
+
+    def __getstate__(self) -> dict:
+        # the last aux loss belongs to the last autograd graph: copies and pickles start without it
+        state = super().__getstate__()
+        state.pop("_aux_loss", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, resolve_heads
+from ._base import Mechanism, check_resolution, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["AgentAttention"]
@@ -65,11 +65,8 @@ class AgentAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         if not isinstance(num_agents, int) or num_agents < 1 or math.isqrt(num_agents) ** 2 != num_agents:
             raise ValueError(f"num_agents={num_agents!r} must be a perfect square (agents are pooled on a square grid)")
-        if isinstance(input_resolution, int):
-            input_resolution = (input_resolution, input_resolution)
-        if len(input_resolution) != 2 or any(not isinstance(s, int) or s < 1 for s in input_resolution):
-            raise ValueError(f"input_resolution={input_resolution!r} must be a positive int or a pair of them")
-        self.num_agents, self.input_resolution = num_agents, tuple(input_resolution)
+        self.num_agents = num_agents
+        self.input_resolution = check_resolution("input_resolution", input_resolution)
         h, n, (rows, cols), t = self.num_heads, num_agents, self.input_resolution, agent_table_size
         inner = h * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)

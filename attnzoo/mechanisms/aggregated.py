@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention, merge_attentions, neighborhood_attention
-from ._base import Mechanism, check_int, merge_heads, reject_attn_drop, resolve_heads
+from ._base import Mechanism, check_int, check_resolution, merge_heads, reject_attn_drop, resolve_heads
 from ._windows import Padding
 from .registry import register_mechanism
 
@@ -24,13 +24,6 @@ class _Geometry:
     log_length: torch.Tensor  # [H, W]   ln(n_i + P)
     cpb_coords: torch.Tensor  # [U, 2]   distinct log-spaced offsets fed to the CPB MLP
     cpb_index: torch.Tensor  # [H*W, P] index into cpb_coords
-
-
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
-        raise ValueError(f"{name}={value!r} must be an int or a pair of ints >= {minimum}")
-    return pair
 
 
 def aggregated_geometry(
@@ -103,8 +96,8 @@ class AggregatedAttention(Mechanism):
         self.window_size = check_int("window_size", window_size, 3, odd=True)
         self.sr_ratio = check_int("sr_ratio", sr_ratio)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
-        self.input_resolution = _pair("input_resolution", input_resolution, sr_ratio)
-        self.pretrain_size = _pair("pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, 2)
+        self.input_resolution = check_resolution("input_resolution", input_resolution, minimum=sr_ratio)
+        self.pretrain_size = check_resolution("pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, minimum=2)
         heads, d, kk = self.num_heads, self.head_dim, window_size**2
 
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

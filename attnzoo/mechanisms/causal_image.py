@@ -33,7 +33,6 @@ def _token_angles(tokens: int, head_dim: int) -> torch.Tensor:
     native_rank=1,
     complexity="quadratic",
     reference="techmonsterwang/iLLaMA models/illama.py Attention, mask_scheduler.py",
-    causal_capable=True,
     receptive_field="causal",
     note=(
         "Raster-order causal MHSA on the engine's is_causal with iLLaMA's 1-D RoPE (LLaMA angles over the token "

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_probability, check_resolution, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism
 
 __all__ = ["LearnedSparseAttention"]
@@ -31,7 +31,7 @@ __all__ = ["LearnedSparseAttention"]
         "k is projected from N to N/reduce_n basis tokens, the basis coefficients softmax(s·q_c·k_basisᵀ) times a "
         "learned basis (N/reduce_n × N) give the approximate attention, and each query keeps its top-k keys "
         "(topk, default ceil(keep_rate·N)). No gradient flows through the top-k mask (it is detached, as in the "
-        "official code): the predictor learns only from aux_loss, set in training to the mean squared error between "
+        "official code): the predictor learns only from aux_loss(), recorded in training to the mean squared error between "
         "the approximate attention and the detached dense attention (the attention reconstruction loss). Not "
         "implemented: the basis thresholds and the token pruning of the official code. Without a CLS token every "
         "query row is sparse, so a query sees the top-k keys the predictor routes it to (receptive-field class "
@@ -79,11 +79,8 @@ class LearnedSparseAttention(Mechanism):
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         self.attn_drop = check_probability("attn_drop", attn_drop)
-        resolution = (input_resolution,) if isinstance(input_resolution, int) else tuple(input_resolution)
-        if not resolution or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in resolution):
-            raise ValueError(f"input_resolution={input_resolution!r} must be a positive int or a tuple of them")
-        self.input_resolution = resolution
-        self.num_tokens = math.prod(resolution)
+        self.input_resolution = check_resolution("input_resolution", input_resolution, rank=None)
+        self.num_tokens = math.prod(self.input_resolution)
         if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0 < keep_rate <= 1:
             raise ValueError(f"keep_rate={keep_rate!r} must be a number in (0, 1]")
         self.topk = math.ceil(keep_rate * self.num_tokens) if topk is None else check_int("topk", topk)
@@ -104,7 +101,6 @@ class LearnedSparseAttention(Mechanism):
         nn.init.trunc_normal_(self.token_basis, std=0.02)
         nn.init.trunc_normal_(self.basis_back, std=0.02)
         self.predictor_scale = self.num_heads**-0.5  # as the official MaskPredictor (num_heads, not head_dim)
-        self.aux_loss: torch.Tensor | None = None
 
     def approximate_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The predictor's low-rank attention ``[B, heads, N, N]`` from q, k ``[B, N, heads, head_dim]``."""
@@ -134,7 +130,9 @@ class LearnedSparseAttention(Mechanism):
         if self.training:
             with torch.no_grad():
                 dense = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim**-0.5, dim=-1)
-            self.aux_loss = F.mse_loss(approx, dense)
+            self.record_aux_loss(F.mse_loss(approx, dense))
+        else:
+            self.record_aux_loss(None)
         return self.proj_drop(self.proj(merge_heads(out))).reshape(x.shape)
 
     def extra_repr(self) -> str:

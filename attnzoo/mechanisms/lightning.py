@@ -94,7 +94,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     native_rank=1,
     complexity="linear",
     reference="lightning-attn 0.0.5 lightning_attn_func (Triton, GPU); fla.ops.simple_gla",
-    causal_capable=True,
     test_kwargs={"num_heads": 2, "block_size": 5},
     test_size=(12,),
 )

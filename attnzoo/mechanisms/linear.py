@@ -100,7 +100,6 @@ def linear_attention_chunkwise(q, k, v, *, eps: float = 1e-6, chunk_size: int = 
     native_rank=1,
     complexity="linear",
     reference="fast_transformers.attention.LinearAttention (pytorch-fast-transformers 0.4.0)",
-    causal_capable=True,
     test_kwargs={"num_heads": 2, "chunk_size": 5},
     test_size=(12,),
 )

@@ -20,7 +20,6 @@ __all__ = ["MultiHeadSelfAttention"]
     native_rank=1,
     complexity="quadratic",
     reference="timm.layers.Attention; torch.nn.MultiheadAttention(batch_first=True)",
-    causal_capable=True,
     test_kwargs={"num_heads": 4},
     test_size=(12,),
 )

@@ -30,7 +30,7 @@ class MixtureOfHeadsAttention(Mechanism):
     Heads ``0..shared_heads-1`` are always active, weighted by ``g_s = h_s·softmax(W_s x)``; of the other
     ``E = num_heads - shared_heads`` heads each token keeps the ``routed_topk`` most probable under
     ``softmax(W_r x)``, renormalised over the kept ones and scaled by ``k``; the two groups are balanced by
-    ``2·softmax(W_0 x)``. ``y = proj(concat_i G_i·O_i)``. After a training-mode forward ``self.aux_loss`` holds
+    ``2·softmax(W_0 x)``. ``y = proj(concat_i G_i·O_i)``. After a training-mode forward ``aux_loss()`` returns
     the load-balancing loss ``aux_loss_weight · E · Σ_i P_i f_i`` (P: mean routing probability, f: selection rate of
     routed head i), to be added to the training loss (``None`` after an eval-mode forward, as in the official code).
     Defaults keep the paper's ratios (25 % shared, 75 % of heads active).
@@ -75,7 +75,6 @@ class MixtureOfHeadsAttention(Mechanism):
         self.routed_gate = nn.Linear(dim, self.routed_heads, bias=False) if self.routed_heads else None
         self.shared_gate = nn.Linear(dim, shared_heads, bias=False) if shared_heads > 1 else None
         self.branch_gate = nn.Linear(dim, 2, bias=False) if shared_heads and self.routed_heads else None
-        self.aux_loss: torch.Tensor | None = None
 
     def gates(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token head gates ``[B, N, heads]`` and the (unweighted) load-balancing loss."""
@@ -108,15 +107,9 @@ class MixtureOfHeadsAttention(Mechanism):
         q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
         heads = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         gates, aux = self.gates(tokens)
-        self.aux_loss = self.aux_loss_weight * aux if self.training else None
+        self.record_aux_loss(self.aux_loss_weight * aux)
         mixed = merge_heads(heads * gates.unsqueeze(-1).to(heads.dtype))
         return self.proj_drop(self.proj(mixed)).reshape(x.shape)
-
-    def __getstate__(self) -> dict:
-        # the last aux_loss belongs to the last autograd graph: copies and pickles start without it
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def extra_repr(self) -> str:
         return (

@@ -21,7 +21,6 @@ from .registry import register_mechanism
     native_rank=2,
     complexity="N·k",
     reference="natten.NeighborhoodAttention2D (natten 0.21.7); natten.functional.na2d",
-    causal_capable=True,
     test_kwargs={"kernel_size": 3, "num_heads": 2},
     test_size=(6, 7),
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -18,10 +18,20 @@ RECEPTIVE_FIELDS = ("global", "local", "causal", "channel")
 
 @dataclass(frozen=True)
 class MechanismInfo:
-    """What the registry knows about a mechanism.
+    """What the registry knows about a mechanism: ``register_mechanism(name, **fields)`` takes exactly these fields
+    (``name`` and ``cls`` aside), so adding one means adding it here only.
 
+    family, paper, year: the mechanism's family and the paper (authors, title) and year that introduced it.
     layout: ``"spatial"`` takes ``(B, *spatial, C)``; ``"sequence"`` takes ``(B, N, C)`` (and flattens a spatial
     input row-major); ``"cross"`` takes ``(x, context=None)``.
+    native_rank: the number of spatial axes of the paper's setting.
+    complexity: cost in the token count N: ``"quadratic"``, ``"linear"`` or ``"N·k"`` (a fixed neighbourhood).
+    reference: the official code (or the paper) the implementation follows.
+    needs_input_size: the constructor needs the token grid (``input_resolution``) up front.
+    paper_identity: the paper's module adds its input back (output = x + this module's output); here that
+    identity is left to the block.
+    is_attention: the mechanism forms attention weights (``attnzoo viz`` can show them); convolutional, gating and
+    state-space mixers do not.
     slot: ``"token"`` mixes tokens (the attention slot of a block); ``"channel"`` replaces a block's MLP.
     receptive_field: what one output token depends on in the default configuration: ``"global"`` (every token),
     ``"local"`` (a bounded neighbourhood of the query), ``"causal"`` (tokens up to the query in raster order),
@@ -35,20 +45,27 @@ class MechanismInfo:
     family: str
     paper: str
     year: int
-    layout: str = "spatial"
+    layout: str = field(default="spatial", metadata={"choices": LAYOUTS})
     native_rank: int = 2
-    complexity: str = "quadratic"
+    complexity: str = field(default="quadratic", metadata={"choices": COMPLEXITIES})
     reference: str = ""
     needs_input_size: bool = False
     paper_identity: bool = False
-    causal_capable: bool = False
     is_attention: bool = True
-    slot: str = "token"
-    receptive_field: str = "global"
+    slot: str = field(default="token", metadata={"choices": SLOTS})
+    receptive_field: str = field(default="global", metadata={"choices": RECEPTIVE_FIELDS})
     note: str = ""
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     test_size: tuple[int, ...] = (8, 8)
     test_dim: int = 32
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} must be one of {choices}")
+        object.__setattr__(self, "test_kwargs", dict(self.test_kwargs or {}))  # a copy: the registry owns it
+        object.__setattr__(self, "test_size", tuple(self.test_size))
 
     @property
     def summary(self) -> str:
@@ -56,52 +73,29 @@ class MechanismInfo:
         return doc[0] if doc else self.name
 
 
+# The fields a registration gives (every MechanismInfo field but the two the decorator supplies).
+_FIELDS = {f.name: f for f in fields(MechanismInfo) if f.name not in ("name", "cls")}
+_REQUIRED = sorted(n for n, f in _FIELDS.items() if f.default is MISSING and f.default_factory is MISSING)
+
 _REGISTRY: dict[str, MechanismInfo] = {}
 
 
-def register_mechanism(
-    name: str,
-    *,
-    family: str,
-    paper: str,
-    year: int,
-    layout: str = "spatial",
-    native_rank: int = 2,
-    complexity: str = "quadratic",
-    reference: str = "",
-    needs_input_size: bool = False,
-    paper_identity: bool = False,
-    causal_capable: bool = False,
-    is_attention: bool = True,
-    slot: str = "token",
-    receptive_field: str = "global",
-    note: str = "",
-    test_kwargs: dict[str, Any] | None = None,
-    test_size: tuple[int, ...] = (8, 8),
-    test_dim: int = 32,
-) -> Callable[[type], type]:
-    """Class decorator that registers an ``nn.Module`` under its canonical ``name`` with its metadata."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
-    if complexity not in COMPLEXITIES:
-        raise ValueError(f"complexity={complexity!r} must be one of {COMPLEXITIES}")
-    if slot not in SLOTS:
-        raise ValueError(f"slot={slot!r} must be one of {SLOTS}")
-    if receptive_field not in RECEPTIVE_FIELDS:
-        raise ValueError(f"receptive_field={receptive_field!r} must be one of {RECEPTIVE_FIELDS}")
+def register_mechanism(name: str, **metadata: Any) -> Callable[[type], type]:
+    """Class decorator that registers an ``nn.Module`` under its canonical ``name``; ``metadata`` are the fields of
+    ``MechanismInfo`` (``family``, ``paper`` and ``year`` required), checked when the class is decorated (names here, values by ``MechanismInfo``)."""
+    unknown = sorted(set(metadata) - set(_FIELDS))
+    if unknown:
+        raise TypeError(f"register_mechanism({name!r}) got unknown fields {unknown}; MechanismInfo has {sorted(_FIELDS)}")
+    missing = [n for n in _REQUIRED if n not in metadata]
+    if missing:
+        raise TypeError(f"register_mechanism({name!r}) needs the fields {missing}")
 
     def decorate(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise TypeError(f"register_mechanism({name!r}) decorates nn.Module subclasses, got {cls!r}")
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"mechanism name {name!r} is already registered by {_REGISTRY[name].cls.__qualname__}")
-        _REGISTRY[name] = MechanismInfo(
-            name=name, cls=cls, family=family, paper=paper, year=year, layout=layout, native_rank=native_rank,
-            complexity=complexity, reference=reference, needs_input_size=needs_input_size,
-            paper_identity=paper_identity, causal_capable=causal_capable, is_attention=is_attention, slot=slot,
-            receptive_field=receptive_field, note=note,
-            test_kwargs=dict(test_kwargs or {}), test_size=tuple(test_size), test_dim=test_dim,
-        )  # fmt: skip
+        _REGISTRY[name] = MechanismInfo(name=name, cls=cls, **metadata)
         cls.mechanism_name = name
         return cls
 

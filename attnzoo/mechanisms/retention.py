@@ -116,7 +116,6 @@ def retnet_gammas(num_heads: int) -> torch.Tensor:
     native_rank=1,
     complexity="linear",
     reference="torchscale.component.multiscale_retention.MultiScaleRetention (torchscale 0.3.0); fla.ops.retention",
-    causal_capable=True,
     test_kwargs={"num_heads": 2, "chunk_size": 5},
     test_size=(12,),
 )

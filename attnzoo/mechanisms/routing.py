@@ -66,7 +66,7 @@ class RoutingAttention(Mechanism):
 
     Per head, ℓ2-normalised queries and keys are routed to ``num_clusters`` centroids (buffers) with balanced
     clusters of ``⌈N/num_clusters⌉`` queries and keys each; ``SM(s·q·kᵀ)v`` runs inside every cluster. In training
-    the centroids follow an EMA (``ema_decay``) of their assigned vectors and ``aux_loss`` holds the commitment loss
+    the centroids follow an EMA (``ema_decay``) of their assigned vectors and ``aux_loss()`` returns the commitment loss
     ``commitment · mean ‖x̂ − μ_c(x)‖²`` of the latest training forward; eval leaves the centroids untouched.
     Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
     """
@@ -98,7 +98,6 @@ class RoutingAttention(Mechanism):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("centroids", F.normalize(torch.randn(self.num_heads, num_clusters, self.head_dim), dim=-1))
-        self.aux_loss: torch.Tensor | None = None
 
     @torch.no_grad()
     def update_centroids(self, unit: torch.Tensor, assignment: torch.Tensor) -> None:
@@ -120,8 +119,10 @@ class RoutingAttention(Mechanism):
             mu = self.centroids.to(unit.dtype)
             assignment = torch.einsum("bhmd,hcd->bhmc", unit.detach(), mu).argmax(-1)
             nearest = mu[torch.arange(self.num_heads, device=x.device)[:, None], assignment]  # [B, h, M, d]
-            self.aux_loss = self.commitment * (unit - nearest).pow(2).sum(-1).mean()
+            self.record_aux_loss(self.commitment * (unit - nearest).pow(2).sum(-1).mean())
             self.update_centroids(unit.detach(), assignment)
+        else:
+            self.record_aux_loss(None)
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out)).reshape(x.shape)
 

@@ -8,14 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Mechanism, check_int
+from ._base import Mechanism, check_resolution
 from .registry import register_mechanism
-
-
-def _pair(name: str, value: Sequence[int]) -> tuple[int, int]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name}={value!r} must be a pair of positive ints")
-    return check_int(name, value[0]), check_int(name, value[1])
 
 
 @register_mechanism(
@@ -42,20 +36,21 @@ class SpectralGating(Mechanism):
         self,
         dim: int,
         *,
-        filter_size: Sequence[int] | None = None,
-        input_resolution: Sequence[int] | None = None,
+        filter_size: int | Sequence[int] | None = None,
+        input_resolution: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim)
         if input_resolution is not None:
-            height, width = _pair("input_resolution", input_resolution)
+            height, width = check_resolution("input_resolution", input_resolution)
             derived = (height, width // 2 + 1)
-            if filter_size is not None and _pair("filter_size", filter_size) != derived:
+            if filter_size is not None and check_resolution("filter_size", filter_size) != derived:
                 raise ValueError(
-                    f"filter_size={tuple(filter_size)} disagrees with input_resolution={tuple(input_resolution)}, "
+                    f"filter_size={check_resolution('filter_size', filter_size)} disagrees with "
+                    f"input_resolution={(height, width)}, "
                     f"which needs (H, W//2+1)={derived}; give one of them"
                 )
             filter_size = derived
-        self.filter_size = _pair("filter_size", (14, 8) if filter_size is None else filter_size)
+        self.filter_size = check_resolution("filter_size", (14, 8) if filter_size is None else filter_size)
         self.complex_weight = nn.Parameter(torch.randn(*self.filter_size, dim, 2) * 0.02)
 
     def spectral_filter(self, height: int, width: int) -> torch.Tensor:

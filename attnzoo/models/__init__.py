@@ -17,30 +17,20 @@ timm is imported (at once if it already is), so importing this package never pay
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
-
 from . import agent_swin, biformer, cswin, hornet, litv2, nat, smt, van  # noqa: F401  (registers the published configurations of each family)
-from ._io import atomic_write, tensor_digest
 from ._paper import PAPER_MODELS, PaperModel, PaperTable, measure, paper_spec
 from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_defaults
+from .saving import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load, model_config, save
 
 __all__ = [
-    "create", "load", "save", "model_config", "list_models", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
+    "create", "load", "save", "model_config", "list_models", "list_families", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
     "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
 ]  # fmt: skip
-
-CONFIG_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_FORMAT = "attnzoo-model-1"
 
 MixerKwargs = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
 
@@ -49,6 +39,11 @@ def list_models(family: str | None = None) -> list[str]:
     """Names of every buildable model: the arena sizes (family ``"arena"``) and the published configurations."""
     arena = sorted(SIZES) if family in (None, "arena") else []
     return arena + [n for n, spec in PAPER_MODELS.items() if family in (None, spec.family)]
+
+
+def list_families() -> list[str]:
+    """Families of the published configurations (``"nat"``, ``"dinat"``, …), sorted; ``"arena"`` is not one."""
+    return sorted({spec.family for spec in PAPER_MODELS.values()})
 
 
 @dataclass(frozen=True)
@@ -150,7 +145,7 @@ def create(
     mixers = "neighborhood" if mixers is None else mixers
     num_classes = 10 if num_classes is None else num_classes
     spec = SIZES[name]
-    stages = len(spec.dims)
+    stages = spec.num_stages
     names = _per_stage(mixers, stages, "mixers")
     for mixer in names:
         if not isinstance(mixer, str):
@@ -176,105 +171,6 @@ def create(
         "channel_mixer_kwargs": channel_kwargs,
     }  # fmt: skip
     return model
-
-
-def model_config(model: Backbone | PaperModel) -> dict[str, Any]:
-    """The ``create`` arguments that rebuild ``model`` (JSON-serialisable)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("model was not built by attnzoo.models.create, so it has no config to save")
-    return json.loads(json.dumps(config))
-
-
-def save(model: Backbone | PaperModel, directory: str | Path) -> None:
-    """Write ``model.json`` (config) and ``model.safetensors`` (weights) into ``directory``, each atomically.
-
-    The weights file's metadata holds a SHA-256 over every tensor and the ``model.json`` text, checked by ``load``.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(model_config(model), indent=1)
-
-    def write_weights(path: Path) -> None:
-        save_model(model, str(path))  # drops aliased tensors; the digest covers exactly what it kept
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        metadata = {"format": WEIGHTS_FORMAT, "sha256": tensor_digest(tensors, config)}
-        save_model(model, str(path), metadata=metadata)
-
-    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(config))
-    atomic_write(directory / WEIGHTS_FILE, write_weights)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """``model.json`` as ``create`` keyword arguments, or a ValueError naming the file and the broken rule."""
-    try:
-        text = path.read_text()
-        config = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object of create() arguments, got {type(config).__name__}")
-    if ("size" in config) == ("name" in config):
-        raise ValueError(f"{path} must name either an arena size ('size') or a published model ('name')")
-    # a published model's other keys are overrides of its configuration, which create() checks by name
-    allowed = set(config) if "name" in config else {
-        "size", "mixers", "num_classes", "in_chans", "img_size", "mixer_kwargs", "channel_mixer", "channel_mixer_kwargs"
-    }  # fmt: skip
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(f"{path} has unknown keys {unknown}; allowed: {sorted(allowed)}")
-    return config
-
-
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone | PaperModel:
-    """The trained model of a run folder (``model.json`` + ``model.safetensors``), in eval mode.
-
-    Both files are checked against the SHA-256 written by ``save``; every error names the file and what is wrong.
-    """
-    directory = Path(directory)
-    config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {directory} is not a finished attnzoo run folder")
-    config = _read_config(config_path)
-    try:
-        model = create(config.pop("size", None) or config.pop("name"), **config)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path} does not describe a model: {exc}") from None
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise ValueError(f"{weights} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    if "sha256" not in metadata:
-        raise ValueError(f"{weights} has no SHA-256 (written by an older attnzoo); save the model again")
-    # save_model drops tensors that share memory: compare against the state dict's stored names only.
-    expected = {k: v for k, v in model.state_dict().items() if k in tensors}
-    missing = sorted(set(model.state_dict()) - set(tensors) - _shared_names(model))
-    unexpected = sorted(set(tensors) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit {config_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
-    if shapes:
-        raise ValueError(f"{weights} does not fit {config_path}: shape mismatch {'; '.join(shapes[:5])}")
-    if tensor_digest(tensors, config_path.read_text()) != metadata["sha256"]:
-        raise ValueError(f"{weights} or {config_path} is corrupt or was edited (SHA-256 mismatch)")
-    load_model(model, str(weights), strict=True)
-    return model.to(map_location).eval()
-
-
-def _shared_names(model: Backbone) -> set[str]:
-    """State-dict names that alias another entry's storage (saved once by ``save_model``)."""
-    seen: dict[tuple[int, int], str] = {}
-    shared = set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            shared.add(name)
-        seen[key] = name
-    return shared
 
 
 def _register_with_timm() -> None:

@@ -5,7 +5,7 @@ configuration with ``register_paper_model(name, builder, PaperTable(...))``. ``a
 ``model_info`` returns the paper's table next to the figures measured on the model itself (``measure``).
 
 Counting convention (``measure``): parameters are every parameter of the model with a 1000-class head; MACs are half
-the FLOPs that ``torch.utils.flop_counter`` counts for one 224² image (``attnzoo.tools.count_flops``: matmuls,
+the FLOPs that ``torch.utils.flop_counter`` counts for one 224² image (``attnzoo.ops.count_flops``: matmuls,
 linears, convolutions and, through the engine's registered formulas, the fused neighborhood-attention op), the
 convention of the papers' fvcore / mmcv counters (norms, activations, softmax and pooling are not counted).
 """
@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..ops import count_flops
 
 __all__ = [
     "PaperTable", "PaperModelSpec", "PaperModel", "Stage", "DropPath", "Mlp", "in_stage", "init_transformer_weights", "Measured", "PAPER_MODELS",
@@ -317,8 +319,6 @@ class Measured:
 def _count_macs(model: nn.Module, in_chans: int, img_size: int) -> int:
     """MACs of one image through ``model`` (built on the meta device), run on fake CPU tensors: no memory, no compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ..tools.flops import count_flops
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ..mechanisms import mechanism_info
-from ..mechanisms._base import BlockState, flatten_tokens
+from ..mechanisms._base import BlockState, Mechanism, flatten_tokens
 
 __all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "Stage", "stage_defaults"]
 
@@ -53,6 +53,10 @@ class BackboneSize:
     stem_stride: int
     mlp_ratio: float
     img_size: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.dims)
 
 
 SIZES: dict[str, BackboneSize] = {
@@ -378,6 +382,7 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x)[-1])
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """Sum of the ``aux_loss`` tensors that mechanisms (e.g. routed ones) left after the last forward."""
-        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+        """Sum of the ``aux_loss()`` of every mechanism after the last training-mode forward (``None`` when none has
+        one): what the training loop adds to the classification loss."""
+        losses = [loss for m in self.modules() if isinstance(m, Mechanism) and (loss := m.aux_loss()) is not None]
         return torch.stack([loss.sum() for loss in losses]).sum() if losses else None

@@ -1,9 +1,9 @@
 """attnzoo.ops: the functional layer (NATTEN layout ``[batch, *spatial, heads, head_dim]``)."""
 
-from . import flops  # noqa: F401  (FLOP formulas of the fused ops)
 from .attention import attention, merge_attentions
 from .backends import list_backends
 from .backends.base import compute_dtype
+from .flops import count_flops
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
 from .problem import normalize_axis_arg
@@ -13,6 +13,7 @@ from .switch import BackendRun, record_backends, resolve_backend, use_backend
 
 __all__ = [
     "compute_dtype",
+    "count_flops",
     "neighborhood_attention",
     "na1d",
     "na2d",

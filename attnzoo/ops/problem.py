@@ -8,6 +8,11 @@ from typing import Sequence
 
 import torch
 
+from .checks import (
+    any_requires_grad, check_additional_kv, check_key_bias, check_layout, check_qkv_agree, check_rel_pos_bias,
+    check_tensors,
+)  # fmt: skip
+
 __all__ = ["NAProblem", "normalize_axis_arg", "normalize_window", "normalize_spatial_shape", "check_flag", "make_problem"]
 
 IntOrTuple = int | Sequence[int]
@@ -127,84 +132,17 @@ def make_problem(
     return_lse: bool = False,
     key_bias: torch.Tensor | None = None,
 ) -> NAProblem:
-    """Validate q/k/v and the window arguments (cheap checks only) and describe the call."""
+    """Validate q/k/v and the window arguments (cheap checks only, one per concern: ``attnzoo.ops.checks``) and
+    describe the call."""
     check_flag("return_lse", return_lse)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    rank = q.dim() - 3
-    if rank not in (1, 2, 3):
-        raise ValueError(
-            f"q.shape={tuple(q.shape)} must be [batch, *spatial, heads, head_dim] with 1, 2 or 3 spatial axes "
-            f"(3 to 6 dims), got {q.dim()} dims"
-        )
-    if not q.is_floating_point():
-        raise TypeError(f"q.dtype={q.dtype} must be a floating-point dtype")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype={t.dtype} must equal q.dtype={q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
-        if t.dim() != q.dim():
-            raise ValueError(f"{name}.shape={tuple(t.shape)} must have as many dims as q.shape={tuple(q.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(f"k.shape={tuple(k.shape)} must equal q.shape={tuple(q.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"v.shape={tuple(v.shape)} must equal q.shape={tuple(q.shape)} in every dim but the last (head_dim_v)"
-        )
-    if min(q.shape) == 0 or v.shape[-1] == 0:
-        raise ValueError(f"q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)} must not have empty dims")
+    check_tensors(q, k, v)
+    rank = check_layout(q)
+    check_qkv_agree(q, k, v)
     spatial = tuple(int(s) for s in q.shape[1 : 1 + rank])
     kernel, strides, dilations, causal = normalize_window(spatial, kernel_size, stride, dilation, is_causal)
-
-    num_additional = 0
-    if (additional_keys is None) != (additional_values is None):
-        raise ValueError("additional_keys and additional_values must be given together (both tensors or both None)")
-    if additional_keys is not None:
-        ak, av = additional_keys, additional_values
-        if not isinstance(ak, torch.Tensor) or not isinstance(av, torch.Tensor):
-            raise TypeError("additional_keys and additional_values must be torch.Tensors")
-        b, h, d, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-        if ak.dim() != 4 or tuple(ak.shape) != (b, ak.shape[1], h, d):
-            raise ValueError(
-                f"additional_keys.shape={tuple(ak.shape)} must be [batch={b}, n, heads={h}, head_dim={d}]"
-            )
-        if tuple(av.shape) != (b, ak.shape[1], h, dv):
-            raise ValueError(
-                f"additional_values.shape={tuple(av.shape)} must be [batch={b}, n={ak.shape[1]}, heads={h}, "
-                f"head_dim_v={dv}]"
-            )
-        for name, t in (("additional_keys", ak), ("additional_values", av)):
-            if t.dtype != q.dtype or t.device != q.device:
-                raise TypeError(f"{name} has dtype {t.dtype} on {t.device}; expected {q.dtype} on {q.device}")
-        num_additional = int(ak.shape[1])
-
-    if rel_pos_bias is not None:
-        expected = (q.shape[-2], *(2 * kk - 1 for kk in kernel))
-        if not isinstance(rel_pos_bias, torch.Tensor) or tuple(rel_pos_bias.shape) != expected:
-            got = tuple(rel_pos_bias.shape) if isinstance(rel_pos_bias, torch.Tensor) else type(rel_pos_bias).__name__
-            raise ValueError(f"rel_pos_bias.shape={got} must be [heads, *(2*kernel_size-1)] = {expected}")
-        if rel_pos_bias.dtype != q.dtype or rel_pos_bias.device != q.device:
-            raise TypeError(
-                f"rel_pos_bias has dtype {rel_pos_bias.dtype} on {rel_pos_bias.device}; expected {q.dtype} on {q.device}"
-            )
-
-    if key_bias is not None:
-        target = (q.shape[0], *spatial, q.shape[-2])
-        if not isinstance(key_bias, torch.Tensor) or not key_bias.is_floating_point():
-            raise TypeError(f"key_bias must be a float tensor broadcastable to {target}, got {type(key_bias).__name__}")
-        try:
-            ok = key_bias.dim() <= len(target) and torch.broadcast_shapes(tuple(key_bias.shape), target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"key_bias.shape={tuple(key_bias.shape)} must broadcast to [batch, *spatial, heads]={target}")
-        if key_bias.dtype not in (q.dtype, torch.float32, torch.float64):
-            raise TypeError(f"key_bias.dtype={key_bias.dtype} must be q.dtype={q.dtype}, float32 or float64")
-        if key_bias.device != q.device:
-            raise ValueError(f"key_bias.device={key_bias.device} must equal q.device={q.device}")
-
+    num_additional = check_additional_kv(q, v, additional_keys, additional_values)
+    check_rel_pos_bias(q, rel_pos_bias, kernel)
+    check_key_bias(q, key_bias, spatial)
     return NAProblem(
         batch=int(q.shape[0]),
         spatial_shape=spatial,
@@ -221,11 +159,7 @@ def make_problem(
         has_rel_pos_bias=rel_pos_bias is not None,
         return_lse=return_lse,
         has_key_bias=key_bias is not None,
-        requires_grad=torch.is_grad_enabled()
-        and any(
-            isinstance(t, torch.Tensor) and t.requires_grad
-            for t in (q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias)
-        ),
+        requires_grad=any_requires_grad(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias),
     )
 
 

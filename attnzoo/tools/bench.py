@@ -16,12 +16,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..mechanisms import mechanism_info
-from .costs import count_parameters, fit_exponent, make_step, median_latency, peak_memory_bytes, reference_check
-from .flops import count_flops
+from ..ops import count_flops
+from .costs import (
+    count_parameters,
+    fit_exponent,
+    make_step,
+    median_latency,
+    peak_memory_bytes,
+    reference_check,
+)
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 
-__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism", "yardstick_latency", "DenseAttention"]
+__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism", "yardstick_latency", "DenseAttention", "DEFAULT_SWEEP"]
+
+# Grid sides of the scaling sweep when a report is written and no sweep is asked for.
+DEFAULT_SWEEP = (14, 28, 56)
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,10 @@ def _measure(step, cfg: BenchConfig, min_run_time: float) -> tuple[float, float]
     return latency, float(peak_memory_bytes(step, cfg.device))
 
 
-def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
-    """Measure ``name`` at ``cfg`` (see ``BenchRow``); failures are reported in the row."""
+def bench_mechanism(name: str, cfg: BenchConfig, yardstick_s: float | None = None) -> BenchRow:
+    """Measure ``name`` at ``cfg`` (see ``BenchRow``); failures are reported in the row.
+
+    ``yardstick_s``: the ``yardstick_latency`` of this run, which ``relative_latency`` divides by (NaN without it)."""
     info = mechanism_info(name)
     row = BenchRow(name, info.family, info.complexity, info.layout)
     try:
@@ -107,6 +119,8 @@ def bench_mechanism(name: str, cfg: BenchConfig) -> BenchRow:
         row.check = reference_check(module, inputs)
         row.latency_s, row.peak_bytes = _measure(step, cfg, cfg.min_run_time)
         row.throughput = cfg.batch / row.latency_s
+        if yardstick_s is not None:
+            row.relative_latency = row.latency_s / yardstick_s
         row.receptive_field_tokens, row.receptive_field_fraction = _receptive_field(module, info, cfg)
     except Exception as exc:  # a broken mechanism must not stop the run: its row says why
         row.error = one_line(exc)

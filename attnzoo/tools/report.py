@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models._io import atomic_write
+from ..models.saving import atomic_write
 from .bench import BenchConfig, BenchRow
 
 __all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",

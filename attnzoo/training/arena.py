@@ -1,6 +1,6 @@
 """The arena: train the same backbone once per mechanism on the same data and seed, then compare them.
 
-Per mechanism: test accuracy, parameters, forward FLOPs per image (``attnzoo.tools.flops.count_flops``:
+Per mechanism: test accuracy, parameters, forward FLOPs per image (``attnzoo.ops.count_flops``:
 ``torch.utils.flop_counter`` plus the engine's fused ops and FFTs; other operators without a FLOP formula count as
 0), training images/s (measured during training) and inference images/s (``torch.utils.benchmark`` on one thread,
 batch 256). Writes ``arena.csv``, ``arena.json`` and ``arena.png`` (accuracy vs FLOPs);
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from .. import models
-from ..models._io import atomic_write
+from ..models.saving import atomic_write
+from ..ops import count_flops
 from ..tools.costs import median_latency
-from ..tools.flops import count_flops
 from .data import load_dataset
 from .loop import RUN_FILE, TrainConfig, TrainError, train
 
@@ -84,7 +84,7 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
     x = data.batch("test", torch.arange(min(256, len(data.test_labels))))[0]
     rows = []
     for name in mixers:
-        config = replace(base, mixers=[name] * 4, out=str(out / name))
+        config = replace(base, mixers=[name] * models.SIZES[base.size].num_stages, out=str(out / name))
         result = train(config, resume=(out / name / RUN_FILE).is_file(), show_progress=show_progress)
         model = models.load(out / name)
         rows.append({

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..models._io import atomic_write, tensor_digest
+from ..models.saving import atomic_write, tensor_digest
 
 __all__ = ["CHECKPOINT_FILE", "CheckpointError", "tensor_digest", "Checkpoint", "capture_rng", "restore_rng", "write_checkpoint", "read_checkpoint"]
 

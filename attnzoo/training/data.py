@@ -22,7 +22,11 @@ import torch.nn.functional as F
 __all__ = ["ImageData", "DatasetMissing", "DatasetCorrupt", "load_dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR"]
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATASETS = ("fashion-mnist", "synthetic")
+# Every data set ``load_dataset`` knows, with the one line the command line shows for it.
+DATASETS = {
+    "fashion-mnist": "real Fashion-MNIST (60k/10k 28×28 grey images, 10 classes)",
+    "synthetic": "generated blobs (10 classes, 28×28), for tests and smoke runs only",
+}
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -137,4 +141,4 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
         return load_fashion_mnist(data_dir)
     if name == "synthetic":
         return make_synthetic()
-    raise ValueError(f"dataset={name!r} must be one of {DATASETS}")
+    raise ValueError(f"dataset={name!r} must be one of {tuple(DATASETS)}")

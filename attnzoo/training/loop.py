@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import models
-from ..models._io import atomic_write, stale_temporaries
+from ..models.saving import atomic_write, stale_temporaries
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
 from .data import DATASETS, ImageData, load_dataset
 
@@ -336,13 +336,54 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 def _train(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist) -> TrainResult:
     out, lock = _open_out(config, resume, ctx)
     try:
-        return _build_and_run(config, resume, show_progress, ctx, out)
+        run = _start(config, resume, ctx, out)
+        _restore(run, resume)
+        _open_metrics(run, resume)
+        _loop(run, show_progress)
+        return _result(run)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: _Dist, out: Path) -> TrainResult:
+@dataclass
+class _Run:
+    """One training run: what ``_start`` builds, and the progress that the step functions advance and checkpoint."""
+
+    config: TrainConfig
+    ctx: _Dist
+    out: Path
+    data: ImageData
+    raw: nn.Module  # the model itself (checkpointed, saved)
+    model: nn.Module  # what is called: ``raw`` or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total: int  # steps of the whole run
+    steps_per_epoch: int
+    local: int  # this rank's share of the global batch
+    parameters: int
+    step: int = 0
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen this epoch
+    train_time: float = 0.0
+    train_images: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    window_start: float = 0.0  # throughput window of the training log
+    window_images: int = 0
+    order: torch.Tensor | None = None  # this epoch's data order
+    test_accuracy: float = math.nan
+    test_loss: float = math.nan
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT_FILE
+
+    @property
+    def title(self) -> str:
+        return f"{self.config.size} · {'/'.join(self.config.mixers)} · {self.config.dataset}"
+
+
+def _start(config: TrainConfig, resume: bool, ctx: _Dist, out: Path) -> _Run:
+    """Load the data, build the model, optimizer and schedule (seeded), and write ``run.json`` for a new run."""
     data = load_dataset(config.dataset, config.data_dir).limit(config.limit_train, config.limit_eval)
     n_train = len(data.train_labels)
     if config.batch_size % ctx.world:
@@ -352,7 +393,6 @@ def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: 
         raise TrainError(f"batch_size={config.batch_size} is larger than the {n_train} training images")
     total = steps_per_epoch * config.epochs
     warmup = max(1, round(config.warmup_fraction * total))
-    local = config.batch_size // ctx.world
 
     _seed_everything(config.seed)
     try:
@@ -363,7 +403,6 @@ def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: 
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
     raw.to(ctx.device)
-    parameters = sum(p.numel() for p in raw.parameters())
     model: nn.Module = raw
     if ctx.world > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -377,8 +416,57 @@ def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: 
 
     if ctx.main and not resume:
         atomic_write(out / RUN_FILE, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
-    return _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
-                steps_per_epoch, local, parameters)  # fmt: skip
+    return _Run(
+        config, ctx, out, data, raw, model, optimizer, scheduler, total, steps_per_epoch,
+        local=config.batch_size // ctx.world, parameters=sum(p.numel() for p in raw.parameters()),
+    )  # fmt: skip
+
+
+def _restore(run: _Run, resume: bool) -> None:
+    """Continue from the run folder's checkpoint (when resuming and there is one): weights, optimizer, schedule,
+    random generators and progress, after checking that it belongs to this run."""
+    path = run.ckpt_path
+    if not resume or not (path.exists() or path.is_symlink()):
+        return
+    ckpt = read_checkpoint(path)
+    identity = run.config.identity()
+    stored = ckpt.progress.get("config")
+    if stored != identity:
+        stored = stored if isinstance(stored, dict) else {}
+        differing = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+        details = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs run {identity.get(k)!r}" for k in differing[:6])
+        raise CheckpointError(f"{path} belongs to another run configuration ({details})")
+    if ckpt.progress.get("total_steps") != run.total:
+        raise CheckpointError(f"{path} was written for {ckpt.progress.get('total_steps')} steps, this run has {run.total}")
+    try:
+        run.raw.load_state_dict(ckpt.model_state)
+        run.optimizer.load_state_dict(ckpt.optimizer_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit this model: {str(exc).splitlines()[0]}") from None
+    run.scheduler.load_state_dict(ckpt.scheduler_state)
+    rank = run.ctx.rank
+    restore_rng(ckpt.rng[rank] if rank < len(ckpt.rng) else ckpt.rng[0])
+    run.step = ckpt.progress["step"]
+    run.running = list(ckpt.progress["running"]) if run.ctx.main else [0.0, 0.0, 0.0]  # global totals on rank 0
+    run.train_time, run.train_images = ckpt.progress["train_time"], ckpt.progress["train_images"]
+
+
+def _open_metrics(run: _Run, resume: bool) -> None:
+    """Start ``metrics.jsonl`` afresh, keeping (on resume) the lines up to the restored step."""
+    if not run.ctx.main:
+        return
+    run.history = _read_history(run.out / METRICS_FILE, run.step) if resume else []
+    lines = "".join(json.dumps(h) + "\n" for h in run.history)
+    atomic_write(run.out / METRICS_FILE, lambda p: p.write_text(lines))
+
+
+def _log(run: _Run, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to the history and ``metrics.jsonl`` (rank 0)."""
+    if run.ctx.main:
+        run.history.append(entry)
+        fd = os.open(run.out / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def _check_finite(what: str, value: float, step: int, ckpt_path: Path) -> None:
@@ -389,123 +477,126 @@ def _check_finite(what: str, value: float, step: int, ckpt_path: Path) -> None:
         )
 
 
-def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
-         steps_per_epoch, local, parameters) -> TrainResult:  # fmt: skip
-    n_train = len(data.train_labels)
-    step = 0
-    running = [0.0, 0.0, 0.0]  # loss sum, correct, seen (this epoch, global totals on rank 0 after a resume)
-    train_time, train_images = 0.0, 0
-    ckpt_path = out / CHECKPOINT_FILE
-    if resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
-        ckpt = read_checkpoint(ckpt_path)
-        stored = ckpt.progress.get("config")
-        if stored != config.identity():
-            stored = stored if isinstance(stored, dict) else {}
-            differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
-            details = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs run {config.identity().get(k)!r}" for k in differing[:6])
-            raise CheckpointError(f"{ckpt_path} belongs to another run configuration ({details})")
-        if ckpt.progress.get("total_steps") != total:
-            raise CheckpointError(f"{ckpt_path} was written for {ckpt.progress.get('total_steps')} steps, this run has {total}")
-        try:
-            raw.load_state_dict(ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt_path} does not fit this model: {str(exc).splitlines()[0]}") from None
-        scheduler.load_state_dict(ckpt.scheduler_state)
-        restore_rng(ckpt.rng[ctx.rank] if ctx.rank < len(ckpt.rng) else ckpt.rng[0])
-        step = ckpt.progress["step"]
-        running = list(ckpt.progress["running"]) if ctx.main else [0.0, 0.0, 0.0]
-        train_time, train_images = ckpt.progress["train_time"], ckpt.progress["train_images"]
-    history = _read_history(out / METRICS_FILE, step) if ctx.main and resume else []
+def _check_weights_finite(run: _Run) -> None:
+    """Never save or checkpoint non-finite weights: stop, keeping the last good checkpoint."""
+    if not all(bool(p.isfinite().all()) for p in run.raw.parameters()):
+        _check_finite("a model weight", float("nan"), run.step, run.ckpt_path)
+
+
+def _checkpoint(run: _Run) -> None:
+    """Write the checkpoint (rank 0) with every rank's random generator states."""
+    ctx = run.ctx
+    states = [None] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(states, capture_rng())
+    else:
+        states = [capture_rng()]
+    reduced = ctx.sum(*run.running)
+    _check_weights_finite(run)
     if ctx.main:
-        atomic_write(out / METRICS_FILE, lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in history)))
+        progress = {"config": run.config.identity(), "step": run.step, "epoch": run.step // run.steps_per_epoch,
+                    "batch_in_epoch": run.step % run.steps_per_epoch,
+                    "total_steps": run.total, "running": reduced, "train_time": run.train_time,
+                    "train_images": run.train_images, "world_size": ctx.world, "seed": run.config.seed}  # fmt: skip
+        state = Checkpoint(run.raw.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(), progress, states)
+        write_checkpoint(run.ckpt_path, state)
 
-    def log(entry: dict[str, Any]) -> None:
-        if ctx.main:
-            history.append(entry)
-            fd = os.open(out / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "a") as f:
-                f.write(json.dumps(entry) + "\n")
 
-    def weights_finite() -> None:
-        """Never save or checkpoint non-finite weights: stop, keeping the last good checkpoint."""
-        if not all(bool(p.isfinite().all()) for p in raw.parameters()):
-            _check_finite("a model weight", float("nan"), step, ckpt_path)
+def _batch_index(run: _Run) -> torch.Tensor:
+    """This rank's slice of the global batch at ``run.step`` (drawing the epoch's order at its start or on resume)."""
+    epoch, b = divmod(run.step, run.steps_per_epoch)
+    if b == 0 or run.order is None:
+        run.order = _epoch_order(run.config.seed, epoch, len(run.data.train_labels))
+    first = b * run.config.batch_size + run.ctx.rank * run.local
+    return run.order[first : first + run.local]
 
-    def checkpoint() -> None:
-        states = [None] * ctx.world
-        if ctx.world > 1:
-            dist.all_gather_object(states, capture_rng())
-        else:
-            states = [capture_rng()]
-        reduced = ctx.sum(*running)
-        weights_finite()
-        if ctx.main:
-            progress = {"config": config.identity(), "step": step, "epoch": step // steps_per_epoch,
-                        "batch_in_epoch": step % steps_per_epoch,
-                        "total_steps": total, "running": reduced, "train_time": train_time,
-                        "train_images": train_images, "world_size": ctx.world, "seed": config.seed}  # fmt: skip
-            write_checkpoint(ckpt_path, Checkpoint(raw.state_dict(), optimizer.state_dict(), scheduler.state_dict(), progress, states))
 
-    title = f"{config.size} · {'/'.join(config.mixers)} · {config.dataset}"
-    test_acc, test_loss = float("nan"), float("nan")
-    window_start, window_images = time.perf_counter(), 0
-    model.train()
-    with _progress(show_progress and ctx.main) as bar:
-        task = bar.add_task(title, total=total, completed=step, stats="")
-        order = None
-        while step < total:
-            epoch, b = divmod(step, steps_per_epoch)
-            if b == 0 or order is None:  # a new epoch, or resuming inside one
-                order = _epoch_order(config.seed, epoch, n_train)
-            index = order[b * config.batch_size + ctx.rank * local : b * config.batch_size + (ctx.rank + 1) * local]
-            t0 = time.perf_counter()
-            x, y = data.batch("train", index, ctx.device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            aux = raw.auxiliary_loss()
-            total_loss = loss if aux is None else loss + aux
-            loss_value = float(total_loss.detach())
-            if ctx.world > 1:  # every rank stops together (one would otherwise wait forever in the all-reduce)
-                loss_value = loss_value if ctx.sum(0.0 if math.isfinite(loss_value) else 1.0)[0] == 0 else math.nan
-            _check_finite("the training loss", loss_value, step, ckpt_path)
-            optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            train_time += time.perf_counter() - t0
-            train_images += config.batch_size
-            window_images += config.batch_size
-            running[0] += loss.item() * len(y)
-            running[1] += (logits.argmax(-1) == y).sum().item()
-            running[2] += len(y)
-            end_of_epoch = step % steps_per_epoch == 0
-            if step % config.log_every == 0 or end_of_epoch:
-                loss_sum, correct, seen = ctx.sum(*running)
-                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                window_start, window_images = time.perf_counter(), 0
-                entry = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                         "loss": loss_sum / seen, "accuracy": correct / seen, "lr": scheduler.get_last_lr()[0],
-                         "images_per_s": rate}  # fmt: skip
-                log(entry)
-                bar.update(task, stats=f"loss {entry['loss']:.3f}  acc {entry['accuracy']:.3f}  {rate:,.0f} img/s")
-            bar.update(task, completed=step)
+def _objective(run: _Run, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(classification loss, training objective)``: the objective adds the mechanisms' auxiliary losses
+    (``Backbone.auxiliary_loss``, the sum of every mechanism's ``aux_loss()``)."""
+    loss = F.cross_entropy(logits, y)
+    aux = run.raw.auxiliary_loss()
+    return loss, loss if aux is None else loss + aux
+
+
+def _train_step(run: _Run) -> None:
+    """One optimizer step on the next batch; stops the run (every rank together) on a non-finite loss."""
+    t0 = time.perf_counter()
+    x, y = run.data.batch("train", _batch_index(run), run.ctx.device)
+    logits = run.model(x)
+    loss, objective = _objective(run, logits, y)
+    value = float(objective.detach())
+    if run.ctx.world > 1:  # every rank stops together (one would otherwise wait forever in the all-reduce)
+        value = value if run.ctx.sum(0.0 if math.isfinite(value) else 1.0)[0] == 0 else math.nan
+    _check_finite("the training loss", value, run.step, run.ckpt_path)
+    run.optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    run.train_time += time.perf_counter() - t0
+    run.train_images += run.config.batch_size
+    run.window_images += run.config.batch_size
+    run.running[0] += loss.item() * len(y)
+    run.running[1] += (logits.argmax(-1) == y).sum().item()
+    run.running[2] += len(y)
+
+
+def _log_training(run: _Run, bar, task) -> None:
+    """Log the epoch's running loss and accuracy and the throughput since the last log."""
+    loss_sum, correct, seen = run.ctx.sum(*run.running)
+    rate = run.window_images / max(time.perf_counter() - run.window_start, 1e-9)
+    run.window_start, run.window_images = time.perf_counter(), 0
+    entry = {"kind": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+             "loss": loss_sum / seen, "accuracy": correct / seen, "lr": run.scheduler.get_last_lr()[0],
+             "images_per_s": rate}  # fmt: skip
+    _log(run, entry)
+    bar.update(task, stats=f"loss {entry['loss']:.3f}  acc {entry['accuracy']:.3f}  {rate:,.0f} img/s")
+
+
+def _end_epoch(run: _Run, bar) -> None:
+    """Evaluate, log, save the model and curves (rank 0), checkpoint."""
+    epoch = run.step // run.steps_per_epoch
+    run.test_accuracy, run.test_loss = evaluate(run.model, run.data, run.ctx, run.config.eval_batch_size)
+    _log(run, {"kind": "eval", "step": run.step, "epoch": epoch, "test_accuracy": run.test_accuracy,
+               "test_loss": run.test_loss})  # fmt: skip
+    if run.ctx.main:
+        bar.console.print(
+            f"epoch {epoch}/{run.config.epochs}: test accuracy {run.test_accuracy:.4f}, loss {run.test_loss:.4f}"
+        )
+    run.running = [0.0, 0.0, 0.0]
+    _check_weights_finite(run)
+    if run.ctx.main:
+        models.save(run.raw, run.out)
+        _plot_curves(run.history, run.out / CURVES_FILE, run.title)
+    _checkpoint(run)
+    run.window_start = time.perf_counter()
+
+
+def _loop(run: _Run, show_progress: bool) -> None:
+    """Train from ``run.step`` to the end: step, log, evaluate and checkpoint at epoch ends (and every
+    ``checkpoint_every`` steps)."""
+    config = run.config
+    run.window_start, run.window_images = time.perf_counter(), 0
+    run.model.train()
+    with _progress(show_progress and run.ctx.main) as bar:
+        task = bar.add_task(run.title, total=run.total, completed=run.step, stats="")
+        while run.step < run.total:
+            _train_step(run)
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            if run.step % config.log_every == 0 or end_of_epoch:
+                _log_training(run, bar, task)
+            bar.update(task, completed=run.step)
             if end_of_epoch:
-                test_acc, test_loss = evaluate(model, data, ctx, config.eval_batch_size)
-                log({"kind": "eval", "step": step, "epoch": epoch + 1, "test_accuracy": test_acc, "test_loss": test_loss})
-                if ctx.main:
-                    bar.console.print(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test_acc:.4f}, loss {test_loss:.4f}")
-                running = [0.0, 0.0, 0.0]
-                weights_finite()
-                if ctx.main:
-                    models.save(raw, out)
-                    _plot_curves(history, out / CURVES_FILE, title)
-                checkpoint()
-                window_start = time.perf_counter()
-            elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoint()
-    evals = [h for h in history if h["kind"] == "eval"]
+                _end_epoch(run, bar)
+            elif config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                _checkpoint(run)
+
+
+def _result(run: _Run) -> TrainResult:
+    """What the run reached (the last evaluation in the history, also when it was written before a resume)."""
+    evals = [h for h in run.history if h["kind"] == "eval"]
     if evals:
-        test_acc, test_loss = evals[-1]["test_accuracy"], evals[-1]["test_loss"]
-    return TrainResult(out, step, test_acc, test_loss, train_images / max(train_time, 1e-9), parameters, history)
+        run.test_accuracy, run.test_loss = evals[-1]["test_accuracy"], evals[-1]["test_loss"]
+    rate = run.train_images / max(run.train_time, 1e-9)
+    return TrainResult(run.out, run.step, run.test_accuracy, run.test_loss, rate, run.parameters, run.history)
