@@ -75,13 +75,13 @@ def test_filters_equal_the_ffn_on_every_offset():
 
 
 def test_channel_blocks_give_the_unblocked_result(monkeypatch):
-    from attnzoo.mechanisms import hyena_nd
+    from attnzoo.mechanisms import _base, hyena_nd
 
     torch.manual_seed(0)
     module = attnzoo.create("hyena_nd", 8, filter_hidden=8).double().eval()
     x = rand64(2, 5, 4, 8)
     whole = module(x)
     spectrum_bytes = 2 * hyena_nd.fft_size(9) * (hyena_nd.fft_size(7) // 2 + 1) * 16  # batch · rows · cols · complex128
-    monkeypatch.setattr(hyena_nd, "_CPU_BLOCK_BYTES", 3 * spectrum_bytes)  # blocks of 3, 3, 2 channels
-    assert [c.stop - c.start for c in hyena_nd.channel_blocks(x.new_zeros(2, 8, 5, 4))] == [3, 3, 2]
+    monkeypatch.setattr(_base, "CPU_BLOCK_BYTES", 3 * spectrum_bytes)  # blocks of 3, 3, 2 channels
+    assert [(c.start, c.stop) for c in _base.cpu_blocks(8, spectrum_bytes, x.device)] == [(0, 3), (3, 6), (6, 8)]
     torch.testing.assert_close(module(x), whole, rtol=1e-12, atol=1e-12)

@@ -132,3 +132,15 @@ def test_window_linear_attention_equals_the_per_token_segment_sums():
         expected = segment_linear_attention(*flat, segments, -(-height // window) * per_row, 1e-6)
         out = window_linear_attention(q, k, v, window, 1e-6)
         torch.testing.assert_close(out, expected.reshape(out.shape), rtol=1e-10, atol=1e-10)
+
+
+def test_scattered_linear_in_bands_of_window_rows_equals_the_whole_grid(monkeypatch):
+    from attnzoo.mechanisms import _base
+
+    module = build("scattered_linear", num_heads=2, window_size=3)
+    x = rand64(2, 11, 8, 16)
+    whole = module(x)
+    row_bytes = 2 * 8 * 3 * 16 * 8  # batch · width · qkv channels · float64
+    monkeypatch.setattr(_base, "CPU_BLOCK_BYTES", 7 * row_bytes)  # bands of 6 rows: 6 + 5
+    assert [(r.start, r.stop) for r in _base.cpu_blocks(11, row_bytes, x.device, 3)] == [(0, 6), (6, 11)]
+    torch.testing.assert_close(module(x), whole, rtol=1e-12, atol=1e-12)

@@ -8,16 +8,10 @@ import torch
 import torch.nn as nn
 
 from ..ops import compute_dtype
-from ._base import Mechanism, check_int
+from ._base import Mechanism, check_int, cpu_blocks
 from .registry import register_mechanism
 
 __all__ = ["HyenaND", "fft_conv2d"]
-
-
-# On the CPU the channels go through the long convolution in blocks whose complex spectra hold about this many bytes
-# (about an L2 cache), so one block's transforms, product and gating stay in cache instead of streaming every
-# intermediate through memory; on other devices all channels go in one batch.
-_CPU_BLOCK_BYTES = 1 << 20
 
 
 def fft_size(n: int) -> int:
@@ -45,15 +39,6 @@ def fft_conv2d(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     size = (fft_size(2 * height - 1), fft_size(2 * width - 1))
     full = torch.fft.irfft2(torch.fft.rfft2(u, s=size) * torch.fft.rfft2(kernel, s=size), s=size)
     return full[..., height - 1 : 2 * height - 1, width - 1 : 2 * width - 1]
-
-
-def channel_blocks(u: torch.Tensor) -> list[slice]:
-    """Slices of the channel axis of ``u [B, C, H, W]`` whose ``fft_conv2d`` spectra hold about
-    ``_CPU_BLOCK_BYTES`` each on the CPU (one slice on other devices, or when all channels fit)."""
-    batch, channels, height, width = u.shape
-    spectrum = batch * fft_size(2 * height - 1) * (fft_size(2 * width - 1) // 2 + 1) * 2 * u.element_size()
-    step = channels if u.device.type != "cpu" else max(1, _CPU_BLOCK_BYTES // spectrum)
-    return [slice(start, min(start + step, channels)) for start in range(0, channels, step)]
 
 
 class Sin(nn.Module):
@@ -174,7 +159,10 @@ class HyenaND(Mechanism):
         *gates, y = projected.chunk(self.order + 1, dim=1)
         kernels = self.filters(height, width, ct)
         skip = self.skip.to(ct)
-        blocks = channel_blocks(y)
+        # Channel blocks whose complex spectra (per channel: batch · FFT rows · FFT columns/2+1) fit a CPU cache, so
+        # each block's transforms, product and gating run in cache.
+        spectrum = x.shape[0] * fft_size(2 * height - 1) * (fft_size(2 * width - 1) // 2 + 1) * 2 * y.element_size()
+        blocks = cpu_blocks(self.dim, spectrum, y.device)
         for n in range(self.order):
             steps = [
                 gates[n][:, c] * (fft_conv2d(y[:, c], kernels[n, c]) + skip[n, c, None, None] * y[:, c]) for c in blocks

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import compute_dtype
-from ._base import Mechanism, check_int, check_positive, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_positive, cpu_blocks, merge_heads, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -91,9 +91,17 @@ class ScatteredLinearAttention(Mechanism):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        height, width = self.check_input(x)
         if x.numel() == 0:  # an empty batch or grid has nothing to mix
             return x.new_zeros(x.shape)
+        # Windows never straddle bands of whole window rows, so each band is mixed on its own; bands sized so their
+        # qkv activations fit a CPU cache keep every intermediate in cache.
+        row_bytes = x.shape[0] * width * 3 * self.dim * x.element_size()
+        bands = [self.mix(x[:, rows]) for rows in cpu_blocks(height, row_bytes, x.device, self.window_size)]
+        return bands[0] if len(bands) == 1 else torch.cat(bands, dim=1)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer on ``x [B, H, W, dim]`` whose windows start at row and column 0."""
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
         out = window_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, self.window_size, self.eps)
         return self.proj_drop(self.proj(merge_heads(out)))
