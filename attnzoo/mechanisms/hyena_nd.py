@@ -142,7 +142,7 @@ class HyenaND(Mechanism):
             for axis in (0, 1)
         )  # fmt: skip
         rows, cols = (self.axis_features(d).to(first.weight.dtype) for d in (dy, dx))
-        hidden = ((rows @ row_weight.T)[:, None] + (cols @ col_weight.T)[None, :] + first.bias).flatten(0, 1)
+        hidden = ((rows @ row_weight.T + first.bias)[:, None] + (cols @ col_weight.T)[None, :]).flatten(0, 1)
         for layer in middle:
             hidden = layer(hidden)  # [offsets, filter_hidden]
         kernel = torch.mm(last.weight, hidden.T).to(dtype).view(self.order, self.dim, -1)  # [order, dim, offsets]
