@@ -49,3 +49,39 @@ def test_hyena_filters_decay_away_from_the_centre():
     kernels = module.filters(5, 5, torch.float64)
     centre, corner = kernels[..., 4, 4], kernels[..., 0, 0]
     assert bool((centre.abs() > corner.abs()).all())
+
+
+def plain_filters(module, height, width):
+    """The filters as first written: the whole FFN on every offset's full feature vector
+    ``[δy, δx, sin(kπδy), sin(kπδx), cos(kπδy), cos(kπδx)]``, times the decay window, channels last."""
+    dy = torch.arange(-(height - 1), height, dtype=torch.float64) / max(height - 1, 1)
+    dx = torch.arange(-(width - 1), width, dtype=torch.float64) / max(width - 1, 1)
+    grid_y, grid_x = torch.meshgrid(dy, dx, indexing="ij")
+    bands = torch.arange(1, module.num_bands + 1, dtype=torch.float64) * torch.pi
+    angles = torch.cat([grid_y[..., None] * bands, grid_x[..., None] * bands], dim=-1)
+    positions = torch.cat([grid_y[..., None], grid_x[..., None], torch.sin(angles), torch.cos(angles)], dim=-1)
+    kernel = module.filter_mlp(positions)  # [2H−1, 2W−1, order·dim]
+    decay = module.decay.repeat(module.order)
+    window = torch.exp(-decay * (torch.sqrt(grid_y**2 + grid_x**2) / 2**0.5)[..., None])
+    return (kernel * window).permute(2, 0, 1).unflatten(0, (module.order, module.dim))
+
+
+def test_filters_equal_the_ffn_on_every_offset():
+    torch.manual_seed(0)
+    module = attnzoo.create("hyena_nd", 8, order=3, filter_hidden=8, num_bands=3).double()
+    for height, width in ((4, 3), (1, 5), (6, 6)):
+        expected = plain_filters(module, height, width)
+        torch.testing.assert_close(module.filters(height, width, torch.float64), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_channel_blocks_give_the_unblocked_result(monkeypatch):
+    from attnzoo.mechanisms import _base, hyena_nd
+
+    torch.manual_seed(0)
+    module = attnzoo.create("hyena_nd", 8, filter_hidden=8).double().eval()
+    x = rand64(2, 5, 4, 8)
+    whole = module(x)
+    spectrum_bytes = 2 * hyena_nd.fft_size(9) * (hyena_nd.fft_size(7) // 2 + 1) * 16  # batch · rows · cols · complex128
+    monkeypatch.setattr(_base, "CPU_BLOCK_BYTES", 3 * spectrum_bytes)  # blocks of 3, 3, 2 channels
+    assert [(c.start, c.stop) for c in _base.cpu_blocks(8, spectrum_bytes, x.device)] == [(0, 3), (3, 6), (6, 8)]
+    torch.testing.assert_close(module(x), whole, rtol=1e-12, atol=1e-12)

@@ -107,3 +107,40 @@ def test_scattered_linear_is_confined_to_the_query_window():
     inside = torch.zeros(7, 8, dtype=torch.bool)
     inside[3:6, 6:8] = True
     assert grad[0][~inside].abs().max() == 0 and grad[0][inside].abs().min() > 0
+
+
+def segment_linear_attention(q, k, v, segments, num_segments, eps):
+    """The per-token form scattered_linear was first written in: every token's outer product ``φk_j v_jᵀ`` and key
+    scatter-added into its segment's state (``index_add``), each query reading its own segment's state."""
+    outer = torch.einsum("bnhd,bnhe->bnhde", k, v)
+    states = outer.new_zeros(k.shape[0], num_segments, *outer.shape[2:]).index_add(1, segments, outer)
+    totals = k.new_zeros(k.shape[0], num_segments, *k.shape[2:]).index_add(1, segments, k)
+    numerator = torch.einsum("bnhd,bnhde->bnhe", q, states[:, segments])
+    return numerator / (torch.einsum("bnhd,bnhd->bnh", q, totals[:, segments]) + eps).unsqueeze(-1)
+
+
+def test_window_linear_attention_equals_the_per_token_segment_sums():
+    from attnzoo.mechanisms.scattered_linear import window_linear_attention
+
+    for (height, width), window in (((7, 8), 3), ((6, 6), 3), ((5, 4), 1), ((3, 5), 7), ((9, 2), 4)):
+        q, k = (rand64(2, height, width, 2, 4, seed=s).abs() for s in (0, 1))
+        v = rand64(2, height, width, 2, 3, seed=2)
+        rows, cols = torch.arange(height) // window, torch.arange(width) // window
+        per_row = -(-width // window)
+        segments = (rows[:, None] * per_row + cols[None, :]).reshape(-1)
+        flat = (t.flatten(1, 2) for t in (q, k, v))
+        expected = segment_linear_attention(*flat, segments, -(-height // window) * per_row, 1e-6)
+        out = window_linear_attention(q, k, v, window, 1e-6)
+        torch.testing.assert_close(out, expected.reshape(out.shape), rtol=1e-10, atol=1e-10)
+
+
+def test_scattered_linear_in_bands_of_window_rows_equals_the_whole_grid(monkeypatch):
+    from attnzoo.mechanisms import _base
+
+    module = build("scattered_linear", num_heads=2, window_size=3)
+    x = rand64(2, 11, 8, 16)
+    whole = module(x)
+    row_bytes = 2 * 8 * 3 * 16 * 8  # batch · width · qkv channels · float64
+    monkeypatch.setattr(_base, "CPU_BLOCK_BYTES", 7 * row_bytes)  # bands of 6 rows: 6 + 5
+    assert [(r.start, r.stop) for r in _base.cpu_blocks(11, row_bytes, x.device, 3)] == [(0, 6), (6, 11)]
+    torch.testing.assert_close(module(x), whole, rtol=1e-12, atol=1e-12)

@@ -11,9 +11,12 @@ from einops import rearrange
 
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
-    "check_resolution",    "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
-    "BlockState",
+    "check_resolution", "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table",
+    "inference_cached", "cpu_blocks", "BlockState",
 ]  # fmt: skip
+
+# About one core's L2 cache: the working set of one block of a blocked CPU computation (``cpu_blocks``).
+CPU_BLOCK_BYTES = 1 << 20
 
 
 def resolve_heads(
@@ -117,6 +120,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, *spatial, C)`` → ``(B, N, C)``, row-major (last spatial axis fastest)."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def cpu_blocks(length: int, unit_bytes: int, device: torch.device, multiple: int = 1) -> list[slice]:
+    """Slices cutting an axis of ``length`` units (``unit_bytes`` of working set each) into blocks of about
+    ``CPU_BLOCK_BYTES`` (whole multiples of ``multiple`` units, at least one), so a computation done block by block
+    keeps its intermediates in cache on the CPU instead of streaming them through memory. One slice on other
+    devices, which want the whole batch at once."""
+    step = length
+    if device.type == "cpu":
+        step = max(multiple, CPU_BLOCK_BYTES // max(unit_bytes, 1) // multiple * multiple)
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
 
 def cached_table(fn: Callable, *args: Any) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from ._base import Mechanism, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .linear import linear_attention_associative
@@ -21,7 +20,7 @@ def focused_feature_map(x: torch.Tensor, scale: torch.Tensor, power: float) -> t
     """
     y = (F.relu(x) + 1e-6) / F.softplus(scale)
     powered = y**power
-    return powered / powered.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
+    return powered * (y.norm(dim=-1, keepdim=True) / powered.norm(dim=-1, keepdim=True))
 
 
 @register_mechanism(
@@ -79,19 +78,23 @@ class FocusedLinearAttention(Mechanism):
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``φ(q), φ(k), v`` as ``[B, N, heads, head_dim]``."""
-        q, k, v = self.qkv(flatten_tokens(x)).chunk(3, dim=-1)
-        q, k = (focused_feature_map(t, self.scale, self.focusing_factor) for t in (q, k))
-        return split_qkv(torch.cat([q, k, v], dim=-1), self.num_heads)
+        qkv = self.qkv(flatten_tokens(x))
+        qk = qkv[..., : 2 * self.dim].unflatten(-1, (2, self.dim))  # φ maps q and k in one pass
+        q, k = focused_feature_map(qk, self.scale, self.focusing_factor).unbind(-2)
+        return tuple(t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k, qkv[..., 2 * self.dim :]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, _ = self.check_input(x)
+        self.check_input(x)
         if x.numel() == 0:  # an empty batch or grid has nothing to mix
             return x.new_zeros(x.shape)
         q, k, v = self.features(x)
-        out = merge_heads(linear_attention_associative(q, k, v, eps=1e-6))
-        v_map = rearrange(v, "b (y x) h d -> (b h) d y x", y=height)
-        local = rearrange(self.dwc(v_map), "(b h) d y x -> b (y x) (h d)", h=self.num_heads)
-        return self.proj_drop(self.proj(out + local)).reshape(x.shape)
+        out = merge_heads(linear_attention_associative(q, k, v, eps=1e-6)).reshape(x.shape)
+        # The head_dim-channel depthwise conv shared by the heads, as one conv over all dim channels (its weights
+        # repeated per head) on the channels-last map of v: no per-head reshuffle of v or of the result.
+        v_map = v.reshape(x.shape).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        weight, bias = self.dwc.weight.repeat(self.num_heads, 1, 1, 1), self.dwc.bias.repeat(self.num_heads)
+        local = F.conv2d(v_map, weight, bias, padding=self.dwc.padding, groups=self.dim).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(out + local))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}"

@@ -8,18 +8,19 @@ import torch
 import torch.nn as nn
 
 from ..ops import compute_dtype
-from ._base import Mechanism, check_int
+from ._base import Mechanism, check_int, cpu_blocks
 from .registry import register_mechanism
 
 __all__ = ["HyenaND", "fft_conv2d"]
 
 
-def _smooth_size(n: int) -> int:
-    """The smallest 2^a·3^b·5^c ≥ n (FFT lengths with small prime factors are fast)."""
+def fft_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c·7^d ≥ n (pocketfft's fast radices; e.g. 224 for 223, where the 5-smooth 225 is
+    about 1.4× slower)."""
     size = n
     while True:
         rest = size
-        for prime in (2, 3, 5):
+        for prime in (2, 3, 5, 7):
             while rest % prime == 0:
                 rest //= prime
         if rest == 1:
@@ -35,9 +36,8 @@ def fft_conv2d(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     (rounded up to a fast FFT length). O(N log N) per channel.
     """
     height, width = u.shape[-2:]
-    size = (_smooth_size(2 * height - 1), _smooth_size(2 * width - 1))
-    product = torch.fft.rfft2(u, s=size) * torch.fft.rfft2(kernel, s=size)
-    full = torch.fft.irfft2(product, s=size)
+    size = (fft_size(2 * height - 1), fft_size(2 * width - 1))
+    full = torch.fft.irfft2(torch.fft.rfft2(u, s=size) * torch.fft.rfft2(kernel, s=size), s=size)
     return full[..., height - 1 : 2 * height - 1, width - 1 : 2 * width - 1]
 
 
@@ -112,25 +112,43 @@ class HyenaND(Mechanism):
             nn.Linear(filter_hidden, order * dim, bias=False),
         )  # fmt: skip
         target = math.log(1e-2)
-        self.register_buffer("decay", torch.linspace(target / 1.5, target / 0.3, dim).abs().repeat(order), persistent=False)
+        self.register_buffer("decay", torch.linspace(target / 1.5, target / 0.3, dim).abs(), persistent=False)
         self.skip = nn.Parameter(torch.randn(order, dim))
         self.out_proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def axis_features(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``[len, 1 + 2·num_bands]`` positional features ``δ, sin(kπδ), cos(kπδ)`` (``k = 1..num_bands``) of the
+        normalised offsets ``δ`` of one axis."""
+        bands = torch.arange(1, self.num_bands + 1, device=offsets.device, dtype=offsets.dtype) * math.pi
+        angles = offsets[:, None] * bands
+        return torch.cat([offsets[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
+
     def filters(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """The implicit long filters ``[order, dim, 2H−1, 2W−1]`` for an ``H×W`` grid (index = offset + extent−1)."""
+        """The implicit long filters ``[order, dim, 2H−1, 2W−1]`` for an ``H×W`` grid (index = offset + extent−1).
+
+        The FFN input at offset ``(δy, δx)`` is ``[δy, δx, sin(kπδy), sin(kπδx), cos(kπδy), cos(kπδx)]``; its first
+        linear layer is evaluated per axis (``W_y·f(δy) + W_x·f(δx) + b``: one broadcast add per offset instead of a
+        matmul over all features), and the last one channel-first, so the filters come out ready for the FFT.
+        """
         device = self.skip.device
-        dy = torch.arange(-(height - 1), height, device=device, dtype=dtype) / max(height - 1, 1)
-        dx = torch.arange(-(width - 1), width, device=device, dtype=dtype) / max(width - 1, 1)
-        grid_y, grid_x = torch.meshgrid(dy, dx, indexing="ij")
-        bands = torch.arange(1, self.num_bands + 1, device=device, dtype=dtype) * math.pi
-        angles = torch.cat([grid_y[..., None] * bands, grid_x[..., None] * bands], dim=-1)
-        positions = torch.cat([grid_y[..., None], grid_x[..., None], torch.sin(angles), torch.cos(angles)], dim=-1)
-        mlp_dtype = self.filter_mlp[0].weight.dtype
-        kernel = self.filter_mlp(positions.to(mlp_dtype)).to(dtype)  # [2H−1, 2W−1, order·dim]
-        distance = torch.sqrt(grid_y**2 + grid_x**2) / math.sqrt(2)
-        window = torch.exp(-self.decay.to(dtype) * distance[..., None])
-        return (kernel * window).permute(2, 0, 1).unflatten(0, (self.order, self.dim))
+        dy, dx = (torch.arange(-(n - 1), n, device=device, dtype=dtype) / max(n - 1, 1) for n in (height, width))
+        first, *middle, last = self.filter_mlp
+        bands = self.num_bands
+        sines, cosines = first.weight[:, 2 : 2 + 2 * bands], first.weight[:, 2 + 2 * bands :]
+        row_weight, col_weight = (
+            torch.cat([first.weight[:, axis : axis + 1], sines[:, axis * bands : (axis + 1) * bands],
+                       cosines[:, axis * bands : (axis + 1) * bands]], dim=1)
+            for axis in (0, 1)
+        )  # fmt: skip
+        rows, cols = (self.axis_features(d).to(first.weight.dtype) for d in (dy, dx))
+        hidden = ((rows @ row_weight.T + first.bias)[:, None] + (cols @ col_weight.T)[None, :]).flatten(0, 1)
+        for layer in middle:
+            hidden = layer(hidden)  # [offsets, filter_hidden]
+        kernel = torch.mm(last.weight, hidden.T).to(dtype).view(self.order, self.dim, -1)  # [order, dim, offsets]
+        distance = torch.sqrt(dy[:, None] ** 2 + dx[None, :] ** 2) / math.sqrt(2)
+        window = torch.exp(-self.decay.to(dtype)[:, None] * distance.flatten())  # Hyena's decay, [dim, offsets]
+        return (kernel * window).view(self.order, self.dim, 2 * height - 1, 2 * width - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
@@ -141,8 +159,15 @@ class HyenaND(Mechanism):
         *gates, y = projected.chunk(self.order + 1, dim=1)
         kernels = self.filters(height, width, ct)
         skip = self.skip.to(ct)
+        # Channel blocks whose complex spectra (per channel: batch · FFT rows · FFT columns/2+1) fit a CPU cache, so
+        # each block's transforms, product and gating run in cache.
+        spectrum = x.shape[0] * fft_size(2 * height - 1) * (fft_size(2 * width - 1) // 2 + 1) * 2 * y.element_size()
+        blocks = cpu_blocks(self.dim, spectrum, y.device)
         for n in range(self.order):
-            y = gates[n] * (fft_conv2d(y, kernels[n]) + skip[n, :, None, None] * y)
+            steps = [
+                gates[n][:, c] * (fft_conv2d(y[:, c], kernels[n, c]) + skip[n, c, None, None] * y[:, c]) for c in blocks
+            ]
+            y = steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
         return self.proj_drop(self.out_proj(y.permute(0, 2, 3, 1).to(x.dtype)))
 
     def extra_repr(self) -> str:

@@ -1,50 +1,41 @@
-"""ScatterFormer's scattered linear attention: linear attention inside variable-length windows via segment sums."""
+"""ScatterFormer's scattered linear attention: linear attention inside windows, one state per window."""
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..ops import compute_dtype
-from ._base import (
-    Mechanism, cached_table, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv,
-)
+from ._base import Mechanism, check_int, check_positive, cpu_blocks, merge_heads, resolve_heads, split_qkv
+from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
-__all__ = ["ScatteredLinearAttention", "segment_linear_attention", "window_segments"]
+__all__ = ["ScatteredLinearAttention", "window_linear_attention"]
 
 
-@lru_cache(maxsize=64)
-def window_segments(height: int, width: int, window_size: int) -> tuple[torch.Tensor, int]:
-    """Window id of every row-major token of an ``H×W`` grid cut into ``window_size²`` windows (edge windows are
-    smaller: no padding), and the number of windows."""
-    rows = torch.arange(height) // window_size
-    cols = torch.arange(width) // window_size
-    per_row = -(-width // window_size)
-    ids = (rows[:, None] * per_row + cols[None, :]).reshape(-1)
-    return ids, int(-(-height // window_size) * per_row)
+def window_linear_attention(q, k, v, window_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Linear attention inside ``window_size²`` windows: ``o_i = φq_i·S_w / (φq_i·z_w + eps)`` for the window ``w`` of
+    token ``i``, with ``S_w = Σ_{j∈w} φk_j v_jᵀ`` and ``z_w = Σ_{j∈w} φk_j``.
 
-
-def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int, eps: float = 1e-6) -> torch.Tensor:
-    """Linear attention restricted to segments: ``o_i = φq_i·S_{s(i)} / (φq_i·z_{s(i)} + eps)``.
-
-    ``q, k [B, N, heads, d]`` (non-negative features), ``v [B, N, heads, e]``, ``segments [N]`` (segment of every
-    token, any order, any sizes). ``S_s = Σ_{j∈s} k_j v_jᵀ`` and ``z_s = Σ_{j∈s} k_j`` are scatter-added (segment
-    sums), so the cost is O(N·d·e) whatever the segment sizes. Half precision is computed in float32.
+    ``q, k [B, H, W, heads, d]`` (non-negative features), ``v [B, H, W, heads, e]``. Edge windows are smaller: the
+    grid is zero-padded to whole windows, and a zero key adds nothing to ``S_w`` or ``z_w``, so padding changes no
+    real token's output. Per window ``S_w`` and ``φq·S_w`` are batched matmuls, O(N·d·e) in all. Half precision is
+    computed in float32.
     """
     dtype = q.dtype
     ct = compute_dtype(dtype)
-    q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    b, _, h, d = k.shape
-    outer = torch.einsum("bnhd,bnhe->bnhde", k, v)
-    states = outer.new_zeros(b, num_segments, h, d, v.shape[-1]).index_add(1, segments, outer)
-    totals = k.new_zeros(b, num_segments, h, d).index_add(1, segments, k)
-    numerator = torch.einsum("bnhd,bnhde->bnhe", q, states[:, segments])
-    normaliser = torch.einsum("bnhd,bnhd->bnh", q, totals[:, segments]) + eps
-    return (numerator / normaliser.unsqueeze(-1)).to(dtype)
+    height, width = q.shape[1:3]
+    padding = pad_to_multiple((height, width), (window_size, window_size))
+    q, k, v = (
+        rearrange(padding.pad(t.to(ct)), "b (ny wy) (nx wx) h d -> b ny nx h (wy wx) d", wy=window_size, wx=window_size)
+        for t in (q, k, v)
+    )
+    numerator = q @ (k.transpose(-1, -2) @ v)
+    normaliser = q @ k.sum(-2).unsqueeze(-1) + eps
+    out = rearrange(numerator / normaliser, "b ny nx h (wy wx) e -> b (ny wy) (nx wx) h e", wy=window_size)
+    return padding.crop(out).to(dtype)
 
 
 @register_mechanism(
@@ -58,18 +49,18 @@ def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int,
     receptive_field="local",
     note=(
         "From the paper's description (no official code read): tokens are grouped into windows of variable length "
-        "(on an image grid: window_size² windows, smaller at the borders, no padding); per window the linear "
-        "attention state Σφ(k)vᵀ and normaliser Σφ(k) are segment sums (index_add), φ = elu + 1. ScatterFormer's "
+        "(on an image grid: window_size² windows, smaller at the borders); per window one linear-attention state "
+        "Σφ(k)vᵀ and normaliser Σφ(k), φ = elu + 1, computed as batched matmuls over zero-padded windows (a padded "
+        "key is zero, so it adds nothing and every window holds only its real tokens). ScatterFormer's "
         "cross-window interaction module and alternating window shifts live outside this single mixer."
     ),
     test_kwargs={"num_heads": 2, "window_size": 3},
     test_size=(7, 8),
 )
 class ScatteredLinearAttention(Mechanism):
-    """Scattered linear attention (He et al., "ScatterFormer", ECCV 2024): windowed linear attention by segment sums.
+    """Scattered linear attention (He et al., "ScatterFormer", ECCV 2024): linear attention within windows.
 
-    Each token attends (with the elu + 1 kernel) to the tokens of its own window; windows may hold any number of
-    tokens, and no padding or per-window loop is needed.
+    Each token attends (with the elu + 1 kernel) to the tokens of its own window; border windows hold fewer tokens.
 
     Args:
         dim: channels in/out.
@@ -103,10 +94,17 @@ class ScatteredLinearAttention(Mechanism):
         height, width = self.check_input(x)
         if x.numel() == 0:  # an empty batch or grid has nothing to mix
             return x.new_zeros(x.shape)
-        segments, count = cached_table(window_segments, height, width, self.window_size)
-        q, k, v = split_qkv(self.qkv(flatten_tokens(x)), self.num_heads)
-        out = segment_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, segments.to(x.device), count, self.eps)
-        return self.proj_drop(self.proj(merge_heads(out))).reshape(x.shape)
+        # Windows never straddle bands of whole window rows, so each band is mixed on its own; bands sized so their
+        # qkv activations fit a CPU cache keep every intermediate in cache.
+        row_bytes = x.shape[0] * width * 3 * self.dim * x.element_size()
+        bands = [self.mix(x[:, rows]) for rows in cpu_blocks(height, row_bytes, x.device, self.window_size)]
+        return bands[0] if len(bands) == 1 else torch.cat(bands, dim=1)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer on ``x [B, H, W, dim]`` whose windows start at row and column 0."""
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        out = window_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, self.window_size, self.eps)
+        return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"
