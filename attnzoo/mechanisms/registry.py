@@ -14,6 +14,7 @@ LAYOUTS = ("spatial", "sequence", "cross")
 COMPLEXITIES = ("quadratic", "linear", "N·k")
 SLOTS = ("token", "channel")
 RECEPTIVE_FIELDS = ("global", "local", "causal", "channel")
+SIZE_RULES = ("extent", "ratio", "count")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class MechanismInfo:
     ``"channel"`` (its own token only: a per-token gate or channel mixer).
     note: what was implemented where the paper's definition is uncertain, and from which source.
     test_kwargs / test_size / test_dim: a small configuration the conformance suite builds and runs.
+    size_args: the constructor arguments that are spatial sizes, each with how a backbone fits it to a stage's token
+    grid (``docs/vocabulary.md``): ``"extent"`` (a side length: window, kernel, pool), ``"ratio"`` (a down-sampling
+    factor, e.g. ``sr_ratio``) or ``"count"`` (a number of windows per side); each is at most the grid's side.
     """
 
     name: str
@@ -49,6 +53,7 @@ class MechanismInfo:
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     test_size: tuple[int, ...] = (8, 8)
     test_dim: int = 32
+    size_args: dict[str, str] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -79,6 +84,7 @@ def register_mechanism(
     test_kwargs: dict[str, Any] | None = None,
     test_size: tuple[int, ...] = (8, 8),
     test_dim: int = 32,
+    size_args: dict[str, str] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator that registers an ``nn.Module`` under its canonical ``name`` with its metadata."""
     if layout not in LAYOUTS:
@@ -89,6 +95,8 @@ def register_mechanism(
         raise ValueError(f"slot={slot!r} must be one of {SLOTS}")
     if receptive_field not in RECEPTIVE_FIELDS:
         raise ValueError(f"receptive_field={receptive_field!r} must be one of {RECEPTIVE_FIELDS}")
+    if any(rule not in SIZE_RULES for rule in (size_args or {}).values()):
+        raise ValueError(f"size_args={size_args!r}: each rule must be one of {SIZE_RULES}")
 
     def decorate(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -101,6 +109,7 @@ def register_mechanism(
             paper_identity=paper_identity, causal_capable=causal_capable, is_attention=is_attention, slot=slot,
             receptive_field=receptive_field, note=note,
             test_kwargs=dict(test_kwargs or {}), test_size=tuple(test_size), test_dim=test_dim,
+            size_args=dict(size_args or {}),
         )  # fmt: skip
         cls.mechanism_name = name
         return cls

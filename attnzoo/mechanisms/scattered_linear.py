@@ -64,6 +64,7 @@ def segment_linear_attention(q, k, v, segments: torch.Tensor, num_segments: int,
     ),
     test_kwargs={"num_heads": 2, "window_size": 3},
     test_size=(7, 8),
+    size_args={"window_size": "extent"},
 )
 class ScatteredLinearAttention(Mechanism):
     """Scattered linear attention (He et al., "ScatterFormer", ECCV 2024): windowed linear attention by segment sums.

@@ -14,10 +14,11 @@ size       dims               depths        stem stride  mlp ratio    tokens per
 ``small``  64, 128, 256, 512  2, 2, 6, 2    4            4            56, 28, 14, 7 (img_size 224)
 =========  =================  ============  ===========  ===========  =================================
 
-Per-stage defaults: a mechanism's own defaults are kept, except that size-like arguments (``kernel_size``,
-``window_size``, ``block_size``, ``split_size``, ``grid_size``…) larger than the stage's token grid are clamped to
-the grid (so NA's 7×7 kernel becomes 4×4 on a 4×4 stage), and a ``shift_size`` is halved with them (0 when the window
-covers the whole grid). Mechanisms that need a fixed resolution (``needs_input_size`` or an ``input_resolution``
+Per-stage defaults: a mechanism's own defaults are kept, except that the spatial sizes its registry entry declares
+(``size_args``: ``kernel_size``, ``window_size``, ``sr_ratio``, ``num_windows``…, see ``docs/vocabulary.md``) larger
+than the stage's token grid are clamped to the grid (so NA's 7×7 kernel becomes 4×4 on a 4×4 stage and MaxViT's 7×7
+partition 2×2 on a 2×2 stage), and a ``shift_size`` is halved with the window (0 when the window covers the whole
+grid). Mechanisms that need a fixed resolution (``needs_input_size`` or an ``input_resolution``
 argument) receive ``input_resolution=(H, W)``. Sequence-layout mechanisms receive flattened tokens ``(B, H·W, C)``.
 Arguments given by the user are never changed; a mechanism that cannot run at a stage's size raises a ``ValueError``
 at construction that names the stage, mixer, size and arguments.
@@ -60,8 +61,6 @@ SIZES: dict[str, BackboneSize] = {
     "small": BackboneSize(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), stem_stride=4, mlp_ratio=4.0, img_size=224),
 }
 
-SIZE_ARGS = ("kernel_size", "window_size", "block_size", "split_size", "grid_size", "region_size", "local_size", "sr_ratio")
-
 
 def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
     def fit(v: int, extent: int) -> int:
@@ -78,17 +77,24 @@ def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
     return value
 
 
-def _fitted(params: Mapping[str, inspect.Parameter], grid: tuple[int, int], user: Mapping[str, Any], odd: bool) -> dict[str, Any]:
+def _fitted(
+    params: Mapping[str, inspect.Parameter],
+    size_args: Mapping[str, str],
+    grid: tuple[int, int],
+    user: Mapping[str, Any],
+    odd: bool,
+) -> dict[str, Any]:
+    """The declared ``size_args`` defaults fitted to ``grid`` (those that change), and ``shift_size`` with the window."""
     kwargs: dict[str, Any] = {}
     window: Any = None
-    for arg in SIZE_ARGS:
+    for arg, rule in size_args.items():
         p = params.get(arg)
         if p is None or arg in user or p.default is inspect.Parameter.empty:
             continue
-        fitted = _clamp(p.default, grid, odd)
+        fitted = _clamp(p.default, grid, odd and rule == "extent")
         if fitted != p.default and not (isinstance(p.default, list) and tuple(p.default) == fitted):
             kwargs[arg] = fitted
-            if arg != "sr_ratio" and (arg == "window_size" or window is None):
+            if rule == "extent" and (arg == "window_size" or window is None):
                 window = fitted
     shift = params.get("shift_size")
     if window is not None and shift is not None and "shift_size" not in user:
@@ -101,8 +107,9 @@ def _fitted(params: Mapping[str, inspect.Parameter], grid: tuple[int, int], user
 def stage_defaults(name: str, grid: tuple[int, int], user_kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Candidate keyword arguments for mechanism ``name`` on a ``grid`` token map, preferred first.
 
-    Each is ``user_kwargs`` plus the mechanism's size-like defaults fitted to the grid: clamped to the extent, or
-    (second candidate, for mechanisms that need centred kernels) to the largest odd size when the default is odd.
+    Each is ``user_kwargs`` plus the defaults of the mechanism's declared ``size_args`` fitted to the grid: clamped
+    to the extent, or (second candidate, for mechanisms that need centred kernels) an odd ``"extent"`` default to the
+    largest odd size.
     """
     info = mechanism_info(name)
     params = inspect.signature(info.cls.__init__).parameters
@@ -111,7 +118,7 @@ def stage_defaults(name: str, grid: tuple[int, int], user_kwargs: Mapping[str, A
         extra["input_resolution"] = tuple(grid)
     candidates: list[dict[str, Any]] = []
     for odd in (False, True):
-        kwargs = {**_fitted(params, grid, user_kwargs, odd), **extra, **user_kwargs}
+        kwargs = {**_fitted(params, info.size_args, grid, user_kwargs, odd), **extra, **user_kwargs}
         if kwargs not in candidates:
             candidates.append(kwargs)
     return candidates
