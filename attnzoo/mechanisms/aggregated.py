@@ -69,7 +69,7 @@ def aggregated_geometry(
     needs_input_size=True,
     test_kwargs={"num_heads": 2, "kernel_size": 3, "sr_ratio": 2, "input_resolution": (6, 6)},
     test_size=(6, 6),
-    size_args={"kernel_size": "extent", "sr_ratio": "ratio"},
+    size_args={"kernel_size": "kernel", "sr_ratio": "ratio"},
 )
 class AggregatedAttention(Mechanism):
     """Aggregated attention from TransNeXt (Shi, 2023): pixel-focused local window ∪ pooled tokens, one softmax.

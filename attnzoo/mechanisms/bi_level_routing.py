@@ -25,7 +25,7 @@ __all__ = ["BiLevelRoutingAttention"]
     reference="rayleizhu/BiFormer ops/bra_legacy.py::BiLevelRoutingAttention (official; keys qkv.qkv, wo, lepe)",
     test_kwargs={"num_heads": 2, "num_windows": 2, "topk": 2, "kernel_size": 3},
     test_size=(6, 8),
-    size_args={"num_windows": "count", "kernel_size": "extent"},
+    size_args={"num_windows": "count", "kernel_size": "kernel"},
 )
 class BiLevelRoutingAttention(Mechanism):
     """Bi-level routing attention (Zhu et al., BiFormer 2023): region-level top-k routing, then token attention.

@@ -36,7 +36,7 @@ def absolute_offset_index(window: int) -> torch.Tensor:
     "attn.dws.i (conv = our c), attn.proj.1, attn.attention_biases)",
     test_kwargs={"num_heads": 4, "qk_dim": 4, "window_size": 4, "kernel_size": 3},
     test_size=(6, 8),
-    size_args={"window_size": "extent", "kernel_size": "extent"},
+    size_args={"window_size": "extent", "kernel_size": "kernel"},
 )
 class CascadedGroupAttention(Mechanism):
     """Cascaded group attention (Liu et al., EfficientViT, 2023) in ``window_size``² windows on a 2-D grid.

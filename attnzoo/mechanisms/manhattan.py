@@ -56,7 +56,7 @@ def rotate_pairs(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     "+ RetNetRelPos2d",
     test_kwargs={"num_heads": 4},
     test_size=(5, 6),
-    size_args={"kernel_size": "extent"},
+    size_args={"kernel_size": "kernel"},
 )
 class ManhattanSelfAttention(Mechanism):
     """Manhattan self-attention (Fan et al., RMT, 2023) on a 2-D token grid.

@@ -24,7 +24,7 @@ from .registry import register_mechanism
     causal_capable=True,
     test_kwargs={"kernel_size": 3, "num_heads": 2},
     test_size=(6, 7),
-    size_args={"kernel_size": "extent"},
+    size_args={"kernel_size": "span"},
 )
 class NeighborhoodAttention(Mechanism):
     """Neighborhood attention (Hassani et al., NAT 2022; DiNAT 2022; GNA 2025) on 1-, 2- or 3-D token grids.

@@ -50,7 +50,7 @@ def noncausal_ssd_quadratic(x, dt, A, B, C, D) -> torch.Tensor:
     ),
     test_kwargs={"d_state": 8, "head_dim": 16},
     test_size=(5, 6),
-    size_args={"kernel_size": "extent"},
+    size_args={"kernel_size": "kernel"},
 )
 class NonCausalSSD(Mechanism):
     """NC-SSD (Shi et al., "VSSD", 2024): every token reads one shared state built from all tokens.

@@ -14,7 +14,7 @@ LAYOUTS = ("spatial", "sequence", "cross")
 COMPLEXITIES = ("quadratic", "linear", "N·k")
 SLOTS = ("token", "channel")
 RECEPTIVE_FIELDS = ("global", "local", "causal", "channel")
-SIZE_RULES = ("extent", "ratio", "count")
+SIZE_RULES = ("extent", "kernel", "span", "dilation", "ratio", "count")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class MechanismInfo:
     note: what was implemented where the paper's definition is uncertain, and from which source.
     test_kwargs / test_size / test_dim: a small configuration the conformance suite builds and runs.
     size_args: the constructor arguments that are spatial sizes, each with how a backbone fits it to a stage's token
-    grid (``docs/vocabulary.md``): ``"extent"`` (a side length: window, kernel, pool), ``"ratio"`` (a down-sampling
-    factor, e.g. ``sr_ratio``) or ``"count"`` (a number of windows per side); each is at most the grid's side.
+    grid (``docs/vocabulary.md``): ``"extent"`` (a window or pool side), ``"kernel"`` (a sliding or convolution
+    kernel; an odd one may be kept odd), ``"span"`` (a neighbourhood's kernel_size: kernel_size·dilation fits),
+    ``"dilation"`` (a neighbourhood's dilation: two taps fit), ``"ratio"`` (a down-sampling factor such as
+    ``sr_ratio``) or ``"count"`` (windows per side); each at most the grid's side.
     """
 
     name: str

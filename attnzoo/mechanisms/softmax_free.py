@@ -65,7 +65,7 @@ def softmax_free_attention(q: torch.Tensor, landmarks: torch.Tensor, v: torch.Te
     reference="fudan-zvg/SOFT models/softmax_free_transformer.py (official, kernel_method='torch')",
     test_kwargs={"num_heads": 2, "sr_ratio": 2, "kernel_size": 3},
     test_size=(6, 6),
-    size_args={"sr_ratio": "ratio", "kernel_size": "extent"},
+    size_args={"sr_ratio": "ratio", "kernel_size": "kernel"},
 )
 class SoftmaxFreeAttention(Mechanism):
     """Softmax-free attention (Lu et al., SOFT, NeurIPS 2021 / IJCV 2024): Gaussian-kernel self-attention through Nyström landmarks.
