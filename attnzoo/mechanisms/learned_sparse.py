@@ -9,7 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, flatten_tokens, merge_heads, renamed_kwargs, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_int,
+    check_probability,
+    flatten_tokens,
+    merge_heads,
+    renamed_kwargs,
+    resolve_heads,
+    split_qkv,
+)
 from .registry import register_mechanism
 
 __all__ = ["LearnedSparseAttention"]

@@ -109,7 +109,8 @@ class LinearAttention(Mechanism):
 
     ``o_i = φ(q_i)ᵀ(Σ_j φ(k_j)v_jᵀ) / (φ(q_i)ᵀΣ_j φ(k_j) + eps)`` per head, no d^-1/2 scaling; ``is_causal`` sums
     over ``j ≤ i``. ``mode``: ``"chunkwise"`` (associative: one chunk, or chunks of ``chunk_size`` when causal),
-    ``"recurrent"`` (causal only) or ``"quadratic"`` (reference). Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
+    ``"recurrent"`` (causal only) or ``"quadratic"`` (reference). Input ``(B, N, C)`` or ``(B, *spatial, C)``
+    (flattened row-major).
     """
 
     spatial_ranks = (1, 2, 3)

@@ -8,7 +8,16 @@ import torch
 import torch.nn as nn
 
 from ..ops import neighborhood_attention
-from ._base import Mechanism, check_choice, check_int, merge_heads, reject_attn_drop, renamed_kwargs, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_choice,
+    check_int,
+    merge_heads,
+    reject_attn_drop,
+    renamed_kwargs,
+    resolve_heads,
+    split_qkv,
+)
 from ._windows import flip_table, pad_to_multiple
 from .registry import register_mechanism
 
@@ -54,9 +63,9 @@ class DynamicPosBias(nn.Module):
 class LongShortDistanceAttention(Mechanism):
     """CrossFormer short-distance (SDA) / long-distance (LDA) attention with dynamic position bias (Wang et al., 2021).
 
-    ``distance='short'``: MHSA inside groups of G×G adjacent tokens (non-overlapping windows). ``distance='long'``: MHSA
-    inside groups of G×G tokens sampled at interval I = H/G (a dilated grid). Both add the DPB bias
-    ``MLP(Δy, Δx)``, Δ = query − key in group coordinates, so no parameter depends on G. Sizes that are not a
+    ``distance='short'``: MHSA inside groups of G×G adjacent tokens (non-overlapping windows, G = ``window_size``).
+    ``distance='long'``: MHSA inside groups of G×G tokens sampled at interval I = H/G (a dilated grid). Both add the
+    DPB bias ``MLP(Δy, Δx)``, Δ = query − key in group coordinates, so no parameter depends on G. Sizes that are not a
     multiple of G (SDA) or of G·I with I = ⌈H/G⌉ (LDA) are zero-padded bottom/right and the padded keys masked
     (``mask_padding``); if ``min(H, W) <= window_size`` the whole map is one SDA group of size min(H, W), as in
     CrossFormer.

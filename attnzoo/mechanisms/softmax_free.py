@@ -72,8 +72,8 @@ class SoftmaxFreeAttention(Mechanism):
 
     ``Q = Linear(x)·d^-1/4`` is both query and key (landmarks and the kernels in fp32 for fp16/bf16 inputs); landmarks ``Q̃ = GELU(LN(Conv_{r×r, stride r}(Q)))`` per head
     (``r = sr_ratio``; 49 landmarks on a 56×56 map with r = 8); ``O = k(Q,Q̃)·NR(k(Q̃,Q̃))·(k(Q,Q̃)ᵀV)`` with
-    ``k(a, b) = exp(−‖a−b‖²/2)`` and ``newton_iters`` Newton–Raphson steps; a depthwise ``kernel_size`` convolution of V
-    (heads as channels, shared across head_dim) is added, then a Linear. Input ``(B, H, W, C)``, H, W ≥ sr_ratio.
+    ``k(a, b) = exp(−‖a−b‖²/2)`` and ``newton_iters`` Newton–Raphson steps; a depthwise ``kernel_size`` convolution
+    of V (heads as channels, shared across head_dim) is added, then a Linear. Input ``(B, H, W, C)``, H, W ≥ sr_ratio.
     """
 
     spatial_ranks = (2,)

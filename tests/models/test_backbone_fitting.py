@@ -51,7 +51,8 @@ def check_fitted(name: str, kwargs: dict, grid: tuple[int, int]) -> None:
             continue
         bound = side
         if rule == "span":
-            bound = side // max(ints(kwargs.get("dilation", params["dilation"].default if "dilation" in params else 1)) or [1])
+            dilation = kwargs.get("dilation", params["dilation"].default if "dilation" in params else 1)
+            bound = side // max(ints(dilation) or [1])
         if rule == "dilation":
             bound = side // 2
         assert all(v <= max(bound, 1) for v in ints(value)), f"{name}: {arg}={value!r} ({rule}) on a {grid} stage"
