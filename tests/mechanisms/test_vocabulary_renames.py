@@ -3,6 +3,8 @@ naming the old and the new spelling, and builds the same module as the new spell
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 
 import pytest
@@ -72,6 +74,19 @@ def test_the_table_lists_every_declared_rename():
     assert declared == {(name, old, new) for name, old, new, _ in RENAMED_ARGUMENTS}
 
 
+def test_the_table_lists_every_renamed_value():
+    found = set()
+    for name in attnzoo.list_mechanisms():
+        tree = ast.parse(inspect.getsource(inspect.getmodule(mechanism_info(name).cls)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check_choice":
+                for keyword in node.keywords:
+                    if keyword.arg == "renamed":
+                        arg, renames = ast.literal_eval(node.args[0]), ast.literal_eval(keyword.value)
+                        found |= {(name, arg, old, new) for old, new in renames.items()}
+    assert found == set(RENAMED_VALUES)
+
+
 @pytest.mark.parametrize("name,old,new,value", RENAMED_ARGUMENTS, ids=lambda v: str(v))
 def test_old_argument_name_warns_and_builds_the_same_module(name, old, new, value):
     kwargs = base_kwargs(name, old, new)
@@ -89,8 +104,6 @@ def test_old_and_new_name_together_is_a_type_error_naming_both(name, old, new, v
 
 
 def test_new_names_are_in_the_signature_and_old_ones_are_not():
-    import inspect
-
     for name, old, new, _ in RENAMED_ARGUMENTS:
         params = inspect.signature(mechanism_info(name).cls.__init__).parameters
         assert new in params and old not in params, name
