@@ -27,7 +27,7 @@ MECHANISMS: dict[str, dict] = {
     "agent": {"num_heads": 2},
     "softmax_free": {"num_heads": 2},
     "retention": {"num_heads": 2, "mode": "chunkwise"},
-    "lightning": {"num_heads": 2, "mode": "tiled"},
+    "lightning": {"num_heads": 2, "mode": "chunkwise"},
     "gated_linear_2d": {"num_heads": 2},
     "bi_level_routing": {"num_heads": 2},
     "routing": {"num_heads": 2},

@@ -103,7 +103,7 @@ def maxvit_partition(batch: int, size: int, kind: str) -> Pair:
 
     cfg = MaxxVitTransformerCfg(dim_head=32, head_first=False, rel_pos_type="bias_tf", window_size=(7, 7))
     block = randomize(PartitionAttentionCl(64, kind, cfg))
-    ours = attnzoo.create("multi_axis", 64, head_dim=32, partition_size=7, partition_type=kind)
+    ours = attnzoo.create("multi_axis", 64, head_dim=32, window_size=7, partition_type=kind)
     attn = block.attn
     ours.load_state_dict({
         "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
@@ -121,8 +121,8 @@ def efficientvit_cga(batch: int, size: int) -> Pair:
     ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=size,
                                window_resolution=window, kernels=[5] * heads)  # fmt: skip
     randomize(ref)
-    ours = attnzoo.create("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window,
-                          kernels=5, mask_padding=False)  # fmt: skip
+    ours = attnzoo.create("cascaded_group", dim, num_heads=heads, qk_dim=key_dim, window_size=window,
+                          kernel_size=5, mask_padding=False)  # fmt: skip
     state = {k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
              for k, v in ref.state_dict().items()}  # fmt: skip
     ours.load_state_dict({k: v for k, v in state.items() if k in ours.state_dict()}, strict=False)
@@ -196,7 +196,7 @@ def maxvit_with_attnzoo(model: nn.Module) -> nn.Module:
                 raise ValueError("maxvit_with_attnzoo maps the TF layout (head_first=False) only")
             kind = "block" if block.partition_block else "grid"
             ours = attnzoo.create("multi_axis", attn.qkv.in_features, head_dim=attn.dim_head,
-                                  partition_size=tuple(block.partition_size), partition_type=kind)  # fmt: skip
+                                  window_size=tuple(block.partition_size), partition_type=kind)  # fmt: skip
             ours.load_state_dict({
                 "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
                 "proj.bias": attn.proj.bias, "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,

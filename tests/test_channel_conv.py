@@ -225,7 +225,7 @@ def polarized_reference(m: nn.Module, x: torch.Tensor, mode: str, variant: str) 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_polarized_matches_equations(mode, variant):
-    m = randomize_(make("polarized", 16, mode=mode, variant=variant))
+    m = randomize_(make("polarized", 16, arrangement=mode, variant=variant))
     assert (m.ch_wv.bias is None) == (variant == "official")
     x = rand(2, 5, 7, 16)
     torch.testing.assert_close(m(x), polarized_reference(m, x, mode, variant), **TOL)
@@ -233,8 +233,8 @@ def test_polarized_matches_equations(mode, variant):
 
 def test_polarized_bounds_and_sequential_composition():
     x = rand(2, 5, 6, 16)
-    par = randomize_(make("polarized", 16, mode="parallel"), scale=1.0)
-    seq = make("polarized", 16, mode="sequential")
+    par = randomize_(make("polarized", 16, arrangement="parallel"), scale=1.0)
+    seq = make("polarized", 16, arrangement="sequential")
     seq.load_state_dict(par.state_dict())
     assert (par(x).abs() <= 2 * x.abs()).all() and (seq(x).abs() <= x.abs()).all()
     # the loaded sequential module is spatial_only(channel_only(x)) of the parallel module's weights
@@ -645,7 +645,7 @@ def test_spectral_gating_low_precision_runs_in_float32():
         ("squeeze_excite", 32, {"reduction": 0}, "reduction=0"),
         ("eca", 32, {"kernel_size": 4}, "kernel_size=4"),
         ("cbam", 32, {"spatial_kernel_size": 6}, "spatial_kernel_size=6"),
-        ("polarized", 16, {"mode": "both"}, "mode='both'"),
+        ("polarized", 16, {"arrangement": "both"}, "arrangement='both'"),
         ("polarized", 16, {"variant": "v2"}, "variant='v2'"),
         ("ulsam", 30, {"num_groups": 4}, "dim=30"),
         ("efficient_local", 24, {"variant": "B"}, "dim=24"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -43,6 +44,22 @@ def test_registry_is_populated():
         assert info.name == name and info.paper and 1950 < info.year < 2030
         assert info.reference, f"{name}: the registry entry must name its source (pip class, official code or paper)"
         assert info.layout in ("spatial", "sequence", "cross")
+
+
+# The spatial-size names of the constructor vocabulary (docs/vocabulary.md): a backbone fits them to its stages.
+SIZE_NAMES = ("kernel_size", "window_size", "grid_size", "pool_size", "sr_ratio", "num_windows")
+
+
+def test_every_spatial_size_argument_is_declared_in_size_args():
+    from attnzoo.mechanisms.registry import SIZE_RULES
+
+    for name in NAMES:
+        info = mechanism_info(name)
+        params = inspect.signature(info.cls.__init__).parameters
+        undeclared = [arg for arg in params if arg in SIZE_NAMES and arg not in info.size_args]
+        assert not undeclared, f"{name}: size arguments {undeclared} missing from register_mechanism(size_args=...)"
+        assert set(info.size_args) <= set(params), f"{name}: size_args names no constructor argument"
+        assert set(info.size_args.values()) <= set(SIZE_RULES), f"{name}: size_args={info.size_args}"
 
 
 def test_unknown_name_suggests_close_names():

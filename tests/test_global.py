@@ -370,7 +370,7 @@ def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
                                window_resolution=window, kernels=kernels).to(DT)  # fmt: skip
     randomise(ref)
     ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
-    ours = make("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window, kernels=kernels,
+    ours = make("cascaded_group", dim, num_heads=heads, qk_dim=key_dim, window_size=window, kernel_size=kernels,
                 mask_padding=False)  # fmt: skip
     copy_params(ours, cascaded_group_weights(ref))
     return ref, ours

@@ -86,7 +86,7 @@ def test_retention_module_modes_agree_and_are_causal():
     torch.manual_seed(0)
     x = torch.randn(2, 11, 32)
     outs = []
-    for mode in ("parallel", "recurrent", "chunkwise"):
+    for mode in ("quadratic", "recurrent", "chunkwise"):
         torch.manual_seed(1)
         m = attnzoo.create("retention", 32, num_heads=4, mode=mode, chunk_size=4)
         outs.append(m(x))
@@ -121,18 +121,18 @@ def test_lightning_module_modes_causality_and_bidirectional():
     torch.manual_seed(0)
     x = torch.randn(2, 11, 32)
     outs = {}
-    for mode in ("tiled", "naive", "recurrent"):
+    for mode in ("chunkwise", "quadratic", "recurrent"):
         torch.manual_seed(1)
-        outs[mode] = attnzoo.create("lightning", 32, num_heads=4, mode=mode, block_size=3)
+        outs[mode] = attnzoo.create("lightning", 32, num_heads=4, mode=mode, chunk_size=3)
     ys = {mode: m(x) for mode, m in outs.items()}
-    torch.testing.assert_close(ys["naive"], ys["tiled"], **TOL)
-    torch.testing.assert_close(ys["recurrent"], ys["tiled"], **TOL)
-    assert_causal(outs["tiled"], x, 5)
-    torch.testing.assert_close(outs["tiled"].decay, torch.exp(-torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8])))
+    torch.testing.assert_close(ys["quadratic"], ys["chunkwise"], **TOL)
+    torch.testing.assert_close(ys["recurrent"], ys["chunkwise"], **TOL)
+    assert_causal(outs["chunkwise"], x, 5)
+    torch.testing.assert_close(outs["chunkwise"].decay, torch.exp(-torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8])))
 
     # is_causal=False: o_t = Σ_s λ^|t−s| (q_t·k_s) v_s, checked against the explicit symmetric sum
     torch.manual_seed(1)
-    m = attnzoo.create("lightning", 32, num_heads=4, is_causal=False, block_size=4)
+    m = attnzoo.create("lightning", 32, num_heads=4, is_causal=False, chunk_size=4)
     q, k, v, u = m.qkvu(x).unflatten(-1, (4, 4, 8)).unbind(2)
     q, k = F.silu(q), F.silu(k)
     gap = (torch.arange(11)[:, None] - torch.arange(11)[None, :]).abs()
@@ -172,7 +172,7 @@ def test_linear_causal_forms_agree(chunk):
 def test_linear_module_modes_and_causality():
     x = torch.randn(2, 10, 32)
     ys = []
-    for mode in ("parallel", "recurrent", "quadratic"):
+    for mode in ("chunkwise", "recurrent", "quadratic"):
         torch.manual_seed(2)
         m = attnzoo.create("linear", 32, is_causal=True, mode=mode, chunk_size=3)
         ys.append(m(x))
@@ -235,24 +235,24 @@ def global_attention_reference(m, x):
     return m.wo(o)
 
 
-@pytest.mark.parametrize("n_win,size", [(2, (6, 8)), (1, (5, 7)), (3, (6, 9))])
-def test_bi_level_routing_with_all_regions_is_global_attention(n_win, size):
+@pytest.mark.parametrize("num_windows,size", [(2, (6, 8)), (1, (5, 7)), (3, (6, 9))])
+def test_bi_level_routing_with_all_regions_is_global_attention(num_windows, size):
     torch.manual_seed(4)
-    m = attnzoo.create("bi_level_routing", 32, num_heads=4, n_win=n_win, topk=n_win * n_win, side_dwconv=3)
+    m = attnzoo.create("bi_level_routing", 32, num_heads=4, num_windows=num_windows, topk=num_windows * num_windows, kernel_size=3)
     x = torch.randn(2, *size, 32)
     torch.testing.assert_close(m(x), global_attention_reference(m, x), **TOL)
 
 
 def test_bi_level_routing_padding_is_masked():
     torch.manual_seed(4)
-    m = attnzoo.create("bi_level_routing", 32, num_heads=2, n_win=2, topk=4, side_dwconv=3)
+    m = attnzoo.create("bi_level_routing", 32, num_heads=2, num_windows=2, topk=4, kernel_size=3)
     x = torch.randn(1, 5, 7, 32)  # padded to 6×8; masked padding keeps the result global attention
     torch.testing.assert_close(m(x), global_attention_reference(m, x), **TOL)
 
 
 def test_bi_level_routing_only_routed_regions_matter():
     torch.manual_seed(5)
-    m = attnzoo.create("bi_level_routing", 32, num_heads=2, n_win=2, topk=1, side_dwconv=0)
+    m = attnzoo.create("bi_level_routing", 32, num_heads=2, num_windows=2, topk=1, kernel_size=0)
     x = torch.randn(1, 8, 8, 32)
     q, k, _ = m.qkv(x).split([32, 32, 32], dim=-1)
     region = lambda t: t.reshape(1, 2, 4, 2, 4, 32).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 16, 32)
@@ -403,7 +403,7 @@ def test_scans_stay_finite_in_half_precision_for_long_inputs(scan):
         ("gated_linear_2d", {"num_heads": 2, "chunk_size": 256}),
         ("agent", {"num_heads": 2}),
         ("softmax_free", {"num_heads": 2}),
-        ("bi_level_routing", {"num_heads": 2, "n_win": 8}),
+        ("bi_level_routing", {"num_heads": 2, "num_windows": 8}),
         ("routing", {"num_heads": 2, "num_clusters": 64}),
     ],
 )

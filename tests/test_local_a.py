@@ -210,7 +210,7 @@ def test_window_bad_shift_names_the_argument():
 def halo_oracle(m, x):
     """Dense per-query attention over the zero-padded canvas, from the HaloNet definition (stride 1)."""
     bsz, h, w, _ = x.shape
-    b, halo = m.block_size, m.halo_size
+    b, halo = m.window_size, m.halo_size
     win = b + 2 * halo
     hp, wp = -(-h // b) * b, -(-w // b) * b
     heads, d = m.num_heads, m.head_dim
@@ -240,7 +240,7 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
 
     torch.manual_seed(0)
     ref = randomize(HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, stride=stride))
-    ours = attnzoo.create("halo", 16, num_heads=2, block_size=block, halo_size=halo, stride=stride, mask_padding=False)
+    ours = attnzoo.create("halo", 16, num_heads=2, window_size=block, halo_size=halo, stride=stride, mask_padding=False)
     ours.to(DT).load_state_dict(halo_weights(ref))  # kv keeps timm's per-head [k_h, v_h] interleave
     x = rand(2, *size, 16)
     torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
@@ -250,13 +250,13 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     ((8, 8), 4, 1, True), ((7, 10), 4, 1, True), ((7, 10), 4, 2, False), ((6, 9), 3, 0, True), ((4, 4), 4, 0, True),
 ])  # fmt: skip
 def test_halo_equals_dense_oracle(size, block, halo, mask_padding):
-    m = make("halo", 16, num_heads=2, block_size=block, halo_size=halo, mask_padding=mask_padding)
+    m = make("halo", 16, num_heads=2, window_size=block, halo_size=halo, mask_padding=mask_padding)
     x = rand(2, *size, 16)
     torch.testing.assert_close(m(x), halo_oracle(m, x), **TOL)
 
 
 def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_rel_pos():
-    m = make("halo", 16, num_heads=2, block_size=4, halo_size=0)
+    m = make("halo", 16, num_heads=2, window_size=4, halo_size=0)
     x = rand(1, 4, 4, 16)
     q = m.q(x).reshape(1, 16, 2, 8)
     kv = m.kv(x).reshape(1, 16, 2, 16)
@@ -270,7 +270,7 @@ def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_re
 
 
 def test_halo_masked_block_depends_only_on_its_region():
-    m = make("halo", 16, num_heads=2, block_size=4, halo_size=1)
+    m = make("halo", 16, num_heads=2, window_size=4, halo_size=1)
     x = rand(1, 12, 12, 16)
     region = torch.zeros(12, 12, dtype=torch.bool)
     region[3:9, 3:9] = True
@@ -305,7 +305,7 @@ def test_multi_axis_matches_timm_attention_cl(kind, head_first):
     from attnzoo.interop.timm import maxvit_attention_weights
 
     ref, run = maxvit_reference(kind, head_first)
-    ours = attnzoo.create("multi_axis", 32, head_dim=16, partition_size=4, partition_type=kind).to(DT).eval()
+    ours = attnzoo.create("multi_axis", 32, head_dim=16, window_size=4, partition_type=kind).to(DT).eval()
     # timm rw layout (head_first) is per head [q_h, k_h, v_h]; ours is [q, k, v] with heads inside
     ours.load_state_dict(maxvit_attention_weights(ref))
     x = rand(2, 8, 12, 32)
@@ -313,8 +313,8 @@ def test_multi_axis_matches_timm_attention_cl(kind, head_first):
 
 
 def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
-    block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
-    grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
+    block = make("multi_axis", 16, num_heads=2, window_size=4, partition_type="block")
+    grid = attnzoo.create("multi_axis", 16, num_heads=2, window_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(block.state_dict())
     x = rand(2, 8, 12, 16)
 
@@ -331,8 +331,8 @@ def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
 
 def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias():
     x = rand(2, 4, 4, 16)
-    first = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
-    grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
+    first = make("multi_axis", 16, num_heads=2, window_size=4, partition_type="block")
+    grid = attnzoo.create("multi_axis", 16, num_heads=2, window_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(first.state_dict())
     outputs = [first(x), grid(x)]
     q, k, v = split_qkv(first.qkv(x), 2)
@@ -346,8 +346,8 @@ def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias
 
 def test_multi_axis_locality_block_window_and_grid_lattice():
     x = rand(1, 8, 8, 16)
-    block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
-    grid = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid")
+    block = make("multi_axis", 16, num_heads=2, window_size=4, partition_type="block")
+    grid = make("multi_axis", 16, num_heads=2, window_size=4, partition_type="grid")
     c = coords(8, 8).reshape(8, 8, 2)
     same_window = (c[..., 0] // 4 == 1) & (c[..., 1] // 4 == 0)
     same_lattice = (c[..., 0] % 2 == 1) & (c[..., 1] % 2 == 0)
@@ -356,7 +356,7 @@ def test_multi_axis_locality_block_window_and_grid_lattice():
 
 
 def test_multi_axis_non_divisible_block_masks_padding():
-    m = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
+    m = make("multi_axis", 16, num_heads=2, window_size=4, partition_type="block")
     x = rand(1, 5, 6, 16)
     q, k, v = split_qkv(m.qkv(x), 2)
     c = coords(5, 6)
@@ -374,7 +374,7 @@ def cswin_oracle(m, x):
     bsz, h, w, c = x.shape
     q, k, v = m.qkv(x).reshape(bsz, h, w, 3, -1).unbind(3)
     inner = q.shape[-1]
-    sw = m.split_size
+    sw = m.window_size
     halves = []
     for branch in range(m.branches):
         sl = slice(branch * inner // m.branches, (branch + 1) * inner // m.branches)
@@ -399,13 +399,13 @@ def cswin_oracle(m, x):
 
 @pytest.mark.parametrize("size, split, last_stage", [((6, 6), 2, False), ((7, 5), 3, False), ((4, 6), 1, False), ((5, 5), 5, True)])
 def test_cross_shaped_equals_stripe_oracle(size, split, last_stage):
-    m = make("cross_shaped", 16, num_heads=4, split_size=split, last_stage=last_stage)
+    m = make("cross_shaped", 16, num_heads=4, window_size=split, last_stage=last_stage)
     x = rand(2, *size, 16)
     torch.testing.assert_close(m(x), cswin_oracle(m, x), **TOL)
 
 
 def test_cross_shaped_split_equal_to_input_is_global_in_both_branches():
-    m = make("cross_shaped", 16, num_heads=4, split_size=5)
+    m = make("cross_shaped", 16, num_heads=4, window_size=5)
     x = rand(1, 5, 5, 16)
     q, k, v = m.qkv(x).reshape(1, 25, 3, 16).unbind(2)
     halves = []
@@ -418,7 +418,7 @@ def test_cross_shaped_split_equal_to_input_is_global_in_both_branches():
 
 
 def test_cross_shaped_branch_locality_before_projection():
-    m = make("cross_shaped", 16, num_heads=4, split_size=2)
+    m = make("cross_shaped", 16, num_heads=4, window_size=2)
     with torch.no_grad():  # identity projection exposes the concatenated branches
         m.proj.weight.copy_(torch.eye(16))
         m.proj.bias.zero_()

@@ -252,27 +252,27 @@ def lsda_reference(m, x, group, interval, mask_padding=True):
     ],
 )
 def test_long_short_distance_matches_dense_groups(size, mode, expected_geometry):
-    m = build("long_short_distance", 32, num_heads=2, group_size=4, mode=mode)
+    m = build("long_short_distance", 32, num_heads=2, window_size=4, distance=mode)
     assert m.geometry(size) == expected_geometry
     x = rand(2, *size, 32)
     torch.testing.assert_close(m(x), lsda_reference(m, x, *expected_geometry), **TOL)
 
 
 def test_long_short_distance_unmasked_padding_and_global_equivalence():
-    m = build("long_short_distance", 32, num_heads=2, group_size=4, mode="short", mask_padding=False)
+    m = build("long_short_distance", 32, num_heads=2, window_size=4, distance="short", mask_padding=False)
     x = rand(1, 6, 7, 32)
     torch.testing.assert_close(m(x), lsda_reference(m, x, 4, (1, 1), mask_padding=False), **TOL)
     # G = H = W: short and long both equal global attention + DPB
-    short = build("long_short_distance", 32, num_heads=2, group_size=5, mode="short")
-    long = build("long_short_distance", 32, num_heads=2, group_size=5, mode="long")
+    short = build("long_short_distance", 32, num_heads=2, window_size=5, distance="short")
+    long = build("long_short_distance", 32, num_heads=2, window_size=5, distance="long")
     x = rand(1, 5, 5, 32)
     torch.testing.assert_close(short(x), long(x), **TOL)
 
 
 def test_long_short_distance_dpb_shape_and_group_size_independence():
-    m = build("long_short_distance", 32, num_heads=2, group_size=4)
+    m = build("long_short_distance", 32, num_heads=2, window_size=4)
     assert m.pos.pos_proj.weight.shape == (2, 2)  # D = C/16, CrossFormer's DynamicPosBias(dim // 4) with pos_dim // 4
-    other = attnzoo.create("long_short_distance", 32, num_heads=2, group_size=7)
+    other = attnzoo.create("long_short_distance", 32, num_heads=2, window_size=7)
     assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
 
 
@@ -382,7 +382,7 @@ def adaptive_pool_centres(length: int, bins: int) -> torch.Tensor:
 def aggregated_reference(m, x, pretrain):
     """TransNeXt AggregatedAttention densely, following the official forward without deduplication."""
     b, h, w, c = x.shape
-    nh, d, k = m.num_heads, m.head_dim, m.window_size
+    nh, d, k = m.num_heads, m.head_dim, m.kernel_size
     r, n = k // 2, h * w
     ph, pw = h // m.sr_ratio, w // m.sr_ratio
     ys, xs = grid(h, w)
@@ -419,13 +419,13 @@ def aggregated_reference(m, x, pretrain):
 
 @pytest.mark.parametrize("size,resolution", [((6, 6), (6, 6)), ((7, 5), (6, 6)), ((8, 10), (8, 10))])
 def test_aggregated_matches_dense_reference(size, resolution):
-    m = build("aggregated", 16, num_heads=2, window_size=3, sr_ratio=2, input_resolution=resolution)
+    m = build("aggregated", 16, num_heads=2, kernel_size=3, sr_ratio=2, input_resolution=resolution)
     x = rand(2, *size, 16)
     torch.testing.assert_close(m(x), aggregated_reference(m, x, resolution), **TOL)
 
 
 def test_aggregated_without_learnable_tokens_is_one_softmax_over_window_and_pool():
-    m = build("aggregated", 16, num_heads=2, window_size=3, sr_ratio=2, input_resolution=(6, 8), pretrain_size=(10, 12))
+    m = build("aggregated", 16, num_heads=2, kernel_size=3, sr_ratio=2, input_resolution=(6, 8), pretrain_size=(10, 12))
     with torch.no_grad():
         m.learnable_tokens.zero_()
         m.learnable_bias.zero_()
@@ -434,7 +434,7 @@ def test_aggregated_without_learnable_tokens_is_one_softmax_over_window_and_pool
 
 
 def test_aggregated_window_counts_9_6_4():
-    m = attnzoo.create("aggregated", 16, num_heads=2, window_size=3, sr_ratio=2, input_resolution=(6, 6))
+    m = attnzoo.create("aggregated", 16, num_heads=2, kernel_size=3, sr_ratio=2, input_resolution=(6, 6))
     n = torch.exp(m.geometry((6, 6)).log_length) - 9  # P = 3·3 pooled tokens
     torch.testing.assert_close(n[1:-1, 1:-1], torch.full((4, 4), 9.0, dtype=DT), rtol=0, atol=1e-5)
     for corner in (n[0, 0], n[0, -1], n[-1, 0], n[-1, -1]):
@@ -444,7 +444,7 @@ def test_aggregated_window_counts_9_6_4():
 
 @pytest.mark.parametrize("which", ["q", "k"])
 def test_aggregated_is_invariant_to_query_and_key_scale(which):
-    m = build("aggregated", 16, num_heads=2, window_size=3, sr_ratio=2, input_resolution=(6, 6))
+    m = build("aggregated", 16, num_heads=2, kernel_size=3, sr_ratio=2, input_resolution=(6, 6))
     x = rand(1, 6, 6, 16)
     before = m(x)
     with torch.no_grad():
@@ -457,9 +457,9 @@ def test_aggregated_is_invariant_to_query_and_key_scale(which):
     torch.testing.assert_close(m(x), before, **TOL)
 
 
-def test_aggregated_rejects_even_window_and_small_maps():
-    with pytest.raises(ValueError, match="window_size=4"):
-        attnzoo.create("aggregated", 16, num_heads=2, window_size=4, input_resolution=(8, 8))
+def test_aggregated_rejects_even_kernel_and_small_maps():
+    with pytest.raises(ValueError, match="kernel_size=4"):
+        attnzoo.create("aggregated", 16, num_heads=2, kernel_size=4, input_resolution=(8, 8))
     m = attnzoo.create("aggregated", 16, num_heads=2, sr_ratio=4, input_resolution=(8, 8))
     with pytest.raises(ValueError, match="sr_ratio=4"):
         m(torch.randn(1, 3, 8, 16))

@@ -287,7 +287,7 @@ def test_cswin_structure_follows_the_official_definition(name):
     for i, stage in enumerate(model.stages):
         for block in stage.blocks:
             attn = block.attn
-            assert (attn.dim, attn.num_heads, attn.split_size) == (cfg["embed_dim"] * 2**i, cfg["num_heads"][i], cfg["split_size"][i])
+            assert (attn.dim, attn.num_heads, attn.window_size) == (cfg["embed_dim"] * 2**i, cfg["num_heads"][i], cfg["split_size"][i])
             assert attn.last_stage == (i == 3) and attn.qkv.bias is not None
             assert block.mlp.fc1.out_features == 4 * attn.dim
     assert (model.stem.conv.kernel_size, model.stem.conv.stride, model.stem.conv.padding) == ((7, 7), (4, 4), (2, 2))
@@ -325,7 +325,7 @@ def test_biformer_structure_follows_the_official_definition(name):
             assert block.pos_embed.kernel_size == (3, 3) and block.mlp.fc1.out_features == 3 * dim
             if i < 3:
                 bra = block.attn
-                assert (bra.n_win, bra.topk, bra.qk_dim, bra.num_heads) == (7, [1, 4, 16][i], dim, dim // 32)
+                assert (bra.num_windows, bra.topk, bra.qk_dim, bra.num_heads) == (7, [1, 4, 16][i], dim, dim // 32)
                 assert bra.lepe.kernel_size == (5, 5) and bra.qkv.out_features == 3 * dim
             else:
                 assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == 8 and block.attn.qkv.bias is None

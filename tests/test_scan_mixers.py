@@ -158,7 +158,7 @@ def test_local_attention_mamba_without_its_ssm_branch_is_neighborhood_attention(
 @pytest.mark.parametrize("head_dim", [8, 16])
 def test_noncausal_ssd_state_form_equals_masked_attention_form(head_dim):
     recurrent = build("noncausal_ssd", d_state=6, head_dim=head_dim)
-    parallel = build("noncausal_ssd", d_state=6, head_dim=head_dim, mode="parallel")
+    parallel = build("noncausal_ssd", d_state=6, head_dim=head_dim, mode="quadratic")
     x = rand64(2, 5, 6, 16)
     torch.testing.assert_close(recurrent(x), parallel(x), rtol=1e-10, atol=1e-10)
 

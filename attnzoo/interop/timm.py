@@ -342,7 +342,7 @@ def _maxvit_kwargs(block: nn.Module) -> dict[str, Any]:
     return {
         "num_heads": attn.num_heads, "head_dim": attn.dim_head, "qkv_bias": attn.qkv.bias is not None,
         "proj_drop": _dropout(attn, "proj_drop"), "partition_type": "block" if block.partition_block else "grid",
-        "partition_size": tuple(block.partition_size), "rel_pos_bias": attn.rel_pos is not None,
+        "window_size": tuple(block.partition_size), "rel_pos_bias": attn.rel_pos is not None,
     }  # fmt: skip
 
 
@@ -493,7 +493,7 @@ def _halo_kwargs(halo: nn.Module) -> dict[str, Any]:
     _require(halo.dim_out_v == halo.q.in_channels, "dim_out != dim")
     _require(halo.dim_head_qk == halo.dim_head_v, "qk and v head widths differ")
     return {
-        "num_heads": halo.num_heads, "head_dim": halo.dim_head_qk, "block_size": halo.block_size,
+        "num_heads": halo.num_heads, "head_dim": halo.dim_head_qk, "window_size": halo.block_size,
         "halo_size": halo.halo_size, "stride": halo.block_stride, "mask_padding": False,
     }  # fmt: skip
 
@@ -588,8 +588,8 @@ def cascaded_group_weights(local: nn.Module) -> dict[str, Tensor]:
 def _cascaded_group_kwargs(local: nn.Module) -> dict[str, Any]:
     attn = local.attn
     _require(attn.val_dim * attn.num_heads == local.dim, f"val_dim={attn.val_dim} · num_heads != dim={local.dim}")
-    return {"num_heads": attn.num_heads, "key_dim": attn.key_dim, "window_resolution": attn.resolution,
-            "kernels": tuple(dw.conv.kernel_size[0] for dw in attn.dws), "mask_padding": False}  # fmt: skip
+    return {"num_heads": attn.num_heads, "qk_dim": attn.key_dim, "window_size": attn.resolution,
+            "kernel_size": tuple(dw.conv.kernel_size[0] for dw in attn.dws), "mask_padding": False}  # fmt: skip
 
 
 def single_head_weights(shsa: nn.Module) -> dict[str, Tensor]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,7 +14,7 @@ from einops import rearrange
 __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
     "check_resolution", "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table",
-    "inference_cached", "cpu_blocks", "BlockState",
+    "inference_cached", "cpu_blocks", "BlockState", "renamed_kwargs",
 ]  # fmt: skip
 
 # About one core's L2 cache: the working set of one block of a blocked CPU computation (``cpu_blocks``).
@@ -63,10 +65,50 @@ def check_int(name: str, value: Any, minimum: int = 1, *, odd: bool = False) -> 
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+def check_choice(name: str, value: Any, choices: Sequence[Any], *, renamed: Mapping[Any, Any] | None = None) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError naming the argument.
+
+    ``renamed`` maps deprecated spellings of a choice to the current one: such a value is accepted for one release
+    with a ``DeprecationWarning`` naming both, and the current spelling is returned."""
+    if renamed and isinstance(value, str) and value in renamed:
+        new = renamed[value]
+        warnings.warn(
+            f"{name}={value!r} is deprecated and will be removed in the next release; use {name}={new!r}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        value = new
     if value not in tuple(choices):
         raise ValueError(f"{name}={value!r} must be one of {tuple(choices)}")
     return value
+
+
+def renamed_kwargs(**renames: str) -> Callable[[Callable], Callable]:
+    """Decorator for a mechanism's ``__init__``: ``old="new"`` accepts the argument's old name ``old`` for one
+    release, with a ``DeprecationWarning`` naming both, and passes it on as ``new``; giving both is a TypeError.
+    The mapping is kept on the wrapper as ``renamed_kwargs`` (``inspect.signature`` shows the new names)."""
+
+    def decorate(init: Callable) -> Callable:
+        @functools.wraps(init)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renames.items():
+                if old not in kwargs:
+                    continue
+                owner = type(self).__name__
+                if new in kwargs:
+                    raise TypeError(f"{owner}() got both {old}= (its deprecated name) and {new}=; pass only {new}=")
+                warnings.warn(
+                    f"{owner}(): argument {old}= is deprecated and will be removed in the next release; use {new}=",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        wrapper.renamed_kwargs = dict(renames)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
 
 
 def check_probability(name: str, p: Any) -> float:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention, merge_attentions, neighborhood_attention
-from ._base import Mechanism, check_int, check_resolution, merge_heads, reject_attn_drop, resolve_heads
+from ._base import Mechanism, check_int, check_resolution, merge_heads, reject_attn_drop, renamed_kwargs, resolve_heads
 from ._windows import Padding
 from .registry import register_mechanism
 
@@ -27,15 +27,15 @@ class _Geometry:
 
 
 def aggregated_geometry(
-    spatial: tuple[int, int], pooled: tuple[int, int], window_size: int, pretrain_size: tuple[int, int]
+    spatial: tuple[int, int], pooled: tuple[int, int], kernel_size: int, pretrain_size: tuple[int, int]
 ) -> _Geometry:
     """Length scale and continuous-position-bias coordinates of TransNeXt for an ``(H, W)`` map.
 
-    n_i = in-bounds positions of the ``window_size``² window centred on i (zero padding: 9 inside, 6 on edges,
+    n_i = in-bounds positions of the ``kernel_size``² window centred on i (zero padding: 9 inside, 6 on edges,
     4 at corners for k=3). Pooled token m sits at the average-pooled coordinate p̄_m; the CPB input for (i, m) is
     sign(Δ)·log2(1 + |Δ|)/3 with Δ = 8·(p_i − p̄_m)/(S − 1) per axis (S = pretrain size), de-duplicated.
     """
-    r = window_size // 2
+    r = kernel_size // 2
     counts, deltas = [], []
     for extent, pool, pretrain in zip(spatial, pooled, pretrain_size):
         axis = torch.arange(extent, dtype=torch.float64)
@@ -60,14 +60,15 @@ def aggregated_geometry(
     complexity="quadratic",
     reference="DaiShiResearch/TransNeXt classification/transnext_native.py::AggregatedAttention (official; no pip)",
     needs_input_size=True,
-    test_kwargs={"num_heads": 2, "window_size": 3, "sr_ratio": 2, "input_resolution": (6, 6)},
+    test_kwargs={"num_heads": 2, "kernel_size": 3, "sr_ratio": 2, "input_resolution": (6, 6)},
     test_size=(6, 6),
+    size_args={"kernel_size": "kernel", "sr_ratio": "ratio"},
 )
 class AggregatedAttention(Mechanism):
     """Aggregated attention from TransNeXt (Shi, 2023): pixel-focused local window ∪ pooled tokens, one softmax.
 
     Per head: q̂_i = (n(q_i) + e)·softplus(τ)·ln(n_i + P) (n = ℓ2 normalisation, e a learned query embedding,
-    n_i the in-bounds positions of i's window, P the pooled tokens). Local keys: the ``window_size``² window
+    n_i the in-bounds positions of i's window, P the pooled tokens). Local keys: the ``kernel_size``² window
     centred on i with zero padding (out-of-bounds slots dropped), logits q̂·n(k_j) + b[slot]. Pooled keys from
     LN(AdaptiveAvgPool_{H/sr×W/sr}(GELU(Conv1×1(x)))) through the same kv projection, logits q̂·n(k̄_m) +
     CPB(i, m) (an MLP on log-spaced relative coordinates). One softmax over both sets gives (α, β); the output
@@ -78,6 +79,7 @@ class AggregatedAttention(Mechanism):
     stage (sr = 1) uses a different module (plain length-scaled cosine attention), not this one.
     """
 
+    @renamed_kwargs(window_size="kernel_size")
     def __init__(
         self,
         dim: int,
@@ -86,19 +88,19 @@ class AggregatedAttention(Mechanism):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        window_size: int = 3,
+        kernel_size: int = 3,
         sr_ratio: int = 8,
         input_resolution: int | Sequence[int] = (56, 56),
         pretrain_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim)
         reject_attn_drop(attn_drop)
-        self.window_size = check_int("window_size", window_size, 3, odd=True)
+        self.kernel_size = check_int("kernel_size", kernel_size, 3, odd=True)
         self.sr_ratio = check_int("sr_ratio", sr_ratio)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
         self.input_resolution = check_resolution("input_resolution", input_resolution, minimum=sr_ratio)
         self.pretrain_size = check_resolution("pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, minimum=2)
-        heads, d, kk = self.num_heads, self.head_dim, window_size**2
+        heads, d, kk = self.num_heads, self.head_dim, kernel_size**2
 
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -121,7 +123,7 @@ class AggregatedAttention(Mechanism):
         return spatial[0] // self.sr_ratio, spatial[1] // self.sr_ratio
 
     def _build(self, spatial: tuple[int, int]) -> _Geometry:
-        return aggregated_geometry(spatial, self.pooled_size(spatial), self.window_size, self.pretrain_size)
+        return aggregated_geometry(spatial, self.pooled_size(spatial), self.kernel_size, self.pretrain_size)
 
     def geometry(self, spatial: tuple[int, int], device: torch.device | None = None) -> _Geometry:
         """Geometry for an ``(H, W)`` map (built on first use for sizes other than ``input_resolution``)."""
@@ -134,7 +136,7 @@ class AggregatedAttention(Mechanism):
 
     def local_table(self) -> torch.Tensor:
         """The k×k slot bias as the engine's ``[heads, 2k-1, 2k-1]`` key − query table (slot = offset + k//2)."""
-        k, r = self.window_size, self.window_size // 2
+        k, r = self.kernel_size, self.kernel_size // 2
         return F.pad(self.relative_pos_bias_local.reshape(self.num_heads, k, k), (r, r, r, r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,7 @@ class AggregatedAttention(Mechanism):
         if min(spatial) < self.sr_ratio:
             raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
         geo = self.geometry(spatial, x.device)
-        dtype, heads, k = x.dtype, self.num_heads, self.window_size
+        dtype, heads, k = x.dtype, self.num_heads, self.kernel_size
 
         q = F.normalize(rearrange(self.q(x), "b y x (h d) -> b y x h d", h=heads), dim=-1)
         scale = F.softplus(self.temperature).reshape(heads, 1) * geo.log_length.to(dtype)[..., None, None]
@@ -177,6 +179,6 @@ class AggregatedAttention(Mechanism):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, sr_ratio={self.sr_ratio}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, sr_ratio={self.sr_ratio}, "
             f"input_resolution={self.input_resolution}, pretrain_size={self.pretrain_size}"
         )

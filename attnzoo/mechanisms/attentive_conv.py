@@ -21,6 +21,7 @@ from .registry import register_mechanism
     reference="official price112/Attentive-Convolution models/AttNet.py::ATConv (read)",
     note="The kernel generator average-pools the whole map (in raster order, AdaptiveAvgPool1d to kernel_size² bins) "
     "so every token influences every kernel: receptive_field='global'.",
+    size_args={"kernel_size": "kernel"},
 )
 class AttentiveConv(Mechanism):
     """Attentive convolution (Yu et al., 2025): Proj(DWConv_{K(x)}(Proj_x(x))) with kernels made from the content.

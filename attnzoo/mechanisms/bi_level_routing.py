@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_divisible, check_int, resolve_heads
+from ._base import Mechanism, check_divisible, check_int, renamed_kwargs, resolve_heads
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -23,22 +23,24 @@ __all__ = ["BiLevelRoutingAttention"]
     native_rank=2,
     complexity="N·k",
     reference="rayleizhu/BiFormer ops/bra_legacy.py::BiLevelRoutingAttention (official; keys qkv.qkv, wo, lepe)",
-    test_kwargs={"num_heads": 2, "n_win": 2, "topk": 2, "side_dwconv": 3},
+    test_kwargs={"num_heads": 2, "num_windows": 2, "topk": 2, "kernel_size": 3},
     test_size=(6, 8),
+    size_args={"num_windows": "count", "kernel_size": "kernel"},
 )
 class BiLevelRoutingAttention(Mechanism):
     """Bi-level routing attention (Zhu et al., BiFormer 2023): region-level top-k routing, then token attention.
 
-    The map is cut into ``n_win × n_win`` regions. Region means of Q and K give a region affinity
+    The map is cut into ``num_windows × num_windows`` regions. Region means of Q and K give a region affinity
     ``σ·Q^r(K^r)ᵀ`` from which each region keeps its ``topk`` regions (the routing is not differentiated); every
     query then attends to all tokens of its routed regions with ``SM(σ·q·kᵀ)``, **σ = qk_dim^-1/2** (not
-    head_dim^-1/2, as in the paper's code). A depthwise ``side_dwconv`` convolution of V (LCE) is added, then a
-    Linear. Sizes not divisible by ``n_win`` are zero-padded at bottom/right; ``mask_padding`` (default) keeps
+    head_dim^-1/2, as in the paper's code). A depthwise ``kernel_size`` convolution of V (LCE) is added, then a
+    Linear. Sizes not divisible by ``num_windows`` are zero-padded at bottom/right; ``mask_padding`` (default) keeps
     padded tokens out of region means and keys. Input ``(B, H, W, C)``.
     """
 
     spatial_ranks = (2,)
 
+    @renamed_kwargs(n_win="num_windows", side_dwconv="kernel_size")
     def __init__(
         self,
         dim: int,
@@ -47,26 +49,26 @@ class BiLevelRoutingAttention(Mechanism):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
-        n_win: int = 7,
+        num_windows: int = 7,
         topk: int = 4,
         qk_dim: int | None = None,
-        side_dwconv: int = 5,
+        kernel_size: int = 5,
         mask_padding: bool = True,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        check_int("n_win", n_win)
-        if not isinstance(topk, int) or not 1 <= topk <= n_win * n_win:
-            raise ValueError(f"topk={topk!r} must be an int in [1, n_win²={n_win * n_win}]")
+        check_int("num_windows", num_windows)
+        if not isinstance(topk, int) or not 1 <= topk <= num_windows * num_windows:
+            raise ValueError(f"topk={topk!r} must be an int in [1, num_windows²={num_windows * num_windows}]")
         qk_dim = dim if qk_dim is None else qk_dim
         check_divisible("qk_dim", check_int("qk_dim", qk_dim), "num_heads", self.num_heads)
-        if not isinstance(side_dwconv, int) or side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
-            raise ValueError(f"side_dwconv={side_dwconv!r} must be 0 (no LCE) or an odd kernel size")
-        self.n_win, self.topk, self.qk_dim, self.mask_padding = n_win, topk, qk_dim, mask_padding
+        if not isinstance(kernel_size, int) or kernel_size < 0 or (kernel_size and kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size={kernel_size!r} must be 0 (no LCE) or an odd kernel size")
+        self.num_windows, self.topk, self.qk_dim, self.mask_padding = num_windows, topk, qk_dim, mask_padding
         self.scale = qk_dim**-0.5
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + inner, bias=qkv_bias)
-        self.lepe = nn.Conv2d(inner, inner, side_dwconv, padding=side_dwconv // 2, groups=inner) if side_dwconv else None
+        self.lepe = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner) if kernel_size else None
         self.wo = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -81,7 +83,7 @@ class BiLevelRoutingAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.check_input(x)
-        s, h = self.n_win, self.num_heads
+        s, h = self.num_windows, self.num_heads
         padding = pad_to_multiple((rows, cols), (s, s))
         q, k, v = self.qkv(padding.pad(x)).split([self.qk_dim, self.qk_dim, self.num_heads * self.head_dim], dim=-1)
         regions = "b (sy ry) (sx rx) c -> b (sy sx) (ry rx) c"
@@ -111,6 +113,6 @@ class BiLevelRoutingAttention(Mechanism):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, num_windows={self.num_windows}, topk={self.topk}, "
             f"qk_dim={self.qk_dim}, mask_padding={self.mask_padding}"
         )

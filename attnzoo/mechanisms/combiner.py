@@ -29,6 +29,7 @@ from .registry import register_mechanism
     "softmax, computed as two engine calls joined by merge_attentions. No log-size correction, as in the code",
     test_kwargs={"window_size": 4, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class CombinerAttention(Mechanism):
     """Combiner (Ren et al., NeurIPS 2021), fixed-partition form on a 2-D grid.

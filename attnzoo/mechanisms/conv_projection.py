@@ -33,6 +33,7 @@ class _DepthwiseBN(nn.Sequential):
     note="Logits are scaled by dim**-0.5 (the whole embedding width), as the official code and transformers do, "
     "not by head_dim**-0.5. The class token of CvT's last stage is not modelled (channels-last maps have none).",
     test_kwargs={"num_heads": 2},
+    size_args={"kernel_size": "kernel", "sr_ratio": "ratio"},
 )
 class ConvProjectionAttention(Mechanism):
     """Convolutional-projection MHSA (Wu et al., CvT, ICCV 2021).

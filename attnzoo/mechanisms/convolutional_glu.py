@@ -21,6 +21,7 @@ from .registry import register_mechanism
     receptive_field="local",
     reference="official DaiShiResearch/TransNeXt classification/transnext.py::ConvolutionalGLU (read)",
     note="A channel mixer (the MLP slot of a block): attnzoo.models.create(..., channel_mixer='convolutional_glu').",
+    size_args={"kernel_size": "kernel"},
 )
 class ConvolutionalGLU(Mechanism):
     """Convolutional GLU (Shi, TransNeXt, CVPR 2024): fc2(GELU(DWConv3×3(g)) ⊙ v) with [g, v] = fc1(x).

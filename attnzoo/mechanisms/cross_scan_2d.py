@@ -36,6 +36,7 @@ CROSS_ROUTES = ("row", "column", "row_reversed", "column_reversed")
     ),
     test_kwargs={"chunk_size": 8},
     test_size=(5, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class CrossScan2D(Mechanism):
     """SS2D (Liu et al., "VMamba: Visual State Space Model", 2024): Mamba's selective scan along four 2-D routes.

@@ -7,7 +7,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_probability, merge_heads, renamed_kwargs, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -23,23 +23,25 @@ _STRIPES = "b (nh sh) (nw sw) h d -> (b nh nw) (sh sw) h d"
     native_rank=2,
     complexity="N·k",
     reference="microsoft/CSWin-Transformer models/cswin.py::LePEAttention (CSWinBlock.qkv / attns[i].get_v / proj)",
-    test_kwargs={"split_size": 2, "num_heads": 2},
+    test_kwargs={"window_size": 2, "num_heads": 2},
     test_size=(6, 6),
+    size_args={"window_size": "extent"},
 )
 class CrossShapedWindowAttention(Mechanism):
     """CSWin cross-shaped window attention (Dong et al., CSWin 2021) with LePE.
 
-    One ``qkv`` projection; the first half of the heads attends inside vertical stripes (H × ``split_size``), the
-    second half inside horizontal stripes (``split_size`` × W); each branch adds LePE, a depthwise 3×3 conv of V
+    One ``qkv`` projection; the first half of the heads attends inside vertical stripes (H × ``window_size``), the
+    second half inside horizontal stripes (``window_size`` × W); each branch adds LePE, a depthwise 3×3 conv of V
     applied per stripe (zero padding at stripe edges). The halves are concatenated and projected.
     ``last_stage=True`` (CSWin's last stage) uses one branch with all heads and global attention + LePE.
-    Extents that are not multiples of ``split_size`` are zero-padded at the end after the projection (LePE sees
+    Extents that are not multiples of ``window_size`` are zero-padded at the end after the projection (LePE sees
     zeros) and the padded keys are masked.
 
     Stripes are a reshape (LePE needs the stripe layout anyway, and CSWin's stage-1 stripes of width 1 are
     below the neighborhood op's kernel minimum), with ``attnzoo.ops.attention`` inside each stripe.
     """
 
+    @renamed_kwargs(split_size="window_size")
     def __init__(
         self,
         dim: int,
@@ -49,17 +51,17 @@ class CrossShapedWindowAttention(Mechanism):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        split_size: int = 7,
+        window_size: int = 7,
         last_stage: bool = False,
     ) -> None:
         super().__init__(dim)
         self.attn_drop = check_probability("attn_drop", attn_drop)
-        check_int("split_size", split_size)
+        check_int("window_size", window_size)
         self.branches = 1 if last_stage else 2
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, min_heads=self.branches)
         if self.num_heads % self.branches:
             raise ValueError(f"num_heads={self.num_heads} must be even (half the heads per stripe direction)")
-        self.split_size, self.last_stage = split_size, bool(last_stage)
+        self.window_size, self.last_stage = window_size, bool(last_stage)
         inner = self.num_heads * self.head_dim
         width = inner // self.branches
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -73,7 +75,7 @@ class CrossShapedWindowAttention(Mechanism):
         if self.last_stage:
             stripe = spatial
         else:
-            stripe = (spatial[0], self.split_size) if index == 0 else (self.split_size, spatial[1])
+            stripe = (spatial[0], self.window_size) if index == 0 else (self.window_size, spatial[1])
         padding = pad_to_multiple(spatial, stripe)
         grid = {"nh": padding.padded_shape[0] // stripe[0], "nw": padding.padded_shape[1] // stripe[1]}
         q, k, v = (rearrange(padding.pad(t), _STRIPES, **grid) for t in (q, k, v))
@@ -97,5 +99,5 @@ class CrossShapedWindowAttention(Mechanism):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, split_size={self.split_size}, last_stage={self.last_stage}"
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, last_stage={self.last_stage}"
         )

@@ -19,6 +19,7 @@ from .registry import register_mechanism
     is_attention=False,
     receptive_field="local",
     reference="timm.models.convnext.ConvNeXtBlock.conv_dw (create_conv2d(dim, dim, 7, depthwise=True, bias=True))",
+    size_args={"kernel_size": "kernel"},
 )
 class DepthwiseMixer(Mechanism):
     """Depthwise ``kernel_size``² convolution with bias and zero "same" padding (Liu et al., ConvNeXt, CVPR 2022).

@@ -28,6 +28,7 @@ from .registry import register_mechanism
     "CUDA (cupy) kernel is replaced by a shift-and-accumulate loop in PyTorch",
     test_kwargs={"kernel_size": 3},
     test_size=(8, 8),
+    size_args={"kernel_size": "kernel"},
 )
 class DynamicLocalAttention(Mechanism):
     """Multi-head dynamic local self-attention (Li et al., DLGSANet, ICCV 2023), the MHDLSA module.

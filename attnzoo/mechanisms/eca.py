@@ -25,6 +25,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
     year=2020,
     complexity="linear",
     reference="timm.layers.eca.EcaModule(channels=C) (clamps the kernel to ≥ 3, so it differs for C ≤ 4)",
+    size_args={"kernel_size": "kernel"},
 )
 class EfficientChannelAttention(Mechanism):
     """Efficient Channel Attention (Wang et al., CVPR 2020): y = x ⊙ σ(Conv1d_k(GAP(x)) along channels).

@@ -28,6 +28,7 @@ __all__ = ["EnhancedLinearAttention"]
     ),
     test_kwargs={"num_heads": 2, "kernel_size": 3},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class EnhancedLinearAttention(Mechanism):
     """Enhanced linear attention (Zheng, "The Linear Attention Resurrection in Vision Transformer", 2025).

@@ -23,6 +23,7 @@ from .registry import register_mechanism
     "group), plus depthwise-conv value enhancement; that variant is not implemented",
     test_kwargs={"kernel_size": 3, "dilation": (1, 2), "num_heads": 2},
     test_size=(8, 8),
+    size_args={"dilation": "dilation", "kernel_size": "span"},
 )
 class FactorizationAttention(GroupedNeighborhood):
     """Factorization self-attention (Qin et al., FaViT, arXiv 2023), head-group form.

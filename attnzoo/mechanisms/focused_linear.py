@@ -39,6 +39,7 @@ def focused_feature_map(x: torch.Tensor, scale: torch.Tensor, power: float) -> t
     ),
     test_kwargs={"num_heads": 2},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class FocusedLinearAttention(Mechanism):
     """Focused linear attention (Han et al., "FLatten Transformer", ICCV 2023).

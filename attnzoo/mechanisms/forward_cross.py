@@ -35,6 +35,7 @@ __all__ = ["ForwardCrossAttention"]
     ),
     test_kwargs={"num_heads": 2, "stride": 2, "kernel_size": 3},
     test_size=(6, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class ForwardCrossAttention(Mechanism):
     """Forward cross attention (Zhang et al., FcaFormer, 2023): MHSA whose keys/values also hold earlier blocks' tokens.

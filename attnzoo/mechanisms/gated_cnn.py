@@ -22,6 +22,7 @@ from .registry import register_mechanism
     "LayerNorm before and the residual, LayerScale and drop path after); official yuweihao/MambaOut (read)",
     note="MambaOut stacks Gated CNN blocks alone (the block has no separate MLP); in attnzoo's backbone the mixer "
     "fills the token slot and the block keeps its MLP.",
+    size_args={"kernel_size": "kernel"},
 )
 class GatedCNN(Mechanism):
     """Gated CNN token mixer of MambaOut (Yu & Wang, 2024), after Dauphin et al.'s gated convolution.

@@ -30,6 +30,7 @@ from .registry import register_mechanism
     "itself; the official pre-norms and MLP belong to the surrounding block",
     test_kwargs={"kernel_size": 3, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"kernel_size": "span"},
 )
 class GatedCrossNeighborhoodAttention(Mechanism):
     """Gated neighborhood cross-attention (Luo et al., RTM / ASCFormer, CVPR 2023).

@@ -22,7 +22,7 @@ from .registry import register_mechanism
 
 __all__ = ["gla_recurrent", "gla_chunked", "GatedLinearAttention2D"]
 
-MODES = ("chunked", "recurrent")
+MODES = ("chunkwise", "recurrent")
 
 
 def _prepare(q, k, v, log_decay, scale):
@@ -91,7 +91,7 @@ class GatedLinearAttention2D(Mechanism):
     ``α = logsigmoid(g)/gate_logit_normalizer`` (low-rank) from ``x_l``. A forward row-major scan and a backward
     scan (own gates, both include the current token) are averaged; the locality gate
     ``G = σ(Linear(x_l))`` mixes ``RMSNorm(o)·G + RMSNorm(x_l)·(1 − G)`` (per-head RMSNorm), then a Linear.
-    ``mode`` picks the chunked or recurrent scan (equal results). Input ``(B, H, W, C)``.
+    ``mode`` picks the chunkwise or recurrent scan (equal results). Input ``(B, H, W, C)``.
     """
 
     spatial_ranks = (2,)
@@ -105,7 +105,7 @@ class GatedLinearAttention2D(Mechanism):
         expand_k: float = 0.5,
         gate_low_rank_dim: int = 16,
         gate_logit_normalizer: float = 16.0,
-        mode: str = "chunked",
+        mode: str = "chunkwise",
         chunk_size: int = 64,
     ) -> None:
         super().__init__(dim)
@@ -113,7 +113,7 @@ class GatedLinearAttention2D(Mechanism):
         key_dim = int(dim * expand_k)
         if key_dim < 1 or key_dim % self.num_heads:
             raise ValueError(f"expand_k={expand_k} gives key width {key_dim}, which must be divisible by num_heads={self.num_heads}")
-        check_choice("mode", mode, MODES)
+        mode = check_choice("mode", mode, MODES, renamed={"chunked": "chunkwise"})
         check_int("chunk_size", chunk_size)
         if not gate_logit_normalizer > 0:
             raise ValueError(f"gate_logit_normalizer={gate_logit_normalizer!r} must be positive")

@@ -35,6 +35,7 @@ __all__ = ["GLMixAttention"]
     ),
     test_kwargs={"num_heads": 2, "num_slots": 4},
     test_size=(6, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class GLMixAttention(Mechanism):
     """GLMix token mixer (Zhu et al., 2024): local convs + global MHSA on soft-clustered slots, O(N·slots).

@@ -48,6 +48,7 @@ class FusedMBConv(nn.Module):
     "exactly (timm requires input = window · 2^levels)",
     test_kwargs={"window_size": 4, "levels": 1, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class GlobalContextAttention(Mechanism):
     """Global context self-attention (Hatamizadeh et al., GC ViT, ICML 2023).

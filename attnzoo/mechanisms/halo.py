@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, check_divisible, check_int, resolve_heads
+from ._base import Mechanism, check_divisible, check_int, renamed_kwargs, resolve_heads
 from ._windows import Padding, pad_to_multiple
 from .registry import register_mechanism
 
@@ -24,25 +24,27 @@ from .registry import register_mechanism
     native_rank=2,
     complexity="N·k",
     reference="timm.layers.halo_attn.HaloAttn",
-    test_kwargs={"block_size": 4, "halo_size": 1, "num_heads": 2},
+    test_kwargs={"window_size": 4, "halo_size": 1, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class HaloAttention(Mechanism):
     """HaloNet blocked local attention (Vaswani et al., HaloNet 2021): each b×b query block attends to its
     (b + 2·halo)² neighbourhood.
 
     q, [k, v] are 1×1 projections (``kv`` channels per head are ``[k_h, v_h]``, as timm); k, v are zero-padded
-    by ``halo_size`` after projection (and at the end to a multiple of ``block_size``). Logits are
+    by ``halo_size`` after projection (and at the end to a multiple of ``window_size``). Logits are
     ``scale·q·k + q·r_h[Δy] + q·r_w[Δx]`` with relative embeddings shared by the heads and indexed by
     ``j − i + w − 1`` (j: key position in the window, i: query position in the block, w = b + 2·halo).
     ``mask_padding=True`` drops padded keys; ``False`` keeps them (k = v = 0) like timm. No output projection:
     the output is the concatenated heads (``C`` channels). ``stride=2`` subsamples the queries inside each block
-    (or average-pools the output when ``block_size`` is not divisible by it), returning ``ceil(H/2)×ceil(W/2)``.
+    (or average-pools the output when ``window_size`` is not divisible by it), returning ``ceil(H/2)×ceil(W/2)``.
 
     The relative logits depend on q, so the op is a blocked dense attention with an additive per-block bias
     (``attnzoo.ops.attention``) rather than the static-table neighborhood op.
     """
 
+    @renamed_kwargs(block_size="window_size")
     def __init__(
         self,
         dim: int,
@@ -50,7 +52,7 @@ class HaloAttention(Mechanism):
         num_heads: int = 8,
         head_dim: int | None = None,
         qkv_bias: bool = False,
-        block_size: int = 8,
+        window_size: int = 8,
         halo_size: int = 3,
         stride: int = 1,
         mask_padding: bool = True,
@@ -59,15 +61,15 @@ class HaloAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         check_divisible("dim", dim, "num_heads", self.num_heads)  # values keep dim channels
         self.head_dim_v = dim // self.num_heads
-        self.block_size = check_int("block_size", block_size)
+        self.window_size = check_int("window_size", window_size)
         self.halo_size = check_int("halo_size", halo_size, 0)
         self.stride = check_int("stride", stride)
-        if stride > block_size:
-            raise ValueError(f"stride={stride} must be <= block_size={block_size}")
+        if stride > window_size:
+            raise ValueError(f"stride={stride} must be <= window_size={window_size}")
         self.mask_padding = bool(mask_padding)
         # strided query blocks when the block splits evenly, else full-resolution attention then average pooling
-        self.query_stride = stride if block_size % stride == 0 else 1
-        self.window = block_size + 2 * halo_size
+        self.query_stride = stride if window_size % stride == 0 else 1
+        self.window = window_size + 2 * halo_size
         self.scale = self.head_dim**-0.5
         self.q = nn.Linear(dim, self.num_heads * self.head_dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, self.num_heads * (self.head_dim + self.head_dim_v), bias=qkv_bias)
@@ -92,7 +94,7 @@ class HaloAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
-        b, halo, w = self.block_size, self.halo_size, self.window
+        b, halo, w = self.window_size, self.halo_size, self.window
         blocks = pad_to_multiple(spatial, (b, b))
         halo_pad = Padding(spatial, (halo, halo), tuple(a + halo for a in blocks.after))
         qs = self.query_stride
@@ -118,6 +120,6 @@ class HaloAttention(Mechanism):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, block_size={self.block_size}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}, "
             f"halo_size={self.halo_size}, stride={self.stride}, mask_padding={self.mask_padding}"
         )

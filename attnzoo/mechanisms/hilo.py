@@ -30,6 +30,7 @@ def _min_heads(alpha: float) -> int:
     reference="ziplab/LITv2 classification/models/attentions.py::HiLo (official; no pip package)",
     test_kwargs={"num_heads": 4, "window_size": 2, "alpha": 0.5},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class HiLoAttention(Mechanism):
     """HiLo attention from LITv2 (Pan et al., 2022).

@@ -45,6 +45,7 @@ class ChannelAttentionBlock(nn.Module):
     "144 give 6), but a single ReLU unit at dim 32 could start inactive and cut the gate's global path. The "
     "window branch is attnzoo's 'window' (Swin's shifted windows).",
     test_kwargs={"num_heads": 2, "window_size": 4, "shift_size": 2},
+    size_args={"window_size": "extent"},
 )
 class HybridAttentionBlock(Mechanism):
     """Hybrid attention block of HAT (Chen et al., CVPR 2023): W-MSA(x) + α · CAB(x).

@@ -71,6 +71,7 @@ class Sin(nn.Module):
     ),
     test_kwargs={"filter_hidden": 16},
     test_size=(5, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class HyenaND(Mechanism):
     """Hyena-2D (Zimerman & Wolf, "Multi-Dimensional Hyena for Spatial Inductive Bias", AISTATS 2024).

@@ -23,6 +23,7 @@ from .registry import register_mechanism
     is_attention=False,
     reference="mmpretrain.models.backbones.van.SpatialAttention (returns x + ours); official Visual-Attention-Network "
     "van.py::Attention / LKA",
+    size_args={"kernel_size": "kernel"},
 )
 class LargeKernelAttention(Mechanism):
     """Large kernel attention (Guo et al., VAN 2022): u ⊙ Conv1×1(DWConv_dilated(DWConv(u))).

@@ -52,6 +52,7 @@ class ConvBN(nn.Sequential):
     note="Returns BN(SKA(x, LKP(x))); LSConv adds x to it (paper_identity). The aggregation is 3×3, but the "
     "GroupNorm of the kernel generator normalises over the whole map, so every token influences every kernel: "
     "receptive_field='global'.",
+    size_args={"kernel_size": "kernel"},
 )
 class LargeSmallConv(Mechanism):
     """LS convolution (Wang et al., LSNet, CVPR 2025): large-kernel perception, small-kernel aggregation.

@@ -9,7 +9,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import attention
-from ._base import Mechanism, check_int, check_probability, check_resolution, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import (
+    Mechanism,
+    check_int,
+    check_probability,
+    check_resolution,
+    flatten_tokens,
+    merge_heads,
+    renamed_kwargs,
+    resolve_heads,
+    split_qkv,
+)
 from .registry import register_mechanism
 
 __all__ = ["LearnedSparseAttention"]
@@ -27,7 +37,7 @@ __all__ = ["LearnedSparseAttention"]
     needs_input_size=True,
     receptive_field="local",
     note=(
-        "Implemented from the official MaskPredictor: per head, q and k are reduced to head_dim/reduce_c channels, "
+        "Implemented from the official MaskPredictor: per head, q and k are reduced to head_dim/reduction channels, "
         "k is projected from N to N/reduce_n basis tokens, the basis coefficients softmax(s·q_c·k_basisᵀ) times a "
         "learned basis (N/reduce_n × N) give the approximate attention, and each query keeps its top-k keys "
         "(topk, default ceil(keep_rate·N)). No gradient flows through the top-k mask (it is detached, as in the "
@@ -56,11 +66,12 @@ class LearnedSparseAttention(Mechanism):
         keep_rate: fraction of keys kept per query when ``topk`` is not given (official 0.25).
         topk: keys kept per query (``N`` gives dense MHSA).
         reduce_n: token reduction factor of the predictor (official 8).
-        reduce_c: channel reduction factor of the predictor (official 2).
+        reduction: channel reduction factor of the predictor (official 2).
     """
 
     spatial_ranks = (1, 2, 3)
 
+    @renamed_kwargs(reduce_c="reduction")
     def __init__(
         self,
         dim: int,
@@ -74,7 +85,7 @@ class LearnedSparseAttention(Mechanism):
         keep_rate: float = 0.25,
         topk: int | None = None,
         reduce_n: int = 8,
-        reduce_c: int = 2,
+        reduction: int = 2,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
@@ -87,9 +98,9 @@ class LearnedSparseAttention(Mechanism):
         if self.topk > self.num_tokens:
             raise ValueError(f"topk={topk} must be at most the number of tokens {self.num_tokens} (input_resolution)")
         check_int("reduce_n", reduce_n)
-        check_int("reduce_c", reduce_c)
+        check_int("reduction", reduction)
         basis = max(1, self.num_tokens // reduce_n)
-        reduced = max(1, self.head_dim // reduce_c)
+        reduced = max(1, self.head_dim // reduction)
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)

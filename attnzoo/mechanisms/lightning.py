@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import compute_dtype
-from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, resolve_heads
+from ._base import Mechanism, check_choice, check_int, flatten_tokens, merge_heads, renamed_kwargs, resolve_heads
 from .registry import register_mechanism
 from .retention import _prepare, retention_parallel, retention_recurrent
 
 __all__ = ["lightning_naive", "lightning_recurrent", "lightning_tiled", "alibi_slopes", "LightningAttention"]
 
-MODES = ("tiled", "naive", "recurrent")
+MODES = ("chunkwise", "quadratic", "recurrent")
 
 
 def lightning_naive(q, k, v, decay) -> torch.Tensor:
@@ -48,22 +48,22 @@ def _block_tables(log_decay: torch.Tensor, length: int) -> tuple[torch.Tensor, .
     return mask, into, out_of, torch.exp(log_decay * length)
 
 
-def lightning_tiled(q, k, v, decay, block_size: int = 64) -> torch.Tensor:
+def lightning_tiled(q, k, v, decay, chunk_size: int = 64) -> torch.Tensor:
     """Tiled form (Lightning Attention, Algorithm 1): per block i of length b,
     intra ``[(Q_iK_iᵀ) ⊙ M]V_i``, inter ``ΛQ_i·KV`` with ``Λ = diag(λ¹..λ^b)``, then
     ``KV ← λ^b·KV + (λ^b Λ^{−1} K_i)ᵀ V_i``. The last block may be shorter; no padding."""
-    check_int("block_size", block_size)
+    check_int("chunk_size", chunk_size)
     dtype = q.dtype
     q, k, v, decay, _ = _prepare(q, k, v, decay, scale=1.0)
     log_decay = decay.log()  # [h]; λ = 0 gives -inf
     b, n, h, _ = q.shape
     # the tables depend only on the block length: one set for full blocks, one for a shorter last block
-    lengths = {min(block_size, n - start) for start in range(0, n, block_size)}
+    lengths = {min(chunk_size, n - start) for start in range(0, n, chunk_size)}
     tables = {length: _block_tables(log_decay, length) for length in lengths}
     kv = q.new_zeros(b, h, q.shape[-1], v.shape[-1])
     outputs = []
-    for start in range(0, n, block_size):
-        qi, ki, vi = (t[:, start : start + block_size] for t in (q, k, v))
+    for start in range(0, n, chunk_size):
+        qi, ki, vi = (t[:, start : start + chunk_size] for t in (q, k, v))
         mask, into, out_of, carry = tables[qi.shape[1]]
         intra = torch.einsum("bthd,bshd,hts,bshe->bthe", qi, ki, mask, vi)
         inter = torch.einsum("bthd,ht,bhde->bthe", qi, into, kv)
@@ -94,7 +94,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     native_rank=1,
     complexity="linear",
     reference="lightning-attn 0.0.5 lightning_attn_func (Triton, GPU); fla.ops.simple_gla",
-    test_kwargs={"num_heads": 2, "block_size": 5},
+    test_kwargs={"num_heads": 2, "chunk_size": 5},
     test_size=(12,),
 )
 class LightningAttention(Mechanism):
@@ -109,6 +109,7 @@ class LightningAttention(Mechanism):
 
     spatial_ranks = (1, 2, 3)
 
+    @renamed_kwargs(block_size="chunk_size")
     def __init__(
         self,
         dim: int,
@@ -118,16 +119,16 @@ class LightningAttention(Mechanism):
         qkv_bias: bool = False,
         proj_drop: float = 0.0,
         slopes: str | Sequence[float] = "alibi",
-        block_size: int = 64,
+        chunk_size: int = 64,
         is_causal: bool = True,
-        mode: str = "tiled",
+        mode: str = "chunkwise",
         layer_index: int = 0,
         num_layers: int = 1,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        check_choice("mode", mode, MODES)
-        check_int("block_size", block_size)
+        mode = check_choice("mode", mode, MODES, renamed={"tiled": "chunkwise", "naive": "quadratic"})
+        check_int("chunk_size", chunk_size)
         if not isinstance(num_layers, int) or num_layers < 1 or not isinstance(layer_index, int) or not 0 <= layer_index < num_layers:
             raise ValueError(f"layer_index={layer_index!r} must be in [0, num_layers={num_layers!r})")
         if isinstance(slopes, str):
@@ -141,7 +142,7 @@ class LightningAttention(Mechanism):
         if num_layers > 1:
             rates = rates * (1 - layer_index / (num_layers - 1) + 1e-5)
         self.register_buffer("decay", torch.exp(-rates.float()), persistent=False)
-        self.mode, self.block_size, self.is_causal = mode, block_size, is_causal
+        self.mode, self.chunk_size, self.is_causal = mode, chunk_size, is_causal
         inner = self.num_heads * self.head_dim
         self.qkvu = nn.Linear(dim, 4 * inner, bias=qkv_bias)
         self.norm = nn.RMSNorm(inner, elementwise_affine=False)
@@ -150,11 +151,11 @@ class LightningAttention(Mechanism):
 
     def scan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The causal lightning core in the selected form; ``[B, N, heads, d]`` in and out."""
-        if self.mode == "naive":
+        if self.mode == "quadratic":
             return lightning_naive(q, k, v, self.decay)
         if self.mode == "recurrent":
             return lightning_recurrent(q, k, v, self.decay)
-        return lightning_tiled(q, k, v, self.decay, self.block_size)
+        return lightning_tiled(q, k, v, self.decay, self.chunk_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -173,6 +174,6 @@ class LightningAttention(Mechanism):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, block_size={self.block_size}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, chunk_size={self.chunk_size}, "
             f"is_causal={self.is_causal}"
         )

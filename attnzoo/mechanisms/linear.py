@@ -31,7 +31,7 @@ __all__ = [
     "LinearAttention",
 ]
 
-MODES = ("parallel", "recurrent", "quadratic")
+MODES = ("chunkwise", "recurrent", "quadratic")
 FEATURE_MAPS = ("elu1p",)
 
 
@@ -107,8 +107,9 @@ class LinearAttention(Mechanism):
     """Linear attention (Katharopoulos et al., 2020): softmax replaced by the kernel φ(q)ᵀφ(k), φ = elu + 1.
 
     ``o_i = φ(q_i)ᵀ(Σ_j φ(k_j)v_jᵀ) / (φ(q_i)ᵀΣ_j φ(k_j) + eps)`` per head, no d^-1/2 scaling; ``is_causal`` sums
-    over ``j ≤ i``. ``mode``: ``"parallel"`` (associative, or chunked when causal), ``"recurrent"`` (causal only)
-    or ``"quadratic"`` (reference). Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
+    over ``j ≤ i``. ``mode``: ``"chunkwise"`` (associative: one chunk, or chunks of ``chunk_size`` when causal),
+    ``"recurrent"`` (causal only) or ``"quadratic"`` (reference). Input ``(B, N, C)`` or ``(B, *spatial, C)``
+    (flattened row-major).
     """
 
     spatial_ranks = (1, 2, 3)
@@ -124,13 +125,13 @@ class LinearAttention(Mechanism):
         is_causal: bool = False,
         eps: float = 1e-6,
         feature_map: str = "elu1p",
-        mode: str = "parallel",
+        mode: str = "chunkwise",
         chunk_size: int = 64,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         check_choice("feature_map", feature_map, FEATURE_MAPS)
-        check_choice("mode", mode, MODES)
+        mode = check_choice("mode", mode, MODES, renamed={"parallel": "chunkwise"})
         if mode == "recurrent" and not is_causal:
             raise ValueError(f"mode={mode!r} needs is_causal=True (the recurrent form is causal)")
         if not isinstance(eps, (int, float)) or eps < 0:

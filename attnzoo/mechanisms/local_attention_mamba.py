@@ -29,6 +29,7 @@ __all__ = ["LocalAttentionMamba"]
     ),
     test_kwargs={"kernel_size": 3, "num_heads": 2, "chunk_size": 8},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class LocalAttentionMamba(Mechanism):
     """Local attention ∥ Mamba (Fu et al., "LaMamba-Diff", 2024): fine local detail plus a linear-time global path.

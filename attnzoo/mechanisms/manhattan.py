@@ -9,7 +9,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..ops import attention
-from ._base import Mechanism, cached_table, check_int, check_probability, resolve_heads
+from ._base import Mechanism, cached_table, check_int, check_probability, renamed_kwargs, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["ManhattanSelfAttention", "rotary_tables", "distance_table", "log_decay"]
@@ -56,6 +56,7 @@ def rotate_pairs(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     "+ RetNetRelPos2d",
     test_kwargs={"num_heads": 4},
     test_size=(5, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class ManhattanSelfAttention(Mechanism):
     """Manhattan self-attention (Fan et al., RMT, 2023) on a 2-D token grid.
@@ -67,6 +68,7 @@ class ManhattanSelfAttention(Mechanism):
     5×5 depth-wise conv. Names follow the official code (q_proj, k_proj, v_proj, lepe, out_proj).
     """
 
+    @renamed_kwargs(lce_kernel="kernel_size")
     def __init__(
         self,
         dim: int,
@@ -78,20 +80,20 @@ class ManhattanSelfAttention(Mechanism):
         init_value: float = 2.0,
         heads_range: float = 4.0,
         decomposed: bool = True,
-        lce_kernel: int = 5,
+        kernel_size: int = 5,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary position embedding")
-        check_int("lce_kernel", lce_kernel, odd=True)
+        check_int("kernel_size", kernel_size, odd=True)
         self.decomposed = bool(decomposed)
         self.init_value, self.heads_range = float(init_value), float(heads_range)
         inner = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, inner, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, inner, bias=qkv_bias)
-        self.lepe = nn.Conv2d(inner, inner, lce_kernel, padding=lce_kernel // 2, groups=inner)
+        self.lepe = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner)
         self.out_proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
 

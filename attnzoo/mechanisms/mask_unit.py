@@ -24,6 +24,7 @@ from .registry import register_mechanism
     receptive_field="local",
     test_kwargs={"window_size": 4, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class MaskUnitAttention(Mechanism):
     """Mask-unit attention (Ryali et al., Hiera, ICML 2023; also TurboViT's building block).

@@ -22,6 +22,7 @@ from .registry import register_mechanism
     "call with head_groups=; the spans are constructor arguments, not profiled",
     test_kwargs={"kernel_size": (3, 5), "num_heads": 2},
     test_size=(8, 8),
+    size_args={"kernel_size": "span"},
 )
 class MixtureOfSparseAttention(GroupedNeighborhood):
     """Mixture of sparse attention (Fu et al., MoA, 2024) as heterogeneous per-head neighborhood spans.

@@ -37,6 +37,7 @@ from .registry import register_mechanism
     "or inter-window pooling exists in the official code",
     test_kwargs={"kernel_size": 3},
     test_size=(8, 8),
+    size_args={"kernel_size": "span"},
 )
 class MSAConv(Mechanism):
     """MSA-Conv (Zhang et al., TiC 2023): a convolution whose per-window aggregation is self-attention.

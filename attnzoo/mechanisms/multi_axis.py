@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import neighborhood_attention, normalize_axis_arg
-from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, resolve_heads, split_qkv
+from ._base import Mechanism, check_choice, merge_heads, reject_attn_drop, renamed_kwargs, resolve_heads, split_qkv
 from ._windows import pad_to_multiple
 from .registry import register_mechanism
 
@@ -24,8 +24,9 @@ PARTITION_TYPES = ("block", "grid")
     native_rank=2,
     complexity="N·k",
     reference="timm.models.maxxvit.AttentionCl + window_partition / grid_partition (RelPosBiasTf)",
-    test_kwargs={"partition_size": 4, "num_heads": 2, "partition_type": "grid"},
+    test_kwargs={"window_size": 4, "num_heads": 2, "partition_type": "grid"},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class MultiAxisAttention(Mechanism):
     """MaxViT block or grid attention (Tu et al., MaxViT 2022) with a relative position bias.
@@ -36,6 +37,7 @@ class MultiAxisAttention(Mechanism):
     Extents that are not multiples of P are zero-padded at the end and the padded keys masked.
     """
 
+    @renamed_kwargs(partition_size="window_size")
     def __init__(
         self,
         dim: int,
@@ -46,7 +48,7 @@ class MultiAxisAttention(Mechanism):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         partition_type: str = "block",
-        partition_size: int | Sequence[int] = 7,
+        window_size: int | Sequence[int] = 7,
         rel_pos_bias: bool = True,
         backend: str = "auto",
     ) -> None:
@@ -54,14 +56,14 @@ class MultiAxisAttention(Mechanism):
         self.partition_type = check_choice("partition_type", partition_type, PARTITION_TYPES)
         reject_attn_drop(attn_drop)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.partition_size = normalize_axis_arg("partition_size", partition_size, 2, minimum=2)
+        self.window_size = normalize_axis_arg("window_size", window_size, 2, minimum=2)
         self.backend = backend
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
-            shape = (self.num_heads, *(2 * p - 1 for p in self.partition_size))
+            shape = (self.num_heads, *(2 * p - 1 for p in self.window_size))
             self.relative_position_bias_table = nn.Parameter(torch.zeros(shape))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
@@ -69,7 +71,7 @@ class MultiAxisAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
-        size = self.partition_size
+        size = self.window_size
         padding = pad_to_multiple(spatial, size)
         x = padding.pad(x)
         if self.partition_type == "block":
@@ -88,5 +90,5 @@ class MultiAxisAttention(Mechanism):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, partition_type={self.partition_type!r}, "
-            f"partition_size={self.partition_size}, rel_pos_bias={self.relative_position_bias_table is not None}"
+            f"window_size={self.window_size}, rel_pos_bias={self.relative_position_bias_table is not None}"
         )

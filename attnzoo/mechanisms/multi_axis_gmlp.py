@@ -143,6 +143,7 @@ class CrossGatingBlock(nn.Module):
     "cross layouts take a context token set of any length) and it reuses the same block/grid spatial units. "
     "Output (i, j) depends on its block and on its grid lattice only: receptive_field='local'.",
     test_kwargs={"window_size": 4, "grid_size": 4},
+    size_args={"window_size": "extent", "grid_size": "extent"},
 )
 class MultiAxisGmlp(Mechanism):
     """Multi-axis gated MLP (Tu et al., MAXIM, CVPR 2022).

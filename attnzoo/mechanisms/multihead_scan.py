@@ -35,6 +35,7 @@ DEFAULT_ROUTES = ("row", "column", "row_reversed", "column_reversed")
     ),
     test_kwargs={"chunk_size": 8},
     test_size=(5, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class MultiHeadScan(Mechanism):
     """Multi-head scan (Ji, "MHS-VM", 2024): each channel sub-space (head) scans along a different 2-D route.

@@ -34,6 +34,7 @@ COARSE_ROUTES = ("row_reversed", "column", "column_reversed")
     ),
     test_kwargs={"chunk_size": 8},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class MultiScaleScan(Mechanism):
     """MS2D (Shi et al., "Multi-Scale VMamba", 2024): selective scans at two resolutions.

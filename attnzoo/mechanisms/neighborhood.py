@@ -23,6 +23,7 @@ from .registry import register_mechanism
     reference="natten.NeighborhoodAttention2D (natten 0.21.7); natten.functional.na2d",
     test_kwargs={"kernel_size": 3, "num_heads": 2},
     test_size=(6, 7),
+    size_args={"kernel_size": "span"},
 )
 class NeighborhoodAttention(Mechanism):
     """Neighborhood attention (Hassani et al., NAT 2022; DiNAT 2022; GNA 2025) on 1-, 2- or 3-D token grids.

@@ -80,6 +80,7 @@ class EfficientAttention(nn.Module):
     "block adds x to it. The MHSA width is rounded to a multiple of head_dim (Next-ViT rounds to 32, its head_dim). "
     "E-MHSA pools runs of sr_ratio² consecutive raster-order tokens (AvgPool1d), as the official code does.",
     test_kwargs={"kind": "ntb", "head_dim": 8},
+    size_args={"sr_ratio": "ratio"},
 )
 class NextViTMixer(Mechanism):
     """Next-ViT token mixers (Li et al., 2022).

@@ -14,7 +14,7 @@ from .registry import register_mechanism
 
 __all__ = ["NonCausalSSD", "noncausal_ssd_state", "noncausal_ssd_quadratic"]
 
-MODES = ("recurrent", "parallel")
+MODES = ("recurrent", "quadratic")
 
 
 def noncausal_ssd_state(x, dt, A, B, C, D) -> torch.Tensor:
@@ -50,13 +50,14 @@ def noncausal_ssd_quadratic(x, dt, A, B, C, D) -> torch.Tensor:
     ),
     test_kwargs={"d_state": 8, "head_dim": 16},
     test_size=(5, 6),
+    size_args={"kernel_size": "kernel"},
 )
 class NonCausalSSD(Mechanism):
     """NC-SSD (Shi et al., "VSSD", 2024): every token reads one shared state built from all tokens.
 
     Mamba2 with scalar ``A_h`` per head; dropping the causal mask and the relative decay of SSD leaves
     ``y_i = C_i Σ_j B_jᵀ(Δ_j A_h x_j) + D_h x_i`` — a linear-attention-like dual of the state-space form.
-    ``mode``: ``"recurrent"`` (the shared state, O(L)) or ``"parallel"`` (the L×L masked-attention form); equal.
+    ``mode``: ``"recurrent"`` (the shared state, O(L)) or ``"quadratic"`` (the L×L masked-attention form); equal.
 
     Args:
         dim: channels in/out.
@@ -65,7 +66,7 @@ class NonCausalSSD(Mechanism):
         d_state: state size N (the key/query width of the dual form).
         expand: inner width ``= expand · dim``.
         kernel_size: depthwise convolution on (x, B, C).
-        mode: ``"recurrent"`` or ``"parallel"``.
+        mode: ``"recurrent"`` or ``"quadratic"``.
         proj_drop: dropout on the output.
     """
 
@@ -93,7 +94,7 @@ class NonCausalSSD(Mechanism):
             raise ValueError(f"num_heads·head_dim={self.num_heads * self.head_dim} must equal expand·dim={inner}")
         self.d_state = check_int("d_state", d_state)
         check_int("kernel_size", kernel_size, odd=True)
-        self.mode = check_choice("mode", mode, MODES)
+        self.mode = check_choice("mode", mode, MODES, renamed={"parallel": "quadratic"})
         self.inner = inner
         self.in_proj = nn.Linear(dim, 2 * inner + 2 * d_state + self.num_heads, bias=False)
         conv_channels = inner + 2 * d_state

@@ -23,6 +23,7 @@ from .registry import register_mechanism
     reference="timm.models.volo.OutlookAttention",
     test_kwargs={"num_heads": 2, "kernel_size": 3, "padding": 1, "stride": 1},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class OutlookAttention(Mechanism):
     """Outlook attention from VOLO (Yuan et al., 2021): dense local aggregation with generated weights, no q·k.

@@ -39,6 +39,7 @@ def _engine_index(window: int, extended: int) -> torch.Tensor:
     reference="XPixelGroup/HAT hat/archs/hat_arch.py::OCAB + HAT.calculate_rpi_oca (official; no pip package)",
     test_kwargs={"window_size": 4, "overlap_ratio": 0.5, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class OverlappingCrossAttention(Mechanism):
     """Overlapping cross-attention from HAT (Chen et al., 2023).

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from einops import einsum, rearrange
 
-from ._base import Mechanism, check_choice
+from ._base import Mechanism, check_choice, renamed_kwargs
 from ._channel_conv import softmax_pool
 from .registry import register_mechanism
 
@@ -25,14 +25,15 @@ class PolarizedSelfAttention(Mechanism):
 
     Channel: A^ch = σ(LN_C(W_z(Σ_j SM_j(W_q x)_j · W_v x_j))) ∈ (0,1)^C, W_q: C→1, W_v: C→C/2, W_z: C/2→C.
     Spatial: A^sp = σ(SM_{C/2}(GAP(W_q' x)) · W_v' x) ∈ (0,1)^{H×W}, W_q', W_v': C→C/2 (all 1×1 convs).
-    ``mode='parallel'``: y = A^ch⊙x + A^sp⊙x; ``'sequential'``: z = A^ch⊙x, y = A^sp(z)⊙z.
+    ``arrangement='parallel'``: y = A^ch⊙x + A^sp⊙x; ``'sequential'``: z = A^ch⊙x, y = A^sp(z)⊙z.
     ``variant='official'`` follows the authors' code: bias-free convs, no LayerNorm, and the spatial branch takes
     the softmax over H·W of the product instead of over the pooled query's channels.
     """
 
-    def __init__(self, dim: int, *, mode: str = "parallel", variant: str = "paper") -> None:
+    @renamed_kwargs(mode="arrangement")
+    def __init__(self, dim: int, *, arrangement: str = "parallel", variant: str = "paper") -> None:
         super().__init__(dim)
-        self.mode = check_choice("mode", mode, ("parallel", "sequential"))
+        self.arrangement = check_choice("arrangement", arrangement, ("parallel", "sequential"))
         self.variant = check_choice("variant", variant, ("paper", "official"))
         if dim < 2:
             raise ValueError(f"dim={dim} must be >= 2 (the branches keep dim // 2 channels)")
@@ -62,10 +63,10 @@ class PolarizedSelfAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.mode == "parallel":
+        if self.arrangement == "parallel":
             return x * self.channel_gate(x) + x * self.spatial_gate(x)
         z = x * self.channel_gate(x)
         return z * self.spatial_gate(z)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, mode={self.mode!r}, variant={self.variant!r}"
+        return f"dim={self.dim}, arrangement={self.arrangement!r}, variant={self.variant!r}"

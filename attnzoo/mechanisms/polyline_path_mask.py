@@ -64,6 +64,7 @@ def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     ),
     test_kwargs={"num_heads": 2},
     test_size=(4, 5),
+    size_args={"kernel_size": "kernel"},
 )
 class PolylinePathMaskAttention(Mechanism):
     """Polyline path masked attention (Zhao et al., PPMA, 2025).

@@ -33,6 +33,7 @@ __all__ = ["ProxyTokenAttention"]
     ),
     test_kwargs={"num_heads": 2, "window_size": 2},
     test_size=(6, 6),
+    size_args={"window_size": "extent"},
 )
 class ProxyTokenAttention(Mechanism):
     """Proxy-token attention (Wang et al., Qihoo-T2X / PT-DiT, 2024): global attention through one proxy per window.

@@ -41,6 +41,7 @@ def _grid_angles(height: int, width: int, head_dim: int) -> torch.Tensor:
     ),
     test_kwargs={"num_heads": 2},
     test_size=(6, 7),
+    size_args={"kernel_size": "kernel"},
 )
 class RankAugmentedLinearAttention(Mechanism):
     """Rank-augmented linear attention (Fan et al., "Breaking the Low-Rank Dilemma of Linear Attention", CVPR 2025).

@@ -46,6 +46,7 @@ class GlobalLocalFilter(nn.Module):
     is_attention=False,
     reference="mmpretrain.models.backbones.hornet.gnConv(dim, order, dw_cfg=dict(type='DW', kernel_size=7), "
     "scale=1/3); official raoyongming/HorNet hornet.py::gnconv",
+    size_args={"kernel_size": "kernel"},
 )
 class RecursiveGatedConv(Mechanism):
     """Recursive gated convolution gⁿConv (Rao et al., NeurIPS 2022), a product of n+1 linear maps of x.

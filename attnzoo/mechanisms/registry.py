@@ -14,6 +14,7 @@ LAYOUTS = ("spatial", "sequence", "cross")
 COMPLEXITIES = ("quadratic", "linear", "N·k")
 SLOTS = ("token", "channel")
 RECEPTIVE_FIELDS = ("global", "local", "causal", "channel")
+SIZE_RULES = ("extent", "kernel", "span", "dilation", "ratio", "count")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class MechanismInfo:
     ``"channel"`` (its own token only: a per-token gate or channel mixer).
     note: what was implemented where the paper's definition is uncertain, and from which source.
     test_kwargs / test_size / test_dim: a small configuration the conformance suite builds and runs.
+    size_args: the constructor arguments that are spatial sizes, each with how a backbone fits it to a stage's token
+    grid (``docs/vocabulary.md``): ``"extent"`` (a window or pool side), ``"kernel"`` (a sliding or convolution
+    kernel; an odd one may be kept odd), ``"span"`` (a neighbourhood's kernel_size: kernel_size·dilation fits),
+    ``"dilation"`` (a neighbourhood's dilation: two taps fit), ``"ratio"`` (a down-sampling factor such as
+    ``sr_ratio``) or ``"count"`` (windows per side); each at most the grid's side.
     """
 
     name: str
@@ -58,6 +64,7 @@ class MechanismInfo:
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     test_size: tuple[int, ...] = (8, 8)
     test_dim: int = 32
+    size_args: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -66,6 +73,9 @@ class MechanismInfo:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r} must be one of {choices}")
         object.__setattr__(self, "test_kwargs", dict(self.test_kwargs or {}))  # a copy: the registry owns it
         object.__setattr__(self, "test_size", tuple(self.test_size))
+        object.__setattr__(self, "size_args", dict(self.size_args or {}))
+        if any(rule not in SIZE_RULES for rule in self.size_args.values()):
+            raise ValueError(f"size_args={self.size_args!r}: each rule must be one of {SIZE_RULES}")
 
     @property
     def summary(self) -> str:

@@ -23,6 +23,7 @@ from .registry import register_mechanism
     note="The dynamic position embedding x + DWConv3×3(x) that UniFormer blocks apply before the MHRA is not "
     "included (it is a block part, not the aggregator); UniFormer's local blocks pre-normalise with BatchNorm, "
     "attnzoo's block with LayerNorm.",
+    size_args={"kernel_size": "kernel"},
 )
 class RelationAggregator(Mechanism):
     """Multi-head relation aggregator (Li et al., UniFormer, ICLR 2022 / TPAMI 2023).

@@ -24,7 +24,7 @@ from .registry import register_mechanism
 
 __all__ = ["retention_parallel", "retention_recurrent", "retention_chunkwise", "retnet_gammas", "MultiScaleRetention"]
 
-MODES = ("parallel", "recurrent", "chunkwise")
+MODES = ("quadratic", "chunkwise", "recurrent")
 
 
 def _powers(gamma: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -123,8 +123,8 @@ class MultiScaleRetention(Mechanism):
     """Multi-scale retention (Sun et al., RetNet 2023; Ali et al., ViR 2023): causal decayed linear attention.
 
     Per head h with decay ``γ_h``: ``o_n = s·Σ_{m≤n} γ_h^(n−m)(q_n·k_m)v_m`` over the row-major token order;
-    heads are group-normalised, gated by ``swish(Linear_G(x))`` and projected. ``mode`` picks the parallel,
-    recurrent or chunkwise form (equal results). Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
+    heads are group-normalised, gated by ``swish(Linear_G(x))`` and projected. ``mode`` picks the quadratic,
+    chunkwise or recurrent form (equal results). Input ``(B, N, C)`` or ``(B, *spatial, C)`` (flattened row-major).
     """
 
     spatial_ranks = (1, 2, 3)
@@ -144,7 +144,7 @@ class MultiScaleRetention(Mechanism):
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        check_choice("mode", mode, MODES)
+        mode = check_choice("mode", mode, MODES, renamed={"parallel": "quadratic"})
         check_int("chunk_size", chunk_size)
         if gammas is None:
             gamma = retnet_gammas(self.num_heads).float()
@@ -163,7 +163,7 @@ class MultiScaleRetention(Mechanism):
 
     def retain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The retention core in the selected form; ``[B, N, heads, d]`` in and out."""
-        if self.mode == "parallel":
+        if self.mode == "quadratic":
             return retention_parallel(q, k, v, self.gammas)
         if self.mode == "recurrent":
             return retention_recurrent(q, k, v, self.gammas)

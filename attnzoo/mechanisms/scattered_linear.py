@@ -56,6 +56,7 @@ def window_linear_attention(q, k, v, window_size: int, eps: float = 1e-6) -> tor
     ),
     test_kwargs={"num_heads": 2, "window_size": 3},
     test_size=(7, 8),
+    size_args={"window_size": "extent"},
 )
 class ScatteredLinearAttention(Mechanism):
     """Scattered linear attention (He et al., "ScatterFormer", ECCV 2024): linear attention within windows.

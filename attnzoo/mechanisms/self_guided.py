@@ -40,6 +40,7 @@ __all__ = ["SelfGuidedAttention"]
     ),
     test_kwargs={"sr_ratio": 2, "merge_sizes": (4, 2, 1)},
     test_size=(8, 8),
+    size_args={"sr_ratio": "ratio"},
 )
 class SelfGuidedAttention(Mechanism):
     """Self-guided attention (Ren et al., SG-Former, 2023): significance-dependent key/value granularity.

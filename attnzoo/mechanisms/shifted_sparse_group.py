@@ -36,6 +36,7 @@ from .registry import register_mechanism
     "Non-causal (the language-model code is causal)",
     test_kwargs={"window_size": 16, "num_heads": 2, "num_tokens": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class ShiftedSparseGroupAttention(Mechanism):
     """Shifted sparse group attention with sink tokens (Zhang, SinkLoRA 2024; S²-Attn of LongLoRA, Chen et al. 2024).

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import compute_dtype
-from ._base import Mechanism, check_int, resolve_heads
+from ._base import Mechanism, check_int, renamed_kwargs, resolve_heads
 from .registry import register_mechanism
 
 __all__ = ["gaussian_kernel", "newton_inverse", "softmax_free_attention", "SoftmaxFreeAttention"]
@@ -63,20 +63,22 @@ def softmax_free_attention(q: torch.Tensor, landmarks: torch.Tensor, v: torch.Te
     native_rank=2,
     complexity="linear",
     reference="fudan-zvg/SOFT models/softmax_free_transformer.py (official, kernel_method='torch')",
-    test_kwargs={"num_heads": 2, "ratio": 2, "conv_size": 3},
+    test_kwargs={"num_heads": 2, "sr_ratio": 2, "kernel_size": 3},
     test_size=(6, 6),
+    size_args={"sr_ratio": "ratio", "kernel_size": "kernel"},
 )
 class SoftmaxFreeAttention(Mechanism):
     """Softmax-free attention (Lu et al., SOFT, NeurIPS 2021 / IJCV 2024): Gaussian-kernel self-attention through Nyström landmarks.
 
     ``Q = Linear(x)·d^-1/4`` is both query and key (landmarks and the kernels in fp32 for fp16/bf16 inputs); landmarks ``Q̃ = GELU(LN(Conv_{r×r, stride r}(Q)))`` per head
-    (``r = ratio``; 49 landmarks on a 56×56 map with r = 8); ``O = k(Q,Q̃)·NR(k(Q̃,Q̃))·(k(Q,Q̃)ᵀV)`` with
-    ``k(a, b) = exp(−‖a−b‖²/2)`` and ``newton_iters`` Newton–Raphson steps; a depthwise ``conv_size`` convolution of V
-    (heads as channels, shared across head_dim) is added, then a Linear. Input ``(B, H, W, C)``, H, W ≥ ratio.
+    (``r = sr_ratio``; 49 landmarks on a 56×56 map with r = 8); ``O = k(Q,Q̃)·NR(k(Q̃,Q̃))·(k(Q,Q̃)ᵀV)`` with
+    ``k(a, b) = exp(−‖a−b‖²/2)`` and ``newton_iters`` Newton–Raphson steps; a depthwise ``kernel_size`` convolution
+    of V (heads as channels, shared across head_dim) is added, then a Linear. Input ``(B, H, W, C)``, H, W ≥ sr_ratio.
     """
 
     spatial_ranks = (2,)
 
+    @renamed_kwargs(ratio="sr_ratio", conv_size="kernel_size")
     def __init__(
         self,
         dim: int,
@@ -85,32 +87,32 @@ class SoftmaxFreeAttention(Mechanism):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
-        ratio: int = 8,
-        conv_size: int = 9,
+        sr_ratio: int = 8,
+        kernel_size: int = 9,
         newton_iters: int = 20,
     ) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        check_int("conv_size", conv_size, odd=True)
-        self.ratio, self.newton_iters = check_int("ratio", ratio), check_int("newton_iters", newton_iters)
+        check_int("kernel_size", kernel_size, odd=True)
+        self.sr_ratio, self.newton_iters = check_int("sr_ratio", sr_ratio), check_int("newton_iters", newton_iters)
         inner, d = self.num_heads * self.head_dim, self.head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
-        self.landmark = nn.Conv2d(d, d, ratio, stride=ratio, bias=False)
+        self.landmark = nn.Conv2d(d, d, sr_ratio, stride=sr_ratio, bias=False)
         self.landmark_norm = nn.LayerNorm(d)
-        self.dwc = nn.Conv2d(self.num_heads, self.num_heads, conv_size, padding=conv_size // 2, groups=self.num_heads, bias=False)
+        self.dwc = nn.Conv2d(self.num_heads, self.num_heads, kernel_size, padding=kernel_size // 2, groups=self.num_heads, bias=False)
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.check_input(x)
-        if rows < self.ratio or cols < self.ratio:
-            raise ValueError(f"ratio={self.ratio} needs an input of at least {self.ratio}×{self.ratio}, got {rows}×{cols}")
+        if rows < self.sr_ratio or cols < self.sr_ratio:
+            raise ValueError(f"sr_ratio={self.sr_ratio} needs an input of at least {self.sr_ratio}×{self.sr_ratio}, got {rows}×{cols}")
         b, h = x.shape[0], self.num_heads
         ct = compute_dtype(x.dtype)  # the landmarks feed an ill-conditioned inverse: fp32 for fp16/bf16 inputs
         q = rearrange(self.q(x), "b y x (h d) -> (b h) d y x", h=h).to(ct) * self.head_dim**-0.25
         v = rearrange(self.v(x), "b y x (h d) -> b h (y x) d", h=h)
-        pooled = F.conv2d(q, self.landmark.weight.to(ct), stride=self.ratio)
+        pooled = F.conv2d(q, self.landmark.weight.to(ct), stride=self.sr_ratio)
         norm = self.landmark_norm
         landmarks = F.gelu(F.layer_norm(
             rearrange(pooled, "bh d p r -> bh (p r) d"), norm.normalized_shape, norm.weight.to(ct), norm.bias.to(ct),
@@ -124,4 +126,4 @@ class SoftmaxFreeAttention(Mechanism):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, ratio={self.ratio}, newton_iters={self.newton_iters}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, newton_iters={self.newton_iters}"

@@ -21,6 +21,7 @@ from .registry import register_mechanism
     reference="timm.models.pvt_v2.Attention",
     test_kwargs={"num_heads": 2, "sr_ratio": 2},
     test_size=(8, 8),
+    size_args={"sr_ratio": "ratio", "pool_size": "extent"},
 )
 class SpatialReductionAttention(Mechanism):
     """Spatial-reduction attention from PVT (Wang et al., 2021) and its linear variant from PVTv2 (2022).

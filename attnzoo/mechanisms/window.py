@@ -54,6 +54,7 @@ def _region_mask(padded_shape: tuple[int, ...], window: tuple[int, ...], shift: 
     reference="torchvision.models.swin_transformer.ShiftedWindowAttention; timm.models.swin_transformer.WindowAttention",
     test_kwargs={"window_size": 4, "shift_size": 2, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class WindowAttention(Mechanism):
     """Swin (shifted) window attention (Liu et al., Swin Transformer 2021) with a relative position bias table.

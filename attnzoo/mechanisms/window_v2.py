@@ -33,6 +33,7 @@ def log_spaced_offsets(window: tuple[int, ...], norm_window: tuple[int, ...]) ->
     receptive_field="local",
     test_kwargs={"window_size": 4, "shift_size": 2, "num_heads": 2},
     test_size=(8, 8),
+    size_args={"window_size": "extent"},
 )
 class WindowAttentionV2(Mechanism):
     """Swin V2 (shifted) window attention (Liu et al., Swin Transformer V2, CVPR 2022).

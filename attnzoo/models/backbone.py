@@ -14,10 +14,11 @@ size       dims               depths        stem stride  mlp ratio    tokens per
 ``small``  64, 128, 256, 512  2, 2, 6, 2    4            4            56, 28, 14, 7 (img_size 224)
 =========  =================  ============  ===========  ===========  =================================
 
-Per-stage defaults: a mechanism's own defaults are kept, except that size-like arguments (``kernel_size``,
-``window_size``, ``block_size``, ``split_size``, ``grid_size``…) larger than the stage's token grid are clamped to
-the grid (so NA's 7×7 kernel becomes 4×4 on a 4×4 stage), and a ``shift_size`` is halved with them (0 when the window
-covers the whole grid). Mechanisms that need a fixed resolution (``needs_input_size`` or an ``input_resolution``
+Per-stage defaults: a mechanism's own defaults are kept, except that the spatial sizes its registry entry declares
+(``size_args``: ``kernel_size``, ``window_size``, ``sr_ratio``, ``num_windows``…, see ``docs/vocabulary.md``) larger
+than the stage's token grid are clamped to the grid (so NA's 7×7 kernel becomes 4×4 on a 4×4 stage and MaxViT's 7×7
+partition 2×2 on a 2×2 stage), and a ``shift_size`` is halved with the window (0 when the window covers the whole
+grid). Mechanisms that need a fixed resolution (``needs_input_size`` or an ``input_resolution``
 argument) receive ``input_resolution=(H, W)``. Sequence-layout mechanisms receive flattened tokens ``(B, H·W, C)``.
 Arguments given by the user are never changed; a mechanism that cannot run at a stage's size raises a ``ValueError``
 at construction that names the stage, mixer, size and arguments.
@@ -40,6 +41,7 @@ import torch.nn as nn
 from ..mechanisms import create as create_mechanism
 from ..mechanisms import mechanism_info
 from ..mechanisms._base import BlockState, Mechanism, flatten_tokens
+from ..mechanisms.registry import SIZE_RULES
 
 __all__ = ["BackboneSize", "SIZES", "Backbone", "Block", "MixerAdapter", "Stage", "stage_defaults"]
 
@@ -64,8 +66,6 @@ SIZES: dict[str, BackboneSize] = {
     "small": BackboneSize(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), stem_stride=4, mlp_ratio=4.0, img_size=224),
 }
 
-SIZE_ARGS = ("kernel_size", "window_size", "block_size", "split_size", "grid_size", "region_size", "local_size", "sr_ratio")
-
 
 def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
     def fit(v: int, extent: int) -> int:
@@ -77,24 +77,46 @@ def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
         return value
     if isinstance(value, int):
         return fit(value, min(grid))
-    if isinstance(value, (tuple, list)) and len(value) == len(grid) and all(isinstance(v, int) for v in value):
-        return tuple(fit(v, g) for v, g in zip(value, grid))
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(value) == len(grid):  # one size per axis
+            return tuple(fit(v, g) for v, g in zip(value, grid))
+        return tuple(fit(v, min(grid)) for v in value)  # one size per head group
     return value
 
 
-def _fitted(params: Mapping[str, inspect.Parameter], grid: tuple[int, int], user: Mapping[str, Any], odd: bool) -> dict[str, Any]:
+def _largest_rate(value: Any) -> int:
+    """The largest int in a dilation argument (an int, one per axis, or one per head group), 1 for None."""
+    if isinstance(value, (tuple, list)):
+        return max((_largest_rate(v) for v in value), default=1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def _fitted(
+    params: Mapping[str, inspect.Parameter],
+    size_args: Mapping[str, str],
+    grid: tuple[int, int],
+    user: Mapping[str, Any],
+    odd: bool,
+    bounded: tuple[str, ...] = SIZE_RULES,
+) -> dict[str, Any]:
+    """The defaults of the declared ``size_args`` whose rule is in ``bounded``, fitted to ``grid`` (those that
+    change; ``odd``: a ``"kernel"``/``"span"`` with an odd default stays odd), and ``shift_size`` with the window."""
     kwargs: dict[str, Any] = {}
-    window: Any = None
-    for arg in SIZE_ARGS:
+    for arg, rule in size_args.items():
         p = params.get(arg)
-        if p is None or arg in user or p.default is inspect.Parameter.empty:
+        if p is None or arg in user or p.default is inspect.Parameter.empty or rule not in bounded:
             continue
-        fitted = _clamp(p.default, grid, odd)
+        limit = grid
+        if rule == "dilation":  # a neighbourhood of at least 2 taps must fit: 2·rate at most the side
+            limit = (max(1, grid[0] // 2), max(1, grid[1] // 2))
+        if rule == "span":  # kernel_size taps dilation apart: kernel_size·dilation must fit
+            dilation = params["dilation"].default if "dilation" in params else 1
+            rate = _largest_rate(user.get("dilation", kwargs.get("dilation", dilation)))
+            limit = (max(1, grid[0] // rate), max(1, grid[1] // rate))
+        fitted = _clamp(p.default, limit, odd and rule in ("kernel", "span"))
         if fitted != p.default and not (isinstance(p.default, list) and tuple(p.default) == fitted):
             kwargs[arg] = fitted
-            if arg != "sr_ratio" and (arg == "window_size" or window is None):
-                window = fitted
-    shift = params.get("shift_size")
+    shift, window = params.get("shift_size"), kwargs.get("window_size")
     if window is not None and shift is not None and "shift_size" not in user:
         if isinstance(shift.default, int) and not isinstance(shift.default, bool) and shift.default > 0:
             w = min(window) if isinstance(window, tuple) else window
@@ -105,17 +127,22 @@ def _fitted(params: Mapping[str, inspect.Parameter], grid: tuple[int, int], user
 def stage_defaults(name: str, grid: tuple[int, int], user_kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Candidate keyword arguments for mechanism ``name`` on a ``grid`` token map, preferred first.
 
-    Each is ``user_kwargs`` plus the mechanism's size-like defaults fitted to the grid: clamped to the extent, or
-    (second candidate, for mechanisms that need centred kernels) to the largest odd size when the default is odd.
+    Each is ``user_kwargs`` plus the defaults of the mechanism's declared ``size_args`` (``docs/vocabulary.md``)
+    fitted to the grid: clamped to the grid's side; then (for mechanisms that need centred kernels) with an odd
+    kernel clamped to the largest odd size; last, with windows and kernels at their defaults and only ratios and
+    counts fitted (for a mechanism whose own rule is not a plain bound: a window it pads, a kernel of at least 3
+    that zero padding makes work on a 2×2 grid).
     """
     info = mechanism_info(name)
     params = inspect.signature(info.cls.__init__).parameters
     extra: dict[str, Any] = {}
     if "input_resolution" not in user_kwargs and (info.needs_input_size or "input_resolution" in params):
         extra["input_resolution"] = tuple(grid)
+    fits = [_fitted(params, info.size_args, grid, user_kwargs, odd) for odd in (False, True)]
+    fits.append(_fitted(params, info.size_args, grid, user_kwargs, False, bounded=("ratio", "count")))
     candidates: list[dict[str, Any]] = []
-    for odd in (False, True):
-        kwargs = {**_fitted(params, grid, user_kwargs, odd), **extra, **user_kwargs}
+    for fitted in fits:
+        kwargs = {**fitted, **extra, **user_kwargs}
         if kwargs not in candidates:
             candidates.append(kwargs)
     return candidates
@@ -193,7 +220,8 @@ class Block(nn.Module):
 
 
 class Stage(nn.Sequential):
-    """The blocks of one stage, run in order with one fresh ``BlockState`` per forward pass."""
+    """The blocks of one stage, run in order with one fresh ``BlockState`` per forward pass; ``mixer_kwargs``: the
+    arguments its mixers were built with (the declared sizes fitted to the stage)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = BlockState()
@@ -339,6 +367,7 @@ class Backbone(nn.Module):
     ) -> Stage:
         """Build the stage and run its first mixer once on a zero map, so size problems surface now."""
         blocks = Stage(*(Block(name, dim, mlp_ratio, kwargs, *channel) for _ in range(depth)))
+        blocks.mixer_kwargs = dict(kwargs)  # what the stage's mixers were built with (sizes fitted to the grid)
         probe = torch.zeros(1, *grid, dim)
         with torch.no_grad():
             out = blocks[0].mixer.eval()(probe)

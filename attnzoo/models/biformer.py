@@ -100,7 +100,7 @@ class BiFormerBlock(nn.Module):
             self.attn: nn.Module = AttentionLePE(dim)
         else:
             self.attn = create_mechanism(
-                "bi_level_routing", dim, num_heads=num_heads, n_win=n_win, topk=topk, qk_dim=dim, side_dwconv=5, qkv_bias=True
+                "bi_level_routing", dim, num_heads=num_heads, num_windows=n_win, topk=topk, qk_dim=dim, kernel_size=5, qkv_bias=True
             )  # fmt: skip
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)

@@ -59,7 +59,7 @@ class CSWinBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = create_mechanism(
-            "cross_shaped", dim, num_heads=num_heads, split_size=split_size, last_stage=last_stage, qkv_bias=True
+            "cross_shaped", dim, num_heads=num_heads, window_size=split_size, last_stage=last_stage, qkv_bias=True
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)

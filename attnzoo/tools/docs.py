@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -210,7 +211,9 @@ def build_docs(
         write(out / "mechanisms" / f"{name}.html", _mechanism_page(doc, cfg))
         docs.append(doc)
     write(out / "style.css", STYLE)
-    architecture = (DOCS_SOURCE / "architecture.md").read_text(encoding="utf-8")
-    write(out / "index.html", _page("attnzoo architecture", _markdown(architecture), ""))
+    for source in sorted(DOCS_SOURCE.glob("*.md")):  # architecture.md is the index; links to X.md go to X.html
+        body = re.sub(r'href="([\w-]+)\.md(#[^"]*)?"', r'href="\1.html\2"', _markdown(source.read_text(encoding="utf-8")))
+        page = "index.html" if source.stem == "architecture" else f"{source.stem}.html"
+        write(out / page, _page(f"attnzoo {source.stem}", body, ""))
     write(out / "catalogue.html", _catalogue_page(docs, cfg))
     return written
