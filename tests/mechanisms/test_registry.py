@@ -31,7 +31,7 @@ def test_every_field_of_mechanism_info_can_be_registered(fresh_name):
     values = {**REQUIRED, "layout": "sequence", "native_rank": 1, "complexity": "linear", "reference": "somewhere",
               "needs_input_size": True, "paper_identity": True, "is_attention": False, "slot": "channel",
               "receptive_field": "channel", "note": "a note", "test_kwargs": {"a": 1}, "test_size": [4],
-              "test_dim": 8}  # fmt: skip
+              "test_dim": 8, "size_args": {"window_size": "extent"}}  # fmt: skip
     assert set(values) == {f.name for f in dataclasses.fields(MechanismInfo)} - {"name", "cls"}
     cls = register_mechanism(fresh_name, **values)(plain_module())
     info = attnzoo.mechanism_info(fresh_name)
@@ -56,6 +56,7 @@ def test_defaults_come_from_the_dataclass(fresh_name):
         ({**REQUIRED, "slot": "mlp"}, ValueError, "slot='mlp' must be one of ('token', 'channel')"),
         ({**REQUIRED, "receptive_field": "wide"}, ValueError, "receptive_field='wide' must be one of"),
         ({**REQUIRED, "complexity": "cubic"}, ValueError, "complexity='cubic' must be one of"),
+        ({**REQUIRED, "size_args": {"window_size": "side"}}, ValueError, "each rule must be one of"),
     ],
 )
 def test_bad_registrations_are_refused_naming_the_field(fresh_name, fields, error, fragment):
