@@ -1,6 +1,6 @@
 """Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
-except that on CPU non-overlapping windows go to ``partition`` unless a key_bias or the lse needs scores (``auto_choice`` says which and
-why)."""
+except that on CPU non-overlapping windows go to ``partition`` unless a key_bias or the lse needs scores
+(``auto_choice`` says which and why)."""
 
 from __future__ import annotations
 
