@@ -25,8 +25,9 @@ _RUNS: ContextVar[list | None] = ContextVar("attnzoo_record_backends", default=N
 
 class BackendRun(NamedTuple):
     """One engine call: ``op`` is ``"neighborhood"`` or ``"attention"``, ``backend`` the backend that ran it
-    (a name of ``list_backends()``, or ``"sdpa"`` for the dense op's fused ``scaled_dot_product_attention``; its
-    explicit-scores path, which ``auto`` takes for ``return_lse``, is the ``"reference"`` computation and says so)."""
+    (a name of ``list_backends()``, or ``"sdpa"`` for the dense op's fused ``scaled_dot_product_attention``, or
+    ``"explicit"`` for the plain matmul-softmax-matmul ``auto`` takes on CPU where it beats SDPA; the explicit-scores
+    path ``auto`` takes for ``return_lse`` is the ``"reference"`` computation and says so)."""
 
     op: str
     backend: str

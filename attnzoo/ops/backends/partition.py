@@ -52,6 +52,16 @@ def _window_rel_index(kernel: tuple[int, ...]) -> torch.Tensor:
     return index
 
 
+def _propagate_nan_queries(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """SDPA's fused CPU kernel turns a NaN query row into finite output; the reference gives NaN. In eager mode one
+    sum over ``q`` (a read pass) decides whether the exact row fix-up is needed at all (a NaN anywhere makes the sum
+    NaN); traced, the fix-up is always applied (no data-dependent branch)."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if not tracing and not bool(q.sum().isnan()):
+        return out
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+
+
 class PartitionBackend(Backend):
     name = "partition"
     description = "non-overlapping windows (stride = kernel, divisible extents): reshape + SDPA"
@@ -101,8 +111,9 @@ class PartitionBackend(Backend):
             if additional_keys is not None:
                 table = torch.cat([table, table.new_zeros(*table.shape[:-1], additional_keys.shape[1])], dim=-1)
             bias = table.unsqueeze(0) if bias is None else bias + table.unsqueeze(0)
-        # SDPA's fused CPU kernel turns a NaN scale or a NaN query row into finite output; the explicit path and the
-        # row fix-up below keep NaN propagating exactly as in the reference.
+        records_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rel_pos_bias, additional_keys, additional_values)
+        )
         if p.return_lse or key_bias is not None or math.isnan(scale):
             scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
             if bias is not None:
@@ -111,11 +122,28 @@ class PartitionBackend(Backend):
                 scores = scores.masked_fill(~mask, float("-inf"))
             weights, lse = softmax_with_lse(scores)
             out = torch.matmul(weights, vw)
+        elif records_grad:
+            # with autograd on, CPU SDPA takes its math path (explicit scores plus a NaN-safe softmax that costs
+            # ~25 % more than a plain one); the plain explicit form is faster, backward included. Every row keeps a
+            # finite score (the causal mask keeps the diagonal) unless a -inf rel_pos_bias masks all of a row's keys
+            # (then this row is NaN where SDPA and the reference give 0).
+            ct = compute_dtype(q.dtype)
+            scores = torch.matmul(qw.to(ct), kw.to(ct).transpose(-1, -2)) * scale
+            if bias is not None:
+                scores = scores + bias.to(ct)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1), vw.to(ct))
+            lse = None
         else:
             if bias is not None and mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))
-            out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask if bias is None else bias, scale=scale)
-            out = out.masked_fill(qw.isnan().any(-1, keepdim=True), float("nan"))
+            # nothing is recorded, so detached inputs change nothing: SDPA would take its slow math path for inputs
+            # that merely require grad (a no_grad call on leaf tensors)
+            qw, kw, vw = qw.detach(), kw.detach(), vw.detach()
+            attn_mask = mask if bias is None else bias.detach()
+            out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=attn_mask, scale=scale)
+            out = _propagate_nan_queries(out, qw)
             lse = None
         grid = {f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)}
         out = rearrange(out, f"{windows} -> {split}", **sizes, **grid).to(q.dtype)
