@@ -52,6 +52,16 @@ def _window_rel_index(kernel: tuple[int, ...]) -> torch.Tensor:
     return index
 
 
+def _may_mask_whole_rows(rel_pos_bias: torch.Tensor | None) -> bool:
+    """Whether a rel_pos_bias might hold -inf (so a plain softmax could see a row of only -inf): checked in eager
+    mode (one pass over the small table), assumed when traced (no data-dependent branch)."""
+    if rel_pos_bias is None:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return bool(torch.isneginf(rel_pos_bias).any())
+
+
 def _propagate_nan_queries(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """SDPA's fused CPU kernel turns a NaN query row into finite output; the reference gives NaN. In eager mode one
     sum over ``q`` (a read pass) decides whether the exact row fix-up is needed at all (a NaN anywhere makes the sum
@@ -114,7 +124,8 @@ class PartitionBackend(Backend):
         records_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rel_pos_bias, additional_keys, additional_values)
         )
-        if p.return_lse or key_bias is not None or math.isnan(scale):
+        exact_softmax = records_grad and _may_mask_whole_rows(rel_pos_bias)
+        if p.return_lse or key_bias is not None or math.isnan(scale) or exact_softmax:
             scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
             if bias is not None:
                 scores = scores + bias
@@ -125,8 +136,8 @@ class PartitionBackend(Backend):
         elif records_grad:
             # with autograd on, CPU SDPA takes its math path (explicit scores plus a NaN-safe softmax that costs
             # ~25 % more than a plain one); the plain explicit form is faster, backward included. Every row keeps a
-            # finite score (the causal mask keeps the diagonal) unless a -inf rel_pos_bias masks all of a row's keys
-            # (then this row is NaN where SDPA and the reference give 0).
+            # finite score: the causal mask keeps the diagonal, and a rel_pos_bias holding -inf (which could mask all
+            # of a row's keys) takes the NaN-safe branch above.
             ct = compute_dtype(q.dtype)
             scores = torch.matmul(qw.to(ct), kw.to(ct).transpose(-1, -2)) * scale
             if bias is not None:
