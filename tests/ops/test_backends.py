@@ -4,7 +4,7 @@ Outputs, the returned logsumexp and the gradients of every differentiable input 
 rel_pos_bias, key_bias with -inf entries) must match the reference within a relative RMS error of 1e-5 (float32)
 or 1e-10 (float64), over a sweep of 1/2/3-D geometries: odd and tiny extents, borders, even kernels, dilation
 (also with extents not divisible by it), stride, mixed causal axes, several head dims (v's may differ), batch and
-heads > 1. The reference itself is pinned by tests/test_ops_properties.py (hand softmax over a brute-force mask).
+heads > 1. The reference itself is pinned by tests/ops/test_neighborhood_properties.py (hand softmax over a brute-force mask).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 block mask, its compile cache, and ``auto``'s order per device.
 
 On CPU torch's FlexAttention is forward-only and its compiled kernel has no logsumexp, so the sweep (every geometry
-of tests/test_ops_backends.py, with return_lse, rel_pos_bias, key_bias with dropped keys, additional keys) runs
+of tests/ops/test_backends.py, with return_lse, rel_pos_bias, key_bias with dropped keys, additional keys) runs
 torch's unfused FlexAttention on the same block mask and score_mod; two tests compile the kernel (the slow part of
 this file). On a GPU (ATTNZOO_TEST_DEVICE=cuda) the same sweep runs the compiled kernels, forward and backward run in
-tests/test_ops_backends.py.
+tests/ops/test_backends.py.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_compiled_kernel_matches_reference_and_does_not_recompile():
     assert graphs[1] == graphs[0], "a second call of the same geometry recompiled"
 
 
-@cuda_only  # on CPU the unfused path covers half inputs (tests/test_ops_backends.py::test_half_precision_forward)
+@cuda_only  # on CPU the unfused path covers half inputs (tests/ops/test_backends.py::test_half_precision_forward)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_compiled_half_precision(dtype):
     """Compiled kernel on half inputs (float32 softmax statistics inside): close to the float32 reference."""

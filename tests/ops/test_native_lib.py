@@ -44,7 +44,7 @@ def _check(cache: Path, **env) -> dict:
     import json
     import sys
 
-    environment = {**os.environ, "ATTNZOO_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1]), **env}
+    environment = {**os.environ, "ATTNZOO_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[2]), **env}
     result = subprocess.run([sys.executable, "-c", CHECK], env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -182,7 +182,7 @@ time.sleep(60)
 def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
