@@ -31,6 +31,60 @@ def rand64(*shape, seed=0, grad=False):
     return t.requires_grad_(grad)
 
 
+def randomize_(
+    module: torch.nn.Module,
+    std: float = 0.5,
+    *,
+    seed: int | None = None,
+    perturb: bool = False,
+    norms_near_one: bool = False,
+) -> torch.nn.Module:
+    """Give every parameter and BatchNorm statistic random values, in place; returns ``module``.
+
+    Parity tests need it: at initialisation many weights are 0 or 1 (zero biases, unit norms, zero-initialised
+    projections), which hides a wrong key map or a missing term. Parameters become N(0, std²) draws (added to their
+    value if ``perturb``; 1-D ``weight``s, the norms' scales, become 1 + N(0, std²) if ``norms_near_one``), BatchNorm
+    running means N(0, 0.3²) and running variances U(0.5, 1.5). Draws come from a generator seeded with ``seed``, or
+    from torch's global generator (seeded per test by ``_seed``) when ``seed`` is None.
+    """
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype) * std
+            if perturb:
+                p.add_(noise)
+            else:
+                p.copy_(noise + 1.0 if norms_near_one and name.endswith("weight") and p.dim() == 1 else noise)
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
+    return module
+
+
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last ``(B, H, W, C)`` to channels-first ``(B, C, H, W)``, the layout of torch/timm conv modules."""
+    return x.permute(0, 3, 1, 2)
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Channels-first ``(B, C, H, W)`` back to attnzoo's channels-last ``(B, H, W, C)``."""
+    return x.permute(0, 2, 3, 1)
+
+
+def heads_of(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[..., heads·d]`` to ``[..., heads, d]``."""
+    return t.reshape(*t.shape[:-1], heads, -1)
+
+
+def changed_positions(module, x: torch.Tensor, position, eps: float = 1.0) -> torch.Tensor:
+    """Boolean spatial map of image 0's outputs that change when its token at ``position`` is perturbed by ``eps``."""
+    y0 = module(x)
+    x1 = x.clone()
+    x1[(0, *position)] += eps
+    return (module(x1) - y0).abs().amax(-1)[0] > 1e-12
+
+
 def hand_attention(q, k, v, scale, allowed=None, bias=None):
     """Textbook softmax attention, with explicit loops over batch, heads and queries: an independent oracle.
 

@@ -18,21 +18,9 @@ timm = pytest.importorskip("timm")
 
 from attnzoo.interop.timm import FAMILIES, SwapEntry  # noqa: E402
 
+from conftest import randomize_  # noqa: E402
+
 DT = torch.float64
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter (timm zero-initialises some projections and biases) and set BN statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen, dtype=b.dtype))
-            elif name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=b.dtype))
-    return model
 
 
 def halonet(**kwargs) -> nn.Module:
@@ -108,7 +96,7 @@ CASES = {
 def build(case: str, size: tuple[int, int]) -> nn.Module:
     builder, _, takes_size, _ = CASES[case]
     model = builder(img_size=size) if takes_size else builder()
-    return randomise(model.to(DT).eval())
+    return randomize_(model.to(DT).eval(), std=0.1, seed=0, perturb=True)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,7 +139,7 @@ def test_swapped_model_runs_the_mechanisms_it_reports(case):
     before = model(x)
     mechanisms = [m for m in model.modules() if getattr(m, "mechanism_name", "") == report[0].mechanism]
     assert len(mechanisms) == len(report)
-    randomise(mechanisms[0], seed=5)
+    randomize_(mechanisms[0], std=0.1, seed=5, perturb=True)
     assert relative_error(model(x), before) > 1e-6
 
 

@@ -12,16 +12,15 @@ import attnzoo
 from attnzoo import BlockState
 from attnzoo.models.backbone import Backbone, Stage
 
+from conftest import randomize_
+
 DT = torch.float64
 
 
 def make(**kwargs):
     torch.manual_seed(0)
     m = attnzoo.create("forward_cross", 16, num_heads=2, kernel_size=3, stride=2, **kwargs).to(DT).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return m
+    return randomize_(m, std=0.3, perturb=True)
 
 
 def oracle(m, x, earlier=()):
@@ -125,9 +124,7 @@ def test_standalone_stage_and_fresh_state_per_forward():
 
 def test_backbone_save_load_round_trip(tmp_path):
     source = small_backbone()
-    with torch.no_grad():
-        for p in source.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    randomize_(source, std=0.01, perturb=True)
     path = tmp_path / "model.pt"
     torch.save(source.state_dict(), path)
     assert "stages.0.1.mixer.mixer.cross_scale" in source.state_dict()

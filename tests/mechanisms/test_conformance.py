@@ -9,7 +9,8 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms import mechanism_info
-from conftest import DEVICE
+
+from conftest import DEVICE, randomize_
 
 NAMES = attnzoo.list_mechanisms()
 
@@ -123,9 +124,8 @@ def test_deterministic_for_a_fixed_seed(name):
 def test_state_dict_round_trip(name):
     inputs = sample(name)
     source = build(name, seed=4)
-    with torch.no_grad():  # move every parameter off its initial value, so the copy has something to carry
-        for p in source.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    # move every parameter off its initial value, so the copy has something to carry
+    randomize_(source, std=0.01, perturb=True)
     target = build(name, seed=5)
     target.load_state_dict(copy.deepcopy(source.state_dict()))
     torch.testing.assert_close(target(*inputs), source(*inputs), rtol=0, atol=0)

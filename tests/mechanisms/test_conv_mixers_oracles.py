@@ -17,30 +17,14 @@ from einops import rearrange
 
 import attnzoo
 
+from conftest import nchw, nhwc, rand64, randomize_
+
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 def make(name: str, dim: int, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     return attnzoo.create(name, dim, **kwargs).double().eval()
-
-
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
-    """Parameters ~ N(0, scale²) (norm weights around 1); BN statistics random."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
-        p.copy_(noise + 1.0 if name.endswith("weight") and p.dim() == 1 else noise)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
-    return module
-
-
-def rand(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +55,8 @@ def depthwise_loops(x: torch.Tensor, weight_at) -> torch.Tensor:
 
 
 def test_convolutional_glu_matches_the_transnext_formula():
-    m = randomize_(make("convolutional_glu", 16, mlp_ratio=3.0))
-    x = rand(2, 5, 6, 16)
+    m = randomize_(make("convolutional_glu", 16, mlp_ratio=3.0), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(2, 5, 6, 16)
     hidden = m.hidden
     assert hidden == int(2 * 48 / 3)
     h = x @ m.fc1.weight.T + m.fc1.bias
@@ -89,22 +73,14 @@ def test_convolutional_glu_matches_the_transnext_formula():
 
 
 def test_convolutional_glu_with_identity_conv_is_a_plain_glu():
-    m = randomize_(make("convolutional_glu", 16))
+    m = randomize_(make("convolutional_glu", 16), std=0.3, seed=0, norms_near_one=True)
     with torch.no_grad():
         m.dwconv.weight.zero_()
         m.dwconv.weight[:, 0, 1, 1] = 1.0
         m.dwconv.bias.zero_()
-    x = rand(1, 4, 4, 16)
+    x = rand64(1, 4, 4, 16)
     gate, value = m.fc1(x).chunk(2, dim=-1)
     torch.testing.assert_close(m(x), m.fc2(gelu(gate) * value), **TOL)
-
-
-def nchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
 
 
 # --- hybrid_attention_block ---------------------------------------------------------------------------------------
@@ -112,10 +88,10 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 
 def test_hybrid_attention_block_is_window_attention_plus_scaled_cab():
     kwargs = dict(num_heads=2, window_size=4, shift_size=2)
-    m = randomize_(make("hybrid_attention_block", 32, **kwargs))
+    m = randomize_(make("hybrid_attention_block", 32, **kwargs), std=0.3, seed=0, norms_near_one=True)
     window = make("window", 32, **kwargs)
     window.load_state_dict({k[len("attn."):]: v for k, v in m.state_dict().items() if k.startswith("attn.")})
-    x = rand(2, 8, 8, 32)
+    x = rand64(2, 8, 8, 32)
     cab = m.conv_block
     hidden = F.conv2d(nchw(x), cab.conv1.weight, cab.conv1.bias, padding=1)
     feat = F.conv2d(gelu(hidden), cab.conv2.weight, cab.conv2.bias, padding=1)  # HAT CAB: C → C/3 → C
@@ -131,8 +107,8 @@ def test_hybrid_attention_block_is_window_attention_plus_scaled_cab():
 
 
 def test_relation_aggregator_local_is_a_learned_offset_affinity():
-    m = randomize_(make("relation_aggregator", 16))
-    x = rand(2, 7, 6, 16)
+    m = randomize_(make("relation_aggregator", 16), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(2, 7, 6, 16)
     values = F.conv2d(nchw(x), m.conv1.weight, m.conv1.bias)
     affinity = m.attn.weight[:, 0]  # (C, 5, 5): one learned weight per channel and offset
 
@@ -146,14 +122,14 @@ def test_relation_aggregator_local_is_a_learned_offset_affinity():
 
 
 def test_relation_aggregator_global_matches_torch_multihead_attention():
-    m = randomize_(make("relation_aggregator", 32, kind="global", num_heads=2))
+    m = randomize_(make("relation_aggregator", 32, kind="global", num_heads=2), std=0.3, seed=0, norms_near_one=True)
     ref = nn.MultiheadAttention(32, 2, batch_first=True).double().eval()
     with torch.no_grad():
         ref.in_proj_weight.copy_(m.qkv.weight)
         ref.in_proj_bias.copy_(m.qkv.bias)
         ref.out_proj.weight.copy_(m.proj.weight)
         ref.out_proj.bias.copy_(m.proj.bias)
-    x = rand(2, 5, 7, 32)
+    x = rand64(2, 5, 7, 32)
     tokens = x.reshape(2, 35, 32)
     expected = ref(tokens, tokens, tokens, need_weights=False)[0].reshape(x.shape)
     torch.testing.assert_close(m(x), expected, **TOL)
@@ -164,8 +140,8 @@ def test_relation_aggregator_global_matches_torch_multihead_attention():
 
 def test_large_small_conv_matches_lsnet_ska_and_lkp():
     dim, groups = 32, 8
-    m = randomize_(make("large_small_conv", dim, groups=groups))
-    x = rand(2, 9, 7, dim)
+    m = randomize_(make("large_small_conv", dim, groups=groups), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(2, 9, 7, dim)
     image = nchw(x)
     # LKP, written from the official layer list: Conv-BN-ReLU, DW7-BN, Conv-BN-ReLU, Conv1×1, GroupNorm
     z = torch.relu(bn_eval(F.conv2d(image, m.cv1[0].weight), m.cv1[1]))
@@ -185,11 +161,11 @@ def test_large_small_conv_matches_lsnet_ska_and_lkp():
 
 def test_large_small_conv_with_constant_kernels_is_a_depthwise_conv():
     """cv4 = 0 makes GroupNorm's input zero, so every position's kernel is GroupNorm's bias: a static conv."""
-    m = randomize_(make("large_small_conv", 16, groups=4))
+    m = randomize_(make("large_small_conv", 16, groups=4), std=0.3, seed=0, norms_near_one=True)
     with torch.no_grad():
         m.cv4.weight.zero_()
         m.cv4.bias.zero_()
-    x = rand(1, 6, 5, 16)
+    x = rand64(1, 6, 5, 16)
     kernels = m.norm.bias.view(4, 1, 3, 3).repeat(4, 1, 1, 1)  # channel c uses kernel c % 4
     expected = nhwc(bn_eval(F.conv2d(nchw(x), kernels, padding=1, groups=16), m.bn))
     torch.testing.assert_close(m(x), expected, **TOL)
@@ -199,8 +175,8 @@ def test_large_small_conv_with_constant_kernels_is_a_depthwise_conv():
 
 
 def test_attentive_conv_matches_the_official_definition():
-    m = randomize_(make("attentive_conv", 16))
-    x = rand(3, 7, 5, 16)
+    m = randomize_(make("attentive_conv", 16), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(3, 7, 5, 16)
     image = nchw(x)
     b, c = 3, 16
     pooled = F.adaptive_avg_pool1d(F.conv2d(image, m.kernel_proj.weight, m.kernel_proj.bias).view(b, c, 35), 9)
@@ -219,10 +195,10 @@ def test_attentive_conv_matches_the_official_definition():
 
 def test_attentive_conv_full_inhibition_gives_zero_sum_kernels():
     """σ(λ) → 1 subtracts each kernel's mean: interior responses to a constant map vanish (only proj's bias left)."""
-    m = randomize_(make("attentive_conv", 8))
+    m = randomize_(make("attentive_conv", 8), std=0.3, seed=0, norms_near_one=True)
     with torch.no_grad():
         m.difference_control.fill_(80.0)
-    x = torch.ones(1, 6, 6, 8, dtype=torch.float64) * rand(8)
+    x = torch.ones(1, 6, 6, 8, dtype=torch.float64) * rand64(8)
     out = m(x)
     torch.testing.assert_close(out[0, 1:-1, 1:-1], m.proj.bias.expand(4, 4, 8), rtol=0, atol=1e-12)
 
@@ -231,8 +207,8 @@ def test_attentive_conv_full_inhibition_gives_zero_sum_kernels():
 
 
 def test_position_channel_guided_matches_danet_pam_and_cam():
-    m = randomize_(make("position_channel_guided", 32, gamma_init=0.5))
-    x = rand(2, 5, 6, 32)
+    m = randomize_(make("position_channel_guided", 32, gamma_init=0.5), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(2, 5, 6, 32)
     b, n = 2, 30
     feat = nchw(x).reshape(b, 32, n)  # DANet works on (B, C, N)
     q = (m.query_conv.weight @ feat + m.query_conv.bias[:, None]).permute(0, 2, 1)  # (B, N, C/8)
@@ -246,7 +222,7 @@ def test_position_channel_guided_matches_danet_pam_and_cam():
 
 
 def test_position_channel_guided_danet_zero_init_and_default():
-    x = rand(1, 4, 4, 32)
+    x = rand64(1, 4, 4, 32)
     assert torch.count_nonzero(make("position_channel_guided", 32, gamma_init=0.0)(x)) == 0
     plain = make("position_channel_guided", 32)
     assert plain.gamma_position is None and torch.count_nonzero(plain(x)) > 0
@@ -284,9 +260,9 @@ def _gmlp_layer_jax(layer: nn.Module, x: torch.Tensor, size: tuple[int, int], ax
 
 @pytest.mark.parametrize("size, window, grid", [((8, 8), 4, 4), ((8, 12), (2, 4), (4, 2)), ((6, 6), 3, 2)])
 def test_multi_axis_gmlp_matches_the_maxim_layer(size, window, grid):
-    m = randomize_(make("multi_axis_gmlp", 16, window_size=window, grid_size=grid))
+    m = randomize_(make("multi_axis_gmlp", 16, window_size=window, grid_size=grid), std=0.3, seed=0, norms_near_one=True)
     layer = m.layer
-    x = rand(2, *size, 16)
+    x = rand64(2, *size, 16)
     u, v = gelu(layer.in_project(layer.norm_in(x))).chunk(2, dim=-1)
     u = _gmlp_layer_jax(layer.grid_gmlp, u, m.grid_size, "grid")
     v = _gmlp_layer_jax(layer.block_gmlp, v, m.window_size, "block")
@@ -295,11 +271,11 @@ def test_multi_axis_gmlp_matches_the_maxim_layer(size, window, grid):
 
 
 def test_multi_axis_gmlp_mixes_only_its_block_and_grid_lattice():
-    m = randomize_(make("multi_axis_gmlp", 16, window_size=4, grid_size=2))
-    x = rand(1, 8, 8, 16)
+    m = randomize_(make("multi_axis_gmlp", 16, window_size=4, grid_size=2), std=0.3, seed=0, norms_near_one=True)
+    x = rand64(1, 8, 8, 16)
     base = m(x)
     changed = x.clone()
-    changed[:, 0, 0] += rand(16, seed=5)  # not a constant shift: LayerNorm would remove that
+    changed[:, 0, 0] += rand64(16, seed=5)  # not a constant shift: LayerNorm would remove that
     delta = (m(changed) - base).abs().sum(-1)[0] > 1e-12
     # token (0, 0) reaches its 4×4 block and the grid lattice {0, 4}², nothing else
     reach = torch.zeros(8, 8, dtype=torch.bool)
@@ -309,9 +285,9 @@ def test_multi_axis_gmlp_mixes_only_its_block_and_grid_lattice():
 
 
 def test_cross_gating_matches_the_maxim_block():
-    m = randomize_(make("multi_axis_gmlp", 16, window_size=2, grid_size=2, cross_gating=True))
+    m = randomize_(make("multi_axis_gmlp", 16, window_size=2, grid_size=2, cross_gating=True), std=0.3, seed=0, norms_near_one=True)
     cgb = m.layer
-    x, y = rand(2, 4, 6, 16, seed=1), rand(2, 4, 6, 16, seed=2)
+    x, y = rand64(2, 4, 6, 16, seed=1), rand64(2, 4, 6, 16, seed=2)
 
     def gating(g: nn.Module, t: torch.Tensor) -> torch.Tensor:
         u, v = gelu(g.in_project(g.norm_in(t))).chunk(2, dim=-1)
@@ -355,26 +331,26 @@ def test_dct_matrix_is_scipy_orthonormal_dct2():
 
 
 def test_dynamic_spectrum_unit_weights_are_the_identity_transform():
-    m = randomize_(make("dynamic_spectrum", 16))
+    m = randomize_(make("dynamic_spectrum", 16), std=0.3, seed=0, norms_near_one=True)
     with torch.no_grad():
         m.spectral_weight.fill_(1.0)
-    x = rand(2, 5, 7, 16)
+    x = rand64(2, 5, 7, 16)
     torch.testing.assert_close(m(x), m.pwconv2(gelu(m.pwconv1(x))), **TOL)
 
 
 def test_dynamic_spectrum_dc_only_weights_give_the_spatial_mean():
-    m = randomize_(make("dynamic_spectrum", 16, spectrum_size=6))
+    m = randomize_(make("dynamic_spectrum", 16, spectrum_size=6), std=0.3, seed=0, norms_near_one=True)
     with torch.no_grad():
         m.spectral_weight.zero_()
         m.spectral_weight[:, :, 0, 0] = 2.0
-    x = rand(2, 6, 6, 16)
+    x = rand64(2, 6, 6, 16)
     mean = gelu(m.pwconv1(x)).mean(dim=(1, 2), keepdim=True)
     torch.testing.assert_close(m(x), m.pwconv2(2.0 * mean).expand_as(x), **TOL)
 
 
 def test_dynamic_spectrum_weights_depend_on_the_content():
-    m = randomize_(make("dynamic_spectrum", 16))
-    a, b = m.band_weights(rand(1, 6, 6, 16, seed=1)), m.band_weights(rand(1, 6, 6, 16, seed=2))
+    m = randomize_(make("dynamic_spectrum", 16), std=0.3, seed=0, norms_near_one=True)
+    a, b = m.band_weights(rand64(1, 6, 6, 16, seed=1)), m.band_weights(rand64(1, 6, 6, 16, seed=2))
     assert a.shape == (1, 32, 6, 6) and not torch.allclose(a, b)
 
 
@@ -390,7 +366,7 @@ MODES = [
 @pytest.mark.parametrize("name, kwargs", MODES, ids=[n for n, _ in MODES])
 def test_other_modes_gradcheck_and_compile(name, kwargs):
     m = make(name, 32, **kwargs)
-    x = rand(1, 6, 5, 32).requires_grad_()
+    x = rand64(1, 6, 5, 32).requires_grad_()
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True, atol=1e-6, rtol=1e-4)
     compiled = torch.compile(m, fullgraph=True, backend="eager", dynamic=False)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-9, atol=1e-9)
@@ -398,7 +374,7 @@ def test_other_modes_gradcheck_and_compile(name, kwargs):
 
 def test_cross_gating_gradcheck_and_compile():
     m = make("multi_axis_gmlp", 16, window_size=2, grid_size=2, cross_gating=True)
-    x, y = rand(1, 4, 6, 16, seed=1).requires_grad_(), rand(1, 4, 6, 16, seed=2).requires_grad_()
+    x, y = rand64(1, 4, 6, 16, seed=1).requires_grad_(), rand64(1, 4, 6, 16, seed=2).requires_grad_()
     assert torch.autograd.gradcheck(m, (x, y), fast_mode=True, atol=1e-6, rtol=1e-4)
     compiled = torch.compile(m, fullgraph=True, backend="eager", dynamic=False)
     torch.testing.assert_close(compiled(x, y), m(x, y), rtol=1e-9, atol=1e-9)

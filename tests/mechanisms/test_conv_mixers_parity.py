@@ -12,6 +12,8 @@ import torch.nn as nn
 
 import attnzoo
 
+from conftest import nchw, nhwc, rand64, randomize_
+
 timm = pytest.importorskip("timm")
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -19,19 +21,6 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def make(name: str, dim: int, **kwargs) -> nn.Module:
     return attnzoo.create(name, dim, **kwargs).double().eval()
-
-
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Parameters ~ N(0, 0.5²); BN running means ~ N(0, 0.3²), variances ~ U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
-    return module.double().eval()
 
 
 def copy_into(target: nn.Module, source_state: dict[str, torch.Tensor], key_map: dict[str, str]) -> None:
@@ -45,18 +34,6 @@ def copy_into(target: nn.Module, source_state: dict[str, torch.Tensor], key_map:
     assert not [k for k in missing if not k.endswith("num_batches_tracked")] and not unexpected, (missing, unexpected)
 
 
-def rand(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def nchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
 def bn_keys(prefix: str, target: str) -> dict[str, str]:
     return {f"{prefix}.{k}": f"{target}.{k}" for k in ("weight", "bias", "running_mean", "running_var")}
 
@@ -68,17 +45,17 @@ def bn_keys(prefix: str, target: str) -> dict[str, str]:
 def test_coordinate_matches_timm_coord_attn(dim, size):
     from timm.layers.coord_attn import CoordAttn
 
-    ref = randomize_(CoordAttn(dim, rd_channels=max(8, dim // 32), bias=True))
+    ref = randomize_(CoordAttn(dim, rd_channels=max(8, dim // 32), bias=True), seed=0).double().eval()
     ours = make("coordinate", dim)
     keys = {f"{m}.{p}": f"{m}.{p}" for m in ("conv1", "conv_h", "conv_w") for p in ("weight", "bias")}
     copy_into(ours, ref.state_dict(), {**keys, **bn_keys("bn1", "bn1")})
-    x = rand(2, *size, dim)
+    x = rand64(2, *size, dim)
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))), **TOL)
 
 
 def test_coordinate_output_sees_its_row_and_column_only():
-    m = randomize_(make("coordinate", 32))
-    x = rand(1, 6, 7, 32)
+    m = randomize_(make("coordinate", 32), seed=0).double().eval()
+    x = rand64(1, 6, 7, 32)
     y = m(x)
     changed = x.clone()
     changed[:, 4, 5] += 1.0
@@ -97,14 +74,14 @@ def test_gated_cnn_matches_timm_gated_conv_block_mixer(kwargs):
     from timm.models.mambaout import GatedConvBlock
 
     dim = 24
-    ref = randomize_(GatedConvBlock(dim, **kwargs))
+    ref = randomize_(GatedConvBlock(dim, **kwargs), seed=0).double().eval()
     with torch.no_grad():
         ref.norm.weight.fill_(1.0)
         ref.norm.bias.zero_()
     ours = make("gated_cnn", dim, **kwargs)
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("norm.")}
     copy_into(ours, state, {k: k for k in state})
-    x = rand(2, 7, 6, dim)
+    x = rand64(2, 7, 6, dim)
     torch.testing.assert_close(ours(ref.norm(x)), ref(x) - x, **TOL)
 
 
@@ -115,11 +92,11 @@ def test_gated_cnn_matches_timm_gated_conv_block_mixer(kwargs):
 def test_depthwise_mixer_matches_timm_convnext_conv_dw(dim, size):
     from timm.models.convnext import ConvNeXtBlock
 
-    block = randomize_(ConvNeXtBlock(dim, conv_bias=True))
+    block = randomize_(ConvNeXtBlock(dim, conv_bias=True), seed=0).double().eval()
     ours = make("depthwise_mixer", dim)
     copy_into(ours, {k: v for k, v in block.state_dict().items() if k.startswith("conv_dw.")},
               {"conv_dw.weight": "conv_dw.weight", "conv_dw.bias": "conv_dw.bias"})  # fmt: skip
-    x = rand(2, *size, dim)
+    x = rand64(2, *size, dim)
     torch.testing.assert_close(ours(x), nhwc(block.conv_dw(nchw(x))), **TOL)
 
 
@@ -137,12 +114,12 @@ def test_next_vit_ncb_matches_timm_next_conv_block():
     from timm.models.nextvit import NextConvBlock
 
     dim = 64
-    ref = randomize_(NextConvBlock(dim, dim, head_dim=16))
+    ref = randomize_(NextConvBlock(dim, dim, head_dim=16), seed=0).double().eval()
     _zero_mlp(ref)
     ours = make("next_vit", dim, head_dim=16)
     state = {k: v for k, v in ref.state_dict().items() if k.startswith("mhca.")}
     copy_into(ours, state, {k: k for k in state})
-    x = rand(2, 7, 5, dim)
+    x = rand64(2, 7, 5, dim)
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))) - x, **TOL)
 
 
@@ -155,7 +132,7 @@ def test_next_vit_ntb_matches_timm_next_transformer_block(dim, head_dim, sr_rati
     (head_dim 32: timm rounds the MHSA width to a multiple of 32, ours to a multiple of head_dim.)"""
     from timm.models.nextvit import NextTransformerBlock
 
-    ref = randomize_(NextTransformerBlock(dim, dim, drop_path=0.0, sr_ratio=sr_ratio, head_dim=head_dim))
+    ref = randomize_(NextTransformerBlock(dim, dim, drop_path=0.0, sr_ratio=sr_ratio, head_dim=head_dim), seed=0).double().eval()
     _zero_mlp(ref)
     ours = make("next_vit", dim, kind="ntb", head_dim=head_dim, sr_ratio=sr_ratio)
     assert (ours.mhsa_dim, ours.mhca_dim) == (ref.mhsa_out_chs, ref.mhca_out_chs)
@@ -165,7 +142,7 @@ def test_next_vit_ntb_matches_timm_next_transformer_block(dim, head_dim, sr_rati
         key_map[f"{prefix}.conv.weight"] = f"{target}.0.weight"
         key_map.update(bn_keys(f"{prefix}.norm", f"{target}.1"))
     copy_into(ours, state, key_map)
-    x = rand(2, *size, dim)
+    x = rand64(2, *size, dim)
     torch.testing.assert_close(ours(x), nhwc(ref(nchw(x))), **TOL)
 
 
@@ -189,7 +166,7 @@ def test_conv_projection_matches_transformers_cvt_attention(dim, heads, size):
     ref = randomize_(cvt.CvtAttention(
         num_heads=heads, embed_dim=dim, kernel_size=3, padding_q=1, padding_kv=1, stride_q=1, stride_kv=2,
         qkv_projection_method="dw_bn", qkv_bias=True, attention_drop_rate=0.0, drop_rate=0.0, with_cls_token=False,
-    ))  # fmt: skip
+    ), seed=0).double().eval()  # fmt: skip
     ours = make("conv_projection", dim, num_heads=heads)
     key_map = {"output.dense.weight": "proj.weight", "output.dense.bias": "proj.bias"}
     for n in ("query", "key", "value"):
@@ -199,6 +176,6 @@ def test_conv_projection_matches_transformers_cvt_attention(dim, heads, size):
         for p in ("weight", "bias"):
             key_map[f"attention.projection_{n}.{p}"] = f"{n[0]}.{p}"
     copy_into(ours, ref.state_dict(), key_map)
-    x = rand(2, *size, dim)
+    x = rand64(2, *size, dim)
     expected = ref(x.reshape(2, -1, dim), *size).reshape(x.shape)
     torch.testing.assert_close(ours(x), expected, **TOL)

@@ -6,30 +6,17 @@ Parity protocol: float64, eval mode, every parameter and BN statistic randomised
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.mechanisms.mhsa import MultiHeadSelfAttention
+
+from conftest import randomize_
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def randomise(module: nn.Module, scale: float = 0.5) -> nn.Module:
-    """Every parameter and BN running statistic set to random values (references are vacuous at init)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn_like(p))
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.3 * torch.randn_like(b))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand_like(b))
-    return module
 
 
 def copy_params(target: nn.Module, mapping: dict[str, torch.Tensor]) -> None:
@@ -51,7 +38,7 @@ def test_mhsa_matches_timm_attention():
 
     from attnzoo.interop.timm import vit_attention_weights
 
-    ref = randomise(Attention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
+    ref = randomize_(Attention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ref.fused_attn = False
     ours = make("mhsa", 24, num_heads=3)
     copy_params(ours, vit_attention_weights(ref))
@@ -60,7 +47,7 @@ def test_mhsa_matches_timm_attention():
 
 
 def test_mhsa_matches_torch_multihead_attention_and_causal_mask():
-    ref = randomise(nn.MultiheadAttention(16, 4, batch_first=True).to(DT)).eval()
+    ref = randomize_(nn.MultiheadAttention(16, 4, batch_first=True).to(DT)).eval()
     ours = make("mhsa", 16, num_heads=4)
     copy_params(ours, {"qkv.weight": ref.in_proj_weight, "qkv.bias": ref.in_proj_bias,
                        "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})  # fmt: skip
@@ -74,7 +61,7 @@ def test_mhsa_matches_torch_multihead_attention_and_causal_mask():
 
 
 def test_mhsa_flattens_spatial_input_row_major_and_is_permutation_equivariant():
-    m = randomise(make("mhsa", 16, num_heads=2))
+    m = randomize_(make("mhsa", 16, num_heads=2))
     x = torch.randn(2, 3, 5, 16, dtype=DT)
     y = m(x)
     assert y.shape == x.shape
@@ -116,7 +103,7 @@ def moh_reference(m, x):
 
 
 def test_mixture_of_heads_matches_official_forward_and_aux_loss():
-    m = randomise(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=3), scale=1.0)
+    m = randomize_(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=3), std=1.0)
     x = torch.randn(2, 10, 24, dtype=DT)
     expected, aux = moh_reference(m, x)
     torch.testing.assert_close(m(x), expected, **TOL)
@@ -127,7 +114,7 @@ def test_mixture_of_heads_matches_official_forward_and_aux_loss():
 
 
 def test_mixture_of_heads_with_zero_routers_and_all_heads_equals_mhsa():
-    m = randomise(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=4))
+    m = randomize_(make("mixture_of_heads", 24, num_heads=6, shared_heads=2, routed_topk=4))
     with torch.no_grad():
         for gate in (m.routed_gate, m.shared_gate, m.branch_gate):
             gate.weight.zero_()
@@ -138,7 +125,7 @@ def test_mixture_of_heads_with_zero_routers_and_all_heads_equals_mhsa():
 
 
 def test_mixture_of_heads_zero_gates_per_token_and_row_local_routing():
-    m = randomise(make("mixture_of_heads", 32, num_heads=8, shared_heads=2, routed_topk=4), scale=1.0)
+    m = randomize_(make("mixture_of_heads", 32, num_heads=8, shared_heads=2, routed_topk=4), std=1.0)
     x = torch.randn(2, 7, 32, dtype=DT)
     gates, _ = m.gates(x)
     assert gates.shape == (2, 7, 8)
@@ -151,10 +138,10 @@ def test_mixture_of_heads_zero_gates_per_token_and_row_local_routing():
 
 def test_mixture_of_heads_all_shared_and_all_routed_configurations():
     x = torch.randn(1, 5, 16, dtype=DT)
-    shared_only = randomise(make("mixture_of_heads", 16, num_heads=4, shared_heads=4, routed_topk=0))
+    shared_only = randomize_(make("mixture_of_heads", 16, num_heads=4, shared_heads=4, routed_topk=0))
     g, _ = shared_only.gates(x)
     torch.testing.assert_close(g, 4 * (x @ shared_only.shared_gate.weight.T).softmax(-1), **TOL)
-    routed_only = randomise(make("mixture_of_heads", 16, num_heads=4, shared_heads=0, routed_topk=1))
+    routed_only = randomize_(make("mixture_of_heads", 16, num_heads=4, shared_heads=0, routed_topk=1))
     g, _ = routed_only.gates(x)
     assert ((g > 0).sum(-1) == 1).all() and torch.allclose(g.sum(-1), torch.ones(1, 5, dtype=DT))
     with pytest.raises(ValueError, match="routed_topk=5"):
@@ -167,7 +154,7 @@ def test_mixture_of_heads_all_shared_and_all_routed_configurations():
 
 
 def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
-    ref = randomise(nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True).to(DT)).eval()
+    ref = randomize_(nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True).to(DT)).eval()
     ours = make("cross", 16, num_heads=4, context_dim=12, qkv_bias=True)
     bias = ref.in_proj_bias
     copy_params(ours, {"q.weight": ref.q_proj_weight, "q.bias": bias[:16],
@@ -183,7 +170,7 @@ def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
 
 
 def test_cross_with_context_x_equals_mhsa_and_properties():
-    cross = randomise(make("cross", 16, num_heads=2, qkv_bias=True))
+    cross = randomize_(make("cross", 16, num_heads=2, qkv_bias=True))
     mhsa = make("mhsa", 16, num_heads=2)
     mhsa.load_state_dict({"qkv.weight": torch.cat([cross.q.weight, cross.kv.weight]),
                           "qkv.bias": torch.cat([cross.q.bias, cross.kv.bias]),
@@ -206,7 +193,7 @@ def test_cls_cross_matches_timm_crossvit_attention():
 
     from attnzoo.interop.timm import class_attention_weights
 
-    ref = randomise(CrossAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
+    ref = randomize_(CrossAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ours = make("cls_cross", 24, num_heads=3)
     copy_params(ours, class_attention_weights(ref))  # wq, [wk; wv], proj
     x = torch.randn(2, 9, 24, dtype=DT)
@@ -216,7 +203,7 @@ def test_cls_cross_matches_timm_crossvit_attention():
 
 
 def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
-    cls = randomise(make("cls_cross", 16, num_heads=4))
+    cls = randomize_(make("cls_cross", 16, num_heads=4))
     mhsa = make("mhsa", 16, num_heads=4)
     mhsa.load_state_dict({"qkv.weight": torch.cat([cls.q.weight, cls.kv.weight]),
                           "qkv.bias": torch.cat([cls.q.bias, cls.kv.bias]),
@@ -235,7 +222,7 @@ def test_channel_group_matches_timm_davit_with_sliced_qkv():
 
     from attnzoo.interop.timm import davit_channel_weights
 
-    ref = randomise(ChannelAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
+    ref = randomize_(ChannelAttention(24, num_heads=3, qkv_bias=True).to(DT)).eval()
     ours = make("channel_group", 24, num_heads=3)
     copy_params(ours, davit_channel_weights(ref))  # timm's q, k, v slices = our V̂, Q̂, K̂
     x = torch.randn(2, 4, 5, 24, dtype=DT)
@@ -243,11 +230,11 @@ def test_channel_group_matches_timm_davit_with_sliced_qkv():
 
 
 def test_channel_group_properties():
-    m = randomise(make("channel_group", 12, num_heads=3))
+    m = randomize_(make("channel_group", 12, num_heads=3))
     seq = torch.randn(2, 10, 12, dtype=DT)
     perm = torch.randperm(10)
     torch.testing.assert_close(m(seq[:, perm]), m(seq)[:, perm], **TOL)  # token-permutation equivariant
-    single = randomise(make("channel_group", 12, num_heads=12))  # G = C: one channel per group ⇒ proj(V̂)
+    single = randomize_(make("channel_group", 12, num_heads=12))  # G = C: one channel per group ⇒ proj(V̂)
     v = seq @ single.qkv.weight[24:].T + single.qkv.bias[24:]
     torch.testing.assert_close(single(seq), single.proj(v), **TOL)
     # group g's output channels depend only on group g's Q̂, K̂, V̂ (pre-projection)
@@ -270,7 +257,7 @@ def gpsa_pair(dim=16, heads=4, locality=0.7):
 
     from attnzoo.interop.timm import gpsa_weights
 
-    ref = randomise(GPSA(dim, num_heads=heads, qkv_bias=True, locality_strength=locality).to(DT)).eval()
+    ref = randomize_(GPSA(dim, num_heads=heads, qkv_bias=True, locality_strength=locality).to(DT)).eval()
     ref.local_init()
     with torch.no_grad():
         ref.gating_param.copy_(torch.randn(heads, dtype=DT))
@@ -335,7 +322,7 @@ def test_single_head_matches_timm_shvit_shsa():
 
     from attnzoo.interop.timm import single_head_weights
 
-    ref = randomise(SHSA(20, qk_dim=6, pdim=8).to(DT))
+    ref = randomize_(SHSA(20, qk_dim=6, pdim=8).to(DT))
     ref.eval()
     ours = make("single_head", 20, qk_dim=6, partial_dim=8)
     copy_params(ours, single_head_weights(ref))
@@ -347,7 +334,7 @@ def test_single_head_properties():
     m = make("single_head", 20, qk_dim=6, partial_dim=8)
     x = torch.randn(2, 4, 5, 20, dtype=DT)
     assert m(x).abs().max() == 0  # output BN weight 0 at init
-    randomise(m)
+    randomize_(m)
     y = m(x)
     x2 = x.clone()
     x2[:, 1, 2, 8:] += torch.randn(2, 12, dtype=DT)  # x₂ of one token reaches only that token's output
@@ -366,7 +353,7 @@ def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
 
     ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=window,
                                window_resolution=window, kernels=kernels).to(DT)  # fmt: skip
-    randomise(ref)
+    randomize_(ref)
     ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
     ours = make("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window, kernels=kernels,
                 mask_padding=False)  # fmt: skip
@@ -478,7 +465,7 @@ def masa_reference(m, x):
 
 @pytest.mark.parametrize("decomposed", [False, True])
 def test_manhattan_matches_dense_reference(decomposed):
-    m = randomise(make("manhattan", 16, num_heads=2, decomposed=decomposed, heads_range=3.0))
+    m = randomize_(make("manhattan", 16, num_heads=2, decomposed=decomposed, heads_range=3.0))
     x = torch.randn(2, 3, 5, 16, dtype=DT)
     torch.testing.assert_close(m(x), masa_reference(m, x), **TOL)
 
@@ -506,11 +493,11 @@ def test_manhattan_zero_queries_give_gamma_power_of_distance():
 
 
 def test_manhattan_no_decay_full_is_rope_mhsa_and_decomposed_reaches_every_token():
-    m = randomise(make("manhattan", 8, num_heads=2, decomposed=False, init_value=1e4))  # ln γ = 0
+    m = randomize_(make("manhattan", 8, num_heads=2, decomposed=False, init_value=1e4))  # ln γ = 0
     assert m.log_gamma.abs().max() == 0
     x = torch.randn(1, 3, 4, 8, dtype=DT, requires_grad=True)
     torch.testing.assert_close(m(x), masa_reference(m, x), **TOL)
-    d = randomise(make("manhattan", 8, num_heads=2, decomposed=True))
+    d = randomize_(make("manhattan", 8, num_heads=2, decomposed=True))
     with torch.no_grad():
         d.lepe.weight.zero_()
     d(x)[0, 0, 0].sum().backward()
@@ -524,7 +511,7 @@ def test_manhattan_no_decay_full_is_rope_mhsa_and_decomposed_reaches_every_token
 def test_gaussian_adaptive_product_matches_pip_wheel(norm_axis, axis):
     wheel = pytest.importorskip("gaussian_adaptive_attention")  # pip gaussian-adaptive-attention==0.1.5
     ref = wheel.MultiHeadGaussianAdaptiveAttention(axis, num_heads=3, num_gaussians=2).to(DT)
-    randomise(ref)
+    randomize_(ref)
     ours = make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product")
     copy_params(ours, {"mean_offsets": torch.stack([h.mean_offsets for h in ref.attention_heads]),
                        "scales": torch.stack([h.c for h in ref.attention_heads])})  # fmt: skip
@@ -533,7 +520,7 @@ def test_gaussian_adaptive_product_matches_pip_wheel(norm_axis, axis):
 
 
 def test_gaussian_adaptive_sum_variant_matches_direct_formula():
-    m = randomise(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=4, norm_axis="channels"))
+    m = randomize_(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=4, norm_axis="channels"))
     x = torch.randn(2, 5, 12, dtype=DT)
     chunks = x.reshape(2, 5, 3, 4)
     mu, sd = chunks.mean(-1, keepdim=True), (chunks.var(-1, keepdim=True) + 1e-8).sqrt()
@@ -550,7 +537,7 @@ def test_gaussian_adaptive_sum_variant_matches_direct_formula():
 @pytest.mark.parametrize("norm_axis,axis", [("channels", -1), ("tokens", 1)])
 def test_gaussian_adaptive_product_variant_matches_direct_formula(norm_axis, axis):
     """The pip-wheel parity test above is skipped without the wheel; this checks the same variant by hand."""
-    m = randomise(make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product"))
+    m = randomize_(make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product"))
     with torch.no_grad():
         m.scales.copy_(1.0 + torch.rand_like(m.scales))  # c ≥ 1: few products underflow to 0
     x = torch.randn(2, 11, 14, dtype=DT)  # 14 channels / 11 tokens over 3 heads: chunks 4, 4, 6 / 3, 3, 5
@@ -572,7 +559,7 @@ def test_gaussian_adaptive_product_variant_matches_direct_formula(norm_axis, axi
 
 @pytest.mark.parametrize("norm_axis", ["channels", "tokens"])
 def test_gaussian_adaptive_chunk_normalisation_affine_invariance_and_permutation(norm_axis):
-    m = randomise(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=2, norm_axis=norm_axis, eps=1e-15))
+    m = randomize_(make("gaussian_adaptive", 12, num_heads=3, num_gaussians=2, norm_axis=norm_axis, eps=1e-15))
     with torch.no_grad():
         m.mean_offsets.zero_()
     x = torch.randn(2, 9, 12, dtype=DT)

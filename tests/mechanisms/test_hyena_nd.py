@@ -6,6 +6,7 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms.hyena_nd import fft_conv2d
+
 from conftest import rand64
 
 

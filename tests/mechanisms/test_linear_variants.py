@@ -1,4 +1,4 @@
-"""Tier-2 linear attentions (FLatten, RALA, L²ViT, ScatterFormer) against their quadratic N×N forms."""
+"""Linear attentions (FLatten, RALA, L²ViT, ScatterFormer) against their quadratic N×N forms."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from conftest import rand64
+
+from conftest import rand64, randomize_
 
 
 def build(name, **kwargs):
     torch.manual_seed(0)
     module = attnzoo.create(name, 16, **kwargs).double().eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    randomize_(module, std=0.05, perturb=True)
     return module
 
 

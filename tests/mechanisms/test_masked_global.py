@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from conftest import hand_attention, rand64
+
+from conftest import hand_attention, rand64, randomize_
 
 
 def build(name, **kwargs):
     torch.manual_seed(0)
     module = attnzoo.create(name, 16, **kwargs).double().eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    randomize_(module, std=0.05, perturb=True)
     return module
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from conftest import rand64
+
+from conftest import rand64, randomize_
 
 
 def hand_s6(u, delta, A, B, C, D):
@@ -37,9 +38,8 @@ def route_s6(scan, route: int, u):
 def build(name, **kwargs):
     torch.manual_seed(0)
     module = attnzoo.create(name, 16, **kwargs).double().eval()
-    with torch.no_grad():  # move D and the biases off their initial values so every term is exercised
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    # move D and the biases off their initial values so every term is exercised
+    randomize_(module, std=0.05, perturb=True)
     return module
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo import BlockState
 from attnzoo.models.backbone import Backbone
-from conftest import hand_attention
+
+from conftest import hand_attention, heads_of, randomize_
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -19,14 +20,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 def make(seed=0, **kwargs):
     torch.manual_seed(seed)
     m = attnzoo.create("self_guided", 16, num_heads=4, sr_ratio=2, merge_sizes=(4, 2, 1), **kwargs).to(DT).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(0.5 * torch.randn_like(p))
-    return m
-
-
-def heads_of(t, heads):
-    return t.reshape(*t.shape[:-1], heads, -1)
+    return randomize_(m)
 
 
 def oracle(m, x, guide=None):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from conftest import hand_attention
+
+from conftest import hand_attention, heads_of, randomize_
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -20,14 +21,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 def make(name, dim=16, seed=0, **kwargs):
     torch.manual_seed(seed)
     m = attnzoo.create(name, dim, **kwargs).to(DT).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(0.5 * torch.randn_like(p))
-    return m
-
-
-def heads_of(t, heads):
-    return t.reshape(*t.shape[:-1], heads, -1)
+    return randomize_(m)
 
 
 # ----------------------------------------------------------------------------------------------------- head_token
@@ -88,10 +82,8 @@ def test_lookup_tokens_matches_vit_pytorch_look_vit_layer():
         dim, heads=heads, dim_head=dim_head, dropout=0.0, cross_attend=True, reuse_attention=True
     )
     refs = [r.to(DT).eval() for r in (lookup, attn, mlp, reuse)]
-    with torch.no_grad():
-        for r in refs:
-            for p in r.parameters():
-                p.copy_(0.5 * torch.randn_like(p))
+    for r in refs:
+        randomize_(r)
     ours = attnzoo.create("lookup_tokens", dim, num_heads=heads, num_tokens=9).to(DT).eval()
     one = lambda ln: ln.gamma + 1  # noqa: E731  (vit-pytorch's bias-free LayerNorm with unit offset)
     ours.load_state_dict({

@@ -1,4 +1,5 @@
-"""Parity and paper properties for window, halo, multi_axis, cross_shaped, criss_cross, axial.
+"""Window and block partitions: window, window_v2, halo, multi_axis, mask_unit, global_context_vit, combiner,
+shifted_sparse_group.
 
 References are external modules with copied weights (torchvision / timm) or dense masked attention written here
 from the definitions; float64, eval mode, every parameter randomised.
@@ -6,6 +7,7 @@ from the definitions; float64, eval mode, every parameter randomised.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -14,23 +16,14 @@ import torch.nn.functional as F
 
 import attnzoo
 
+from conftest import changed_positions, rand64, randomize_
+
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
 
 
-def randomize(module: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, std)
-    return module.to(DT).eval()
-
-
 def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize(attnzoo.create(name, dim, **kwargs))
-
-
-def rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
 
 
 def dense_attention(q, k, v, bias=None, scale=None):
@@ -54,13 +47,15 @@ def coords(*shape: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, len(shape))
 
 
-def changed_positions(module, x, position, eps=1.0):
-    """Boolean spatial map of outputs that change when the token at ``position`` is perturbed."""
-    y0 = module(x)
-    x1 = x.clone()
-    x1[(0, *position)] += eps
-    y1 = module(x1)
-    return ((y1 - y0).abs().amax(-1)[0] > 1e-12)
+def partition(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``(B, H, W, C)`` → ``(B·nW, m·m, C)`` windows, image-major (timm's ``window_partition``)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, m * m, c)
+
+
+def unpartition(windows: torch.Tensor, m: int, h: int, w: int) -> torch.Tensor:
+    c = windows.shape[-1]
+    return windows.reshape(-1, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
 # ---------------------------------------------------------------------------------------------------- window
@@ -79,11 +74,11 @@ def test_window_matches_torchvision_shifted_window_attention(size, shift):
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
     torch.manual_seed(0)
-    ref = randomize(ShiftedWindowAttention(16, [4, 4], [shift, shift], num_heads=2))
+    ref = randomize_(ShiftedWindowAttention(16, [4, 4], [shift, shift], num_heads=2)).to(DT).eval()
     ours = attnzoo.create("window", 16, num_heads=2, window_size=4, shift_size=shift, mask_padding=False).to(DT)
     keys = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table")
     ours.load_state_dict({k: ref.state_dict()[k] for k in keys})
-    x = rand(2, *size, 16)
+    x = rand64(2, *size, 16)
     torch.testing.assert_close(ours(x), ref(x), **TOL)
 
 
@@ -125,14 +120,14 @@ def swin_reference(module, x, window, shift, mask_padding):
 @pytest.mark.parametrize("shift", [0, 2])
 def test_window_matches_timm_window_attention_on_partitioned_windows(shift):
     ours = make("window", 16, num_heads=2, window_size=4, shift_size=shift)
-    x = rand(2, 8, 12, 16)
+    x = rand64(2, 8, 12, 16)
     torch.testing.assert_close(ours(x), swin_reference(ours, x, (4, 4), shift, mask_padding=True), **TOL)
 
 
 @pytest.mark.parametrize("shift", [0, 2])
 def test_window_masked_padding_equals_official_algorithm_with_padded_keys_dropped(shift):
     ours = make("window", 16, num_heads=2, window_size=4, shift_size=shift)
-    x = rand(1, 7, 10, 16)
+    x = rand64(1, 7, 10, 16)
     torch.testing.assert_close(ours(x), swin_reference(ours, x, (4, 4), shift, mask_padding=True), **TOL)
     unmasked = make("window", 16, num_heads=2, window_size=4, shift_size=shift, mask_padding=False)
     unmasked.load_state_dict(ours.state_dict())
@@ -141,7 +136,7 @@ def test_window_masked_padding_equals_official_algorithm_with_padded_keys_droppe
 
 def test_window_shift_zero_perturbation_stays_in_its_window():
     m = make("window", 16, num_heads=2, window_size=4)
-    changed = changed_positions(m, rand(1, 8, 8, 16), (5, 2))
+    changed = changed_positions(m, rand64(1, 8, 8, 16), (5, 2))
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[4:8, 0:4] = True
     assert torch.equal(changed, expected)
@@ -149,7 +144,7 @@ def test_window_shift_zero_perturbation_stays_in_its_window():
 
 def test_window_larger_than_input_is_global_attention_with_rel_pos_bias():
     m = make("window", 16, num_heads=2, window_size=8, shift_size=4)  # shift is dropped: one window
-    x = rand(2, 5, 6, 16)
+    x = rand64(2, 5, 6, 16)
     q, k, v = split_qkv(m.qkv(x), 2)
     table = swin_table_bias(m.relative_position_bias_table, (8, 8))  # [h, 64, 64] on the 8x8 window
     keep = (coords(8, 8)[:, 0] < 5) & (coords(8, 8)[:, 1] < 6)
@@ -160,7 +155,7 @@ def test_window_larger_than_input_is_global_attention_with_rel_pos_bias():
 
 def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted():
     m = make("window", 16, num_heads=2, window_size=4)
-    x = rand(1, 8, 12, 16)
+    x = rand64(1, 8, 12, 16)
     rolled = torch.roll(x, (4, -8), (1, 2))
     torch.testing.assert_close(m(rolled), torch.roll(m(x), (4, -8), (1, 2)), **TOL)
 
@@ -172,7 +167,7 @@ def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted()
 def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, window, shift, mask_padding):
     """backend='auto' runs SW-MSA as roll + windows + region mask; a named backend as windows on the padded canvas."""
     m = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding)
-    x = rand(2, *size, 16)
+    x = rand64(2, *size, 16)
     canvas = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank,
                   mask_padding=mask_padding, backend="reference")  # fmt: skip
     canvas.load_state_dict(m.state_dict())
@@ -186,7 +181,7 @@ def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, win
 def test_window_cached_mask_follows_table_edits_in_eval():
     m = make("window", 16, num_heads=2, window_size=4, shift_size=2)
     canvas = make("window", 16, num_heads=2, window_size=4, shift_size=2, backend="reference")
-    x = rand(1, 8, 8, 16)
+    x = rand64(1, 8, 8, 16)
     with torch.no_grad():
         first = m(x)
         assert torch.equal(m(x), first)  # served from the cache
@@ -202,6 +197,66 @@ def test_window_cached_mask_follows_table_edits_in_eval():
 def test_window_bad_shift_names_the_argument():
     with pytest.raises(ValueError, match="shift_size=4"):
         attnzoo.create("window", 16, window_size=4, shift_size=4)
+
+
+# ---------------------------------------------------------------------------------------------------- window_v2
+
+
+def timm_swin_v2(module):
+    from timm.models.swin_transformer_v2 import WindowAttention
+
+    ref = WindowAttention(module.dim, window_size=module.window_size, num_heads=module.num_heads).to(DT).eval()
+    missing = ref.load_state_dict(module.state_dict(), strict=False)
+    assert not missing.unexpected_keys and set(missing.missing_keys) <= {
+        "k_bias",
+        "relative_coords_table",
+        "relative_position_index",
+    }
+    return ref
+
+
+def test_window_v2_matches_timm_swin_v2_window_attention():
+    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    with torch.no_grad():
+        ours.logit_scale.copy_(torch.tensor([[[0.3]], [[5.0]]]))  # the second is clamped at log(100)
+    ref = timm_swin_v2(ours)
+    x = rand64(2, 8, 12, 16)
+    expected = unpartition(ref(partition(x, 4)), 4, 8, 12)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_window_v2_shifted_matches_timm_with_roll_and_region_mask():
+    m, s = 4, 2
+    ours = make("window_v2", 16, num_heads=2, window_size=m, shift_size=s)
+    ref = timm_swin_v2(ours)
+    x = rand64(2, 8, 8, 16)
+    h = w = 8
+    label = torch.zeros(h, w)
+    count = 0
+    for rows in (slice(0, h - m), slice(h - m, h - s), slice(h - s, h)):
+        for cols in (slice(0, w - m), slice(w - m, w - s), slice(w - s, w)):
+            label[rows, cols] = count
+            count += 1
+    lab = partition(label[None, :, :, None], m)[..., 0]
+    mask = torch.zeros(lab.shape[0], m * m, m * m, dtype=DT).masked_fill(
+        lab[:, :, None] != lab[:, None, :], float("-inf")
+    )
+    out = ref(partition(torch.roll(x, (-s, -s), (1, 2)), m), mask=mask)
+    expected = torch.roll(unpartition(out, m, h, w), (s, s), (1, 2))
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_window_v2_fixed_temperature_without_cpb_is_cosine_window_attention():
+    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    with torch.no_grad():
+        ours.logit_scale.fill_(math.log(7.0))
+        ours.cpb_mlp[-1].weight.zero_()  # σ(0)·16 = 8 on every offset: a constant, softmax-invariant
+    x = rand64(1, 8, 8, 16)
+    bias = torch.cat((ours.q_bias, torch.zeros_like(ours.q_bias), ours.v_bias))
+    q, k, v = F.linear(partition(x, 4), ours.qkv.weight, bias).reshape(-1, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    logits = 7.0 * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, 16, 16)
+    torch.testing.assert_close(ours(x), unpartition(ours.proj(out), 4, 8, 8), **TOL)
 
 
 # ---------------------------------------------------------------------------------------------------- halo
@@ -239,10 +294,10 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     from attnzoo.interop.timm import halo_weights
 
     torch.manual_seed(0)
-    ref = randomize(HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, stride=stride))
+    ref = randomize_(HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, stride=stride)).to(DT).eval()
     ours = attnzoo.create("halo", 16, num_heads=2, block_size=block, halo_size=halo, stride=stride, mask_padding=False)
     ours.to(DT).load_state_dict(halo_weights(ref))  # kv keeps timm's per-head [k_h, v_h] interleave
-    x = rand(2, *size, 16)
+    x = rand64(2, *size, 16)
     torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
 
 
@@ -251,13 +306,13 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
 ])  # fmt: skip
 def test_halo_equals_dense_oracle(size, block, halo, mask_padding):
     m = make("halo", 16, num_heads=2, block_size=block, halo_size=halo, mask_padding=mask_padding)
-    x = rand(2, *size, 16)
+    x = rand64(2, *size, 16)
     torch.testing.assert_close(m(x), halo_oracle(m, x), **TOL)
 
 
 def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_rel_pos():
     m = make("halo", 16, num_heads=2, block_size=4, halo_size=0)
-    x = rand(1, 4, 4, 16)
+    x = rand64(1, 4, 4, 16)
     q = m.q(x).reshape(1, 16, 2, 8)
     kv = m.kv(x).reshape(1, 16, 2, 16)
     c = coords(4, 4)
@@ -271,7 +326,7 @@ def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_re
 
 def test_halo_masked_block_depends_only_on_its_region():
     m = make("halo", 16, num_heads=2, block_size=4, halo_size=1)
-    x = rand(1, 12, 12, 16)
+    x = rand64(1, 12, 12, 16)
     region = torch.zeros(12, 12, dtype=torch.bool)
     region[3:9, 3:9] = True
     for pos in [(0, 0), (2, 5), (9, 9), (3, 3), (8, 4), (5, 6)]:
@@ -289,7 +344,7 @@ def maxvit_reference(kind: str, head_first: bool, P: int = 4):
     ref = maxxvit.AttentionCl(32, dim_head=16, bias=True, head_first=head_first,
                               rel_pos_cls=partial(RelPosBiasTf, window_size=(P, P)))  # fmt: skip
     ref.fused_attn = False
-    randomize(ref)
+    randomize_(ref).to(DT).eval()
     part, rev = {"block": (maxxvit.window_partition, maxxvit.window_reverse),
                  "grid": (maxxvit.grid_partition, maxxvit.grid_reverse)}[kind]  # fmt: skip
 
@@ -308,7 +363,7 @@ def test_multi_axis_matches_timm_attention_cl(kind, head_first):
     ours = attnzoo.create("multi_axis", 32, head_dim=16, partition_size=4, partition_type=kind).to(DT).eval()
     # timm rw layout (head_first) is per head [q_h, k_h, v_h]; ours is [q, k, v] with heads inside
     ours.load_state_dict(maxvit_attention_weights(ref))
-    x = rand(2, 8, 12, 32)
+    x = rand64(2, 8, 12, 32)
     torch.testing.assert_close(ours(x), run(x), **TOL)
 
 
@@ -316,7 +371,7 @@ def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
     block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(block.state_dict())
-    x = rand(2, 8, 12, 16)
+    x = rand64(2, 8, 12, 16)
 
     def transpose(t, g=4):  # (g1, a) -> (a, g1) on each axis: grid groups become contiguous blocks
         b, h, w, c = t.shape
@@ -330,7 +385,7 @@ def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
 
 
 def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias():
-    x = rand(2, 4, 4, 16)
+    x = rand64(2, 4, 4, 16)
     first = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(first.state_dict())
@@ -345,7 +400,7 @@ def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias
 
 
 def test_multi_axis_locality_block_window_and_grid_lattice():
-    x = rand(1, 8, 8, 16)
+    x = rand64(1, 8, 8, 16)
     block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     grid = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid")
     c = coords(8, 8).reshape(8, 8, 2)
@@ -357,7 +412,7 @@ def test_multi_axis_locality_block_window_and_grid_lattice():
 
 def test_multi_axis_non_divisible_block_masks_padding():
     m = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
-    x = rand(1, 5, 6, 16)
+    x = rand64(1, 5, 6, 16)
     q, k, v = split_qkv(m.qkv(x), 2)
     c = coords(5, 6)
     same = ((c[:, None, :] // 4) == (c[None, :, :] // 4)).all(-1)
@@ -366,188 +421,170 @@ def test_multi_axis_non_divisible_block_masks_padding():
     torch.testing.assert_close(m(x), m.proj(dense_attention(q, k, v, bias).reshape(1, 5, 6, 16)), **TOL)
 
 
-# ---------------------------------------------------------------------------------------------------- cross_shaped
+# ---------------------------------------------------------------------------------------------------- mask_unit
 
 
-def cswin_oracle(m, x):
-    """Per-stripe dense attention + per-stripe LePE conv, from the CSWin definition, stripes by slicing."""
-    bsz, h, w, c = x.shape
-    q, k, v = m.qkv(x).reshape(bsz, h, w, 3, -1).unbind(3)
-    inner = q.shape[-1]
-    sw = m.split_size
-    halves = []
-    for branch in range(m.branches):
-        sl = slice(branch * inner // m.branches, (branch + 1) * inner // m.branches)
-        out = torch.zeros(bsz, h, w, inner // m.branches, dtype=DT)
-        if m.last_stage:
-            stripes = [(slice(0, h), slice(0, w))]
-        elif branch == 0:
-            stripes = [(slice(0, h), slice(s, min(s + sw, w))) for s in range(0, w, sw)]
-        else:
-            stripes = [(slice(s, min(s + sw, h)), slice(0, w)) for s in range(0, h, sw)]
-        heads = m.num_heads // m.branches
-        for rows, cols in stripes:
-            qs, ks, vs = (t[:, rows, cols, sl] for t in (q, k, v))
-            sh, sww = qs.shape[1:3]
-            flat = lambda t: t.reshape(bsz, sh * sww, heads, -1)  # noqa: E731
-            att = dense_attention(flat(qs), flat(ks), flat(vs)).reshape(bsz, sh, sww, -1)
-            lepe = m.lepe[branch](vs.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            out[:, rows, cols] = att + lepe
-        halves.append(out)
-    return m.proj(torch.cat(halves, -1))
-
-
-@pytest.mark.parametrize("size, split, last_stage", [((6, 6), 2, False), ((7, 5), 3, False), ((4, 6), 1, False), ((5, 5), 5, True)])
-def test_cross_shaped_equals_stripe_oracle(size, split, last_stage):
-    m = make("cross_shaped", 16, num_heads=4, split_size=split, last_stage=last_stage)
-    x = rand(2, *size, 16)
-    torch.testing.assert_close(m(x), cswin_oracle(m, x), **TOL)
-
-
-def test_cross_shaped_split_equal_to_input_is_global_in_both_branches():
-    m = make("cross_shaped", 16, num_heads=4, split_size=5)
-    x = rand(1, 5, 5, 16)
-    q, k, v = m.qkv(x).reshape(1, 25, 3, 16).unbind(2)
-    halves = []
-    for branch in range(2):
-        sl = slice(8 * branch, 8 * branch + 8)
-        att = dense_attention(*(t[..., sl].reshape(1, 25, 2, 4) for t in (q, k, v))).reshape(1, 5, 5, 8)
-        lepe = m.lepe[branch](v[..., sl].reshape(1, 5, 5, 8).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        halves.append(att + lepe)
-    torch.testing.assert_close(m(x), m.proj(torch.cat(halves, -1)), **TOL)
-
-
-def test_cross_shaped_branch_locality_before_projection():
-    m = make("cross_shaped", 16, num_heads=4, split_size=2)
-    with torch.no_grad():  # identity projection exposes the concatenated branches
-        m.proj.weight.copy_(torch.eye(16))
-        m.proj.bias.zero_()
-    x = rand(1, 6, 6, 16)
-    y0 = m(x)
-    x1 = x.clone()
-    x1[0, 4, 1] += 1.0
-    diff = (m(x1) - y0).abs()[0]
-    first, second = diff[..., :8].amax(-1) > 1e-12, diff[..., 8:].amax(-1) > 1e-12
-    column_stripe = torch.zeros(6, 6, dtype=torch.bool)
-    column_stripe[:, 0:2] = True
-    row_stripe = torch.zeros(6, 6, dtype=torch.bool)
-    row_stripe[4:6, :] = True
-    assert torch.equal(first, column_stripe) and torch.equal(second, row_stripe)
-
-
-def test_cross_shaped_odd_heads_rejected():
-    with pytest.raises(ValueError, match="num_heads=3"):
-        attnzoo.create("cross_shaped", 12, num_heads=3)
-
-
-# ---------------------------------------------------------------------------------------------------- criss_cross
-
-
-def criss_cross_dense(m, x):
-    """γ·CCA(x) with one softmax over the row-or-column mask (centre once), dense over all pixels."""
+def hiera_unroll(x: torch.Tensor, unit: int, stride: int) -> torch.Tensor:
+    """``(B, H, W, C)`` → Hiera's unrolled ``(B, N, C)``: token index ``t·num_units + u``, the in-unit index ``t``
+    ordered as (pooling offset, pooled position) so that timm's q pooling takes the max over the offsets."""
     b, h, w, c = x.shape
-    nchw = x.permute(0, 3, 1, 2)
-    q, k, v = (conv(nchw).flatten(2).transpose(1, 2) for conv in (m.query_conv, m.key_conv, m.value_conv))
-    p = coords(h, w)
-    allowed = (p[:, None, 0] == p[None, :, 0]) | (p[:, None, 1] == p[None, :, 1])
-    logits = (q @ k.transpose(1, 2)).masked_fill(~allowed, float("-inf"))
-    return m.gamma * (logits.softmax(-1) @ v).reshape(b, h, w, c)
+    p = unit // stride
+    t = x.reshape(b, h // unit, p, stride, w // unit, p, stride, c)  # b nh ph sh nw pw sw c
+    t = t.permute(0, 3, 6, 2, 5, 1, 4, 7)  # b sh sw ph pw nh nw c
+    return t.reshape(b, -1, c)
 
 
-@pytest.mark.parametrize("size", [(5, 6), (1, 4), (4, 1)])
-def test_criss_cross_single_pass_equals_dense_row_or_column_attention(size):
-    m = make("criss_cross", 16, reduction=4, recurrence=1)
-    x = rand(2, *size, 16)
-    torch.testing.assert_close(m(x), criss_cross_dense(m, x), **TOL)
+def hiera_roll_back(y: torch.Tensor, h: int, w: int, unit: int, stride: int) -> torch.Tensor:
+    b, c, p = y.shape[0], y.shape[-1], unit // stride
+    t = y.reshape(b, p, p, h // unit, w // unit, c)  # b ph pw nh nw c
+    return t.permute(0, 3, 1, 4, 2, 5).reshape(b, h // unit * p, w // unit * p, c)
 
 
-def test_criss_cross_recurrence_composes_the_paper_module():
-    m = make("criss_cross", 16, reduction=4, recurrence=2)
-    x = rand(1, 4, 5, 16)
-    x1 = x + criss_cross_dense(m, x)
-    x2 = x1 + criss_cross_dense(m, x1)
-    torch.testing.assert_close(m(x), x2 - x, **TOL)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mask_unit_matches_timm_hiera_mask_unit_attention(stride):
+    from timm.models.hiera import MaskUnitAttention
+
+    ours = make("mask_unit", 16, num_heads=2, window_size=4, q_stride=stride)
+    ref = MaskUnitAttention(16, 16, 2, q_stride=stride**2, window_size=(4 // stride) ** 2, use_mask_unit_attn=True)
+    ref = ref.to(DT).eval()
+    ref.fused_attn = False
+    ref.load_state_dict(ours.state_dict())
+    x = rand64(2, 8, 12, 16)
+    expected = hiera_roll_back(ref(hiera_unroll(x, 4, stride)), 8, 12, 4, stride)
+    torch.testing.assert_close(ours(x), expected, **TOL)
 
 
-def test_criss_cross_gamma_zero_gives_zero():
-    m = attnzoo.create("criss_cross", 16, reduction=4).to(DT)  # gamma_init=0 as CCNet
-    assert torch.equal(m(rand(1, 4, 5, 16)), torch.zeros(1, 4, 5, 16, dtype=DT))
+def test_mask_unit_perturbation_stays_in_its_unit_and_padding_is_masked():
+    ours = make("mask_unit", 16, num_heads=2, window_size=4)
+    x = rand64(1, 6, 7, 16)
+    changed = changed_positions(ours, x, (5, 2))
+    expected = torch.zeros(6, 7, dtype=torch.bool)
+    expected[4:, 0:4] = True
+    assert torch.equal(changed, expected)
+    # the bottom-right unit holds the 2x3 crop plus masked padding: the same as the crop in one padded unit
+    torch.testing.assert_close(ours(x)[:, 4:, 4:], ours(x[:, 4:, 4:]), **TOL)
 
 
-@pytest.mark.parametrize("recurrence", [1, 2])
-def test_criss_cross_receptive_field(recurrence):
-    m = make("criss_cross", 8, reduction=2, recurrence=recurrence)
-    x = rand(1, 4, 5, 8).requires_grad_()
-    m(x)[0, 1, 2].sum().backward()
-    reached = x.grad[0].abs().amax(-1) > 1e-12
-    c = coords(4, 5).reshape(4, 5, 2)
-    expected = (c[..., 0] == 1) | (c[..., 1] == 2) if recurrence == 1 else torch.ones(4, 5, dtype=torch.bool)
-    assert torch.equal(reached, expected)
+# ---------------------------------------------------------------------------------------------------- global_context_vit
 
 
-# ---------------------------------------------------------------------------------------------------- axial
+@pytest.mark.parametrize("size, window, levels", [((8, 8), 4, 1), ((16, 16), 4, 2), ((12, 12), 3, 2)])
+def test_global_context_vit_matches_timm_feature_block_and_window_attention_global(size, window, levels):
+    from timm.models.gcvit import FeatureBlock, WindowAttentionGlobal
+
+    ours = make("global_context_vit", 16, num_heads=2, window_size=window, levels=levels)
+    gen = FeatureBlock(16, levels).to(DT).eval()
+    gen.load_state_dict(
+        {k[len("global_block.") :]: v for k, v in ours.state_dict().items() if k.startswith("global_block.")}
+    )
+    attn = WindowAttentionGlobal(16, 2, (window, window)).to(DT).eval()
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("global_block.")}
+    state["rel_pos.relative_position_bias_table"] = state.pop("relative_position_bias_table")
+    attn.load_state_dict(state)
+    x = rand64(2, *size, 16)
+    h, w = size
+    q_global = gen(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    expected = unpartition(attn(partition(x, window), q_global), window, h, w)
+    torch.testing.assert_close(ours(x), expected, **TOL)
 
 
-def mha_from(module, step: int) -> torch.nn.MultiheadAttention:
-    mha = torch.nn.MultiheadAttention(module.dim, module.num_heads, batch_first=True).to(DT).eval()
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(module.qkv[step].weight)
-        mha.in_proj_bias.zero_()
-        mha.out_proj.weight.copy_(module.proj[step].weight)
-        mha.out_proj.bias.copy_(module.proj[step].bias)
-    return mha
+def test_global_context_vit_every_output_depends_on_every_token():
+    ours = make("global_context_vit", 16, num_heads=2, window_size=4, levels=1)
+    x = rand64(1, 8, 8, 16)
+    assert changed_positions(ours, x, (7, 7)).all()
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_axial_single_axis_is_mhsa_along_it(axis):
-    m = make("axial", 16, num_heads=2, axes=[axis])
-    x = rand(2, 5, 6, 16)
-    mha = mha_from(m, 0)
-    lines = x.movedim(1 + axis, 2)  # [B, other, L, C]
-    flat = lines.reshape(-1, lines.shape[2], 16)
-    expected = mha(flat, flat, flat, need_weights=False)[0].reshape(lines.shape).movedim(2, 1 + axis)
-    torch.testing.assert_close(m(x), expected, **TOL)
+# ---------------------------------------------------------------------------------------------------- combiner
 
 
-def test_axial_sequential_is_width_after_height_and_sum_adds():
-    seq = make("axial", 16, num_heads=2)
-    summed = attnzoo.create("axial", 16, num_heads=2, combine="sum").to(DT).eval()
-    summed.load_state_dict(seq.state_dict())
-    x = rand(1, 4, 5, 16)
-    col, row = mha_from(seq, 0), mha_from(seq, 1)
-
-    def along_h(t):
-        f = t.transpose(1, 2).reshape(-1, t.shape[1], 16)
-        return col(f, f, f, need_weights=False)[0].reshape(t.shape[0], t.shape[2], t.shape[1], 16).transpose(1, 2)
-
-    def along_w(t):
-        f = t.reshape(-1, t.shape[2], 16)
-        return row(f, f, f, need_weights=False)[0].reshape(t.shape)
-
-    torch.testing.assert_close(seq(x), along_w(along_h(x)), **TOL)
-    torch.testing.assert_close(summed(x), along_h(x) + along_w(x), **TOL)
-
-
-@pytest.mark.parametrize("combine", ["sum", "sequential"])
-def test_axial_receptive_field(combine):
-    m = make("axial", 8, num_heads=2, combine=combine)
-    x = rand(1, 4, 5, 8).requires_grad_()
-    m(x)[0, 1, 2].sum().backward()
-    reached = x.grad[0].abs().amax(-1) > 1e-12
-    c = coords(4, 5).reshape(4, 5, 2)
-    expected = (c[..., 0] == 1) | (c[..., 1] == 2) if combine == "sum" else torch.ones(4, 5, dtype=torch.bool)
-    assert torch.equal(reached, expected)
-
-
-def test_axial_axis_subset_in_4d_is_mhsa_over_the_plane():
-    m = make("axial", 8, num_heads=2, axes=[(0, 1)], rank=4)  # EPIT: attention over the (U, V) plane
-    x = rand(1, 2, 3, 2, 2, 8)
-    mha = mha_from(m, 0)
-    plane = x.permute(0, 3, 4, 1, 2, 5).reshape(4, 6, 8)  # batch over (H, W), tokens over (U, V)
-    expected = mha(plane, plane, plane, need_weights=False)[0].reshape(1, 2, 2, 2, 3, 8).permute(0, 3, 4, 1, 2, 5)
-    torch.testing.assert_close(m(x), expected, **TOL)
+def combiner_oracle(m, x):
+    """Per query, one softmax over [own-window keys] + [summary of each other window], by loops; border windows
+    are clipped to the grid."""
+    b, h, w, c = x.shape
+    (mh, mw), heads = m.window_size, m.num_heads
+    d = c // heads
+    q, k, v = m.qkv(x).reshape(b, h, w, 3, heads, d).unbind(3)
+    scale = d**-0.5
+    out = torch.zeros(b, h, w, heads, d, dtype=x.dtype)
+    windows = [(r, s) for r in range(0, h, mh) for s in range(0, w, mw)]
+    for bi in range(b):
+        for head in range(heads):
+            summaries = []
+            for r, s in windows:
+                kw = k[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                vw = v[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                qw = q[bi, r : r + mh, s : s + mw, head].reshape(-1, d)
+                inner = torch.softmax(qw.amax(0) @ kw.T * scale, -1)
+                summaries.append((kw.amax(0), inner @ vw))
+            for i in range(h):
+                for j in range(w):
+                    own = (i // mh) * len(range(0, w, mw)) + j // mw
+                    r, s = windows[own]
+                    keys = [k[bi, r : r + mh, s : s + mw, head].reshape(-1, d)]
+                    values = [v[bi, r : r + mh, s : s + mw, head].reshape(-1, d)]
+                    for n, (sk, sv) in enumerate(summaries):
+                        if n != own:
+                            keys.append(sk[None])
+                            values.append(sv[None])
+                    weights = torch.softmax(q[bi, i, j, head] @ torch.cat(keys).T * scale, -1)
+                    out[bi, i, j, head] = weights @ torch.cat(values)
+    return m.proj(out.reshape(b, h, w, c))
 
 
-def test_axial_bad_axes_name_the_argument():
-    with pytest.raises(ValueError, match="axes="):
-        attnzoo.create("axial", 16, axes=[2])
+def test_combiner_matches_loop_oracle():
+    ours = make("combiner", 16, num_heads=2, window_size=(2, 3))
+    x = rand64(2, 4, 6, 16)
+    torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
+
+
+def test_combiner_on_a_padded_grid_equals_the_oracle_with_clipped_border_windows():
+    """5x7 with 3x3 windows: padded tokens must stay out of the direct keys, the max-pools and the summaries."""
+    ours = make("combiner", 16, num_heads=2, window_size=3)
+    x = rand64(1, 5, 7, 16)
+    torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
+
+
+def test_combiner_single_window_is_mhsa_and_every_token_is_reached():
+    ours = make("combiner", 16, num_heads=2, window_size=6)
+    x = rand64(1, 6, 6, 16)
+    mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
+    mhsa.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), mhsa(x), **TOL)
+    small = make("combiner", 16, num_heads=2, window_size=2)
+    assert changed_positions(small, rand64(1, 6, 6, 16), (5, 5)).all()
+
+
+# ---------------------------------------------------------------------------------------------------- shifted_sparse_group
+
+
+def s2_oracle(m, x):
+    """Dense masked attention: group (or half-shifted group, no wrap-around) of each query, plus the sink tokens."""
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    n, g, sinks, heads = tokens.shape[1], m.group_size(tokens.shape[1]), m.num_tokens, m.num_heads
+    q, k, v = m.qkv(tokens).reshape(tokens.shape[0], n, 3, heads, -1).unbind(2)
+    pos = torch.arange(n)
+    out = []
+    for head in range(heads):
+        offset = 0 if head < heads // 2 else g // 2
+        group = (pos + offset) // g
+        allowed = (group[:, None] == group[None, :]) | (pos[None, :] < sinks)
+        logits = torch.einsum("bnd,bmd->bnm", q[:, :, head], k[:, :, head]) * q.shape[-1] ** -0.5
+        weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out.append(weights @ v[:, :, head])
+    return m.proj(torch.stack(out, 2).reshape(tokens.shape)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("size, window, sinks", [((8, 8), 16, 2), ((5, 7), 6, 3), ((30,), 8, 0)])
+def test_shifted_sparse_group_equals_dense_masked_oracle(size, window, sinks):
+    ours = make("shifted_sparse_group", 16, num_heads=4, window_size=window, num_tokens=sinks)
+    x = rand64(2, *size, 16)
+    torch.testing.assert_close(ours(x), s2_oracle(ours, x), **TOL)
+
+
+def test_shifted_sparse_group_one_group_without_sinks_is_mhsa():
+    """A group of twice the sequence holds every token in both halves of the heads (the shift is g/2 = N)."""
+    ours = make("shifted_sparse_group", 16, num_heads=2, window_size=128, num_tokens=0)
+    mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
+    mhsa.load_state_dict(ours.state_dict())
+    x = rand64(1, 8, 8, 16)
+    torch.testing.assert_close(ours(x), mhsa(x), **TOL)

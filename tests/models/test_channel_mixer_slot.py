@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,6 +9,8 @@ import attnzoo
 from attnzoo import models
 from attnzoo.mechanisms.convolutional_glu import ConvolutionalGLU
 from attnzoo.models.backbone import Mlp
+
+from conftest import randomize_
 
 CHANNEL = [n for n in attnzoo.list_mechanisms() if attnzoo.mechanism_info(n).slot == "channel"]
 
@@ -54,9 +54,7 @@ def test_channel_mixer_block_computes_x_plus_mixer_of_norm():
 def test_save_load_restores_the_channel_mixer(tmp_path):
     model = models.create("tiny", mixers="window", channel_mixer="convolutional_glu",
                           channel_mixer_kwargs={"kernel_size": 5}, in_chans=1).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    randomize_(model, std=0.01, perturb=True)
     models.save(model, tmp_path)
     loaded = models.load(tmp_path)
     assert models.model_config(loaded)["channel_mixer"] == ["convolutional_glu"] * 4

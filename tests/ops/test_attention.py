@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attnzoo.ops as ops
+
 from conftest import hand_attention, rand64
 
 SHAPES = [
@@ -122,7 +123,7 @@ def test_attention_all_keys_masked_by_float_bias_has_finite_gradients():
     out, lse = ops.attention(q, k, v, attn_mask=bias, return_lse=True)
     assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isneginf(lse[0, 1]).all()
     grads = torch.autograd.grad(out.sum() + lse[0, [0, 2]].sum(), (q, k, v, bias))
-    for name, grad in zip("q k v attn_mask".split(), grads):
+    for name, grad in zip(["q", "k", "v", "attn_mask"], grads):
         assert torch.isfinite(grad).all(), f"non-finite gradient for {name}"
     assert torch.equal(grads[0][0, 1], torch.zeros_like(grads[0][0, 1]))
 
@@ -233,15 +234,15 @@ def test_merge_equals_attention_over_union(n_sets, with_empty_set):
     q, k, v = leaves
     outs, lses = [], []
     for idx in _split_keys(nk, n_sets, seed=24):
-        o, l = ops.attention(q, k[:, idx], v[:, idx], return_lse=True)
+        o, lse_set = ops.attention(q, k[:, idx], v[:, idx], return_lse=True)
         outs.append(o)
-        lses.append(l)
+        lses.append(lse_set)
     if with_empty_set:
         # a set whose every key is masked out: output 0, lse -inf; it must contribute nothing
-        o, l = ops.attention(q, k[:, :2], v[:, :2], attn_mask=torch.zeros(nq, 2, dtype=torch.bool), return_lse=True)
-        assert torch.isneginf(l).all()
+        o, lse_set = ops.attention(q, k[:, :2], v[:, :2], attn_mask=torch.zeros(nq, 2, dtype=torch.bool), return_lse=True)
+        assert torch.isneginf(lse_set).all()
         outs.insert(1, o)
-        lses.insert(1, l)
+        lses.insert(1, lse_set)
     out, lse = ops.merge_attentions(outs, lses)
     ref_out, ref_lse = ops.attention(q, k, v, return_lse=True)
     exp_out, exp_lse = hand_attention(q.detach(), k.detach(), v.detach(), d**-0.5)
@@ -278,8 +279,8 @@ def test_merge_formula_and_lse_gradients():
 
 def test_merge_all_sets_empty():
     o = torch.zeros(2, 3, dtype=torch.float64)
-    l = torch.full((2,), float("-inf"), dtype=torch.float64)
-    out, lse = ops.merge_attentions([o, o.clone()], [l, l.clone()])
+    lse_set = torch.full((2,), float("-inf"), dtype=torch.float64)
+    out, lse = ops.merge_attentions([o, o.clone()], [lse_set, lse_set.clone()])
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
@@ -310,12 +311,12 @@ def test_merge_of_neighborhood_and_extra_tokens_equals_additional_keys():
 
 
 def test_merge_rejects_mismatched_inputs():
-    o, l = torch.zeros(2, 3), torch.zeros(2)
+    o, lse_set = torch.zeros(2, 3), torch.zeros(2)
     with pytest.raises(ValueError, match="lses"):
-        ops.merge_attentions([o, o], [l])
+        ops.merge_attentions([o, o], [lse_set])
     with pytest.raises(ValueError):
         ops.merge_attentions([], [])
     with pytest.raises(ValueError, match=r"outputs\[1\]"):
-        ops.merge_attentions([o, torch.zeros(3, 3)], [l, torch.zeros(3)])
+        ops.merge_attentions([o, torch.zeros(3, 3)], [lse_set, torch.zeros(3)])
     with pytest.raises(ValueError, match=r"lses\[0\]"):
         ops.merge_attentions([o], [torch.zeros(3)])

@@ -18,8 +18,9 @@ from attnzoo.ops.backends import BACKENDS, auto_order, select_backend
 from attnzoo.ops.backends.flex import BLOCK_SIZE, flex_plan
 from attnzoo.ops.geometry import neighborhood_mask
 from attnzoo.ops.problem import NAProblem, make_problem
+
+from backend_sweep import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, run
 from conftest import DEVICE, cpu_only, cuda_only
-from test_ops_backends import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rand64
 
 import attnzoo.ops as ops
+
+from conftest import rand64
 
 BACKENDS = ops.list_backends()
 
@@ -80,12 +81,12 @@ def separate_calls(qkv, kw, case):
                 rel_pos_bias=kw["rel_pos_bias"][i], key_bias=kw["key_bias"][..., sl],
                 additional_keys=kw["additional_keys"][:, :, sl], additional_values=kw["additional_values"][:, :, sl],
             )  # fmt: skip
-        o, l = ops.neighborhood_attention(
+        o, lse_group = ops.neighborhood_attention(
             q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, case["stride"], dd, case["causal"], return_lse=True,
             backend="reference", **extra,
         )  # fmt: skip
         outs.append(o)
-        lses.append(l)
+        lses.append(lse_group)
         start += g
     return torch.cat(outs, -2), torch.cat(lses, -1)
 

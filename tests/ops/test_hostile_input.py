@@ -221,9 +221,8 @@ def test_merge_attentions_still_merges_lists_and_tuples():
 
 @pytest.mark.parametrize("max_tokens", [-5, 0, 2.5, "100", True])
 def test_record_attention_max_tokens_is_checked(max_tokens):
-    with pytest.raises(ValueError, match="max_tokens"):
-        with ops.record_attention(max_tokens=max_tokens):
-            pass
+    with pytest.raises(ValueError, match="max_tokens"), ops.record_attention(max_tokens=max_tokens):
+        pass
 
 
 # ---- item 6: double backward through the native op -------------------------------------------------------------

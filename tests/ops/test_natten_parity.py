@@ -8,8 +8,8 @@ additional keys/values. Both the default backend and the dense reference are com
 from __future__ import annotations
 
 import logging
-import zlib
 import warnings
+import zlib
 
 import pytest
 import torch

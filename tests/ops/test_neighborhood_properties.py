@@ -19,6 +19,7 @@ import torch
 import attnzoo.ops as ops
 from attnzoo.ops.backends import BACKENDS
 from attnzoo.ops.problem import make_problem
+
 from conftest import hand_attention, rand64
 
 BACKEND_NAMES = ops.list_backends()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnzoo.ops import selective_scan
+
 from conftest import rand64
 
 
@@ -57,7 +58,7 @@ def test_chunkwise_equals_recurrent_forward_and_gradients(chunk_size, groups, or
     weights = rand64(*reference.shape, seed=11)
     grads_ref = torch.autograd.grad((reference * weights).sum(), args)
     grads = torch.autograd.grad((chunked * weights).sum(), args)
-    for name, g, g_ref in zip("u delta A B C D".split(), grads, grads_ref):
+    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 

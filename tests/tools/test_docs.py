@@ -7,6 +7,7 @@ import pytest
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.tools.docs import build_docs, mechanism_doc
+
 from browser import broken_internal_links, check_pages, screenshot
 
 NAMES = ["neighborhood", "squeeze_excite", "retention"]

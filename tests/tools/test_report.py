@@ -8,6 +8,7 @@ import pytest
 
 from attnzoo.tools.bench import BenchConfig, bench_mechanism
 from attnzoo.tools.report import write_report
+
 from browser import broken_internal_links, check_pages, dump_dom, screenshot
 
 NAMES = ["neighborhood", "mhsa", "squeeze_excite", "linear"]

@@ -19,7 +19,13 @@ from safetensors.torch import load_file
 import attnzoo
 from attnzoo import models
 from attnzoo.training import (
-    CHECKPOINT_FILE, METRICS_FILE, CheckpointError, TrainConfig, load_fashion_mnist, read_checkpoint, train,
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    CheckpointError,
+    TrainConfig,
+    load_fashion_mnist,
+    read_checkpoint,
+    train,
 )  # fmt: skip
 from attnzoo.training.data import DEFAULT_FASHION_MNIST_DIR
 from attnzoo.training.loop import _epoch_order, _lr_factor

@@ -109,7 +109,7 @@ def test_checkpoint_metadata_bit_flips_are_refused_or_harmless(finished, tmp_pat
     rng = random.Random(0)
     target = tmp_path / CHECKPOINT_FILE
     accepted_different = []
-    for trial in range(300):
+    for _ in range(300):
         position = rng.randrange(8, _header_span(source))
         flipped = bytearray(data)
         flipped[position] ^= 1 << rng.randrange(8)

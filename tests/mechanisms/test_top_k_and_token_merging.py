@@ -13,7 +13,8 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms import mechanism_info
-from conftest import hand_attention
+
+from conftest import hand_attention, heads_of, randomize_
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -22,10 +23,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 def make(name, dim=16, seed=0, **kwargs):
     torch.manual_seed(seed)
     m = attnzoo.create(name, dim, **kwargs).to(DT).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(0.5 * torch.randn_like(p))
-    return m
+    return randomize_(m)
 
 
 def mhsa_like(m, qkv, dim=16, heads=2, bias=True):
@@ -35,10 +33,6 @@ def mhsa_like(m, qkv, dim=16, heads=2, bias=True):
         state["qkv.bias"] = qkv.bias
     ref.load_state_dict(state)
     return ref
-
-
-def heads_of(t, heads):
-    return t.reshape(*t.shape[:-1], heads, -1)
 
 
 # ------------------------------------------------------------------------------------------------- learned_sparse
