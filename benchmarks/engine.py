@@ -38,7 +38,6 @@ from torch.utils import benchmark
 
 import attnzoo.ops as ops
 
-
 STATISTIC = "median"  # or "min": the fastest block, steadier on a shared, noisy machine (--statistic)
 
 

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from ..ops import compute_dtype
 from ._base import (
-    Mechanism, cached_table, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv,
+    Mechanism,
+    cached_table,
+    check_int,
+    check_positive,
+    flatten_tokens,
+    merge_heads,
+    resolve_heads,
+    split_qkv,
 )
 from .registry import register_mechanism
 

@@ -13,7 +13,12 @@ from einops import rearrange
 from ..ops import attention, neighborhood_attention
 from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import (
-    effective_shift, flip_table, offset_windows, pad_to_multiple, relative_position_index, window_and_shift,
+    effective_shift,
+    flip_table,
+    offset_windows,
+    pad_to_multiple,
+    relative_position_index,
+    window_and_shift,
 )  # fmt: skip
 from .registry import register_mechanism
 

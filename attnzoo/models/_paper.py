@@ -46,7 +46,7 @@ class PaperModelSpec:
 
     name: str
     family: str
-    builder: Callable[..., "PaperModel"]
+    builder: Callable[..., PaperModel]
     table: PaperTable
     reference: str  # official code the definition was read from
     note: str = ""  # known, measured differences from the paper's figures and why
@@ -58,7 +58,7 @@ PAPER_MODELS: dict[str, PaperModelSpec] = {}
 
 
 def register_paper_model(
-    name: str, builder: Callable[..., "PaperModel"], table: PaperTable, *, family: str, reference: str, note: str = "",
+    name: str, builder: Callable[..., PaperModel], table: PaperTable, *, family: str, reference: str, note: str = "",
     documented_params_error: float | None = None, documented_macs_error: float | None = None,
 ) -> None:
     """Register a published configuration. A figure that cannot be matched (parameters within 1 %, MACs within 3 %)
@@ -329,7 +329,7 @@ def _count_macs(model: nn.Module, in_chans: int, img_size: int) -> int:
     return flops // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure(name: str, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> Measured:
     """Parameters and MACs of the published configuration ``name`` (built on the meta device, counted on fake tensors)."""
     spec = PAPER_MODELS[name]

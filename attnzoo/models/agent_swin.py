@@ -20,8 +20,19 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates,
-    halve_grid, in_stage, init_transformer_weights, register_paper_model,
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    halve_grid,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
 )  # fmt: skip
 
 __all__ = ["AgentSwin", "AgentSwinBlock"]

@@ -21,8 +21,18 @@ from ..mechanisms import create as create_mechanism
 from ..mechanisms._base import merge_heads, split_qkv
 from ..ops import attention
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
-    init_transformer_weights, register_paper_model,
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
 )  # fmt: skip
 
 __all__ = ["BiFormer", "BiFormerBlock", "AttentionLePE"]

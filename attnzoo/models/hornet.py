@@ -17,7 +17,15 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, in_stage,
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
     register_paper_model,
 )  # fmt: skip
 

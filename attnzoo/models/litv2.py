@@ -20,8 +20,18 @@ import torch.nn.functional as F
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, halve_grid,
-    in_stage, init_transformer_weights, register_paper_model,
+    DropPath,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    halve_grid,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
 )  # fmt: skip
 
 __all__ = ["LITv2", "DeformableTokenMerging", "deform_conv2d_stride_k"]

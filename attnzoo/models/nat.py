@@ -34,8 +34,17 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_kernel_fits, conv_out, drop_path_rates,
-    init_transformer_weights, register_paper_model,
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_kernel_fits,
+    conv_out,
+    drop_path_rates,
+    init_transformer_weights,
+    register_paper_model,
 )  # fmt: skip
 
 __all__ = ["NAT", "NATBlock", "official_key", "load_official_state_dict"]

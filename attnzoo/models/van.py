@@ -19,7 +19,14 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, register_paper_model,
+    DropPath,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    register_paper_model,
 )  # fmt: skip
 
 __all__ = ["VAN", "VANBlock"]

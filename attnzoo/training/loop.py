@@ -30,7 +30,15 @@ import torch.nn.functional as F
 
 from .. import models
 from ..models._io import atomic_write, stale_temporaries
-from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
 from .data import DATASETS, ImageData, load_dataset
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
@@ -101,7 +109,7 @@ class TrainConfig:
             raise TrainError(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
 
     @classmethod
-    def from_json(cls, text: str, source: str = RUN_FILE) -> "TrainConfig":
+    def from_json(cls, text: str, source: str = RUN_FILE) -> TrainConfig:
         """The config stored in ``run.json``; a ``TrainError`` naming ``source`` when it is not one."""
         try:
             data = json.loads(text)
