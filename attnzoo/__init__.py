@@ -38,4 +38,4 @@ def swap(model: torch.nn.Module, mixer: str | None = None, strict: bool = False,
 __all__ = [
     "ops", "mechanisms", "models", "create", "list_mechanisms", "list_families", "mechanism_info", "register_mechanism",
     "BlockState", "swap", "__version__",
-]  # fmt: skip
+]

@@ -19,20 +19,20 @@ from . import UsageError
 
 # Options that define a run; with --resume they come from the run folder's run.json instead.
 RUN_OPTIONS = ("mixer", "mixers", "mixer_kwargs", "size", "dataset", "epochs", "batch_size", "lr", "weight_decay",
-               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")  # fmt: skip
+               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a backbone with a chosen mixer on Fashion-MNIST (resumable, DDP under torchrun)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--mixer", help="mechanism used in every stage (see `attnzoo list`)")
     p.add_argument("--mixers", help="comma-separated mechanisms, one per stage (e.g. neighborhood,neighborhood,mhsa,mhsa)")
     p.add_argument("--mixer-kwargs", help="JSON: one object for every stage, or a list with one object per stage")
     p.add_argument("--size", choices=("tiny", "small"), help="backbone size (default tiny)")
     p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"),
-                   help="fashion-mnist (real, default) or synthetic (generated, for tests only)")  # fmt: skip
+                   help="fashion-mnist (real, default) or synthetic (generated, for tests only)")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--epochs", type=int, help="epochs (default 1)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): CUDA when available; under torchrun each rank takes GPU LOCAL_RANK (NCCL), "
-                   "or the CPU (gloo)")  # fmt: skip
+                   "or the CPU (gloo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

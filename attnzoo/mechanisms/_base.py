@@ -13,7 +13,7 @@ __all__ = [
     "Mechanism", "resolve_heads", "check_divisible", "check_int", "check_choice", "check_probability", "check_positive",
     "reject_attn_drop", "split_qkv", "merge_heads", "flatten_tokens", "cached_table", "inference_cached",
     "BlockState",
-]  # fmt: skip
+]
 
 
 def resolve_heads(

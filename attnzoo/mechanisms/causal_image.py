@@ -17,7 +17,7 @@ from ._base import (
     merge_heads,
     resolve_heads,
     split_qkv,
-)  # fmt: skip
+)
 from ._rotary import rotate_pairs
 from .registry import register_mechanism
 

@@ -56,4 +56,4 @@ class FactorizationAttention(GroupedNeighborhood):
         super().__init__(
             dim, kernel_size=[kernel_size] * len(dilation), dilation=dilation, num_heads=num_heads, head_dim=head_dim,
             qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rank=rank, backend=backend,
-        )  # fmt: skip
+        )

@@ -101,7 +101,7 @@ def register_mechanism(
             paper_identity=paper_identity, causal_capable=causal_capable, is_attention=is_attention, slot=slot,
             receptive_field=receptive_field, note=note,
             test_kwargs=dict(test_kwargs or {}), test_size=tuple(test_size), test_dim=test_dim,
-        )  # fmt: skip
+        )
         cls.mechanism_name = name
         return cls
 

@@ -19,7 +19,7 @@ from ._windows import (
     pad_to_multiple,
     relative_position_index,
     window_and_shift,
-)  # fmt: skip
+)
 from .registry import register_mechanism
 
 _AXES = "xyz"
@@ -163,7 +163,7 @@ class WindowAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
             key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
-        )  # fmt: skip
+        )
         return self.proj_drop(self.proj(merge_heads(outer.crop(inner.crop(out)))))
 
     def extra_repr(self) -> str:

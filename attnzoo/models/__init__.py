@@ -36,7 +36,7 @@ from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_
 __all__ = [
     "create", "load", "save", "model_config", "list_models", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
     "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
-]  # fmt: skip
+]
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -92,7 +92,7 @@ def model_info(name: str) -> ModelInfo:
     return ModelInfo(
         name=name, family=spec.family, source=table.source, reference=spec.reference, paper_params_m=table.params_m,
         paper_gmacs=table.gmacs, top1=table.top1, params=measured.params, macs=measured.macs, note=spec.note,
-    )  # fmt: skip
+    )
 
 
 def _per_stage(value: Any, stages: int, what: str) -> list:
@@ -128,7 +128,7 @@ def create(
     """
     if "size" in overrides:  # the v0.1 spelling of ``name``
         warnings.warn("models.create(size=...) is deprecated; pass the model name first or as name=", DeprecationWarning,
-                      stacklevel=2)  # fmt: skip
+                      stacklevel=2)
         name = overrides.pop("size")
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a model name (str); attnzoo.models.list_models() lists them")
@@ -169,12 +169,12 @@ def create(
         names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
         num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
         channel_mixers=channel_names, channel_kwargs=channel_kwargs,
-    )  # fmt: skip
+    )
     model.config = {
         "size": name, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
         "img_size": img_size, "mixer_kwargs": kwargs, "channel_mixer": list(channel_names),
         "channel_mixer_kwargs": channel_kwargs,
-    }  # fmt: skip
+    }
     return model
 
 
@@ -220,7 +220,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     # a published model's other keys are overrides of its configuration, which create() checks by name
     allowed = set(config) if "name" in config else {
         "size", "mixers", "num_classes", "in_chans", "img_size", "mixer_kwargs", "channel_mixer", "channel_mixer_kwargs"
-    }  # fmt: skip
+    }
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"{path} has unknown keys {unknown}; allowed: {sorted(allowed)}")

@@ -33,7 +33,7 @@ from ._paper import (
     in_stage,
     init_transformer_weights,
     register_paper_model,
-)  # fmt: skip
+)
 
 __all__ = ["BiFormer", "BiFormerBlock", "AttentionLePE"]
 
@@ -111,7 +111,7 @@ class BiFormerBlock(nn.Module):
         else:
             self.attn = create_mechanism(
                 "bi_level_routing", dim, num_heads=num_heads, n_win=n_win, topk=topk, qk_dim=dim, side_dwconv=5, qkv_bias=True
-            )  # fmt: skip
+            )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -143,7 +143,7 @@ class BiFormer(PaperModel):
         self, *, dims: Sequence[int], depths: Sequence[int], topks: Sequence[int] = (1, 4, 16, -2), head_dim: int = 32,
         n_win: int = 7, mlp_ratio: float = 3.0, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
         img_size: int = 224, name: str = "biformer",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(dims)
         check_per_stage(levels, f"dims={list(dims)}", depths=depths, topks=topks)
         rates = drop_path_rates(drop_path_rate, depths)
@@ -162,12 +162,12 @@ class BiFormer(PaperModel):
             with in_stage(i):
                 blocks = [
                     BiFormerBlock(dims[i], dims[i] // head_dim, topks[i], n_win, mlp_ratio, rates[i][j]) for j in range(depths[i])
-                ]  # fmt: skip
+                ]
             stages.append(Stage(ConvBN(dims[i - 1], dims[i], stem=False) if i > 0 else None, blocks))
         super().__init__(
             ConvBN(in_chans, dims[0], stem=True), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             ChannelsLastBatchNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
 

@@ -30,7 +30,7 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+)
 
 
 class DatasetMissing(FileNotFoundError):
@@ -68,7 +68,7 @@ class ImageData:
         return ImageData(
             self.train_images[:train], self.train_labels[:train], self.test_images[:test], self.test_labels[:test],
             self.classes, self.mean, self.std,
-        )  # fmt: skip
+        )
 
 
 class DatasetCorrupt(ValueError):

@@ -77,7 +77,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``TrainError`` naming the first field that breaks its rule (types are checked, not coerced)."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "eval_batch_size": self.eval_batch_size}  # fmt: skip
+                    "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
             if not _is_int(value) or value < 1:
                 raise TrainError(f"{name}={value!r} must be a positive integer")
@@ -258,7 +258,7 @@ def _progress(enabled: bool):
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"), disable=not enabled, transient=False,
-    )  # fmt: skip
+    )
 
 
 LOCK_FILE = ".lock"
@@ -367,7 +367,7 @@ def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: 
         raw = models.create(
             config.size, config.mixers, num_classes=len(data.classes), in_chans=data.in_chans,
             img_size=data.img_size, mixer_kwargs=config.mixer_kwargs,
-        )  # fmt: skip
+        )
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
     raw.to(ctx.device)
@@ -386,7 +386,7 @@ def _build_and_run(config: TrainConfig, resume: bool, show_progress: bool, ctx: 
     if ctx.main and not resume:
         atomic_write(out / RUN_FILE, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
     return _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
-                steps_per_epoch, local, parameters)  # fmt: skip
+                steps_per_epoch, local, parameters)
 
 
 def _check_finite(what: str, value: float, step: int, ckpt_path: Path) -> None:
@@ -398,7 +398,7 @@ def _check_finite(what: str, value: float, step: int, ckpt_path: Path) -> None:
 
 
 def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, scheduler, out, total, warmup,
-         steps_per_epoch, local, parameters) -> TrainResult:  # fmt: skip
+         steps_per_epoch, local, parameters) -> TrainResult:
     n_train = len(data.train_labels)
     step = 0
     running = [0.0, 0.0, 0.0]  # loss sum, correct, seen (this epoch, global totals on rank 0 after a resume)
@@ -452,7 +452,7 @@ def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, schedu
             progress = {"config": config.identity(), "step": step, "epoch": step // steps_per_epoch,
                         "batch_in_epoch": step % steps_per_epoch,
                         "total_steps": total, "running": reduced, "train_time": train_time,
-                        "train_images": train_images, "world_size": ctx.world, "seed": config.seed}  # fmt: skip
+                        "train_images": train_images, "world_size": ctx.world, "seed": config.seed}
             write_checkpoint(ckpt_path, Checkpoint(raw.state_dict(), optimizer.state_dict(), scheduler.state_dict(), progress, states))
 
     title = f"{config.size} · {'/'.join(config.mixers)} · {config.dataset}"
@@ -495,7 +495,7 @@ def _run(config, resume, show_progress, ctx, data, raw, model, optimizer, schedu
                 window_start, window_images = time.perf_counter(), 0
                 entry = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                          "loss": loss_sum / seen, "accuracy": correct / seen, "lr": scheduler.get_last_lr()[0],
-                         "images_per_s": rate}  # fmt: skip
+                         "images_per_s": rate}
                 log(entry)
                 bar.update(task, stats=f"loss {entry['loss']:.3f}  acc {entry['accuracy']:.3f}  {rate:,.0f} img/s")
             bar.update(task, completed=step)

@@ -167,7 +167,7 @@ def test_python_dash_m_smoke():
     done = subprocess.run(
         [sys.executable, "-m", "attnzoo", "bench", "neighborhood", "--size", "8", "--dim", "16", *FAST],
         capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     assert "neighborhood" in done.stdout and "ref ok" in done.stdout
 

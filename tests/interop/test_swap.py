@@ -33,7 +33,7 @@ def halonet(**kwargs) -> nn.Module:
                 ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5)),
         stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="halo",
         self_attn_kwargs=dict(block_size=2, halo_size=1, num_heads=2),
-    )  # fmt: skip
+    )
     return ByobNet(cfg, **kwargs)
 
 
@@ -53,15 +53,17 @@ MAXVIT = dict(embed_dim=(16, 32), depths=(1, 1), stem_width=16, transformer_dim_
 PVT = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(4, 2), mlp_ratios=(2, 2))
 CONVIT = dict(embed_dim=32, depth=3, local_up_to_layer=2, num_heads=2, patch_size=8)
 CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
-                mlp_ratio=(2, 2, 1))  # fmt: skip
+                mlp_ratio=(2, 2, 1))
 VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
 DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
 EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3),
-                    window_size=(4, 4, 4))  # fmt: skip
+                    window_size=(4, 4, 4))
 SHVIT = dict(embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), depth=(1, 1, 1), qk_dim=(4, 4, 4))
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
 # id: (builder, sizes, builder takes img_size, {mechanism swapped in: how many modules})
+# A table, one timm model per row (a row may wrap once): `fmt: skip` keeps the formatter from spreading a row
+# over six lines.
 CASES = {
     "swin": (timm_model("swin_tiny_patch4_window7_224", **SWIN), [(56, 56), (112, 112)], True, {"window": 4}),
     "vit": (timm_model("vit_tiny_patch16_224", **VIT), [(32, 32), (48, 48)], True, {"mhsa": 2}),
@@ -166,7 +168,7 @@ def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_ma
     assert [(e.path, e.mechanism) for e in report] == [
         ("layers.0.blocks.0", "window"), ("layers.0.blocks.1", None), ("layers.1.blocks.0", "window"),
         ("layers.1.blocks.1", "window"),
-    ]  # fmt: skip
+    ]
     assert "pads after the cyclic roll" in report[1].reason
     x = torch.randn(2, 3, 40, 40, dtype=DT)
     y0, g0 = output_and_input_grad(original, x)

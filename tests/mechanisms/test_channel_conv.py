@@ -317,7 +317,7 @@ def test_efficient_local_timm_deviation_is_groupnorm1_and_silu():
         "conv_h.weight": w[..., :, None], "conv_w.weight": w[..., None, :],
         "norm_h.weight": ours.norm.weight, "norm_h.bias": ours.norm.bias,
         "norm_w.weight": ours.norm.weight, "norm_w.bias": ours.norm.bias,
-    })  # fmt: skip
+    })
     x = rand64(2, 6, 9, 32)
     assert (nhwc(ref(nchw(x))) - ours(x)).abs().max() > 1e-2  # timm ≠ paper with the very same weights
     ref.norm_h, ref.norm_w, ref.act = ours.norm, ours.norm, nn.Identity()
@@ -389,7 +389,7 @@ def test_global_context_matches_timm(fusion, pooling):
 
     ref = randomize_(GlobalContext(
         32, use_attn=pooling == "att", fuse_add=fusion == "add", fuse_scale=fusion == "mul", rd_ratio=1 / 16
-    ).double().eval(), seed=0)  # fmt: skip
+    ).double().eval(), seed=0)
     ours = make("global_context", 32, fusion=fusion, pooling=pooling)
     prefix = "mlp_add" if fusion == "add" else "mlp_scale"
     getattr(ref, prefix).norm.eps = ours.norm.eps  # timm's LayerNorm2d uses 1e-6, the official code 1e-5
@@ -594,7 +594,7 @@ def test_spectral_gating_resizes_bilinearly_with_aligned_corners():
             expected[i, j] = (
                 (1 - fi) * (1 - fj) * w[i0, j0] + (1 - fi) * fj * w[i0, j0 + 1]
                 + fi * (1 - fj) * w[i0 + 1, j0] + fi * fj * w[i0 + 1, j0 + 1]
-            )  # fmt: skip
+            )
     torch.testing.assert_close(m.spectral_filter(5, 6), expected, **TOL)
     torch.testing.assert_close(m.spectral_filter(3, 2), w, rtol=0, atol=0)
 

@@ -293,10 +293,10 @@ def test_cross_gating_matches_the_maxim_block():
         u, v = gelu(g.in_project(g.norm_in(t))).chunk(2, dim=-1)
         blocks = _block_images(u, (2, 3))  # grid 2×2 on a 4×6 map: patches of 2×3
         u = _unblock_images((blocks.swapaxes(-1, -3) @ g.grid_dense.weight.T + g.grid_dense.bias).swapaxes(-1, -3),
-                            (2, 2), (2, 3))  # fmt: skip
+                            (2, 2), (2, 3))
         blocks = _block_images(v, (2, 2))
         v = _unblock_images((blocks.swapaxes(-1, -2) @ g.block_dense.weight.T + g.block_dense.bias).swapaxes(-1, -2),
-                            (2, 3), (2, 2))  # fmt: skip
+                            (2, 3), (2, 2))
         return g.out_project(torch.cat([u, v], dim=-1))
 
     sx, sy = cgb.proj_x(x), cgb.proj_y(y)

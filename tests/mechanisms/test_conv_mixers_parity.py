@@ -95,7 +95,7 @@ def test_depthwise_mixer_matches_timm_convnext_conv_dw(dim, size):
     block = randomize_(ConvNeXtBlock(dim, conv_bias=True), seed=0).double().eval()
     ours = make("depthwise_mixer", dim)
     copy_into(ours, {k: v for k, v in block.state_dict().items() if k.startswith("conv_dw.")},
-              {"conv_dw.weight": "conv_dw.weight", "conv_dw.bias": "conv_dw.bias"})  # fmt: skip
+              {"conv_dw.weight": "conv_dw.weight", "conv_dw.bias": "conv_dw.bias"})
     x = rand64(2, *size, dim)
     torch.testing.assert_close(ours(x), nhwc(block.conv_dw(nchw(x))), **TOL)
 
@@ -166,7 +166,7 @@ def test_conv_projection_matches_transformers_cvt_attention(dim, heads, size):
     ref = randomize_(cvt.CvtAttention(
         num_heads=heads, embed_dim=dim, kernel_size=3, padding_q=1, padding_kv=1, stride_q=1, stride_kv=2,
         qkv_projection_method="dw_bn", qkv_bias=True, attention_drop_rate=0.0, drop_rate=0.0, with_cls_token=False,
-    ), seed=0).double().eval()  # fmt: skip
+    ), seed=0).double().eval()
     ours = make("conv_projection", dim, num_heads=heads)
     key_map = {"output.dense.weight": "proj.weight", "output.dense.bias": "proj.bias"}
     for n in ("query", "key", "value"):

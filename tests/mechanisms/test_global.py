@@ -50,7 +50,7 @@ def test_mhsa_matches_torch_multihead_attention_and_causal_mask():
     ref = randomize_(nn.MultiheadAttention(16, 4, batch_first=True).to(DT)).eval()
     ours = make("mhsa", 16, num_heads=4)
     copy_params(ours, {"qkv.weight": ref.in_proj_weight, "qkv.bias": ref.in_proj_bias,
-                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})  # fmt: skip
+                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})
     x = torch.randn(2, 9, 16, dtype=DT)
     torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], **TOL)
     causal = nn.Transformer.generate_square_subsequent_mask(9, dtype=DT)
@@ -159,7 +159,7 @@ def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
     bias = ref.in_proj_bias
     copy_params(ours, {"q.weight": ref.q_proj_weight, "q.bias": bias[:16],
                        "kv.weight": torch.cat([ref.k_proj_weight, ref.v_proj_weight]), "kv.bias": bias[16:],
-                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})  # fmt: skip
+                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})
     x, ctx = torch.randn(2, 7, 16, dtype=DT), torch.randn(2, 5, 12, dtype=DT)
     torch.testing.assert_close(ours(x, ctx), ref(x, ctx, ctx, need_weights=False)[0], **TOL)
     pad = torch.tensor([[False, False, True, False, True], [False] * 5])
@@ -174,7 +174,7 @@ def test_cross_with_context_x_equals_mhsa_and_properties():
     mhsa = make("mhsa", 16, num_heads=2)
     mhsa.load_state_dict({"qkv.weight": torch.cat([cross.q.weight, cross.kv.weight]),
                           "qkv.bias": torch.cat([cross.q.bias, cross.kv.bias]),
-                          "proj.weight": cross.proj.weight, "proj.bias": cross.proj.bias})  # fmt: skip
+                          "proj.weight": cross.proj.weight, "proj.bias": cross.proj.bias})
     x = torch.randn(2, 3, 4, 16, dtype=DT)
     torch.testing.assert_close(cross(x), mhsa(x), **TOL)
     torch.testing.assert_close(cross(x, x), mhsa(x), **TOL)
@@ -207,7 +207,7 @@ def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
     mhsa = make("mhsa", 16, num_heads=4)
     mhsa.load_state_dict({"qkv.weight": torch.cat([cls.q.weight, cls.kv.weight]),
                           "qkv.bias": torch.cat([cls.q.bias, cls.kv.bias]),
-                          "proj.weight": cls.proj.weight, "proj.bias": cls.proj.bias})  # fmt: skip
+                          "proj.weight": cls.proj.weight, "proj.bias": cls.proj.bias})
     x = torch.randn(3, 10, 16, dtype=DT)
     torch.testing.assert_close(cls(x), mhsa(x)[:, :1], **TOL)
     perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(9)])
@@ -283,7 +283,7 @@ def test_gated_positional_gate_limits():
     mhsa = make("mhsa", 16, num_heads=4)
     mhsa.load_state_dict({"qkv.weight": torch.cat([m.qk.weight, m.v.weight]),
                           "qkv.bias": torch.cat([m.qk.bias, m.v.bias]),
-                          "proj.weight": m.proj.weight, "proj.bias": m.proj.bias})  # fmt: skip
+                          "proj.weight": m.proj.weight, "proj.bias": m.proj.bias})
     with torch.no_grad():
         m.gating_param.fill_(-1e4)  # λ → −∞ ⇒ MHSA
     torch.testing.assert_close(m(x), mhsa(x), **TOL)
@@ -352,11 +352,11 @@ def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
     from attnzoo.interop.timm import cascaded_group_weights
 
     ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=window,
-                               window_resolution=window, kernels=kernels).to(DT)  # fmt: skip
+                               window_resolution=window, kernels=kernels).to(DT)
     randomize_(ref)
     ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
     ours = make("cascaded_group", dim, num_heads=heads, key_dim=key_dim, window_resolution=window, kernels=kernels,
-                mask_padding=False)  # fmt: skip
+                mask_padding=False)
     copy_params(ours, cascaded_group_weights(ref))
     return ref, ours
 
@@ -514,7 +514,7 @@ def test_gaussian_adaptive_product_matches_pip_wheel(norm_axis, axis):
     randomize_(ref)
     ours = make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product")
     copy_params(ours, {"mean_offsets": torch.stack([h.mean_offsets for h in ref.attention_heads]),
-                       "scales": torch.stack([h.c for h in ref.attention_heads])})  # fmt: skip
+                       "scales": torch.stack([h.c for h in ref.attention_heads])})
     x = torch.randn(2, 11, 14, dtype=DT)  # 14 channels / 11 tokens over 3 heads: the last chunk is larger
     torch.testing.assert_close(ours(x), ref(x), **TOL)
 

@@ -97,7 +97,7 @@ def test_gated_cross_neighborhood_on_one_stream_is_gated_neighborhood_self_atten
         "qkv.weight": torch.cat([state[f"embed_{n}.weight"] for n in "qkv"]),
         "qkv.bias": torch.cat([state[f"embed_{n}.bias"] for n in "qkv"]),
         "proj.weight": state["proj.weight"], "proj.bias": state["proj.bias"], "rpb": state["rpb"],
-    })  # fmt: skip
+    })
     x = rand64(2, 7, 9, 16)
     t = torch.tanh(ours.gate)
     torch.testing.assert_close(ours(x), (1 - t) * x + t * nat(x), **TOL)

@@ -79,7 +79,7 @@ def test_spatial_reduction_ratio_one_is_mhsa():
     "size,sr_ratio,linear,mask_padding,keys",
     [((9, 13), 4, False, True, (3, 4)), ((9, 13), 4, False, False, (2, 3)), ((9, 13), 1, True, True, (7, 7)),
      ((20, 11), 1, True, True, (7, 7))],
-)  # fmt: skip
+)
 def test_spatial_reduction_key_count(size, sr_ratio, linear, mask_padding, keys):
     m = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear, mask_padding=mask_padding)
     assert tuple(m.reduce(rand64(1, *size, 16)).shape) == (1, *keys, 16)

@@ -9,7 +9,7 @@ import torch
 import attnzoo
 
 CASES = [("lightning", {}), ("lightning", {"is_causal": False}), ("lightning", {"mode": "recurrent"}),
-         ("retention", {}), ("retention", {"mode": "parallel"}), ("retention", {"mode": "recurrent"})]  # fmt: skip
+         ("retention", {}), ("retention", {"mode": "parallel"}), ("retention", {"mode": "recurrent"})]
 
 
 @pytest.mark.parametrize("std", [1.0, 10.0, 30.0, 100.0])

@@ -97,7 +97,7 @@ def test_lookup_tokens_matches_vit_pytorch_look_vit_layer():
         "mlp.4.weight": mlp[4].weight, "mlp.4.bias": mlp[4].bias,
         "reuse_context_norm.weight": one(reuse.norm_context), "reuse_v.weight": reuse.to_v.weight,
         "reuse_out.weight": reuse.to_out[1].weight,
-    })  # fmt: skip
+    })
     x = torch.randn(2, 7, 8, dim, dtype=DT)
     with torch.no_grad():
         tokens = F.interpolate(x.permute(0, 3, 1, 2), 3, mode="bilinear").flatten(2).transpose(1, 2)

@@ -81,7 +81,7 @@ def test_load_names_the_file_and_what_does_not_fit(tmp_path, model):
                                               ('{"size": "tiny", "colour": 3}', "unknown keys"),
                                               ('{"size": "huge"}', "does not describe a model"),
                                               ('{"size": "tiny", "num_classes": -3}', "num_classes=-3"),
-                                              ("\udcff", "")])  # fmt: skip
+                                              ("\udcff", "")])
 def test_broken_model_json_names_the_file_and_rule(tmp_path, model, content, fragment):
     models.save(model, tmp_path)
     (tmp_path / "model.json").write_bytes(content.encode("utf-8", "surrogateescape"))

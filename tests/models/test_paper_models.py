@@ -163,7 +163,7 @@ def official_state_dict(cfg: dict, device: str = "cpu") -> dict[str, torch.Tenso
     e, k = cfg["embed_dim"], cfg["kernel_size"]
     shapes.update({"patch_embed.proj.0.weight": (e // 2, 3, 3, 3), "patch_embed.proj.0.bias": (e // 2,),
                    "patch_embed.proj.1.weight": (e, e // 2, 3, 3), "patch_embed.proj.1.bias": (e,),
-                   "patch_embed.norm.weight": (e,), "patch_embed.norm.bias": (e,)})  # fmt: skip
+                   "patch_embed.norm.weight": (e,), "patch_embed.norm.bias": (e,)})
     for i, depth in enumerate(cfg["depths"]):
         c, h = e * 2**i, cfg["num_heads"][i]
         for j in range(depth):
@@ -172,7 +172,7 @@ def official_state_dict(cfg: dict, device: str = "cpu") -> dict[str, torch.Tenso
                            p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,), p + "attn.proj.weight": (c, c),
                            p + "attn.proj.bias": (c,), p + "norm2.weight": (c,), p + "norm2.bias": (c,),
                            p + "mlp.fc1.weight": (cfg["mlp_ratio"] * c, c), p + "mlp.fc1.bias": (cfg["mlp_ratio"] * c,),
-                           p + "mlp.fc2.weight": (c, cfg["mlp_ratio"] * c), p + "mlp.fc2.bias": (c,)})  # fmt: skip
+                           p + "mlp.fc2.weight": (c, cfg["mlp_ratio"] * c), p + "mlp.fc2.bias": (c,)})
             if cfg.get("layer_scale"):
                 shapes.update({p + "gamma1": (c,), p + "gamma2": (c,)})
         if i < len(cfg["depths"]) - 1:
@@ -214,14 +214,14 @@ def official_forward(sd: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor) ->
 
 def test_official_state_dict_loads_through_the_key_map_and_computes_the_official_forward():
     cfg = dict(depths=[2, 2, 2, 1], num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=2, kernel_size=3,
-               dilations=[[1, 4], [1, 2], [1, 2], [1]], layer_scale=1e-5)  # fmt: skip
+               dilations=[[1, 4], [1, 2], [1, 2], [1]], layer_scale=1e-5)
     sd = official_state_dict(cfg)
     for key in [k for k in sd if k.endswith("attn.rpb")]:
         sd[key] = torch.zeros_like(sd[key])  # natten ≥ 0.20 (the oracle) has no relative position bias
     model = models.create(
         "dinat_base", img_size=112, depths=cfg["depths"], num_heads=cfg["num_heads"], embed_dim=64, mlp_ratio=2.0,
         kernel_size=3, dilations=cfg["dilations"],
-    ).eval()  # fmt: skip
+    ).eval()
     load_official_state_dict(model, {"model": sd})
     torch.testing.assert_close(model.stages[2].downsample.reduction.weight, sd["levels.1.downsample.reduction.weight"])
     x = torch.randn(1, 3, 112, 112)

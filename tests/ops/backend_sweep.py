@@ -32,7 +32,7 @@ class Case:
         parts = [
             "x".join(map(str, self.spatial)), f"k{self.kernel}", f"s{self.stride}", f"d{self.dilation}",
             f"c{self.causal}", f"b{self.batch}h{self.heads}", f"dim{self.dim}v{self.dim_v or self.dim}",
-        ]  # fmt: skip
+        ]
         return "-".join(str(p).replace(" ", "") for p in parts)
 
 
@@ -117,7 +117,7 @@ def run(case: Case, backend: str, inputs: dict, grads: bool = True):
         additional_keys=leaves.get("additional_keys"), additional_values=leaves.get("additional_values"),
         rel_pos_bias=leaves.get("rel_pos_bias"), key_bias=leaves.get("key_bias"), backend=backend,
         **inputs["kwargs"],
-    )  # fmt: skip
+    )
     out, lse = res if inputs["kwargs"]["return_lse"] else (res, None)
     if not grads:
         return out, lse, {}

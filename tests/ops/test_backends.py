@@ -30,7 +30,7 @@ def _problem(case: Case, inputs: dict, grads: bool = False):
     return make_problem(
         t["q"], t["k"], t["v"], case.kernel, case.stride, case.dilation, case.causal, t.get("additional_keys"),
         t.get("additional_values"), t.get("rel_pos_bias"), inputs["kwargs"]["return_lse"], t.get("key_bias"),
-    )  # fmt: skip
+    )
 
 
 def skip_or_check_refusal(case: Case, backend: str, inputs: dict, grads: bool = True):
@@ -136,7 +136,7 @@ def test_gradcheck_float64(backend, geom):
         out, lse = ops.neighborhood_attention(
             q, k, v, geom["kernel"], geom["stride"], geom["dilation"], geom["causal"], scale=0.7,
             additional_keys=ak, additional_values=av, rel_pos_bias=rpb, key_bias=kb, return_lse=True, backend=backend,
-        )  # fmt: skip
+        )
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v, ak, av, rpb, kb), eps=1e-6, atol=1e-7, rtol=1e-5)

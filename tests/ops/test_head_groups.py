@@ -80,11 +80,11 @@ def separate_calls(qkv, kw, case):
             extra = dict(
                 rel_pos_bias=kw["rel_pos_bias"][i], key_bias=kw["key_bias"][..., sl],
                 additional_keys=kw["additional_keys"][:, :, sl], additional_values=kw["additional_values"][:, :, sl],
-            )  # fmt: skip
+            )
         o, lse_group = ops.neighborhood_attention(
             q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, case["stride"], dd, case["causal"], return_lse=True,
             backend="reference", **extra,
-        )  # fmt: skip
+        )
         outs.append(o)
         lses.append(lse_group)
         start += g
@@ -96,7 +96,7 @@ def supported(backend, case, qkv, kw) -> bool:
         ops.neighborhood_attention(
             *qkv, case["kernel"], case["stride"], case["dilation"], case["causal"], backend=backend,
             head_groups=case["groups"], **kw,
-        )  # fmt: skip
+        )
     except ValueError as err:
         if "cannot run this problem" in str(err):
             return False
@@ -114,7 +114,7 @@ def test_grouped_call_equals_separate_reference_calls(backend, case, extras):
     out, lse = ops.neighborhood_attention(
         *qkv, case["kernel"], case["stride"], case["dilation"], case["causal"], return_lse=True, backend=backend,
         head_groups=case["groups"], **kw,
-    )  # fmt: skip
+    )
     ref_out, ref_lse = separate_calls(qkv, kw, case)
     assert rel_err(out, ref_out) < 1e-10
     finite = torch.isfinite(ref_lse)

@@ -57,7 +57,7 @@ def _poison(q, k, v, where: str):
 
 
 POISON = ["q_nan", "k_nan", "q_inf", "k_neg_inf", "k_inf_q_zero", "scale_nan", "scale_inf", "rel_pos_bias_nan",
-          "key_bias_nan", "additional_key_nan"]  # fmt: skip
+          "key_bias_nan", "additional_key_nan"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -152,7 +152,7 @@ NA_BAD = [
     ("key_bias_int", dict(key_bias=torch.zeros(2, 9, 7, 2, dtype=torch.int64)), TypeError, "key_bias"),
     ("key_bias_half_into_float32", dict(key_bias=torch.zeros(2, 9, 7, 2, dtype=torch.float16)), TypeError, "key_bias.dtype"),
     ("additional_keys_meta", dict(additional_keys=torch.zeros(2, 3, 2, 4, device=META),
-                                  additional_values=torch.zeros(2, 3, 2, 4)), TypeError, "additional_keys"),  # fmt: skip
+                                  additional_values=torch.zeros(2, 3, 2, 4)), TypeError, "additional_keys"),
 ]
 
 
@@ -253,7 +253,7 @@ def test_gradgradcheck_native():
 def _raw_args(**overrides):
     q, k, v = _qkv(shape=(1, 8, 1, 4))
     args = dict(q=q, k=k, v=v, additional_keys=None, additional_values=None, rel_pos_bias=None, key_bias=None,
-                kernel_size=[3], stride=[1], dilation=[1], is_causal=[False], scale=0.5)  # fmt: skip
+                kernel_size=[3], stride=[1], dilation=[1], is_causal=[False], scale=0.5)
     args.update(overrides)
     return list(args.values())
 
@@ -270,7 +270,7 @@ RAW_BAD = [
     ("rel_pos_bias_small", dict(rel_pos_bias=torch.zeros(1, 2)), "rel_pos_bias"),
     ("key_bias_small", dict(key_bias=torch.zeros(1, 3, 1)), "key_bias"),
     ("additional_mismatch", dict(additional_keys=torch.randn(1, 2, 1, 4), additional_values=torch.randn(1, 3, 1, 4)),
-     "additional_values"),  # fmt: skip
+     "additional_values"),
     ("rank_too_high", dict(q=torch.randn(1, 2, 2, 2, 2, 1, 4)), "q.shape"),
 ]
 

@@ -16,7 +16,7 @@ from attnzoo.ops.backends import BACKENDS
 ARG_NAMES = (
     "q", "k", "v", "kernel_size", "stride", "dilation", "is_causal", "scale", "backend", "additional_keys",
     "additional_values", "rel_pos_bias", "key_bias",
-)  # fmt: skip
+)
 NAMES_RE = re.compile(r"\b(" + "|".join(ARG_NAMES) + r")\b")
 
 
@@ -237,7 +237,7 @@ def calls(draw):
     geometry = {
         "kernel_size": _pack(draw, kernel), "stride": _pack(draw, stride), "dilation": _pack(draw, dilation),
         "is_causal": _pack(draw, causal),
-    }  # fmt: skip
+    }
     # ... then each argument broken with probability 1/10
     for name in geometry:
         if draw(st.integers(0, 9)) == 0:
@@ -246,7 +246,7 @@ def calls(draw):
     args = dict(
         q=q, k=k, v=v, **geometry, return_lse=draw(st.booleans()),
         backend=draw(st.sampled_from(["auto"] * 3 + ["native", "tiled", "partition", "reference"] * 2 + ["bogus"])),
-    )  # fmt: skip
+    )
     legal = legal and args["backend"] not in ("partition", "bogus")
     if draw(st.integers(0, 3)) == 0:
         n = draw(st.integers(1, 3))

@@ -140,7 +140,7 @@ def test_matches_brute_force_softmax(backend, shape, kernel, stride, dilation, c
     kw = dict(
         kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, additional_keys=ak,
         additional_values=av, rel_pos_bias=table, key_bias=key_bias,
-    )  # fmt: skip
+    )
     _skip_unsupported(backend, q, k, v, **kw)
     out, lse = ops.neighborhood_attention(q, k, v, return_lse=True, backend=backend, **kw)
 

@@ -126,7 +126,7 @@ def test_empty_inputs_give_empty_outputs():
         (lambda a: {**a, "chunk_size": 0}, "chunk_size=0"),
         (lambda a: {**a, "mode": "parallel"}, "mode='parallel'"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_raise_naming_them(change, message):
     u, delta, A, B, C, D = inputs()
     kwargs = change({"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D})
