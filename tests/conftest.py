@@ -1,10 +1,17 @@
-"""Shared test setup, plus the helpers several test modules import (``from conftest import ...``)."""
+"""Shared test setup, and the one home of the helpers the test folders import (``from conftest import ...``).
+
+The tests mirror the source: tests/ops, tests/mechanisms, tests/models, tests/tools, tests/training, tests/cli,
+tests/interop; ``pyproject.toml`` puts tests/ on ``sys.path`` (pytest ``pythonpath``), so every folder imports this
+module and tests/browser.py by name. Test file names are unique across folders (no ``__init__.py``).
+"""
 
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import attnzoo
 
 settings.register_profile("attnzoo", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=60)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "attnzoo"))
@@ -62,6 +69,31 @@ def randomize_(
     return module
 
 
+def create_random(
+    name: str, dim: int = 16, *, weight_std: float = 0.5, weight_seed: int | None = None, **kwargs
+) -> torch.nn.Module:
+    """``attnzoo.create(name, dim, **kwargs)`` in float64 and eval mode with every weight randomised (``randomize_``
+    with ``weight_std`` and ``weight_seed``): the module a parity or property test compares with its oracle."""
+    return randomize_(attnzoo.create(name, dim, **kwargs).double().eval(), weight_std, seed=weight_seed)
+
+
+def dense_attention(q, k, v, bias=None, *, scale=None, allowed=None):
+    """Softmax attention over flattened tokens, by einsum: q ``[B, N, h, d]``, k/v ``[B, M, h, d]``; ``bias``
+    broadcasts to ``[B, h, N, M]``, ``allowed`` (bool, True = kept) to the same; ``scale`` defaults to d^-1/2."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
+
+
+def coords(*shape: int) -> torch.Tensor:
+    """``[N, D]`` integer coordinates of a grid of ``shape``, row-major."""
+    return torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, len(shape))
+
+
 def nchw(x: torch.Tensor) -> torch.Tensor:
     """Channels-last ``(B, H, W, C)`` to channels-first ``(B, C, H, W)``, the layout of torch/timm conv modules."""
     return x.permute(0, 3, 1, 2)
@@ -83,6 +115,16 @@ def changed_positions(module, x: torch.Tensor, position, eps: float = 1.0) -> to
     x1 = x.clone()
     x1[(0, *position)] += eps
     return (module(x1) - y0).abs().amax(-1)[0] > 1e-12
+
+
+def one_error_line(err: str, command: str | None = None) -> str:
+    """The only non-empty line of a command's stderr, which must hold no traceback (and, given ``command``, start with
+    ``attnzoo COMMAND: error:``)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    if command is not None:
+        assert lines[0].startswith(f"attnzoo {command}: error:"), lines[0]
+    return lines[0]
 
 
 def hand_attention(q, k, v, scale, allowed=None, bias=None):

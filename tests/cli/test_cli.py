@@ -17,6 +17,8 @@ import attnzoo
 from attnzoo.cli import main
 from attnzoo.mechanisms import registry
 
+from conftest import one_error_line
+
 FAST = ["--min-run-time", "0.01", "--threads", "1"]
 
 
@@ -25,12 +27,6 @@ def png_shape(path) -> tuple[int, int]:
     image = matplotlib.image.imread(path, format="png")
     assert image.ndim == 3 and image.shape[2] in (3, 4)
     return image.shape[:2]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture
@@ -65,7 +61,7 @@ def test_list_prints_every_mechanism_and_filters_by_family(capsys):
 
 def test_list_unknown_family_is_a_usage_error(capsys):
     assert main(["list", "--family", "no-such-family"]) == 2
-    assert "families" in one_error_line(capsys)
+    assert "families" in one_error_line(capsys.readouterr().err)
 
 
 def test_bench_writes_csv_json_png_html_for_every_requested_mechanism(tmp_path, capsys):
@@ -128,16 +124,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
     elif argv[0] == "viz":
         argv = [*argv, "--out", str(tmp_path / "rf.png")]
     assert main(argv) == 2
-    assert fragment in one_error_line(capsys)
+    assert fragment in one_error_line(capsys.readouterr().err)
 
 
 def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert main(["bench", "neighborhood", "--out", str(blocker / "sub"), *FAST]) == 2
-    assert "--out" in one_error_line(capsys)
+    assert "--out" in one_error_line(capsys.readouterr().err)
     assert main(["viz", "receptive-field", "neighborhood", "--out", str(blocker / "rf.png")]) == 2
-    assert "--out" in one_error_line(capsys)
+    assert "--out" in one_error_line(capsys.readouterr().err)
 
 
 def test_viz_receptive_field_png(tmp_path):
@@ -182,4 +178,4 @@ def test_viz_attention_map_from_a_checkpoint(tmp_path, capsys):
     assert main(argv) == 0
     assert png_shape(out) == (484, 924)
     argv[2] = "window" if "window" in attnzoo.list_mechanisms() else "linear"
-    assert main(argv) == 2 and "not one of them" in one_error_line(capsys)
+    assert main(argv) == 2 and "not one of them" in one_error_line(capsys.readouterr().err)

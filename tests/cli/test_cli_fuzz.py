@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from attnzoo.cli import main
 
+from conftest import one_error_line
+
 TRAIN = ["train", "--dataset", "synthetic", "--limit-train", "16", "--limit-eval", "8", "--batch-size", "8",
          "--no-progress", "--threads", "1"]
 
@@ -28,11 +30,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def assert_one_line_usage_error(code: int, err: str, needle: str = "") -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
+    line = one_error_line(err)
     assert code == 2, (code, err)
-    assert len(lines) == 1, err
-    assert "error" in lines[0] and needle in lines[0], lines[0]
+    assert "error" in line and needle in line, line
 
 
 def _fashion_dir(tmp_path, content: dict[str, bytes]):

@@ -11,28 +11,10 @@ import torch
 
 import attnzoo
 
-from conftest import rand64, randomize_
+from conftest import coords, create_random, dense_attention, rand64
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
-
-
-def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
-
-
-def dense_attention(q, k, v, bias=None, scale=None):
-    """Softmax attention ``[B, N, h, d]`` with an additive ``bias`` broadcast to ``[B, h, N, M]``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    if bias is not None:
-        logits = logits + bias
-    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
-
-
-def coords(*shape: int) -> torch.Tensor:
-    """``[N, D]`` integer coordinates, row-major."""
-    return torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, len(shape))
 
 
 # ---------------------------------------------------------------------------------------------------- cross_shaped
@@ -68,13 +50,13 @@ def cswin_oracle(m, x):
 
 @pytest.mark.parametrize("size, split, last_stage", [((6, 6), 2, False), ((7, 5), 3, False), ((4, 6), 1, False), ((5, 5), 5, True)])
 def test_cross_shaped_equals_stripe_oracle(size, split, last_stage):
-    m = make("cross_shaped", 16, num_heads=4, split_size=split, last_stage=last_stage)
+    m = create_random("cross_shaped", 16, num_heads=4, split_size=split, last_stage=last_stage)
     x = rand64(2, *size, 16)
     torch.testing.assert_close(m(x), cswin_oracle(m, x), **TOL)
 
 
 def test_cross_shaped_split_equal_to_input_is_global_in_both_branches():
-    m = make("cross_shaped", 16, num_heads=4, split_size=5)
+    m = create_random("cross_shaped", 16, num_heads=4, split_size=5)
     x = rand64(1, 5, 5, 16)
     q, k, v = m.qkv(x).reshape(1, 25, 3, 16).unbind(2)
     halves = []
@@ -87,7 +69,7 @@ def test_cross_shaped_split_equal_to_input_is_global_in_both_branches():
 
 
 def test_cross_shaped_branch_locality_before_projection():
-    m = make("cross_shaped", 16, num_heads=4, split_size=2)
+    m = create_random("cross_shaped", 16, num_heads=4, split_size=2)
     with torch.no_grad():  # identity projection exposes the concatenated branches
         m.proj.weight.copy_(torch.eye(16))
         m.proj.bias.zero_()
@@ -125,13 +107,13 @@ def criss_cross_dense(m, x):
 
 @pytest.mark.parametrize("size", [(5, 6), (1, 4), (4, 1)])
 def test_criss_cross_single_pass_equals_dense_row_or_column_attention(size):
-    m = make("criss_cross", 16, reduction=4, recurrence=1)
+    m = create_random("criss_cross", 16, reduction=4, recurrence=1)
     x = rand64(2, *size, 16)
     torch.testing.assert_close(m(x), criss_cross_dense(m, x), **TOL)
 
 
 def test_criss_cross_recurrence_composes_the_paper_module():
-    m = make("criss_cross", 16, reduction=4, recurrence=2)
+    m = create_random("criss_cross", 16, reduction=4, recurrence=2)
     x = rand64(1, 4, 5, 16)
     x1 = x + criss_cross_dense(m, x)
     x2 = x1 + criss_cross_dense(m, x1)
@@ -145,7 +127,7 @@ def test_criss_cross_gamma_zero_gives_zero():
 
 @pytest.mark.parametrize("recurrence", [1, 2])
 def test_criss_cross_receptive_field(recurrence):
-    m = make("criss_cross", 8, reduction=2, recurrence=recurrence)
+    m = create_random("criss_cross", 8, reduction=2, recurrence=recurrence)
     x = rand64(1, 4, 5, 8).requires_grad_()
     m(x)[0, 1, 2].sum().backward()
     reached = x.grad[0].abs().amax(-1) > 1e-12
@@ -169,7 +151,7 @@ def mha_from(module, step: int) -> torch.nn.MultiheadAttention:
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_axial_single_axis_is_mhsa_along_it(axis):
-    m = make("axial", 16, num_heads=2, axes=[axis])
+    m = create_random("axial", 16, num_heads=2, axes=[axis])
     x = rand64(2, 5, 6, 16)
     mha = mha_from(m, 0)
     lines = x.movedim(1 + axis, 2)  # [B, other, L, C]
@@ -179,7 +161,7 @@ def test_axial_single_axis_is_mhsa_along_it(axis):
 
 
 def test_axial_sequential_is_width_after_height_and_sum_adds():
-    seq = make("axial", 16, num_heads=2)
+    seq = create_random("axial", 16, num_heads=2)
     summed = attnzoo.create("axial", 16, num_heads=2, combine="sum").to(DT).eval()
     summed.load_state_dict(seq.state_dict())
     x = rand64(1, 4, 5, 16)
@@ -199,7 +181,7 @@ def test_axial_sequential_is_width_after_height_and_sum_adds():
 
 @pytest.mark.parametrize("combine", ["sum", "sequential"])
 def test_axial_receptive_field(combine):
-    m = make("axial", 8, num_heads=2, combine=combine)
+    m = create_random("axial", 8, num_heads=2, combine=combine)
     x = rand64(1, 4, 5, 8).requires_grad_()
     m(x)[0, 1, 2].sum().backward()
     reached = x.grad[0].abs().amax(-1) > 1e-12
@@ -209,7 +191,7 @@ def test_axial_receptive_field(combine):
 
 
 def test_axial_axis_subset_in_4d_is_mhsa_over_the_plane():
-    m = make("axial", 8, num_heads=2, axes=[(0, 1)], rank=4)  # EPIT: attention over the (U, V) plane
+    m = create_random("axial", 8, num_heads=2, axes=[(0, 1)], rank=4)  # EPIT: attention over the (U, V) plane
     x = rand64(1, 2, 3, 2, 2, 8)
     mha = mha_from(m, 0)
     plane = x.permute(0, 3, 4, 1, 2, 5).reshape(4, 6, 8)  # batch over (H, W), tokens over (U, V)

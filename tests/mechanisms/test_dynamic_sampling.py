@@ -10,16 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attnzoo
-
-from conftest import changed_positions, rand64, randomize_
+from conftest import changed_positions, create_random, rand64
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
-
-
-def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- deformable
@@ -35,7 +29,7 @@ def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(
         DeformableDetrMultiscaleDeformableAttention,
     )
 
-    ours = make("deformable", 16, num_heads=2, num_points=3)
+    ours = create_random("deformable", 16, num_heads=2, num_points=3)
     with torch.no_grad():
         ours.sampling_offsets.weight.mul_(4)  # offsets of several pixels, many outside the map
     config = DeformableDetrConfig(d_model=16, num_feature_levels=1, disable_custom_kernels=True)
@@ -57,7 +51,7 @@ def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(
 
 def test_deformable_integer_offsets_sample_exact_tokens():
     """Offset weights zero and integer biases: each head reads the value at a fixed displacement (zero outside)."""
-    ours = make("deformable", 8, num_heads=2, num_points=1)
+    ours = create_random("deformable", 8, num_heads=2, num_points=1)
     with torch.no_grad():
         ours.sampling_offsets.weight.zero_()
         ours.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -2.0]))  # head 0: x+1; head 1: y-2
@@ -84,13 +78,13 @@ def dynamic_conv_oracle(m, x):
 
 
 def test_dynamic_local_matches_im2col_oracle():
-    ours = make("dynamic_local", 16, kernel_size=5, num_heads=4)
+    ours = create_random("dynamic_local", 16, kernel_size=5, num_heads=4)
     x = rand64(2, 6, 9, 16)
     torch.testing.assert_close(ours(x), dynamic_conv_oracle(ours, x), **TOL)
 
 
 def test_dynamic_local_with_constant_kernels_is_a_grouped_depthwise_conv():
-    ours = make("dynamic_local", 16, kernel_size=3, num_heads=4)
+    ours = create_random("dynamic_local", 16, kernel_size=3, num_heads=4)
     with torch.no_grad():
         ours.hyper[-1].weight.zero_()  # the kernels are now the bias: the same at every pixel
     x = rand64(1, 7, 7, 16)
@@ -100,7 +94,7 @@ def test_dynamic_local_with_constant_kernels_is_a_grouped_depthwise_conv():
 
 
 def test_dynamic_local_receptive_field():
-    ours = make("dynamic_local", 16, kernel_size=3, num_heads=4)
+    ours = create_random("dynamic_local", 16, kernel_size=3, num_heads=4)
     x = rand64(1, 9, 9, 16)
     changed = changed_positions(ours, x, (4, 4))
     # output p reads z in the 3x3 window of p, with a kernel computed from the same window (the hyper-network's

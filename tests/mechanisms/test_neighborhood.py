@@ -13,14 +13,10 @@ import torch.nn.functional as F
 
 import attnzoo
 
-from conftest import changed_positions, rand64, randomize_
+from conftest import changed_positions, create_random, rand64
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
-
-
-def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- factorization, mixture_of_sparse
@@ -33,13 +29,13 @@ def neighborhood_like(source, **kwargs):
 
 
 def test_factorization_with_one_group_is_neighborhood():
-    ours = make("factorization", 16, kernel_size=3, dilation=(2,), num_heads=2)
+    ours = create_random("factorization", 16, kernel_size=3, dilation=(2,), num_heads=2)
     x = rand64(2, 9, 8, 16)
     torch.testing.assert_close(ours(x), neighborhood_like(ours, num_heads=2, kernel_size=3, dilation=2)(x), **TOL)
 
 
 def test_mixture_of_sparse_with_equal_groups_is_neighborhood():
-    ours = make("mixture_of_sparse", 16, kernel_size=(5, 5), num_heads=4)
+    ours = create_random("mixture_of_sparse", 16, kernel_size=(5, 5), num_heads=4)
     x = rand64(2, 7, 9, 16)
     torch.testing.assert_close(ours(x), neighborhood_like(ours, num_heads=4, kernel_size=5)(x), **TOL)
 
@@ -53,7 +49,7 @@ def test_mixture_of_sparse_with_equal_groups_is_neighborhood():
 )
 def test_head_groups_each_equal_the_neighborhood_of_their_own_geometry(name, kwargs):
     """Output heads of group g (before the projection) equal a neighborhood module with group g's geometry."""
-    ours = make(name, 16, num_heads=4, **kwargs)
+    ours = create_random(name, 16, num_heads=4, **kwargs)
     x = rand64(1, 11, 10, 16)
     q, k, v = ours.qkv(x).reshape(1, 11, 10, 3, 4, 4).unbind(3)
     from attnzoo.ops import neighborhood_attention
@@ -71,7 +67,7 @@ def test_head_groups_each_equal_the_neighborhood_of_their_own_geometry(name, kwa
 def test_factorization_receptive_field_is_the_union_of_its_groups_neighborhoods():
     from attnzoo.ops import neighborhood_mask
 
-    ours = make("factorization", 16, kernel_size=3, dilation=(1, 3), num_heads=2)
+    ours = create_random("factorization", 16, kernel_size=3, dilation=(1, 3), num_heads=2)
     x = rand64(1, 12, 12, 16)
     key = 6 * 12 + 6
     near, far = neighborhood_mask((12, 12), 3, dilation=1)[:, key], neighborhood_mask((12, 12), 3, dilation=3)[:, key]
@@ -90,7 +86,7 @@ def test_grouped_mechanisms_reject_bad_groups():
 
 
 def test_gated_cross_neighborhood_on_one_stream_is_gated_neighborhood_self_attention():
-    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3, dilation=2)
+    ours = create_random("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3, dilation=2)
     nat = attnzoo.create("neighborhood", 16, num_heads=2, kernel_size=3, dilation=2).to(DT).eval()
     state = ours.state_dict()
     nat.load_state_dict({
@@ -107,7 +103,7 @@ def test_gated_cross_neighborhood_on_one_stream_is_gated_neighborhood_self_atten
 def test_gated_cross_neighborhood_queries_come_from_x_and_keys_from_context():
     from attnzoo.ops import neighborhood_mask
 
-    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
+    ours = create_random("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
     x, context = rand64(1, 7, 7, 16), rand64(1, 7, 7, 16, seed=1)
     only_itself = torch.zeros(7, 7, dtype=torch.bool)
     only_itself[3, 4] = True  # x gives the query (and the gated shortcut) of its own position only
@@ -117,7 +113,7 @@ def test_gated_cross_neighborhood_queries_come_from_x_and_keys_from_context():
 
 
 def test_gated_cross_neighborhood_gate_zero_is_identity_and_bad_context_is_named():
-    ours = make("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
+    ours = create_random("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3)
     with torch.no_grad():
         ours.gate.zero_()  # the official initialisation
     x = rand64(1, 5, 6, 16)
@@ -146,14 +142,14 @@ def msa_conv_oracle(m, x, mask_padding=False):
 
 @pytest.mark.parametrize("kernel, dilation, mask", [(3, 1, False), (5, 2, False), (3, 2, True)])
 def test_msa_conv_matches_official_unfold_definition(kernel, dilation, mask):
-    ours = make("msa_conv", 8, kernel_size=kernel, dilation=dilation, mask_padding=mask)
+    ours = create_random("msa_conv", 8, kernel_size=kernel, dilation=dilation, mask_padding=mask)
     x = rand64(2, 6, 7, 8)
     torch.testing.assert_close(ours(x), msa_conv_oracle(ours, x, mask), **TOL)
 
 
 def test_msa_conv_padding_mode_only_changes_border_windows():
-    ours = make("msa_conv", 8, kernel_size=3)
-    masked = make("msa_conv", 8, kernel_size=3, mask_padding=True)
+    ours = create_random("msa_conv", 8, kernel_size=3)
+    masked = create_random("msa_conv", 8, kernel_size=3, mask_padding=True)
     masked.load_state_dict(ours.state_dict())
     x = rand64(1, 8, 8, 8)
     diff = (ours(x) - masked(x)).abs().amax(-1)[0] > 1e-12

@@ -10,16 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attnzoo
-
-from conftest import changed_positions, rand64, randomize_
+from conftest import changed_positions, create_random, rand64
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
-
-
-def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- non_local
@@ -29,7 +23,7 @@ def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
 def test_non_local_matches_timm_non_local_attn_minus_its_shortcut(train):
     from timm.layers import NonLocalAttn
 
-    ours = make("non_local", 16, reduction=2)
+    ours = create_random("non_local", 16, reduction=2)
     ref = NonLocalAttn(16, rd_channels=8).to(DT)
     state = {
         k: (v[..., None, None] if k[0] in "tpgz" and k.endswith("weight") else v) for k, v in ours.state_dict().items()
@@ -65,13 +59,13 @@ def sparse_gsa_oracle(m, x, activation):
 
 @pytest.mark.parametrize("activation", ["relu", "softmax"])
 def test_sparse_global_matches_the_official_definition(activation):
-    ours = make("sparse_global", 16, num_heads=2, activation=activation, bias=True)
+    ours = create_random("sparse_global", 16, num_heads=2, activation=activation, bias=True)
     x = rand64(2, 5, 7, 16)
     torch.testing.assert_close(ours(x), sparse_gsa_oracle(ours, x, activation), **TOL)
 
 
 def test_sparse_global_is_global_and_relu_drops_anticorrelated_channels():
-    ours = make("sparse_global", 16, num_heads=2)
+    ours = create_random("sparse_global", 16, num_heads=2)
     x = rand64(1, 6, 6, 16)
     assert changed_positions(ours, x, (5, 5)).all()
     with torch.no_grad():

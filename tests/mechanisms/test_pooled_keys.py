@@ -7,6 +7,7 @@ algorithm re-expressed step by step) or from the timm module with copied weights
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -14,35 +15,13 @@ import torch.nn.functional as F
 
 import attnzoo
 
-from conftest import rand64, randomize_
+from conftest import coords, create_random, dense_attention, heads_of, rand64
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def build(name: str, dim: int = 16, **kwargs) -> torch.nn.Module:
-    m = attnzoo.create(name, dim, **kwargs).to(DT).eval()
-    randomize_(m, std=0.3, seed=1234)
-    return m
-
-
-def dense(q, k, v, scale, bias=None, allowed=None):
-    """Softmax attention over flattened tokens. q [B,N,h,d], k/v [B,M,h,d]; bias [h,N,M] or [B,h,N,M]; allowed [N,M]."""
-    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    if bias is not None:
-        logits = logits + bias
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
-
-
-def heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    return t.reshape(*t.shape[:-1], h, t.shape[-1] // h)
-
-
-def grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return ys.reshape(-1), xs.reshape(-1)
+build = partial(create_random, weight_std=0.3, weight_seed=1234)  # the weights these oracles were tuned with
 
 
 # ------------------------------------------------------------------------------------- spatial_reduction (PVT)
@@ -71,7 +50,7 @@ def test_spatial_reduction_ratio_one_is_mhsa():
     x = rand64(2, 5, 6, 16)
     t = x.reshape(2, 30, 16)
     k, v = m.kv(t).chunk(2, dim=-1)
-    out = dense(heads(m.q(t), 2), heads(k, 2), heads(v, 2), 8**-0.5)
+    out = dense_attention(heads_of(m.q(t), 2), heads_of(k, 2), heads_of(v, 2), scale=8**-0.5)
     torch.testing.assert_close(m(x), m.proj(out.reshape(2, 30, 16)).reshape(x.shape), **TOL)
 
 
@@ -107,7 +86,7 @@ def hilo_reference(m, x, mask_padding=True):
     xp[:, :h, :w] = x
     real = torch.zeros(hp, wp, dtype=torch.bool)
     real[:h, :w] = True
-    ys, xs = grid(hp, wp)
+    ys, xs = coords(hp, wp).unbind(-1)
     window = (ys // ws) * (wp // ws) + xs // ws
     parts = []
     if m.h_heads:
@@ -115,7 +94,7 @@ def hilo_reference(m, x, mask_padding=True):
         allowed = window[:, None] == window[None, :]
         if mask_padding:
             allowed = allowed & real.reshape(-1)[None, :]
-        out = dense(heads(q, m.h_heads), heads(k, m.h_heads), heads(v, m.h_heads), d**-0.5, allowed=allowed)
+        out = dense_attention(heads_of(q, m.h_heads), heads_of(k, m.h_heads), heads_of(v, m.h_heads), scale=d**-0.5, allowed=allowed)
         parts.append(m.h_proj(out.reshape(b, hp, wp, -1))[:, :h, :w])
     if m.l_heads:
         counts = real.reshape(-1).to(x.dtype) if mask_padding else torch.ones(hp * wp, dtype=x.dtype)
@@ -123,7 +102,7 @@ def hilo_reference(m, x, mask_padding=True):
         pooled = torch.einsum("nm,bnc->bmc", member, xp.reshape(b, -1, c)) / (member * counts[:, None]).sum(0)[:, None]
         q = m.l_q(x.reshape(b, -1, c))
         k, v = m.l_kv(pooled).chunk(2, dim=-1)
-        out = dense(heads(q, m.l_heads), heads(k, m.l_heads), heads(v, m.l_heads), d**-0.5)
+        out = dense_attention(heads_of(q, m.l_heads), heads_of(k, m.l_heads), heads_of(v, m.l_heads), scale=d**-0.5)
         parts.append(m.l_proj(out.reshape(b, h, w, -1)))
     return torch.cat(parts, dim=-1)
 
@@ -152,7 +131,7 @@ def test_hilo_head_split_and_window_one_is_mhsa():
     x = rand64(1, 4, 5, 16)
     t = x.reshape(1, 20, 16)
     k, v = m.l_kv(t).chunk(2, -1)
-    expected = m.l_proj(dense(heads(m.l_q(t), 4), heads(k, 4), heads(v, 4), 4**-0.5).reshape(1, 20, 16))
+    expected = m.l_proj(dense_attention(heads_of(m.l_q(t), 4), heads_of(k, 4), heads_of(v, 4), scale=4**-0.5).reshape(1, 20, 16))
     torch.testing.assert_close(m(x), expected.reshape(x.shape), **TOL)
 
 
@@ -182,17 +161,17 @@ def aggregated_reference(m, x, pretrain):
     nh, d, k = m.num_heads, m.head_dim, m.window_size
     r, n = k // 2, h * w
     ph, pw = h // m.sr_ratio, w // m.sr_ratio
-    ys, xs = grid(h, w)
+    ys, xs = coords(h, w).unbind(-1)
     # in-bounds window positions (brute force) and the length scale
     oy, ox = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
     ky, kx = ys[:, None] + oy.reshape(-1), xs[:, None] + ox.reshape(-1)  # [N, k²]
     inside = (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
     scale = torch.log(inside.sum(-1).to(DT) + ph * pw)  # [N]
     t = x.reshape(b, n, c)
-    qn = F.normalize(heads(m.q(t), nh), dim=-1)  # [b, N, h, d]
+    qn = F.normalize(heads_of(m.q(t), nh), dim=-1)  # [b, N, h, d]
     q_hat = (qn + m.query_embedding.reshape(nh, d)) * F.softplus(m.temperature).reshape(nh, 1) * scale[:, None, None]
     key, value = m.kv(t).chunk(2, -1)
-    key, value = F.normalize(heads(key, nh), dim=-1), heads(value, nh)
+    key, value = F.normalize(heads_of(key, nh), dim=-1), heads_of(value, nh)
     flat = (ky.clamp(0, h - 1) * w + kx.clamp(0, w - 1))  # [N, k²]
     k_loc = key[:, flat] * inside[None, :, :, None, None]
     v_loc = value[:, flat] * inside[None, :, :, None, None]  # zero padded values [b, N, k², h, d]
@@ -200,8 +179,8 @@ def aggregated_reference(m, x, pretrain):
     a_loc = a_loc.masked_fill(~inside[None, None], float("-inf"))
     pooled = F.adaptive_avg_pool2d(F.gelu(m.sr(x.permute(0, 3, 1, 2))), (ph, pw)).flatten(2).transpose(1, 2)
     kp, vp = m.kv(m.norm(pooled)).chunk(2, -1)
-    kp, vp = F.normalize(heads(kp, nh), dim=-1), heads(vp, nh)
-    cy, cx = grid(ph, pw)
+    kp, vp = F.normalize(heads_of(kp, nh), dim=-1), heads_of(vp, nh)
+    cy, cx = coords(ph, pw).unbind(-1)
     py, px = adaptive_pool_centres(h, ph)[cy], adaptive_pool_centres(w, pw)[cx]
     rel = torch.stack([(ys[:, None] - py[None]) / (pretrain[0] - 1) * 8, (xs[:, None] - px[None]) / (pretrain[1] - 1) * 8], -1)
     rel = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3

@@ -16,23 +16,10 @@ import torch.nn.functional as F
 
 import attnzoo
 
-from conftest import changed_positions, rand64, randomize_
+from conftest import changed_positions, coords, create_random, dense_attention, rand64, randomize_
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
-
-
-def make(name: str, dim: int, **kwargs) -> torch.nn.Module:
-    return randomize_(attnzoo.create(name, dim, **kwargs)).to(DT).eval()
-
-
-def dense_attention(q, k, v, bias=None, scale=None):
-    """Softmax attention ``[B, N, h, d]`` with an additive ``bias`` broadcast to ``[B, h, N, M]``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    if bias is not None:
-        logits = logits + bias
-    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
 
 
 def split_qkv(linear_out: torch.Tensor, heads: int):
@@ -40,11 +27,6 @@ def split_qkv(linear_out: torch.Tensor, heads: int):
     b, c = linear_out.shape[0], linear_out.shape[-1]
     t = linear_out.reshape(b, -1, 3, heads, c // (3 * heads))
     return t.unbind(2)
-
-
-def coords(*shape: int) -> torch.Tensor:
-    """``[N, D]`` integer coordinates, row-major."""
-    return torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, len(shape))
 
 
 def partition(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -119,23 +101,23 @@ def swin_reference(module, x, window, shift, mask_padding):
 
 @pytest.mark.parametrize("shift", [0, 2])
 def test_window_matches_timm_window_attention_on_partitioned_windows(shift):
-    ours = make("window", 16, num_heads=2, window_size=4, shift_size=shift)
+    ours = create_random("window", 16, num_heads=2, window_size=4, shift_size=shift)
     x = rand64(2, 8, 12, 16)
     torch.testing.assert_close(ours(x), swin_reference(ours, x, (4, 4), shift, mask_padding=True), **TOL)
 
 
 @pytest.mark.parametrize("shift", [0, 2])
 def test_window_masked_padding_equals_official_algorithm_with_padded_keys_dropped(shift):
-    ours = make("window", 16, num_heads=2, window_size=4, shift_size=shift)
+    ours = create_random("window", 16, num_heads=2, window_size=4, shift_size=shift)
     x = rand64(1, 7, 10, 16)
     torch.testing.assert_close(ours(x), swin_reference(ours, x, (4, 4), shift, mask_padding=True), **TOL)
-    unmasked = make("window", 16, num_heads=2, window_size=4, shift_size=shift, mask_padding=False)
+    unmasked = create_random("window", 16, num_heads=2, window_size=4, shift_size=shift, mask_padding=False)
     unmasked.load_state_dict(ours.state_dict())
     assert not torch.allclose(unmasked(x), ours(x))  # the padded keys do take part when unmasked
 
 
 def test_window_shift_zero_perturbation_stays_in_its_window():
-    m = make("window", 16, num_heads=2, window_size=4)
+    m = create_random("window", 16, num_heads=2, window_size=4)
     changed = changed_positions(m, rand64(1, 8, 8, 16), (5, 2))
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[4:8, 0:4] = True
@@ -143,7 +125,7 @@ def test_window_shift_zero_perturbation_stays_in_its_window():
 
 
 def test_window_larger_than_input_is_global_attention_with_rel_pos_bias():
-    m = make("window", 16, num_heads=2, window_size=8, shift_size=4)  # shift is dropped: one window
+    m = create_random("window", 16, num_heads=2, window_size=8, shift_size=4)  # shift is dropped: one window
     x = rand64(2, 5, 6, 16)
     q, k, v = split_qkv(m.qkv(x), 2)
     table = swin_table_bias(m.relative_position_bias_table, (8, 8))  # [h, 64, 64] on the 8x8 window
@@ -154,7 +136,7 @@ def test_window_larger_than_input_is_global_attention_with_rel_pos_bias():
 
 
 def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted():
-    m = make("window", 16, num_heads=2, window_size=4)
+    m = create_random("window", 16, num_heads=2, window_size=4)
     x = rand64(1, 8, 12, 16)
     rolled = torch.roll(x, (4, -8), (1, 2))
     torch.testing.assert_close(m(rolled), torch.roll(m(x), (4, -8), (1, 2)), **TOL)
@@ -166,10 +148,9 @@ def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted()
 ])
 def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, window, shift, mask_padding):
     """backend='auto' runs SW-MSA as roll + windows + region mask; a named backend as windows on the padded canvas."""
-    m = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding)
+    m = create_random("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding)
     x = rand64(2, *size, 16)
-    canvas = make("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank,
-                  mask_padding=mask_padding, backend="reference")
+    canvas = create_random("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding, backend="reference")
     canvas.load_state_dict(m.state_dict())
     torch.testing.assert_close(m(x), canvas(x), **TOL)
     x.requires_grad_()
@@ -179,8 +160,8 @@ def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, win
 
 
 def test_window_cached_mask_follows_table_edits_in_eval():
-    m = make("window", 16, num_heads=2, window_size=4, shift_size=2)
-    canvas = make("window", 16, num_heads=2, window_size=4, shift_size=2, backend="reference")
+    m = create_random("window", 16, num_heads=2, window_size=4, shift_size=2)
+    canvas = create_random("window", 16, num_heads=2, window_size=4, shift_size=2, backend="reference")
     x = rand64(1, 8, 8, 16)
     with torch.no_grad():
         first = m(x)
@@ -216,7 +197,7 @@ def timm_swin_v2(module):
 
 
 def test_window_v2_matches_timm_swin_v2_window_attention():
-    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    ours = create_random("window_v2", 16, num_heads=2, window_size=4)
     with torch.no_grad():
         ours.logit_scale.copy_(torch.tensor([[[0.3]], [[5.0]]]))  # the second is clamped at log(100)
     ref = timm_swin_v2(ours)
@@ -227,7 +208,7 @@ def test_window_v2_matches_timm_swin_v2_window_attention():
 
 def test_window_v2_shifted_matches_timm_with_roll_and_region_mask():
     m, s = 4, 2
-    ours = make("window_v2", 16, num_heads=2, window_size=m, shift_size=s)
+    ours = create_random("window_v2", 16, num_heads=2, window_size=m, shift_size=s)
     ref = timm_swin_v2(ours)
     x = rand64(2, 8, 8, 16)
     h = w = 8
@@ -247,7 +228,7 @@ def test_window_v2_shifted_matches_timm_with_roll_and_region_mask():
 
 
 def test_window_v2_fixed_temperature_without_cpb_is_cosine_window_attention():
-    ours = make("window_v2", 16, num_heads=2, window_size=4)
+    ours = create_random("window_v2", 16, num_heads=2, window_size=4)
     with torch.no_grad():
         ours.logit_scale.fill_(math.log(7.0))
         ours.cpb_mlp[-1].weight.zero_()  # σ(0)·16 = 8 on every offset: a constant, softmax-invariant
@@ -305,13 +286,13 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     ((8, 8), 4, 1, True), ((7, 10), 4, 1, True), ((7, 10), 4, 2, False), ((6, 9), 3, 0, True), ((4, 4), 4, 0, True),
 ])
 def test_halo_equals_dense_oracle(size, block, halo, mask_padding):
-    m = make("halo", 16, num_heads=2, block_size=block, halo_size=halo, mask_padding=mask_padding)
+    m = create_random("halo", 16, num_heads=2, block_size=block, halo_size=halo, mask_padding=mask_padding)
     x = rand64(2, *size, 16)
     torch.testing.assert_close(m(x), halo_oracle(m, x), **TOL)
 
 
 def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_rel_pos():
-    m = make("halo", 16, num_heads=2, block_size=4, halo_size=0)
+    m = create_random("halo", 16, num_heads=2, block_size=4, halo_size=0)
     x = rand64(1, 4, 4, 16)
     q = m.q(x).reshape(1, 16, 2, 8)
     kv = m.kv(x).reshape(1, 16, 2, 16)
@@ -325,7 +306,7 @@ def test_halo_zero_with_block_equal_input_is_global_attention_with_factorised_re
 
 
 def test_halo_masked_block_depends_only_on_its_region():
-    m = make("halo", 16, num_heads=2, block_size=4, halo_size=1)
+    m = create_random("halo", 16, num_heads=2, block_size=4, halo_size=1)
     x = rand64(1, 12, 12, 16)
     region = torch.zeros(12, 12, dtype=torch.bool)
     region[3:9, 3:9] = True
@@ -368,7 +349,7 @@ def test_multi_axis_matches_timm_attention_cl(kind, head_first):
 
 
 def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
-    block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
+    block = create_random("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(block.state_dict())
     x = rand64(2, 8, 12, 16)
@@ -386,7 +367,7 @@ def test_multi_axis_grid_is_block_on_space_to_depth_transposed_input():
 
 def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias():
     x = rand64(2, 4, 4, 16)
-    first = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
+    first = create_random("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     grid = attnzoo.create("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid").to(DT).eval()
     grid.load_state_dict(first.state_dict())
     outputs = [first(x), grid(x)]
@@ -401,8 +382,8 @@ def test_multi_axis_full_partition_is_global_attention_with_key_minus_query_bias
 
 def test_multi_axis_locality_block_window_and_grid_lattice():
     x = rand64(1, 8, 8, 16)
-    block = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
-    grid = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid")
+    block = create_random("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
+    grid = create_random("multi_axis", 16, num_heads=2, partition_size=4, partition_type="grid")
     c = coords(8, 8).reshape(8, 8, 2)
     same_window = (c[..., 0] // 4 == 1) & (c[..., 1] // 4 == 0)
     same_lattice = (c[..., 0] % 2 == 1) & (c[..., 1] % 2 == 0)
@@ -411,7 +392,7 @@ def test_multi_axis_locality_block_window_and_grid_lattice():
 
 
 def test_multi_axis_non_divisible_block_masks_padding():
-    m = make("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
+    m = create_random("multi_axis", 16, num_heads=2, partition_size=4, partition_type="block")
     x = rand64(1, 5, 6, 16)
     q, k, v = split_qkv(m.qkv(x), 2)
     c = coords(5, 6)
@@ -444,7 +425,7 @@ def hiera_roll_back(y: torch.Tensor, h: int, w: int, unit: int, stride: int) -> 
 def test_mask_unit_matches_timm_hiera_mask_unit_attention(stride):
     from timm.models.hiera import MaskUnitAttention
 
-    ours = make("mask_unit", 16, num_heads=2, window_size=4, q_stride=stride)
+    ours = create_random("mask_unit", 16, num_heads=2, window_size=4, q_stride=stride)
     ref = MaskUnitAttention(16, 16, 2, q_stride=stride**2, window_size=(4 // stride) ** 2, use_mask_unit_attn=True)
     ref = ref.to(DT).eval()
     ref.fused_attn = False
@@ -455,7 +436,7 @@ def test_mask_unit_matches_timm_hiera_mask_unit_attention(stride):
 
 
 def test_mask_unit_perturbation_stays_in_its_unit_and_padding_is_masked():
-    ours = make("mask_unit", 16, num_heads=2, window_size=4)
+    ours = create_random("mask_unit", 16, num_heads=2, window_size=4)
     x = rand64(1, 6, 7, 16)
     changed = changed_positions(ours, x, (5, 2))
     expected = torch.zeros(6, 7, dtype=torch.bool)
@@ -472,7 +453,7 @@ def test_mask_unit_perturbation_stays_in_its_unit_and_padding_is_masked():
 def test_global_context_vit_matches_timm_feature_block_and_window_attention_global(size, window, levels):
     from timm.models.gcvit import FeatureBlock, WindowAttentionGlobal
 
-    ours = make("global_context_vit", 16, num_heads=2, window_size=window, levels=levels)
+    ours = create_random("global_context_vit", 16, num_heads=2, window_size=window, levels=levels)
     gen = FeatureBlock(16, levels).to(DT).eval()
     gen.load_state_dict(
         {k[len("global_block.") :]: v for k, v in ours.state_dict().items() if k.startswith("global_block.")}
@@ -489,7 +470,7 @@ def test_global_context_vit_matches_timm_feature_block_and_window_attention_glob
 
 
 def test_global_context_vit_every_output_depends_on_every_token():
-    ours = make("global_context_vit", 16, num_heads=2, window_size=4, levels=1)
+    ours = create_random("global_context_vit", 16, num_heads=2, window_size=4, levels=1)
     x = rand64(1, 8, 8, 16)
     assert changed_positions(ours, x, (7, 7)).all()
 
@@ -532,25 +513,25 @@ def combiner_oracle(m, x):
 
 
 def test_combiner_matches_loop_oracle():
-    ours = make("combiner", 16, num_heads=2, window_size=(2, 3))
+    ours = create_random("combiner", 16, num_heads=2, window_size=(2, 3))
     x = rand64(2, 4, 6, 16)
     torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
 
 
 def test_combiner_on_a_padded_grid_equals_the_oracle_with_clipped_border_windows():
     """5x7 with 3x3 windows: padded tokens must stay out of the direct keys, the max-pools and the summaries."""
-    ours = make("combiner", 16, num_heads=2, window_size=3)
+    ours = create_random("combiner", 16, num_heads=2, window_size=3)
     x = rand64(1, 5, 7, 16)
     torch.testing.assert_close(ours(x), combiner_oracle(ours, x), **TOL)
 
 
 def test_combiner_single_window_is_mhsa_and_every_token_is_reached():
-    ours = make("combiner", 16, num_heads=2, window_size=6)
+    ours = create_random("combiner", 16, num_heads=2, window_size=6)
     x = rand64(1, 6, 6, 16)
     mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
     mhsa.load_state_dict(ours.state_dict())
     torch.testing.assert_close(ours(x), mhsa(x), **TOL)
-    small = make("combiner", 16, num_heads=2, window_size=2)
+    small = create_random("combiner", 16, num_heads=2, window_size=2)
     assert changed_positions(small, rand64(1, 6, 6, 16), (5, 5)).all()
 
 
@@ -576,14 +557,14 @@ def s2_oracle(m, x):
 
 @pytest.mark.parametrize("size, window, sinks", [((8, 8), 16, 2), ((5, 7), 6, 3), ((30,), 8, 0)])
 def test_shifted_sparse_group_equals_dense_masked_oracle(size, window, sinks):
-    ours = make("shifted_sparse_group", 16, num_heads=4, window_size=window, num_tokens=sinks)
+    ours = create_random("shifted_sparse_group", 16, num_heads=4, window_size=window, num_tokens=sinks)
     x = rand64(2, *size, 16)
     torch.testing.assert_close(ours(x), s2_oracle(ours, x), **TOL)
 
 
 def test_shifted_sparse_group_one_group_without_sinks_is_mhsa():
     """A group of twice the sequence holds every token in both halves of the heads (the shift is g/2 = N)."""
-    ours = make("shifted_sparse_group", 16, num_heads=2, window_size=128, num_tokens=0)
+    ours = create_random("shifted_sparse_group", 16, num_heads=2, window_size=128, num_tokens=0)
     mhsa = attnzoo.create("mhsa", 16, num_heads=2).to(DT).eval()
     mhsa.load_state_dict(ours.state_dict())
     x = rand64(1, 8, 8, 16)

@@ -8,6 +8,7 @@ algorithm re-expressed step by step) or from the timm module with copied weights
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -15,35 +16,13 @@ import torch.nn.functional as F
 
 import attnzoo
 
-from conftest import rand64, randomize_
+from conftest import coords, create_random, dense_attention, heads_of, rand64
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def build(name: str, dim: int = 16, **kwargs) -> torch.nn.Module:
-    m = attnzoo.create(name, dim, **kwargs).to(DT).eval()
-    randomize_(m, std=0.3, seed=1234)
-    return m
-
-
-def dense(q, k, v, scale, bias=None, allowed=None):
-    """Softmax attention over flattened tokens. q [B,N,h,d], k/v [B,M,h,d]; bias [h,N,M] or [B,h,N,M]; allowed [N,M]."""
-    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    if bias is not None:
-        logits = logits + bias
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
-
-
-def heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    return t.reshape(*t.shape[:-1], h, t.shape[-1] // h)
-
-
-def grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return ys.reshape(-1), xs.reshape(-1)
+build = partial(create_random, weight_std=0.3, weight_seed=1234)  # the weights these oracles were tuned with
 
 
 # ---------------------------------------------------------------------------------------------- outlook (VOLO)
@@ -91,7 +70,7 @@ def lsda_reference(m, x, group, interval, mask_padding=True):
     hp, wp = (math.ceil(s / (group * i)) * group * i for s, i in zip((h, w), interval))
     xp = torch.zeros(b, hp, wp, c, dtype=x.dtype)
     xp[:, :h, :w] = x
-    ys, xs = grid(hp, wp)
+    ys, xs = coords(hp, wp).unbind(-1)
     iy, ix = hp // group, wp // group
     if interval == (1, 1):  # short: adjacent G×G groups
         gid, cy, cx = (ys // group) * wp + xs // group, ys % group, xs % group
@@ -104,7 +83,7 @@ def lsda_reference(m, x, group, interval, mask_padding=True):
     bias = m.pos(delta).permute(2, 0, 1)  # the DPB MLP evaluated at each pair's offset
     q, k, v = m.qkv(xp.reshape(b, -1, c)).chunk(3, dim=-1)
     nh = m.num_heads
-    out = dense(heads(q, nh), heads(k, nh), heads(v, nh), m.head_dim**-0.5, bias=bias, allowed=allowed)
+    out = dense_attention(heads_of(q, nh), heads_of(k, nh), heads_of(v, nh), scale=m.head_dim**-0.5, bias=bias, allowed=allowed)
     return m.proj(out.reshape(b, hp, wp, c))[:, :h, :w]
 
 
@@ -171,7 +150,7 @@ def oca_reference(m, x):
     bias = torch.zeros(nh, ws * ws, ows * ows, dtype=x.dtype)
     if m.relative_position_bias_table is not None:
         bias = m.relative_position_bias_table[hat_rpi(ws, ows).view(-1)].view(ws * ws, ows * ows, -1).permute(2, 0, 1)
-    out = dense(qw, kv[0], kv[1], (c // nh) ** -0.5, bias=bias)
+    out = dense_attention(qw, kv[0], kv[1], scale=(c // nh) ** -0.5, bias=bias)
     out = out.reshape(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
     return m.proj(out)
 
@@ -185,8 +164,8 @@ def test_hat_index_wraps_negative_and_is_a_bijection():
         m = attnzoo.create("overlapping_cross", 16, num_heads=2, window_size=ws, overlap_ratio=ratio)
         ows = m.overlap_win_size
         side, halo = ws + ows - 1, (ows - ws) // 2
-        qy, qx = grid(ws, ws)
-        ky, kx = grid(ows, ows)
+        qy, qx = coords(ws, ws).unbind(-1)
+        ky, kx = coords(ows, ows).unbind(-1)
         dy = ky[None, :] - halo - qy[:, None] + ows - 1  # pixel offset key − query, shifted to the engine index
         dx = kx[None, :] - halo - qx[:, None] + ows - 1
         assert torch.equal(m.engine_index[dy, dx], hat_rpi(ws, ows) % (side * side))
@@ -213,13 +192,13 @@ def test_overlapping_cross_without_bias_and_unmasked_padding():
 def test_overlapping_cross_ratio_zero_is_window_attention_with_key_minus_query_table():
     m = build("overlapping_cross", 16, num_heads=2, window_size=4, overlap_ratio=0.0)
     x = rand64(1, 8, 8, 16)
-    ys, xs = grid(8, 8)
+    ys, xs = coords(8, 8).unbind(-1)
     allowed = ((ys // 4)[:, None] == (ys // 4)[None, :]) & ((xs // 4)[:, None] == (xs // 4)[None, :])
     dy, dx = ys[None, :] % 4 - ys[:, None] % 4, xs[None, :] % 4 - xs[:, None] % 4  # key − query in the window
     index = ((dy + 1) * 7 + dx + 1) % 49  # HAT with M_o = M: row = Δ + 1
     bias = m.relative_position_bias_table[index].permute(2, 0, 1)
     q, k, v = m.qkv(x.reshape(1, 64, 16)).chunk(3, -1)
-    out = dense(heads(q, 2), heads(k, 2), heads(v, 2), 8**-0.5, bias=bias, allowed=allowed)
+    out = dense_attention(heads_of(q, 2), heads_of(k, 2), heads_of(v, 2), scale=8**-0.5, bias=bias, allowed=allowed)
     torch.testing.assert_close(m(x), m.proj(out.reshape(1, 64, 16)).reshape(x.shape), **TOL)
 
 

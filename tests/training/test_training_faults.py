@@ -23,16 +23,11 @@ from attnzoo import models
 from attnzoo.cli import main
 from attnzoo.training import CHECKPOINT_FILE, RUN_FILE, CheckpointError, TrainConfig, TrainError, read_checkpoint, train
 
+from conftest import one_error_line
+
 # 1 epoch × 4 steps of 8 synthetic images, a checkpoint every 2 steps.
 RUN = ["--mixer", "window", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "8", "--limit-train", "32",
        "--limit-eval", "16", "--checkpoint-every", "2", "--log-every", "2", "--no-progress", "--threads", "1"]
-
-
-def one_error_line(err: str, command: str = "train") -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"attnzoo {command}: error:"), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 def test_bad_hyper_parameters_are_refused(option, value, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *RUN, option, value, "--out", str(out)]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert option.lstrip("-").replace("-", "_") in line or option in line
     assert not (out / "model.safetensors").exists()
 
@@ -74,7 +69,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 
     monkeypatch.setattr("attnzoo.training.loop.F.cross_entropy", poisoned)
     assert main(["train", *RUN, "--out", str(out)]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert "became nan at step 2" in line and "last good checkpoint" in line
     ckpt = read_checkpoint(out / CHECKPOINT_FILE)
     assert ckpt.progress["step"] == 2
@@ -89,7 +84,7 @@ def test_huge_learning_rate_never_saves_a_nan_model(tmp_path, capsys):
         assert all(t.isfinite().all() for t in models.load(out).state_dict().values())
     else:
         assert code == 2
-        one_error_line(capsys.readouterr().err)
+        one_error_line(capsys.readouterr().err, "train")
         if (out / "model.safetensors").exists():
             assert all(t.isfinite().all() for t in models.load(out).state_dict().values())
 
@@ -189,7 +184,7 @@ def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_pat
         started = time.monotonic()
         assert main(["train", *RUN, "--out", str(out)]) == 2
         assert time.monotonic() - started < 10
-        line = one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err, "train")
         assert f"pid {holder.pid}" in line
         assert not (out / RUN_FILE).exists()
     finally:
@@ -207,7 +202,7 @@ def test_resume_refuses_an_edited_run_json(finished, tmp_path, capsys):
     config["seed"] = 7
     (out / RUN_FILE).write_text(json.dumps(config))
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert "seed" in line and "7" in line
 
 
@@ -217,7 +212,7 @@ def test_resume_refuses_a_foreign_checkpoint(finished, tmp_path, capsys):
     out = copy_run(finished, tmp_path)
     shutil.copy(other / CHECKPOINT_FILE, out / CHECKPOINT_FILE)
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert "seed" in line and "epochs" in line
 
 
@@ -225,7 +220,7 @@ def test_resume_accepts_matching_options_and_names_differing_ones(finished, tmp_
     out = copy_run(finished, tmp_path)
     assert main(["train", "--resume", str(out), "--mixer", "window", "--epochs", "1", "--no-progress"]) == 0
     assert main(["train", "--resume", str(out), "--mixer", "mhsa", "--no-progress"]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert "--mixers" in line and "mhsa" in line
 
 
@@ -235,7 +230,7 @@ def test_broken_run_json_is_one_line(finished, tmp_path, capsys, content):
     out = copy_run(finished, tmp_path)
     (out / RUN_FILE).write_bytes(content.encode("latin-1"))
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
-    assert "run.json" in one_error_line(capsys.readouterr().err)
+    assert "run.json" in one_error_line(capsys.readouterr().err, "train")
 
 
 # ---- item 11 ---------------------------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ def test_checkpoint_path_that_is_not_a_file_is_refused(finished, tmp_path, capsy
     else:
         ckpt.symlink_to(elsewhere)
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
-    assert "not a regular file" in one_error_line(capsys.readouterr().err)
+    assert "not a regular file" in one_error_line(capsys.readouterr().err, "train")
 
 
 # ---- item 12 ---------------------------------------------------------------------------------------------------
@@ -337,7 +332,7 @@ def test_disk_fault_is_one_line_exit_1_and_the_run_resumes(tmp_path, capsys, mon
 
     monkeypatch.setattr(loop, "write_checkpoint", failing)
     assert main(["train", *RUN, "--out", str(out)]) == 1
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "train")
     assert os.strerror(code) in line
     assert read_checkpoint(out / CHECKPOINT_FILE).progress["step"] == 2
     monkeypatch.setattr(loop, "write_checkpoint", real)
