@@ -38,7 +38,6 @@ from torch.utils import benchmark
 
 import attnzoo.ops as ops
 
-
 STATISTIC = "median"  # or "min": the fastest block, steadier on a shared, noisy machine (--statistic)
 
 
@@ -291,17 +290,17 @@ def gpu_main(args) -> dict:
         print(f"{name}: window SDPA {w['t_window_ms']:.3f} ms (fwd+bwd {w['t_window_fwd_bwd_ms']:.3f}) | dense SDPA "
               f"{w['t_dense_ms']:.3f} ms (fwd+bwd {w['t_dense_fwd_bwd_ms']:.3f}) | auto: fwd {w['auto_picked_fwd']}, "
               f"fwd+bwd {w['auto_picked_fwd_bwd']} (fastest {w['fastest_fwd']} / {w['fastest_fwd_bwd']}, within 10 %: "
-              f"{w['auto_within_10pct_fwd']} / {w['auto_within_10pct_fwd_bwd']})")  # fmt: skip
+              f"{w['auto_within_10pct_fwd']} / {w['auto_within_10pct_fwd_bwd']})")
         for backend, r in w["backends"].items():
             if "skipped" in r:
                 print(f"  {backend:6s}: skipped ({r['skipped']})")
                 continue
             line = (f"  {backend:6s}: fwd {r['t_fwd_ms']:.3f} ms R1 {r['R1_fwd']:.2f} R2 {r['R2_fwd']:.2f} | fwd+bwd "
-                    f"{r['t_fwd_bwd_ms']:.3f} ms R1 {r['R1_fwd_bwd']:.2f} R2 {r['R2_fwd_bwd']:.2f}")  # fmt: skip
+                    f"{r['t_fwd_bwd_ms']:.3f} ms R1 {r['R1_fwd_bwd']:.2f} R2 {r['R2_fwd_bwd']:.2f}")
             if backend == "flex":
                 line += (f" | block mask {r['block_mask_build_ms']:.0f} ms, first call fwd {r['first_call_fwd_ms']:.0f} ms"
                          f" fwd+bwd {r['first_call_fwd_bwd_ms']:.0f} ms, recompiles {r['recompiles_after_first_call']},"
-                         f" order {r['plan']['order']}, computed blocks {r['plan']['computed_blocks']}")  # fmt: skip
+                         f" order {r['plan']['order']}, computed blocks {r['plan']['computed_blocks']}")
             print(line)
     if args.json:
         with open(args.json, "w") as f:

@@ -77,11 +77,11 @@ fi
 # ---- 2. CUDA tests
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --no-header -rs)
 SUBSET="13-k3 or 7x9 or 8x6 or 12x8 or 5x4x6 or 3x4x5"
-step "engine parity fwd+bwd (f32)" 130 "${PYTEST[@]}" tests/test_ops_backends.py \
+step "engine parity fwd+bwd (f32)" 130 "${PYTEST[@]}" tests/ops/test_backends.py \
   -k "test_matches_reference and f32 and ((flex and extras and not broadcast) or (natten and lse) or (tiled and extras and not broadcast)) and ($SUBSET)"
-step "engine half precision (bf16/f16)" 60 "${PYTEST[@]}" tests/test_ops_backends.py -k "test_half_precision_forward and (flex or natten)"
-step "flex tests (block mask, compile)" 70 "${PYTEST[@]}" tests/test_ops_flex.py -k "not test_forward_matches_reference"
-step "conformance f32 + bf16 + compile" 110 "${PYTEST[@]}" tests/test_conformance.py \
+step "engine half precision (bf16/f16)" 60 "${PYTEST[@]}" tests/ops/test_backends.py -k "test_half_precision_forward and (flex or natten)"
+step "flex tests (block mask, compile)" 70 "${PYTEST[@]}" tests/ops/test_flex_and_natten_backends.py -k "not test_forward_matches_reference"
+step "conformance f32 + bf16 + compile" 110 "${PYTEST[@]}" tests/mechanisms/test_conformance.py \
   -k "shape_and_finite or every_parameter or bfloat16 or torch_compile"
 
 # ---- 3. training on the GPU: interrupted after the first checkpoint, then resumed; torchrun with NCCL

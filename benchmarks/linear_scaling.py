@@ -112,7 +112,7 @@ def main() -> None:
     if args.out:
         meta = {"sides": args.sides, "tokens": tokens, "dim": args.dim, "batch": 1, "threads": args.threads,
                 "clock": args.clock,
-                "torch": torch.__version__, "machine": platform.machine()}  # fmt: skip
+                "torch": torch.__version__, "machine": platform.machine()}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 

@@ -75,7 +75,7 @@ def main() -> None:
             "nat_tiny_images_per_s": args.batch / statistics.median(nat),
             "swin_tiny_images_per_s": args.batch / statistics.median(swin),
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        }  # fmt: skip
+        }
         r = results[mode]
         print(
             f"{mode:9s}  nat_tiny {r['nat_tiny_images_per_s']:6.1f} img/s   swin_tiny {r['swin_tiny_images_per_s']:6.1f} img/s"

@@ -113,10 +113,10 @@ def maxvit_partition(batch: int, size: int, kind: str) -> Pair:
     ours.load_state_dict({
         "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
         "proj.bias": attn.proj.bias, "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
-    })  # fmt: skip
+    })
     x = torch.randn(batch, size, size, 64)
     return Pair(f"multi_axis {kind} vs timm MaxViT partition attn", f"B{batch} {size}²×64 d32 P7",
-                Call(block, "_partition_attn"), ours, x, x)  # fmt: skip
+                Call(block, "_partition_attn"), ours, x, x)
 
 
 def efficientvit_cga(batch: int, size: int) -> Pair:
@@ -124,16 +124,16 @@ def efficientvit_cga(batch: int, size: int) -> Pair:
 
     dim, heads, key_dim, window = 128, 4, 16, 7
     ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=size,
-                               window_resolution=window, kernels=[5] * heads)  # fmt: skip
+                               window_resolution=window, kernels=[5] * heads)
     randomize(ref)
     ours = attnzoo.create("cascaded_group", dim, num_heads=heads, qk_dim=key_dim, window_size=window,
                           kernel_size=5, mask_padding=False)  # fmt: skip
     state = {k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
-             for k, v in ref.state_dict().items()}  # fmt: skip
+             for k, v in ref.state_dict().items()}
     ours.load_state_dict({k: v for k, v in state.items() if k in ours.state_dict()}, strict=False)
     x = torch.randn(batch, size, size, dim)
     return Pair("cascaded_group vs timm EfficientViT LocalWindowAttention", f"B{batch} {size}²×128 h4 kd16 R7",
-                ref, ours, nchw(x), x, nhwc)  # fmt: skip
+                ref, ours, nchw(x), x, nhwc)
 
 
 def channel_gate(batch: int, size: int, name: str) -> Pair:
@@ -182,7 +182,7 @@ def swin_with_attnzoo(model: nn.Module) -> nn.Module:
         if isinstance(block, SwinTransformerBlock):
             attn = block.attn
             ours = attnzoo.create("window", attn.qkv.in_features, num_heads=attn.num_heads,
-                                  window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))  # fmt: skip
+                                  window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))
             ours.load_state_dict({k: v for k, v in attn.state_dict().items() if k in ours.state_dict()})
             block.attnzoo_attn = ours
             block._attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
@@ -205,7 +205,7 @@ def maxvit_with_attnzoo(model: nn.Module) -> nn.Module:
             ours.load_state_dict({
                 "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
                 "proj.bias": attn.proj.bias, "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
-            })  # fmt: skip
+            })
             block.attnzoo_attn = ours
             block._partition_attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
     return model
@@ -287,7 +287,7 @@ def compare(pair: Pair, train: bool, threads: int, repeats: int, budget: float) 
     return {
         "ref_ms": statistics.median(times[0]) * 1e3, "ours_ms": statistics.median(times[1]) * 1e3,
         "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -314,7 +314,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock; "
           "ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
     print("| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
-          "| fwd+bwd ms ref / ours |")  # fmt: skip
+          "| fwd+bwd ms ref / ours |")
     print("|---|---|---|---|---|---|---|")
     for pair in pairs:
         max_diff = check_equal(pair)
@@ -322,7 +322,7 @@ def main() -> None:
             fwd = compare(pair, False, threads, repeats, budget)
             bwd = compare(pair, True, threads, repeats, budget * 2)
             rows.append({"row": pair.name, "shape": pair.shape, "threads": threads, "max_abs_diff": max_diff,
-                         "fwd": fwd, "fwd_bwd": bwd})  # fmt: skip
+                         "fwd": fwd, "fwd_bwd": bwd})
             spread = {key: f"{r['ratio']:.2f} ({r['min']:.2f}–{r['max']:.2f})" for key, r in (("f", fwd), ("b", bwd))}
             print(
                 f"| {pair.name} | {pair.shape} | {threads} | {spread['f']} | {fwd['ref_ms']:.1f} / {fwd['ours_ms']:.1f} "

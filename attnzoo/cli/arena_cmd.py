@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "arena", help="train one backbone per mechanism on the same data and compare accuracy, FLOPs and speed",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--mixers", required=True, help="comma-separated mechanisms; each is used in every stage")
     add_data_options(p, defaults=True)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     base = TrainConfig(
         mixers=mixers[:1] * num_stages(args.size), out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
-    )  # fmt: skip
+    )
     with training_errors():
         base.validate()
         rows = run_arena(mixers, base, show_progress=not args.no_progress)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column == "mixer" else "right")
     for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
         table.add_row(r["mixer"], f"{r['test_accuracy']:.4f}", f"{r['parameters']:,}", f"{r['gflops_per_image']:.4f}",
-                      f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")  # fmt: skip
+                      f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")
     console = Console()
     console.print(table)
     console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.ops.count_flops)")

@@ -34,14 +34,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure cost: params, FLOPs, memory, latency, scaling", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("names", nargs="*", metavar="NAMES", help="mechanisms to measure (default: all registered)")
     parser.add_argument("--size", type=int, default=56, help="token grid side (default 56: 56×56 tokens)")
     parser.add_argument("--dim", type=int, default=64, help="channels (default 64)")
     parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
     parser.add_argument("--head-dim", type=int, default=32,
                         help="head width for every attention mechanism that takes head_dim (default 32; 0: registry "
-                        "defaults)")  # fmt: skip
+                        "defaults)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (default 1)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"(default: none; {','.join(map(str, DEFAULT_SWEEP))} with --out)")  # fmt: skip
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     parser.add_argument("--min-run-time", type=float, default=0.3,
-                        help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")  # fmt: skip
+                        help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")
     parser.add_argument("--out", type=out_path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
     parser.set_defaults(run=run)
 
@@ -121,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sizes=parse_sizes(args.sizes, args.out is not None),
         min_run_time=max(0.01, args.min_run_time), sweep_min_run_time=max(0.01, args.min_run_time / 3),
         head_dim=check_positive("--head-dim", args.head_dim, 0) or None,
-    )  # fmt: skip
+    )
 
 
 # Live tensors of one mechanism call relative to its input (input, q/k/v, intermediates, output, and gradients with
@@ -168,7 +168,7 @@ def results_table(rows: list[BenchRow], cfg: BenchConfig, seconds: float, yardst
         caption=f"{len(rows)} mechanisms in {seconds:.0f} s; × SDPA = latency / dense SDPA over all tokens "
         f"({yardstick * 1e3:.2f} ms, measured in this run)"
         + (f"; exponents fitted over sizes {', '.join(map(str, cfg.sizes))}" if with_scaling else ""),
-    )  # fmt: skip
+    )
     columns = list(TABLE_COLUMNS) + (list(SCALING_COLUMNS) if with_scaling else [])
     for col in columns:
         left = col in ("mechanism", "family", "check")
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         with Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=True,
-        ) as progress:  # fmt: skip
+        ) as progress:
             task = progress.add_task("benchmarking", total=len(names) + 1)
             progress.update(task, description=f"{'yardstick: dense SDPA':<37}")
             yardstick = yardstick_latency(cfg)

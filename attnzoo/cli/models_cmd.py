@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n for n in list_models(args.family) if n not in list_models("arena")]
     table = Table(title=f"attnzoo published models ({len(names)}): MACs at 224², 1000 classes", show_lines=False)
     columns = ("name", "family", "params (paper)", "params (measured)", "Δ", "GMACs (paper)", "GMACs (measured)", "Δ",
-               "top-1", "source", "note")  # fmt: skip
+               "top-1", "source", "note")
     for column in columns:
         table.add_column(column, style="bold cyan" if column == "name" else "", overflow="fold")
     for name in names:
@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
             name, info.family, f"{info.paper_params_m:g}M", f"{info.params / 1e6:.2f}M", _signed_percent(info.params_error),
             f"{info.paper_gmacs:g}", f"{info.macs / 1e9:.2f}", _signed_percent(info.macs_error), f"{info.top1:.1f}",
             info.source, info.note or "—",
-        )  # fmt: skip
+        )
     wide_console().print(table)
     return 0

@@ -23,7 +23,7 @@ from . import UsageError
 
 # Options that define a run; with --resume they come from the run folder's run.json instead.
 RUN_OPTIONS = ("mixer", "mixers", "mixer_kwargs", "size", "dataset", "epochs", "batch_size", "lr", "weight_decay",
-               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")  # fmt: skip
+               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): CUDA when available; under torchrun each rank takes GPU LOCAL_RANK (NCCL), "
-                   "or the CPU (gloo)")  # fmt: skip
+                   "or the CPU (gloo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

@@ -27,7 +27,7 @@ from .bench_cmd import check_names, check_positive
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("viz", help="receptive fields and attention maps as PNG", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     rf = kinds.add_parser("receptive-field", help="gradient receptive field and exact attention per query")
@@ -102,7 +102,7 @@ def run_receptive_field(args: argparse.Namespace) -> int:
             progress.update(task, description=f"receptive field of {name}")
             try:
                 views.append(mechanism_view(name, args.size, args.dim, queries, strict=not args.all,
-                                            attention=not args.all))  # fmt: skip
+                                            attention=not args.all))
             except PrepareError as exc:
                 raise UsageError(f"{name}: {exc} (try another --size)") from None
             progress.advance(task)

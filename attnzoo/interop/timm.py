@@ -58,7 +58,7 @@ __all__ = [
     "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights", "halo_weights",
     "outlook_weights", "class_attention_weights", "gpsa_weights", "davit_channel_weights", "davit_window_weights",
     "cascaded_group_weights", "single_head_weights",
-]  # fmt: skip
+]
 
 Tensor = torch.Tensor
 
@@ -268,7 +268,7 @@ def _swin_kwargs(block: nn.Module) -> dict[str, Any]:
         "num_heads": attn.num_heads, "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
         "qkv_bias": attn.qkv.bias is not None, "proj_drop": _dropout(attn, "proj_drop"),
         "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size), "mask_padding": False,
-    }  # fmt: skip
+    }
 
 
 def vit_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
@@ -289,7 +289,7 @@ def _vit_kwargs(attn: nn.Module) -> dict[str, Any]:
     return {
         "num_heads": attn.num_heads, "head_dim": attn.head_dim, "qkv_bias": attn.qkv.bias is not None,
         "qk_norm": qk_norm, "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop"),
-    }  # fmt: skip
+    }
 
 
 def _vit_finish(mech: nn.Module, attn: nn.Module) -> None:
@@ -361,7 +361,7 @@ def _pvt_kwargs(attn: nn.Module) -> dict[str, Any]:
         "num_heads": attn.num_heads, "qkv_bias": attn.q.bias is not None, "attn_drop": _dropout(attn, "attn_drop"),
         "proj_drop": _dropout(attn, "proj_drop"), "linear": linear,
         "sr_ratio": 1 if linear or attn.sr is None else attn.sr.kernel_size[0],
-    }  # fmt: skip
+    }
 
 
 def _reduction(channels: int, hidden: int) -> int:
@@ -435,7 +435,7 @@ def cbam_weights(cbam: nn.Module) -> dict[str, Tensor]:
     """timm ``CbamModule`` → attnzoo ``cbam`` (channel MLP convs → linears; conv + BN of the spatial gate)."""
     channel, spatial = cbam.channel, cbam.spatial.conv
     state = {"fc1.weight": _conv1x1(channel.fc1.weight), "fc2.weight": _conv1x1(channel.fc2.weight),
-             "spatial_conv.weight": spatial.conv.weight}  # fmt: skip
+             "spatial_conv.weight": spatial.conv.weight}
     if channel.fc1.bias is not None:
         state.update({"fc1.bias": channel.fc1.bias, "fc2.bias": channel.fc2.bias})
     state.update({f"spatial_norm.{k}": v for k, v in spatial.bn.state_dict().items()})
@@ -453,14 +453,14 @@ def _cbam_kwargs(cbam: nn.Module) -> dict[str, Any]:
     return {
         "reduction": _reduction(channel.fc1.in_channels, channel.fc1.out_channels),
         "spatial_kernel_size": spatial.conv.conv.kernel_size[0], "mlp_bias": channel.fc1.bias is not None,
-    }  # fmt: skip
+    }
 
 
 def global_context_weights(gc: nn.Module) -> dict[str, Tensor]:
     """timm ``GlobalContext`` → attnzoo ``global_context`` (attention-pooling conv and ConvMlp → linears)."""
     mlp = gc.mlp_add if gc.mlp_add is not None else gc.mlp_scale
     state = {"fc1.weight": _conv1x1(mlp.fc1.weight), "fc1.bias": mlp.fc1.bias, "norm.weight": mlp.norm.weight,
-             "norm.bias": mlp.norm.bias, "fc2.weight": _conv1x1(mlp.fc2.weight), "fc2.bias": mlp.fc2.bias}  # fmt: skip
+             "norm.bias": mlp.norm.bias, "fc2.weight": _conv1x1(mlp.fc2.weight), "fc2.bias": mlp.fc2.bias}
     if gc.conv_attn is not None:
         state.update({"conv_attn.weight": _conv1x1(gc.conv_attn.weight), "conv_attn.bias": gc.conv_attn.bias})
     return state
@@ -474,7 +474,7 @@ def _gc_kwargs(gc: nn.Module) -> dict[str, Any]:
     return {
         "reduction": _reduction(mlp.fc1.in_channels, mlp.fc1.out_channels),
         "fusion": "add" if gc.mlp_add is not None else "mul", "pooling": "att" if gc.conv_attn is not None else "avg",
-    }  # fmt: skip
+    }
 
 
 def _gc_finish(mech: nn.Module, gc: nn.Module) -> None:
@@ -485,7 +485,7 @@ def halo_weights(halo: nn.Module) -> dict[str, Tensor]:
     """timm ``HaloAttn`` → attnzoo ``halo``: kv keeps timm's per-head ``[k_h, v_h]`` interleave, so the 1×1 conv
     weights copy over unpermuted."""
     return {"q.weight": _conv1x1(halo.q.weight), "kv.weight": _conv1x1(halo.kv.weight),
-            "height_rel": halo.pos_embed.height_rel, "width_rel": halo.pos_embed.width_rel}  # fmt: skip
+            "height_rel": halo.pos_embed.height_rel, "width_rel": halo.pos_embed.width_rel}
 
 
 def _halo_kwargs(halo: nn.Module) -> dict[str, Any]:
@@ -495,7 +495,7 @@ def _halo_kwargs(halo: nn.Module) -> dict[str, Any]:
     return {
         "num_heads": halo.num_heads, "head_dim": halo.dim_head_qk, "window_size": halo.block_size,
         "halo_size": halo.halo_size, "stride": halo.block_stride, "mask_padding": False,
-    }  # fmt: skip
+    }
 
 
 def outlook_weights(outlook: nn.Module) -> dict[str, Tensor]:
@@ -508,13 +508,13 @@ def _outlook_kwargs(outlook: nn.Module) -> dict[str, Any]:
         "num_heads": outlook.num_heads, "qkv_bias": outlook.v.bias is not None, "kernel_size": outlook.kernel_size,
         "padding": outlook.padding, "stride": outlook.stride, "attn_drop": _dropout(outlook, "attn_drop"),
         "proj_drop": _dropout(outlook, "proj_drop"),
-    }  # fmt: skip
+    }
 
 
 def _plain_mhsa_kwargs(attn: nn.Module) -> dict[str, Any]:
     """timm's own-copy MHSA classes (VOLO ``Attention``, ConViT ``MHSA``): qkv + proj, head_dim = dim / heads."""
     return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None,
-            "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop")}  # fmt: skip
+            "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop")}
 
 
 def class_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
@@ -532,7 +532,7 @@ def _class_attention_kwargs(attn: nn.Module) -> dict[str, Any]:
     query = attn.wq if hasattr(attn, "wq") else attn.q
     return {"num_heads": attn.num_heads, "head_dim": query.out_features // attn.num_heads,
             "qkv_bias": query.bias is not None, "attn_drop": _dropout(attn, "attn_drop"),
-            "proj_drop": _dropout(attn, "proj_drop")}  # fmt: skip
+            "proj_drop": _dropout(attn, "proj_drop")}
 
 
 def gpsa_weights(gpsa: nn.Module) -> dict[str, Tensor]:
@@ -543,7 +543,7 @@ def gpsa_weights(gpsa: nn.Module) -> dict[str, Tensor]:
 def _gpsa_kwargs(gpsa: nn.Module) -> dict[str, Any]:
     return {"num_heads": gpsa.num_heads, "qkv_bias": gpsa.qk.bias is not None, "local_init": False,
             "locality_strength": gpsa.locality_strength, "attn_drop": _dropout(gpsa, "attn_drop"),
-            "proj_drop": _dropout(gpsa, "proj_drop")}  # fmt: skip
+            "proj_drop": _dropout(gpsa, "proj_drop")}
 
 
 def davit_channel_weights(attn: nn.Module) -> dict[str, Tensor]:
@@ -568,7 +568,7 @@ def davit_window_weights(attn: nn.Module) -> dict[str, Tensor]:
 def _davit_window_kwargs(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
     return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None, "window_size": tuple(block.window_size),
-            "rel_pos_bias": False, "mask_padding": False}  # fmt: skip
+            "rel_pos_bias": False, "mask_padding": False}
 
 
 def _install_davit(block: nn.Module, mixer: nn.Module) -> nn.Module:
@@ -582,7 +582,7 @@ def cascaded_group_weights(local: nn.Module) -> dict[str, Tensor]:
     the output ConvNorm after the ReLU, ``proj.1``, is our ``proj``)."""
     state = local.attn.state_dict()
     return {k.replace(".conv.", ".c.").replace("proj.1.", "proj."): v for k, v in state.items()
-            if k != "attention_bias_idxs"}  # fmt: skip
+            if k != "attention_bias_idxs"}
 
 
 def _cascaded_group_kwargs(local: nn.Module) -> dict[str, Any]:
@@ -647,7 +647,7 @@ def _install_maxvit(block: nn.Module, mixer: nn.Module) -> nn.Module:
 def _swin_hints(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
     return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None, "kernel_size": tuple(block.window_size),
-            "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size)}  # fmt: skip
+            "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size)}
 
 
 def _halo_hints(halo: nn.Module) -> dict[str, Any]:
@@ -662,6 +662,8 @@ def _heads_hints(attn: nn.Module) -> dict[str, Any]:
 
 GATES = frozenset({"squeeze_excite", "eca", "cbam", "global_context"})
 
+# A table, one family per row (a row may wrap once): `fmt: skip` keeps the formatter from putting each of a
+# row's twelve fields on its own line.
 FAMILIES: tuple[Family, ...] = (
     Family("swin", swin_transformer.SwinTransformerBlock, "window", lambda b, _: b.attn.qkv.in_features, _swin_kwargs,
            lambda b: swin_window_weights(b.attn), _install_swin, "grid", _swin_hints, in_place=True),
@@ -720,7 +722,7 @@ _PROJECTION_LAYOUT = {
     "mhsa": "qkv", "window": "qkv", "neighborhood": "qkv", "multi_axis": "qkv", "long_short_distance": "qkv",
     "cross_shaped": "qkv", "linear": "qkv", "retention": "qkv", "mixture_of_heads": "qkv",
     "spatial_reduction": "q+kv", "cross": "q+kv",
-}  # fmt: skip
+}
 
 
 def _split_projections(state: dict[str, Tensor], layout: str) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from .registry import MechanismInfo, create, list_families, list_mechanisms, mec
 __all__ = [
     "BlockState", "MechanismInfo", "create", "list_families", "list_mechanisms", "mechanism_info", "register_mechanism",
     "load_all",
-]  # fmt: skip
+]
 
 _loaded = False
 

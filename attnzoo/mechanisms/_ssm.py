@@ -74,7 +74,7 @@ class RouteScan(nn.Module):
     def __init__(
         self, channels: int, routes: int, *, d_state: int, dt_rank: int, shared_input: bool, chunk_size: int = 64,
         dt_min: float = 0.001, dt_max: float = 0.1,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if not shared_input and channels % routes:
             raise ValueError(f"channels={channels} must be divisible by the number of routes={routes}")
@@ -113,7 +113,7 @@ class RouteScan(nn.Module):
         return selective_scan(
             per_route.flatten(2), delta, A, B, C, self.D.to(ct), order=orders.to(tokens.device),
             chunk_size=self.chunk_size,
-        ).to(tokens.dtype)  # fmt: skip
+        ).to(tokens.dtype)
 
     def extra_repr(self) -> str:
         return f"routes={self.routes}, d_state={self.d_state}, dt_rank={self.dt_rank}, shared_input={self.shared_input}"

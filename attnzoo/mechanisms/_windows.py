@@ -18,7 +18,7 @@ from ..ops import normalize_axis_arg
 __all__ = [
     "Padding", "pad_to_multiple", "window_and_shift", "effective_shift", "offset_windows", "relative_position_index",
     "flip_table",
-]  # fmt: skip
+]
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class AgentAttention(Mechanism):
         return [
             self.agent_key_table, self.agent_row_bias, self.agent_col_bias,
             self.query_agent_table, self.row_agent_bias, self.col_agent_bias,
-        ]  # fmt: skip
+        ]
 
     def position_biases(self, rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``B₁`` ``[1, h, n, N]`` and ``B₂`` ``[1, h, N, n]`` for a ``rows × cols`` input."""

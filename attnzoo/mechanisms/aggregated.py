@@ -157,7 +157,7 @@ class AggregatedAttention(Mechanism):
         local, local_lse = neighborhood_attention(
             *(halo.pad(t) for t in (q_hat, key, value)), kernel_size=k, scale=1.0, return_lse=True,
             rel_pos_bias=self.local_table().to(dtype), key_bias=halo.key_bias(dtype, x.device),
-        )  # fmt: skip
+        )
         local, local_lse = halo.crop(local), halo.crop(local_lse)
 
         pooled = F.adaptive_avg_pool2d(F.gelu(self.sr(x.permute(0, 3, 1, 2))), self.pooled_size(spatial))

@@ -27,7 +27,7 @@ def _normalize_axes(axes, rank: int) -> tuple[tuple[int, ...], ...]:
             not isinstance(subset, (list, tuple)) or not subset
             or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < rank for a in subset)
             or len(set(subset)) != len(subset)
-        ):  # fmt: skip
+        ):
             raise ValueError(f"axes={axes!r}: entry {entry!r} must be distinct spatial axes in [0, {rank})")
         steps.append(tuple(sorted(subset)))
     return tuple(steps)

@@ -74,7 +74,7 @@ class BidirectionalSSM(Mechanism):
         self.scan = RouteScan(
             inner, 2, d_state=d_state, dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
             shared_input=True, chunk_size=chunk_size,
-        )  # fmt: skip
+        )
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)
 

@@ -86,7 +86,7 @@ class CascadedGroupAttention(Mechanism):
         bias = inference_cached(  # [heads, R², R²]
             self, "_bias_cache", (x.dtype, x.device), lambda: self.attention_biases.to(x.dtype)[:, self.bias_index],
             self.attention_biases,
-        )  # fmt: skip
+        )
         key_bias = padding.key_bias(x.dtype, x.device) if self.mask_padding else None
         if key_bias is not None:  # [1, Hp, Wp, 1] → one row per window, repeated over the batch: [B·nW, 1, 1, R²]
             key_bias = rearrange(key_bias, "1 (nh r) (nw s) 1 -> (nh nw) 1 1 (r s)", r=r, s=r)

@@ -9,8 +9,15 @@ import torch.nn as nn
 
 from ..ops import attention
 from ._base import (
-    Mechanism, cached_table, check_divisible, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv,
-)  # fmt: skip
+    Mechanism,
+    cached_table,
+    check_divisible,
+    check_probability,
+    flatten_tokens,
+    merge_heads,
+    resolve_heads,
+    split_qkv,
+)
 from ._rotary import rotate_pairs
 from .registry import register_mechanism
 

@@ -91,7 +91,7 @@ class CombinerAttention(Mechanism):
         summary_v = attention(
             summary_q.reshape(b * regions, 1, self.num_heads, -1), k_win.flatten(0, 1), v_win.flatten(0, 1),
             attn_mask=real_win.repeat(b, 1)[:, None, None, :],
-        ).reshape(b, regions, self.num_heads, -1)  # fmt: skip
+        ).reshape(b, regions, self.num_heads, -1)
         # every query sees the summaries of the windows other than its own
         region_of_query = (
             torch.arange(regions, device=q.device)

@@ -78,7 +78,7 @@ class CrossScan2D(Mechanism):
         self.scan = RouteScan(
             inner, len(self.routes), d_state=d_state, dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
             shared_input=True, chunk_size=chunk_size,
-        )  # fmt: skip
+        )
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -16,7 +16,7 @@ from .registry import register_mechanism
     complexity="N·k",
     reference="off: q2479036243/FaViT (FaViT/classification/favit.py, Attention)",
     receptive_field="local",
-    note="implements the paper's factorization as stated in tier2.md: the heads split into groups, group g attends "
+    note="implements the factorization as the paper states it: the heads split into groups, group g attends "
     "to its kernel_size neighborhood at dilation g+1, in one engine call (head_groups=). The official code differs: "
     "one channel group attends to a spatially reduced global map (sr_ratio), the others to keys built by unfolding "
     "non-overlapping dilated 7×7 windows and average-pooling them over all windows (one shared set of 49 keys per "
@@ -57,4 +57,4 @@ class FactorizationAttention(GroupedNeighborhood):
         super().__init__(
             dim, kernel_size=[kernel_size] * len(dilation), dilation=dilation, num_heads=num_heads, head_dim=head_dim,
             qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rank=rank, backend=backend,
-        )  # fmt: skip
+        )

@@ -7,7 +7,14 @@ import torch.nn as nn
 
 from ..ops import attention
 from ._base import (
-    BlockState, Mechanism, check_int, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv,
+    BlockState,
+    Mechanism,
+    check_int,
+    check_probability,
+    flatten_tokens,
+    merge_heads,
+    resolve_heads,
+    split_qkv,
 )
 from .registry import register_mechanism
 

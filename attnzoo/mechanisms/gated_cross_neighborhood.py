@@ -89,7 +89,7 @@ class GatedCrossNeighborhoodAttention(Mechanism):
         elif not isinstance(context, torch.Tensor) or context.shape != x.shape or context.dtype != x.dtype:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context.shape={got} must equal x.shape={tuple(x.shape)} (and share its dtype)")
-        split = lambda t: rearrange(t, "b y x (h d) -> b y x h d", h=self.num_heads)
+        split = lambda t: rearrange(t, "b y x (h d) -> b y x h d", h=self.num_heads)  # noqa: E731
         q, k, v = split(self.embed_q(x)), split(self.embed_k(context)), split(self.embed_v(context))
         rpb = None if self.rpb is None else self.rpb.to(q.dtype)
         attn = neighborhood_attention(

@@ -119,7 +119,7 @@ class GlobalContextAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=table.to(q.dtype), key_bias=padding.key_bias(q.dtype, q.device),
             backend=self.backend,
-        )  # fmt: skip
+        )
         return self.proj_drop(self.proj(merge_heads(padding.crop(out))))
 
     def extra_repr(self) -> str:

@@ -90,7 +90,7 @@ class HybridAttentionBlock(Mechanism):
         self.attn = WindowAttention(
             dim, num_heads=num_heads, head_dim=head_dim, window_size=window_size, shift_size=shift_size,
             qkv_bias=qkv_bias, proj_drop=proj_drop,
-        )  # fmt: skip
+        )
         self.conv_block = ChannelAttentionBlock(dim, compress_ratio, reduction, min_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

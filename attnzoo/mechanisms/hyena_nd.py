@@ -111,7 +111,7 @@ class HyenaND(Mechanism):
             nn.Linear(features, filter_hidden), Sin(filter_hidden),
             nn.Linear(filter_hidden, filter_hidden), Sin(filter_hidden),
             nn.Linear(filter_hidden, order * dim, bias=False),
-        )  # fmt: skip
+        )
         target = math.log(1e-2)
         self.register_buffer("decay", torch.linspace(target / 1.5, target / 0.3, dim).abs(), persistent=False)
         self.skip = nn.Parameter(torch.randn(order, dim))

@@ -80,7 +80,7 @@ class MaskUnitAttention(Mechanism):
             out = neighborhood_attention(
                 q, k, v, self.window_size, self.window_size, key_bias=padding.key_bias(q.dtype, q.device),
                 backend=self.backend,
-            )  # fmt: skip
+            )
             return self.proj_drop(self.proj(merge_heads(padding.crop(out))))
         if any(e % m for e, m in zip(spatial, self.window_size)):
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
 from ..ops import attention
 from ._base import Mechanism, check_probability, flatten_tokens, merge_heads, resolve_heads, split_qkv
 from .registry import register_mechanism

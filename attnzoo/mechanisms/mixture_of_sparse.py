@@ -57,4 +57,4 @@ class MixtureOfSparseAttention(GroupedNeighborhood):
             dim, kernel_size=kernel_size, dilation=dilation if dilation is not None else [1] * len(kernel_size),
             num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
             rank=rank, backend=backend,
-        )  # fmt: skip
+        )

@@ -83,7 +83,7 @@ class MultiAxisAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, size, size, dilation, rel_pos_bias=None if table is None else table.to(q.dtype),
             key_bias=padding.key_bias(q.dtype, q.device), backend=self.backend,
-        )  # fmt: skip
+        )
         out = padding.crop(out)
         return self.proj_drop(self.proj(merge_heads(out)))
 

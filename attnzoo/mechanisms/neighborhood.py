@@ -78,7 +78,7 @@ class NeighborhoodAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, rel_pos_bias=rpb,
             backend=self.backend,
-        )  # fmt: skip
+        )
         return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:

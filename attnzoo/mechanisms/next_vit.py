@@ -136,7 +136,7 @@ class NextViTMixer(Mechanism):
         self.e_mhsa = EfficientAttention(
             self.mhsa_dim, head_dim, sr_ratio, qkv_bias,
             check_probability("attn_drop", attn_drop), check_probability("proj_drop", proj_drop),
-        )  # fmt: skip
+        )
         self.projection = PointwiseBN(self.mhsa_dim, self.mhca_dim)
         self.mhca = ConvAttention(self.mhca_dim, head_dim)
 

@@ -116,7 +116,7 @@ class OverlappingCrossAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, kernel_size=self.overlap_win_size, stride=m,
             rel_pos_bias=None if table is None else table.to(q.dtype), key_bias=key_bias,
-        )  # fmt: skip
+        )
         out = padding.crop(halo_pad.crop(merge_heads(out)))
         return self.proj_drop(self.proj(out))
 

@@ -117,7 +117,7 @@ class SoftmaxFreeAttention(Mechanism):
         landmarks = F.gelu(F.layer_norm(
             rearrange(pooled, "bh d p r -> bh (p r) d"), norm.normalized_shape, norm.weight.to(ct), norm.bias.to(ct),
             norm.eps,
-        ))  # fmt: skip
+        ))
         q_tokens = rearrange(q, "(b h) d y x -> b h (y x) d", b=b)
         landmarks = rearrange(landmarks, "(b h) m d -> b h m d", b=b)
         out = softmax_free_attention(q_tokens, landmarks, v.to(ct), self.newton_iters).to(x.dtype)

@@ -13,8 +13,13 @@ from einops import rearrange
 from ..ops import attention, neighborhood_attention, resolve_backend
 from ._base import Mechanism, cached_table, inference_cached, merge_heads, reject_attn_drop, resolve_heads, split_qkv
 from ._windows import (
-    effective_shift, flip_table, offset_windows, pad_to_multiple, relative_position_index, window_and_shift,
-)  # fmt: skip
+    effective_shift,
+    flip_table,
+    offset_windows,
+    pad_to_multiple,
+    relative_position_index,
+    window_and_shift,
+)
 from .registry import register_mechanism
 
 _AXES = "xyz"
@@ -159,7 +164,7 @@ class WindowAttention(Mechanism):
         out = neighborhood_attention(
             q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
             key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
-        )  # fmt: skip
+        )
         return self.proj_drop(self.proj(merge_heads(outer.crop(inner.crop(out)))))
 
     def extra_repr(self) -> str:

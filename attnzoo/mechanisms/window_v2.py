@@ -109,7 +109,7 @@ class WindowAttentionV2(Mechanism):
         out = neighborhood_attention(
             q, F.normalize(k, dim=-1), v, window, window, scale=1.0, rel_pos_bias=self.position_bias(q.dtype),
             key_bias=padding.key_bias(q.dtype, q.device), backend=self.backend,
-        )  # fmt: skip
+        )
         return self.proj_drop(self.proj(merge_heads(padding.crop(out))))
 
     def extra_repr(self) -> str:

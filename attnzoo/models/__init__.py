@@ -30,7 +30,7 @@ from .saving import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load, model_config,
 __all__ = [
     "create", "load", "save", "model_config", "list_models", "list_families", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
     "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
-]  # fmt: skip
+]
 
 MixerKwargs = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
 
@@ -87,7 +87,7 @@ def model_info(name: str) -> ModelInfo:
     return ModelInfo(
         name=name, family=spec.family, source=table.source, reference=spec.reference, paper_params_m=table.params_m,
         paper_gmacs=table.gmacs, top1=table.top1, params=measured.params, macs=measured.macs, note=spec.note,
-    )  # fmt: skip
+    )
 
 
 def _per_stage(value: Any, stages: int, what: str) -> list:
@@ -123,7 +123,7 @@ def create(
     """
     if "size" in overrides:  # the v0.1 spelling of ``name``
         warnings.warn("models.create(size=...) is deprecated; pass the model name first or as name=", DeprecationWarning,
-                      stacklevel=2)  # fmt: skip
+                      stacklevel=2)
         name = overrides.pop("size")
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a model name (str); attnzoo.models.list_models() lists them")
@@ -164,12 +164,12 @@ def create(
         names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
         num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
         channel_mixers=channel_names, channel_kwargs=channel_kwargs,
-    )  # fmt: skip
+    )
     model.config = {
         "size": name, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
         "img_size": img_size, "mixer_kwargs": kwargs, "channel_mixer": list(channel_names),
         "channel_mixer_kwargs": channel_kwargs,
-    }  # fmt: skip
+    }
     return model
 
 

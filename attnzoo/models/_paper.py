@@ -26,7 +26,7 @@ from ..ops import count_flops
 __all__ = [
     "PaperTable", "PaperModelSpec", "PaperModel", "Stage", "DropPath", "Mlp", "in_stage", "init_transformer_weights", "Measured", "PAPER_MODELS",
     "register_paper_model", "paper_spec", "measure", "conv_out", "check_heads", "check_kernel_fits", "drop_path_rates",
-]  # fmt: skip
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,7 +48,7 @@ class PaperModelSpec:
 
     name: str
     family: str
-    builder: Callable[..., "PaperModel"]
+    builder: Callable[..., PaperModel]
     table: PaperTable
     reference: str  # official code the definition was read from
     note: str = ""  # known, measured differences from the paper's figures and why
@@ -60,7 +60,7 @@ PAPER_MODELS: dict[str, PaperModelSpec] = {}
 
 
 def register_paper_model(
-    name: str, builder: Callable[..., "PaperModel"], table: PaperTable, *, family: str, reference: str, note: str = "",
+    name: str, builder: Callable[..., PaperModel], table: PaperTable, *, family: str, reference: str, note: str = "",
     documented_params_error: float | None = None, documented_macs_error: float | None = None,
 ) -> None:
     """Register a published configuration. A figure that cannot be matched (parameters within 1 %, MACs within 3 %)
@@ -211,7 +211,7 @@ class PaperModel(nn.Module):
     def __init__(
         self, stem: nn.Module, stages: Sequence[nn.Module], dims: Sequence[int], reductions: Sequence[int],
         num_classes: int, norm: nn.Module, *, name: str, in_chans: int, img_size: int, crop_pct: float = 0.875,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.stem = stem
         self.stages = nn.ModuleList(stages)
@@ -227,7 +227,7 @@ class PaperModel(nn.Module):
             "input_size": (in_chans, img_size, img_size), "pool_size": (img_size // reductions[-1],) * 2,
             "crop_pct": crop_pct, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
             "first_conv": self.first_conv_name(), "classifier": "head",
-        }  # fmt: skip
+        }
 
     def first_conv_name(self) -> str:
         return next(name for name, m in self.named_modules() if isinstance(m, nn.Conv2d))
@@ -275,7 +275,7 @@ class PaperModel(nn.Module):
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False, stop_early: bool = False,
         output_fmt: str = "NCHW", intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's feature API: stage maps at ``indices`` (an int n = the last n stages; negative indices count back)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
@@ -329,7 +329,7 @@ def _count_macs(model: nn.Module, in_chans: int, img_size: int) -> int:
     return flops // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure(name: str, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> Measured:
     """Parameters and MACs of the published configuration ``name`` (built on the meta device, counted on fake tensors)."""
     spec = PAPER_MODELS[name]

@@ -20,9 +20,20 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates,
-    halve_grid, in_stage, init_transformer_weights, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    halve_grid,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
+)
 
 __all__ = ["AgentSwin", "AgentSwinBlock"]
 
@@ -71,7 +82,7 @@ class AgentSwinBlock(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, grid: tuple[int, int], num_agents: int | None, window_size: int, mlp_ratio: float,
         drop_path: float = 0.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         if num_agents is not None:
@@ -108,7 +119,7 @@ class AgentSwin(PaperModel):
         self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], attn_types: str = "AAAB",
         num_agents: Sequence[int] = (9, 16, 49, 49), mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
         num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "agent_swin",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(depths)
         check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, attn_types=attn_types, num_agents=num_agents)
         dims = [embed_dim * 2**i for i in range(levels)]
@@ -125,12 +136,12 @@ class AgentSwin(PaperModel):
             with in_stage(i):
                 blocks = [
                     AgentSwinBlock(dims[i], num_heads[i], (grid, grid), agents, grid, mlp_ratio, rates[i][j]) for j in range(depths[i])
-                ]  # fmt: skip
+                ]
             stages.append(Stage(PatchMerging(dims[i - 1]) if i > 0 else None, blocks))
         super().__init__(
             PatchEmbed(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size, crop_pct=0.9,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
 

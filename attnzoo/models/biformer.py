@@ -21,9 +21,19 @@ from ..mechanisms import create as create_mechanism
 from ..mechanisms._base import merge_heads, split_qkv
 from ..ops import attention
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
-    init_transformer_weights, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
+)
 
 __all__ = ["BiFormer", "BiFormerBlock", "AttentionLePE"]
 
@@ -133,7 +143,7 @@ class BiFormer(PaperModel):
         self, *, dims: Sequence[int], depths: Sequence[int], topks: Sequence[int] = (1, 4, 16, -2), head_dim: int = 32,
         n_win: int = 7, mlp_ratio: float = 3.0, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
         img_size: int = 224, name: str = "biformer",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(dims)
         check_per_stage(levels, f"dims={list(dims)}", depths=depths, topks=topks)
         rates = drop_path_rates(drop_path_rate, depths)
@@ -152,12 +162,12 @@ class BiFormer(PaperModel):
             with in_stage(i):
                 blocks = [
                     BiFormerBlock(dims[i], dims[i] // head_dim, topks[i], n_win, mlp_ratio, rates[i][j]) for j in range(depths[i])
-                ]  # fmt: skip
+                ]
             stages.append(Stage(ConvBN(dims[i - 1], dims[i], stem=False) if i > 0 else None, blocks))
         super().__init__(
             ConvBN(in_chans, dims[0], stem=True), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             ChannelsLastBatchNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
 

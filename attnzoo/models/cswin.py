@@ -18,9 +18,19 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
-    init_transformer_weights, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
+)
 
 __all__ = ["CSWin", "CSWinBlock"]
 
@@ -90,7 +100,7 @@ class CSWin(PaperModel):
         self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], split_sizes: Sequence[int] = (1, 2, 7, 7),
         mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
         img_size: int = 224, name: str = "cswin",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(depths)
         check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, split_sizes=split_sizes)
         dims = [embed_dim * 2**i for i in range(levels)]
@@ -111,7 +121,7 @@ class CSWin(PaperModel):
         super().__init__(
             ConvEmbed(in_chans, embed_dim, 7, 4, 2, channels_last_in=False), stages, dims, [4 * 2**i for i in range(levels)],
             num_classes, nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
 
@@ -145,4 +155,4 @@ for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     register_paper_model(
         _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="cswin", reference=REFERENCE,
         note=_note, documented_params_error=_error,
-    )  # fmt: skip
+    )

@@ -17,9 +17,17 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, in_stage,
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
     register_paper_model,
-)  # fmt: skip
+)
 
 __all__ = ["HorNet", "HorNetBlock"]
 
@@ -92,7 +100,7 @@ class HorNet(PaperModel):
         self, *, base_dim: int, depths: Sequence[int], orders: Sequence[int] = (2, 3, 4, 5), kernel_size: int = 7,
         drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
         name: str = "hornet",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(depths)
         check_per_stage(levels, f"depths={list(depths)}", orders=orders)
         dims = [base_dim * 2**i for i in range(levels)]
@@ -112,7 +120,7 @@ class HorNet(PaperModel):
             PatchConv(in_chans, dims[0], 4, norm_first=False, channels_last_in=False), stages, dims,
             [4 * 2**i for i in range(levels)], num_classes, nn.LayerNorm(dims[-1], eps=1e-6), name=name,
             in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(_init_weights)
 
 

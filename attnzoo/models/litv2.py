@@ -20,9 +20,19 @@ import torch.nn.functional as F
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, halve_grid,
-    in_stage, init_transformer_weights, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    halve_grid,
+    in_stage,
+    init_transformer_weights,
+    register_paper_model,
+)
 
 __all__ = ["LITv2", "DeformableTokenMerging", "deform_conv2d_stride_k"]
 
@@ -105,7 +115,7 @@ class LITBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int | None, window_size: int, alpha: float, mlp_ratio: float, drop_path: float = 0.0
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if num_heads is not None:
             self.norm1 = nn.LayerNorm(dim)
@@ -156,7 +166,7 @@ class LITv2(PaperModel):
         self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], has_msa: Sequence[bool] = (False, False, True, True),
         window_sizes: Sequence[int] = (0, 0, 2, 1), alpha: float = 0.9, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
         num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "litv2",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(depths)
         check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, has_msa=has_msa, window_sizes=window_sizes)
         dims = [embed_dim * 2**i for i in range(levels)]
@@ -175,7 +185,7 @@ class LITv2(PaperModel):
         super().__init__(
             PatchEmbed(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
 

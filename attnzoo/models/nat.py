@@ -34,9 +34,18 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, Mlp, PaperModel, PaperTable, Stage, check_heads, check_kernel_fits, conv_out, drop_path_rates,
-    init_transformer_weights, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    Mlp,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_kernel_fits,
+    conv_out,
+    drop_path_rates,
+    init_transformer_weights,
+    register_paper_model,
+)
 
 __all__ = ["NAT", "NATBlock", "official_key", "load_official_state_dict"]
 
@@ -88,13 +97,13 @@ class NATBlock(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, kernel_size: int, dilation: int, mlp_ratio: float, layer_scale: float | None,
         drop_path: float = 0.0, qkv_bias: bool = True, backend: str = "auto",
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = create_mechanism(
             "neighborhood", dim, num_heads=num_heads, kernel_size=kernel_size, dilation=dilation, rel_pos_bias=True,
             qkv_bias=qkv_bias, backend=backend,
-        )  # fmt: skip
+        )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -136,7 +145,7 @@ class NAT(PaperModel):
         dilations: Sequence[Sequence[int]] | None = None, layer_scale: float | None = None, drop_path_rate: float = 0.0,
         qkv_bias: bool = True, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, backend: str = "auto",
         name: str = "nat",
-    ) -> None:  # fmt: skip
+    ) -> None:
         levels = len(depths)
         if len(num_heads) != levels:
             raise ValueError(f"num_heads={list(num_heads)} must have one entry per level ({levels}, from depths={list(depths)})")
@@ -159,12 +168,12 @@ class NAT(PaperModel):
             blocks = [
                 NATBlock(dims[i], num_heads[i], kernel_size, dilations[i][j], mlp_ratio, layer_scale, rates[i][j], qkv_bias, backend)
                 for j in range(depths[i])
-            ]  # fmt: skip
+            ]
             stages.append(Stage(ConvDownsampler(dims[i - 1]) if i > 0 else None, blocks))
         super().__init__(
             ConvTokenizer(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
             nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(init_transformer_weights)
 
     @torch.jit.ignore
@@ -267,4 +276,4 @@ for _size in _SIZES:
         register_paper_model(
             _name, _build, PaperTable(_params, _gmacs, _top1, _paper), family="dinat" if _dilated else "nat",
             reference=REFERENCE,
-        )  # fmt: skip
+        )

@@ -20,9 +20,17 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_heads, check_per_stage, conv_out, drop_path_rates, in_stage,
+    DropPath,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_heads,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    in_stage,
     register_paper_model,
-)  # fmt: skip
+)
 from .biformer import AttentionLePE
 
 __all__ = ["SMT", "SMTBlock"]
@@ -60,7 +68,7 @@ class SMTBlock(nn.Module):
 
     def __init__(
         self, dim: int, modulation: bool, ca_num_heads: int, sa_num_heads: int, mlp_ratio: float, drop_path: float = 0.0
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if modulation:
@@ -97,7 +105,7 @@ class ConvStem(nn.Module):
         self.conv = nn.Sequential(
             nn.Conv2d(in_chans, dim, 3, 2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
             nn.Conv2d(dim, dim, kernel_size=2, stride=2),
-        )  # fmt: skip
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +144,7 @@ class SMT(PaperModel):
         self, *, dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int], mlp_ratios: Sequence[float] = (4, 4, 4, 2),
         ca_num_heads: int = 4, sa_num_heads: Sequence[int] = (8, 8, 8, 16), drop_path_rate: float = 0.0,
         num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "smt",
-    ) -> None:  # fmt: skip
+    ) -> None:
         if len(dims) != 4:
             raise ValueError(f"dims={list(dims)}: SMT's hybrid layout has 4 stages")
         check_per_stage(4, "SMT's hybrid layout", depths=depths, mlp_ratios=mlp_ratios, sa_num_heads=sa_num_heads)
@@ -154,12 +162,12 @@ class SMT(PaperModel):
             with in_stage(i):
                 blocks = [
                     SMTBlock(dims[i], modulation[j], ca_num_heads, sa_num_heads[i], mlp_ratios[i], rates[i][j]) for j in range(depths[i])
-                ]  # fmt: skip
+                ]
             stages.append(SMTStage(PatchEmbed(dims[i - 1], dims[i]) if i > 0 else None, blocks, dims[i]))
         super().__init__(
             ConvStem(in_chans, dims[0]), stages, dims, [4, 8, 16, 32], num_classes, nn.Identity(), name=name,
             in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(_init_weights)
 
 
@@ -213,4 +221,4 @@ for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     register_paper_model(
         _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="smt", reference=REFERENCE,
         note=_DOCUMENTED[_name][0], documented_params_error=_DOCUMENTED[_name][1],
-    )  # fmt: skip
+    )

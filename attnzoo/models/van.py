@@ -19,8 +19,15 @@ import torch.nn as nn
 
 from ..mechanisms import create as create_mechanism
 from ._paper import (
-    DropPath, PaperModel, PaperTable, Stage, check_per_stage, conv_out, drop_path_rates, register_paper_model,
-)  # fmt: skip
+    DropPath,
+    PaperModel,
+    PaperTable,
+    Stage,
+    check_per_stage,
+    conv_out,
+    drop_path_rates,
+    register_paper_model,
+)
 
 __all__ = ["VAN", "VANBlock"]
 
@@ -69,7 +76,7 @@ class VANBlock(nn.Module):
     def __init__(
         self, dim: int, mlp_ratio: float, kernel_size: int = 21, dilation: int = 3, drop_path: float = 0.0,
         layer_scale: float = 1e-2,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(dim)
         self.attn = create_mechanism("large_kernel", dim, kernel_size=kernel_size, dilation=dilation, projections=True)
@@ -119,7 +126,7 @@ class VAN(PaperModel):
         self, *, dims: Sequence[int], depths: Sequence[int], mlp_ratios: Sequence[float], kernel_size: int = 21,
         dilation: int = 3, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
         img_size: int = 224, name: str = "van",
-    ) -> None:  # fmt: skip
+    ) -> None:
         stages_n = len(dims)
         check_per_stage(stages_n, f"dims={list(dims)}", depths=depths, mlp_ratios=mlp_ratios)
         grid = conv_out(img_size, 7, 4, 3)
@@ -136,7 +143,7 @@ class VAN(PaperModel):
         super().__init__(
             OverlapPatchEmbed(in_chans, dims[0], 7, 4), stages, dims, [4 * 2**i for i in range(stages_n)], num_classes,
             nn.Identity(), name=name, in_chans=in_chans, img_size=img_size,
-        )  # fmt: skip
+        )
         self.apply(_init_weights)
 
 
@@ -179,4 +186,4 @@ for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     register_paper_model(
         _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="van", reference=REFERENCE,
         note=_B0_NOTE if _name == "van_b0" else "", documented_macs_error=-0.0398 if _name == "van_b0" else None,
-    )  # fmt: skip
+    )

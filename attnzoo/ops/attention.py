@@ -242,12 +242,12 @@ def merge_attentions(
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     if len(outputs) != len(lses) or len(outputs) == 0:
         raise ValueError(f"merge_attentions needs as many outputs as lses (>= 1), got {len(outputs)} and {len(lses)}")
-    for i, (o, l) in enumerate(zip(outputs, lses)):
-        if o.shape[:-1] != l.shape:
-            raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} must be lses[{i}].shape={tuple(l.shape)} + [d_v]")
+    for i, (o, lse) in enumerate(zip(outputs, lses)):
+        if o.shape[:-1] != lse.shape:
+            raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} must be lses[{i}].shape={tuple(lse.shape)} + [d_v]")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} differs from outputs[0].shape={tuple(outputs[0].shape)}")
-        for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", l)):
+        for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", lse)):
             if not t.is_floating_point():
                 raise TypeError(f"{name}.dtype={t.dtype} must be a floating-point dtype")
             if t.device != outputs[0].device:
@@ -255,6 +255,6 @@ def merge_attentions(
         if o.dtype != outputs[0].dtype:
             raise TypeError(f"outputs[{i}].dtype={o.dtype} must equal outputs[0].dtype={outputs[0].dtype}")
     ct = compute_dtype(outputs[0].dtype)
-    weights, total = softmax_with_lse(torch.stack([l.to(ct) for l in lses]), dim=0)
+    weights, total = softmax_with_lse(torch.stack([lse.to(ct) for lse in lses]), dim=0)
     out = sum(w.unsqueeze(-1) * o.to(ct) for w, o in zip(weights, outputs))
     return out.to(outputs[0].dtype), total

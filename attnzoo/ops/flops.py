@@ -42,7 +42,7 @@ def _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape) -> int:
 def na_forward_flops(
     q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape, rel_pos_bias_shape, key_bias_shape,
     kernel_size, *args: Any, out_shape=None, **kwargs: Any,
-) -> int:  # fmt: skip
+) -> int:
     """4·B·heads·N·(Πkernel + n_additional)·d (d_qk and d_v counted separately when they differ)."""
     return _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
 
@@ -51,7 +51,7 @@ def na_forward_flops(
 def na_backward_flops(
     grad_out_shape, grad_lse_shape, q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape,
     rel_pos_bias_shape, key_bias_shape, out_shape_, lse_shape, kernel_size, *args: Any, out_shape=None, **kwargs: Any,
-) -> int:  # fmt: skip
+) -> int:
     """Twice the forward: dS = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q."""
     return 2 * _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
 

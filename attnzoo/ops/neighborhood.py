@@ -68,7 +68,7 @@ def neighborhood_attention(
         return _grouped_attention(
             q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse,
             backend, rel_pos_bias, key_bias, head_groups,
-        )  # fmt: skip
+        )
     problem = make_problem(
         q, k, v, kernel_size, stride, dilation, is_causal, additional_keys, additional_values, rel_pos_bias, return_lse,
         key_bias,
@@ -84,7 +84,7 @@ def neighborhood_attention(
     out, lse = chosen.run(
         q, k, v, problem, scale=float(scale), additional_keys=additional_keys, additional_values=additional_values,
         rel_pos_bias=rel_pos_bias, key_bias=key_bias,
-    )  # fmt: skip
+    )
     return (out, lse) if return_lse else out
 
 
@@ -142,7 +142,7 @@ def _dense_weights(q, k, problem, scale, additional_keys, rel_pos_bias, key_bias
             q.float(), k.float(), values, problem, scale=scale, additional_keys=additional_keys,
             additional_values=extra_values, rel_pos_bias=None if rel_pos_bias is None else rel_pos_bias.float(),
             key_bias=None if key_bias is None else key_bias.float(),
-        )  # fmt: skip
+        )
         return weights.reshape(problem.batch, n, problem.heads, n + extra).transpose(1, 2)
 
 
@@ -161,7 +161,7 @@ def _head_slice(name: str, t, axis: int, heads: int, start: int, stop: int, *, b
 def _grouped_attention(
     q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse, backend,
     rel_pos_bias, key_bias, head_groups,
-):  # fmt: skip
+):
     """``neighborhood_attention`` with per-head-group kernel_size/dilation: one call per run of equal geometry."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -220,7 +220,7 @@ def _grouped_attention(
         out, lse = chosen.run(
             gq, gk, gv, problem, scale=float(scale), additional_keys=ak, additional_values=av, rel_pos_bias=table,
             key_bias=kb,
-        )  # fmt: skip
+        )
         outs.append(out)
         lses.append(lse)
     if weights:
@@ -235,14 +235,14 @@ def _grouped_attention(
 def _fixed_rank(rank: int):
     def wrapper(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
                 additional_values=None, return_lse=False, backend="auto", rel_pos_bias=None, key_bias=None,
-                head_groups=None):  # fmt: skip
+                head_groups=None):
         if not isinstance(q, torch.Tensor) or q.dim() != rank + 3:
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ValueError(f"na{rank}d expects q of shape [batch, {rank} spatial axes, heads, head_dim], got {shape}")
         return neighborhood_attention(
             q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse,
             backend, rel_pos_bias, key_bias, head_groups,
-        )  # fmt: skip
+        )
 
     wrapper.__name__ = f"na{rank}d"
     wrapper.__qualname__ = wrapper.__name__

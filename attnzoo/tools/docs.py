@@ -70,7 +70,7 @@ def mechanism_doc(name: str) -> MechanismDoc:
     return MechanismDoc(
         name, info.family, info.paper, info.year, info.layout, info.complexity, info.receptive_field, info.slot,
         info.reference, info.note, info.paper_identity, paragraphs, arguments,
-    )  # fmt: skip
+    )
 
 
 def _page(title: str, body: str, root: str) -> str:
@@ -118,7 +118,7 @@ def _mechanism_page(doc: MechanismDoc, cfg: BenchConfig) -> str:
         ("complexity", doc.complexity), ("receptive field (default)", doc.receptive_field), ("slot", doc.slot),
         ("parity reference", doc.reference or "—"),
         ("paper's module adds an identity", "yes: paper output = x + this output" if doc.paper_identity else "no"),
-    ]  # fmt: skip
+    ]
     facts = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     definition = "".join(f"<p>{_prose(p)}</p>" for p in doc.definition) or "<p>—</p>"
     args = "".join(f"<tr><td><code>{e(n)}</code></td><td><code>{e(d)}</code></td></tr>" for n, d in doc.arguments)
@@ -136,13 +136,13 @@ def _mechanism_page(doc: MechanismDoc, cfg: BenchConfig) -> str:
         f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}.</p>{picture}"
         f"<h2>Bench row</h2><p>{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.threads} thread(s), "
         f"forward, {cfg.dtype}, {cfg.device}.</p><table><tr>{bench}</tr><tr>{cells}</tr></table>"
-    ), "../")  # fmt: skip
+    ), "../")
 
 
 def _catalogue_page(docs: Sequence[MechanismDoc], cfg: BenchConfig) -> str:
     e = html.escape
     parts = [f"<h1>Mechanism catalogue</h1><p>{len(docs)} mechanisms. Bench columns: {cfg.size}×{cfg.size} tokens, "
-             f"dim {cfg.dim}, batch {cfg.batch}, forward.</p>"]  # fmt: skip
+             f"dim {cfg.dim}, batch {cfg.batch}, forward.</p>"]
     head = "".join(f"<th>{h}</th>" for h in ("mechanism", "paper", "year", "complexity", "sees", *BENCH_HEADERS))
     for family in sorted({d.family for d in docs}):
         parts.append(f'<h2 id="{e(family)}">{e(family)}</h2><table><tr>{head}</tr>')

@@ -69,7 +69,7 @@ def describe(amap: AttentionMap) -> str:
 def _message(ax, text: str, color: str = "0.3") -> None:
     lines = textwrap.wrap(text, 34, break_long_words=False, break_on_hyphens=False)[:8]
     ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=7, color=color,
-            transform=ax.transAxes)  # fmt: skip
+            transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -84,7 +84,7 @@ def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path
     with_attention = any(v.attention for v in views)
     cols = n_q * (2 if with_attention else 1)
     fig, axes = plt.subplots(len(views), cols, figsize=(3.4 * cols, 3.2 * len(views)), squeeze=False,
-                             constrained_layout=True)  # fmt: skip
+                             constrained_layout=True)
     for r, view in enumerate(views):
         for c in range(cols):
             ax = axes[r][c]
@@ -129,7 +129,7 @@ def receptive_field_grid(views: Sequence[MechanismView], size: int, path: Path, 
         _draw_field(fig, ax, view.fields[0], view.queries[0], f"{view.name} ({tokens} tokens){config}")
     q = views[0].queries[0] if views else (0, 0)
     fig.suptitle(f"Gradient receptive field of query ({q[0]}, {q[1]}) on {size}×{size} tokens, every mechanism",
-                 fontsize=12)  # fmt: skip
+                 fontsize=12)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -155,7 +155,7 @@ def attention_overlay_figure(
     axes = axes[0]
     axes[0].imshow(photo)
     axes[0].add_patch(plt.Rectangle((query[1] * cell[1], query[0] * cell[0]), cell[1], cell[0], fill=False,
-                                    edgecolor="cyan", linewidth=2))  # fmt: skip
+                                    edgecolor="cyan", linewidth=2))
     axes[0].set_title(f"photo, query token ({query[0]}, {query[1]}) of {grid[0]}×{grid[1]}", fontsize=9)
     if not maps:
         _message(axes[1], "no attention weights were recorded for this mechanism")

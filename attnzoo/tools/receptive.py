@@ -207,7 +207,7 @@ def maps_from_records(records: Sequence, size: int, query: Sequence[int]) -> lis
         maps.append(AttentionMap(
             rec.op, picture, op_query if same_grid else (-1, -1), on_canvas, i, len(records), extra_weight,
             query_on_canvas=q_tokens == n, op_query=op_query, op_query_grid=side_q,
-        ))  # fmt: skip
+        ))
     return maps
 
 

@@ -20,7 +20,7 @@ from ..models.saving import atomic_write
 from .bench import BenchConfig, BenchRow
 
 __all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
-           "write_index_html", "write_report", "environment"]  # fmt: skip
+           "write_index_html", "write_report", "environment"]
 
 TABLE_COLUMNS = ("mechanism", "family", "params", "GFLOPs", "peak MB", "latency ms", "× SDPA", "img/s", "RF tokens", "check")
 SCALING_COLUMNS = ("latency exp", "memory exp")
@@ -37,7 +37,7 @@ def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
         _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.relative_latency, ".3g"),
         _num(row.throughput, ".1f"),
         _num(row.receptive_field_tokens, ".0f"), row.check if row.ok else f"FAILED: {row.error}",
-    ]  # fmt: skip
+    ]
     if row.ok and row.note:
         cells[-1] += f" ({row.note})"
     if with_scaling:
@@ -51,14 +51,14 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "threads": cfg.threads, "device": cfg.device, "dtype": cfg.dtype,
-    }  # fmt: skip
+    }
 
 
 def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
     """One line per mechanism; scaling figures as ``latency_ms@S`` / ``peak_mb@S`` columns per size ``S``."""
     fields = ["name", "family", "complexity", "layout", "ok", "params", "flops", "peak_mb", "latency_ms",
               "relative_latency", "throughput_img_s", "check", "receptive_field_tokens", "receptive_field_fraction", "latency_exponent",
-              "memory_exponent"]  # fmt: skip
+              "memory_exponent"]
     for s in cfg.sizes:
         fields += [f"latency_ms@{s}", f"peak_mb@{s}"]
     fields += ["note", "error", "config"]
@@ -73,7 +73,7 @@ def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
                 "receptive_field_fraction": r.receptive_field_fraction, "latency_exponent": r.latency_exponent,
                 "memory_exponent": r.memory_exponent, "note": r.note, "error": r.error,
                 "config": json.dumps(r.as_dict()["config"]),
-            }  # fmt: skip
+            }
             for p in r.scaling:
                 line[f"latency_ms@{p.size}"] = p.latency_s * 1e3
                 line[f"peak_mb@{p.size}"] = p.peak_bytes / 2**20
@@ -95,7 +95,7 @@ def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path, yardstick
     payload = {
         "workload": cfg.__dict__, "environment": environment(cfg), "yardstick_dense_sdpa_latency_s": yardstick_s,
         "results": [r.as_dict() for r in rows],
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(_json_safe(payload), indent=2))
 
 
@@ -115,7 +115,7 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     key, exp_key, scale, label = {
         "latency": ("latency_s", "latency_exponent", 1e3, "median latency (ms)"),
         "memory": ("peak_bytes", "memory_exponent", 1 / 2**20, "peak memory (MiB)"),
-    }[what]  # fmt: skip
+    }[what]
     curves: dict[str, list[tuple[str, float, list[tuple[int, float]]]]] = {}
     for r in rows:
         points = [(p.tokens, getattr(p, key) * scale) for p in r.scaling]
@@ -126,12 +126,12 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     cols = min(3, max(1, len(curves)))
     panels = max(1, len(curves))
     fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(panels / cols)),
-                             sharex=True, sharey=True, squeeze=False, layout="constrained")  # fmt: skip
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
     cmap = plt.get_cmap("tab10")
     for ax, family in zip(axes.flat, sorted(curves)):
         for i, (name, exponent, points) in enumerate(curves[family]):
             ax.plot(*zip(*points), ("-", "--")[(i // 10) % 2], marker="o", ms=3, color=cmap(i % 10),
-                    label=f"{name} ({exponent:.2f})" if math.isfinite(exponent) else name)  # fmt: skip
+                    label=f"{name} ({exponent:.2f})" if math.isfinite(exponent) else name)
         ax.set_title(family, fontsize=10)
         ax.legend(fontsize=6.5, loc="upper left")
     for ax in axes.flat:
@@ -143,11 +143,11 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     if not curves:
         axes[0][0].axis("on")
         axes[0][0].text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center",
-                        transform=axes[0][0].transAxes)  # fmt: skip
+                        transform=axes[0][0].transAxes)
     fig.supxlabel("tokens N (size²)")
     fig.supylabel(label)
     fig.suptitle(f"{label.split(' (')[0].capitalize()} vs tokens by family (log-log; fitted exponent in brackets: "
-                 "≈ 1 linear/local, ≈ 2 global)")  # fmt: skip
+                 "≈ 1 linear/local, ≈ 2 global)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -165,10 +165,10 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
         sizes = [20 + 200 * r.flops / top_flops if math.isfinite(r.flops) and top_flops > 0 else 20 for r in members]
         ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
                    s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family,
-                   edgecolors="k", linewidths=0.5)  # fmt: skip
+                   edgecolors="k", linewidths=0.5)
         for r in members:
             ax.annotate(r.name, (100 * r.receptive_field_fraction, r.latency_s * 1e3), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+                        xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"receptive field of the centre query (% of the {cfg.size}×{cfg.size} tokens)")
@@ -228,7 +228,7 @@ def write_index_html(
         body.append(f'<tr class="{"ok" if r.ok else "failed"}">{cells}</tr>')
     env = environment(cfg)
     workload = (f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype} on {cfg.device}, "
-                f"{cfg.threads} thread(s), {'forward+backward' if cfg.backward else 'forward'}")  # fmt: skip
+                f"{cfg.threads} thread(s), {'forward+backward' if cfg.backward else 'forward'}")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>attnzoo bench</title>
 <style>

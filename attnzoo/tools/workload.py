@@ -30,7 +30,7 @@ from ..mechanisms.registry import MechanismInfo
 __all__ = [
     "Prepared", "PrepareError", "token_grid", "layout_inputs", "make_inputs", "arrange_tokens", "build", "prepare",
     "output_token_index",
-]  # fmt: skip
+]
 
 
 class PrepareError(Exception):

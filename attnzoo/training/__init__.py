@@ -8,4 +8,4 @@ __all__ = [
     "CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "read_checkpoint", "write_checkpoint",
     "DATASETS", "DatasetCorrupt", "DatasetMissing", "ImageData", "load_dataset", "load_fashion_mnist", "make_synthetic",
     "CURVES_FILE", "METRICS_FILE", "RUN_FILE", "TrainConfig", "TrainError", "TrainResult", "evaluate", "train",
-]  # fmt: skip
+]

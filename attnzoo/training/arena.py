@@ -94,7 +94,7 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
             "gflops_per_image": flops_per_image(model, data.in_chans, data.img_size) / 1e9,
             "train_images_per_s": result.train_images_per_s,
             "infer_images_per_s": inference_rate(model, x),
-        })  # fmt: skip
+        })
     out.mkdir(parents=True, exist_ok=True)
 
     def write_csv(p: Path) -> None:
@@ -105,7 +105,7 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
 
     atomic_write(out / "arena.csv", write_csv)
     meta = {"size": base.size, "dataset": base.dataset, "epochs": base.epochs, "seed": base.seed,
-            "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+            "threads": torch.get_num_threads(), "rows": rows}
     atomic_write(out / "arena.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     _plot(rows, out / "arena.png", f"{base.size} on {base.dataset}, {base.epochs} epoch(s), seed {base.seed}")
     return rows

@@ -34,7 +34,7 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+)
 
 
 class DatasetMissing(FileNotFoundError):
@@ -67,12 +67,12 @@ class ImageData:
         x = images[index].to(device=device, dtype=torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
         return x, labels[index].to(device)
 
-    def limit(self, train: int | None, test: int | None) -> "ImageData":
+    def limit(self, train: int | None, test: int | None) -> ImageData:
         """The first ``train`` / ``test`` examples (``None`` keeps all)."""
         return ImageData(
             self.train_images[:train], self.train_labels[:train], self.test_images[:test], self.test_labels[:test],
             self.classes, self.mean, self.std,
-        )  # fmt: skip
+        )
 
 
 class DatasetCorrupt(ValueError):

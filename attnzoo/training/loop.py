@@ -69,7 +69,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``TrainError`` naming the first field that breaks its rule (types are checked, not coerced)."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "eval_batch_size": self.eval_batch_size}  # fmt: skip
+                    "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
             if not _is_int(value) or value < 1:
                 raise TrainError(f"{name}={value!r} must be a positive integer")
@@ -101,7 +101,7 @@ class TrainConfig:
             raise TrainError(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
 
     @classmethod
-    def from_json(cls, text: str, source: str = RUN_FILE) -> "TrainConfig":
+    def from_json(cls, text: str, source: str = RUN_FILE) -> TrainConfig:
         """The config stored in ``run.json``; a ``TrainError`` naming ``source`` when it is not one."""
         try:
             data = json.loads(text)
@@ -250,7 +250,7 @@ def _progress(enabled: bool):
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"), disable=not enabled, transient=False,
-    )  # fmt: skip
+    )
 
 
 LOCK_FILE = ".lock"
@@ -399,7 +399,7 @@ def _start(config: TrainConfig, resume: bool, ctx: _Dist, out: Path) -> _Run:
         raw = models.create(
             config.size, config.mixers, num_classes=len(data.classes), in_chans=data.in_chans,
             img_size=data.img_size, mixer_kwargs=config.mixer_kwargs,
-        )  # fmt: skip
+        )
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
     raw.to(ctx.device)

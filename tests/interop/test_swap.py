@@ -18,21 +18,9 @@ timm = pytest.importorskip("timm")
 
 from attnzoo.interop.timm import FAMILIES, SwapEntry  # noqa: E402
 
+from conftest import randomize_  # noqa: E402
+
 DT = torch.float64
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter (timm zero-initialises some projections and biases) and set BN statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen, dtype=b.dtype))
-            elif name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=b.dtype))
-    return model
 
 
 def halonet(**kwargs) -> nn.Module:
@@ -45,7 +33,7 @@ def halonet(**kwargs) -> nn.Module:
                 ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5)),
         stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="halo",
         self_attn_kwargs=dict(block_size=2, halo_size=1, num_heads=2),
-    )  # fmt: skip
+    )
     return ByobNet(cfg, **kwargs)
 
 
@@ -65,15 +53,17 @@ MAXVIT = dict(embed_dim=(16, 32), depths=(1, 1), stem_width=16, transformer_dim_
 PVT = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(4, 2), mlp_ratios=(2, 2))
 CONVIT = dict(embed_dim=32, depth=3, local_up_to_layer=2, num_heads=2, patch_size=8)
 CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
-                mlp_ratio=(2, 2, 1))  # fmt: skip
+                mlp_ratio=(2, 2, 1))
 VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
 DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
 EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3),
-                    window_size=(4, 4, 4))  # fmt: skip
+                    window_size=(4, 4, 4))
 SHVIT = dict(embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), depth=(1, 1, 1), qk_dim=(4, 4, 4))
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
 # id: (builder, sizes, builder takes img_size, {mechanism swapped in: how many modules})
+# A table, one timm model per row (a row may wrap once): `fmt: skip` keeps the formatter from spreading a row
+# over six lines.
 CASES = {
     "swin": (timm_model("swin_tiny_patch4_window7_224", **SWIN), [(56, 56), (112, 112)], True, {"window": 4}),
     "vit": (timm_model("vit_tiny_patch16_224", **VIT), [(32, 32), (48, 48)], True, {"mhsa": 2}),
@@ -108,7 +98,7 @@ CASES = {
 def build(case: str, size: tuple[int, int]) -> nn.Module:
     builder, _, takes_size, _ = CASES[case]
     model = builder(img_size=size) if takes_size else builder()
-    return randomise(model.to(DT).eval())
+    return randomize_(model.to(DT).eval(), std=0.1, seed=0, perturb=True)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,7 +141,7 @@ def test_swapped_model_runs_the_mechanisms_it_reports(case):
     before = model(x)
     mechanisms = [m for m in model.modules() if getattr(m, "mechanism_name", "") == report[0].mechanism]
     assert len(mechanisms) == len(report)
-    randomise(mechanisms[0], seed=5)
+    randomize_(mechanisms[0], std=0.1, seed=5, perturb=True)
     assert relative_error(model(x), before) > 1e-6
 
 
@@ -178,7 +168,7 @@ def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_ma
     assert [(e.path, e.mechanism) for e in report] == [
         ("layers.0.blocks.0", "window"), ("layers.0.blocks.1", None), ("layers.1.blocks.0", "window"),
         ("layers.1.blocks.1", "window"),
-    ]  # fmt: skip
+    ]
     assert "pads after the cyclic roll" in report[1].reason
     x = torch.randn(2, 3, 40, 40, dtype=DT)
     y0, g0 = output_and_input_grad(original, x)

@@ -26,7 +26,7 @@ AUTO_ORDER = AUTO_ORDERS["cpu"]
 
 __all__ = [
     "Backend", "BACKENDS", "AUTO_ORDER", "AUTO_ORDERS", "auto_order", "auto_choice", "select_backend", "list_backends",
-]  # fmt: skip
+]
 
 
 def list_backends() -> list[str]:

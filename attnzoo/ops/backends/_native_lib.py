@@ -157,6 +157,6 @@ def unavailable_reason() -> str | None:
             warnings.warn(
                 f"attnzoo: the fused CPU kernel is unavailable ({reason}); CPU calls use the slower 'tiled' backend",
                 RuntimeWarning, stacklevel=2,
-            )  # fmt: skip
+            )
         return reason
     return None

@@ -165,7 +165,7 @@ def _plan_tables(shape, kernel, stride, dilation, causal, num_additional, reorde
         source=source, inverse=inverse, key_coord=key_coord, query_start=query_start, query_count=query_count,
         query_rel=query_rel, dilation=tuple(dilation), rel_size=tuple(2 * k - 1 for k in kernel), n_pad=n_pad,
         num_additional=num_additional, tile=tile,
-    )  # fmt: skip
+    )
 
 
 def _block_mask(plan: FlexPlan, device: torch.device):
@@ -198,7 +198,7 @@ def _block_mask(plan: FlexPlan, device: torch.device):
     block_mask = _flex_module.BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=BLOCK_SIZE, mask_mod=plan.mask_mod,
         seq_lengths=(q_len, kv_len),
-    )  # fmt: skip
+    )
     computed = int((counts > 0).sum())
     stats = {
         "q_blocks": nq,

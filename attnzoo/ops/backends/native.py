@@ -65,7 +65,7 @@ def _check_op_inputs(
         problem = make_problem(
             q, k, v, list(kernel_size), list(stride), list(dilation), list(is_causal), additional_keys, additional_values,
             rel_pos_bias, False, key_bias,
-        )  # fmt: skip
+        )
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"attnzoo::{op}: {exc}") from None
     if q.device.type != "cpu":
@@ -73,7 +73,7 @@ def _check_op_inputs(
     if key_bias is not None and tuple(key_bias.shape) != (problem.batch, *problem.spatial_shape, problem.heads):
         raise ValueError(f"attnzoo::{op}: key_bias.shape={tuple(key_bias.shape)} must be [batch, *spatial, heads]")
     for name, t in (("q", q), ("k", k), ("v", v), ("additional_keys", additional_keys),
-                    ("additional_values", additional_values), ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):  # fmt: skip
+                    ("additional_values", additional_values), ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"attnzoo::{op}: {name} must be contiguous")
     return problem
@@ -109,7 +109,7 @@ def na_forward(
     _check_op_inputs(
         "na_forward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
         is_causal, scale,
-    )  # fmt: skip
+    )
     shape = tuple(q.shape[1:-2])
     _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -119,7 +119,7 @@ def na_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
         _ptr(key_bias), out.data_ptr(), lse.data_ptr(), meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
         q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
-    )  # fmt: skip
+    )
     return out, lse
 
 
@@ -150,7 +150,7 @@ def na_backward(
     problem = _check_op_inputs(
         "na_backward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
         dilation, is_causal, scale,
-    )  # fmt: skip
+    )
     _check_same("na_backward", "grad_out", grad_out, v.shape, problem)
     _check_same("na_backward", "out", out, v.shape, problem)
     _check_same("na_backward", "lse", lse, q.shape[:-1], problem)
@@ -174,7 +174,7 @@ def na_backward(
         dkb.data_ptr() if key_bias is not None else None,
         meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
         q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
-    )  # fmt: skip
+    )
     drpb = drpb.sum(0) if rel_pos_bias is not None else drpb
     return dq, dk, dv, dak, dav, drpb, dkb
 
@@ -234,12 +234,12 @@ def _backward(ctx, grad_out, grad_lse):
     grads = na_backward(
         grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, ak, av, rpb, kb, out, lse,
         *ctx.geometry,
-    )  # fmt: skip
+    )
     dq, dk, dv, dak, dav, drpb, dkb = grads
     return (
         dq, dk, dv, dak if ak is not None else None, dav if av is not None else None,
         drpb if rpb is not None else None, dkb if kb is not None else None, None, None, None, None, None,
-    )  # fmt: skip
+    )
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -266,5 +266,5 @@ class NativeBackend(Backend):
         out, lse = na_forward(
             prep(q), prep(k), prep(v), prep(additional_keys), prep(additional_values), prep(rel_pos_bias), prep(key_bias),
             list(problem.kernel_size), list(problem.stride), list(problem.dilation), list(problem.is_causal), scale,
-        )  # fmt: skip
+        )
         return out.to(q.dtype), lse

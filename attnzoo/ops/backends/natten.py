@@ -51,7 +51,7 @@ def _quiet(fn, *args, **kwargs):
 
 @lru_cache(maxsize=256)
 def _kernel_reasons(shape: tuple, head_dim: int, head_dim_v: int, dtype: torch.dtype, device: str,
-                    requires_grad: bool, deterministic: bool) -> tuple[str, ...]:  # fmt: skip
+                    requires_grad: bool, deterministic: bool) -> tuple[str, ...]:
     """Why none of NATTEN's kernels takes tensors of this shape/dtype/device (empty when one does)."""
     _, backends = _natten()
     try:
@@ -113,6 +113,6 @@ class NattenBackend(Backend):
             fn, q, k, v, kernel_size=p.kernel_size, stride=p.stride, dilation=p.dilation, is_causal=p.is_causal,
             scale=scale, additional_keys=additional_keys, additional_values=additional_values,
             return_lse=p.return_lse,
-        )  # fmt: skip
+        )
         out, lse = result if p.return_lse else (result, None)
         return out, (None if lse is None else lse.float())

@@ -97,7 +97,7 @@ class PartitionBackend(Backend):
         p = problem
         split, windows = _pattern(p.rank)
         sizes = {}
-        for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation):
+        for a, kk, d in zip(_AXES, p.kernel_size, p.dilation):
             sizes.update({f"k{a}": kk, f"d{a}": d})
         ct = compute_dtype(q.dtype) if (p.return_lse or key_bias is not None) else q.dtype
         qw, kw, vw = (rearrange(t.to(ct), f"{split} -> {windows}", **sizes) for t in (q, k, v))
