@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Mechanism, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads, split_qkv
+from ._base import Mechanism, check_int, check_positive, flatten_tokens, merge_heads, resolve_heads
 from .linear import linear_attention_associative
 from .registry import register_mechanism
 

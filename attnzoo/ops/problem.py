@@ -9,7 +9,12 @@ from typing import Sequence
 import torch
 
 from .checks import (
-    any_requires_grad, check_additional_kv, check_key_bias, check_layout, check_qkv_agree, check_rel_pos_bias,
+    any_requires_grad,
+    check_additional_kv,
+    check_key_bias,
+    check_layout,
+    check_qkv_agree,
+    check_rel_pos_bias,
     check_tensors,
 )  # fmt: skip
 

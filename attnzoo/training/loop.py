@@ -30,7 +30,15 @@ import torch.nn.functional as F
 
 from .. import models
 from ..models.saving import atomic_write, stale_temporaries
-from .checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
 from .data import DATASETS, ImageData, load_dataset
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]

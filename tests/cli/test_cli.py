@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 import uuid
 
 import matplotlib.image
-import math
-
 import pytest
 import torch
 

@@ -128,6 +128,37 @@ def test_attention_all_keys_masked_by_float_bias_has_finite_gradients():
     assert torch.equal(grads[0][0, 1], torch.zeros_like(grads[0][0, 1]))
 
 
+@pytest.mark.parametrize("case", ["unequal widths", "bias with a gradient"])
+def test_attention_auto_explicit_scores_path(case):
+    """On CPU ``auto`` computes explicit scores where SDPA would need padded copies or its math path (an additive
+    bias with unequal q/k and v widths, or a bias that needs a gradient); values and gradients are the textbook
+    ones, and the record says which path ran."""
+    width_v = 6 if case == "unequal widths" else 4
+    q, k, v = (rand64(2, 5, 2, d, seed=s, grad=True) for d, s in ((4, 21), (4, 22), (width_v, 23)))
+    bias = rand64(2, 2, 5, 5, seed=24, grad=case == "bias with a gradient")
+    with ops.record_backends() as runs:
+        out = ops.attention(q, k, v, attn_mask=bias, scale=0.7)
+    assert runs == [("attention", "explicit")]
+    expected, _ = hand_attention(q, k, v, 0.7, bias=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    inputs = (q, k, v, bias) if bias.requires_grad else (q, k, v)
+    grads = torch.autograd.grad((out * out).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * expected).sum(), inputs)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_auto_keeps_sdpa_for_a_bias_that_masks_a_whole_row():
+    """A -inf row in the bias would make a plain softmax NaN; ``auto`` keeps SDPA there, and the row is 0."""
+    q, k, v = (rand64(1, 4, 1, d, seed=s) for d, s in ((4, 25), (4, 26), (6, 27)))
+    bias = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    bias[0, 0, 2] = float("-inf")
+    with ops.record_backends() as runs:
+        out = ops.attention(q, k, v, attn_mask=bias)
+    assert runs == [("attention", "sdpa")]
+    assert torch.equal(out[0, 2], torch.zeros_like(out[0, 2])) and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_attention_mask_and_is_causal_both_apply(kind, return_lse):

@@ -211,6 +211,26 @@ def test_all_keys_dropped_in_a_window(backend, return_lse):
     assert torch.all(grads[0][0, :3] == 0), "queries with no keys get a zero gradient"
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("backend", ["partition", "reference"])
+def test_rel_pos_bias_masking_a_whole_head(backend, grad):
+    """A -inf rel_pos_bias over one head's whole table leaves that head's queries without keys: output 0 and finite
+    gradients on every path of the partition backend (SDPA without gradients, explicit scores with them)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 8, 8, 2, 4, generator=g, dtype=torch.float64, requires_grad=grad) for _ in range(3))
+    rpb = torch.zeros(2, 7, 7, dtype=torch.float64)
+    rpb[0] = float("-inf")
+    rpb.requires_grad_(grad)
+    out = ops.na2d(q, k, v, 4, stride=4, rel_pos_bias=rpb, backend=backend)
+    assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    reference = ops.na2d(q, k, v, 4, stride=4, rel_pos_bias=rpb, backend="reference")
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    if grad:
+        grads = torch.autograd.grad(out.sum(), (q, k, v, rpb))
+        for name, grad_ in zip(["q", "k", "v", "rel_pos_bias"], grads):
+            assert torch.isfinite(grad_).all(), f"non-finite gradient for {name}"
+
+
 def test_auto_picks_native_on_cpu():
     from attnzoo.ops.backends import _native_lib
 

@@ -15,6 +15,7 @@ import attnzoo
 from attnzoo import ops
 from attnzoo.mechanisms import mechanism_info
 from attnzoo.tools import costs
+
 from conftest import DEVICE, hand_attention, rand64
 
 NAMES = attnzoo.list_mechanisms()
