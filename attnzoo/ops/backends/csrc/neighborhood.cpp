@@ -1,7 +1,9 @@
 // Fused neighborhood attention for CPUs (forward and backward), one generic 3-D kernel.
 //
-// Layout (NATTEN's): q, k [B, S0, S1, S2, H, D]; v [B, S0, S1, S2, H, DV], contiguous; 1-D and 2-D calls pass
-// leading axes of extent 1. The geometry (which keys a query sees) is computed in Python and arrives as
+// Layout (NATTEN's): q, k [B, S0, S1, S2, H, D]; v [B, S0, S1, S2, H, DV]; 1-D and 2-D calls pass leading axes of
+// extent 1. q, k and v may be strided (e.g. views of one fused qkv projection): each has a batch, token and head
+// stride (the spatial axes flatten to one token stride) and unit stride along its last axis. Everything else
+// (additional keys/values, biases, out, lse, gradients) is contiguous. The geometry (which keys a query sees) is computed in Python and arrives as
 // per-axis tables: query coordinate x attends to key coordinates start[x] + dil * j for j < count[x], and the
 // relative-position index of its j-th key along that axis is rel[x] + j. Additional keys/values
 // [B, NA, H, D|DV] join every query's softmax. The optional relative-position bias table is [H, R0, R1, R2]; the
@@ -13,6 +15,10 @@
 // LANES logits at once, with no horizontal reductions, and a block of up to 8 neighbouring queries shares every
 // key-vector load. The P·V product accumulates value rows (head_dim as lanes); the backward accumulates dK and dV
 // in the transposed layout (the adjoint of the logits) and writes them back once per (batch, head).
+//
+// Training: the forward can also write the softmax probabilities of every query's window keys (`probs`,
+// [B, H, N, K01 * K2], K01 = kernel extent of the two leading axes, K2 = of the last); the backward then reads them
+// instead of recomputing the logits and their exponentials, and needs no transposed copy of K.
 //
 // Plain C ABI (no torch headers) so that it compiles in about a second with the system compiler; threads are
 // std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
@@ -28,7 +34,9 @@
 
 namespace {
 
-// L lanes of T: 64-byte vectors for wide windows, 32-byte vectors when a window row fits (less waste).
+// ---- SIMD helpers ------------------------------------------------------------------------------------------
+
+// L lanes of T (the kernels use 64-byte vectors).
 template <typename T, int L>
 struct Simd {
   static constexpr int lanes = L;
@@ -79,6 +87,8 @@ inline typename Simd<double, L>::vec vexp(typename Simd<double, L>::vec x) {
   return x;
 }
 
+// ---- Geometry: which keys each query sees -------------------------------------------------------------------
+
 struct Axis {
   const int64_t* start;
   const int64_t* count;
@@ -103,7 +113,22 @@ struct Geometry {
   int64_t row_width() const { return ax[2].dil * sub_len(); }
   int64_t xcol(int64_t x) const { return (x % ax[2].dil) * sub_len() + x / ax[2].dil; }
   int64_t rows() const { return ax[0].extent * ax[1].extent; }
+  // Saved probabilities: per query, run r (a window row) at r * kernel2() + j for its j-th key.
+  int64_t kernel2() const { return (ax[2].rel_size + 1) / 2; }
+  int64_t probs_per_query() const { return (ax[0].rel_size + 1) / 2 * ((ax[1].rel_size + 1) / 2) * kernel2(); }
 };
+
+// Element (b, token t, head h, 0) of a strided q, k or v tensor is at b * batch + t * token + h * head.
+struct Layout {
+  int64_t batch, token, head;
+};
+
+template <typename T>
+inline const T* head_base(const T* x, const Layout& l, int64_t b, int64_t h) {
+  return x + b * l.batch + h * l.head;
+}
+
+// ---- Threads and scratch memory ----------------------------------------------------------------------------
 
 // Run fn(lo, hi, worker) over [0, n) on up to nthreads threads (worker 0 is the caller); items are handed out
 // dynamically in small grains so that a thread slowed down by other processes does not hold the others back.
@@ -150,9 +175,11 @@ T* sized(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
-// x [B, N, H, C] -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
+// ---- Transposed layout of K and V (keys as SIMD lanes) -----------------------------------------------------
+
+// x [B, N, H, C] (strided as `lx`) -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
 template <typename T>
-const T* transpose_heads(const T* x, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
+const T* transpose_heads(const T* x, const Layout& lx, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
                          std::vector<T>& buffer) {
   const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
   T* xt = sized(buffer, g.B * H * slice);
@@ -162,7 +189,7 @@ const T* transpose_heads(const T* x, const Geometry& g, int64_t C, int64_t slice
       T* dst = xt + item * slice;
       std::fill(dst, dst + slice, T(0));
       for (int64_t t = 0; t < N; ++t) {
-        const T* src = x + ((b * N + t) * H + h) * C;
+        const T* src = head_base(x, lx, b, h) + t * lx.token;
         T* col = dst + (t / S2) * C * RW + g.xcol(t % S2);
         for (int64_t c = 0; c < C; ++c) col[c * RW] = src[c];
       }
@@ -170,6 +197,8 @@ const T* transpose_heads(const T* x, const Geometry& g, int64_t C, int64_t slice
   });
   return xt;
 }
+
+// ---- Windows and query blocks --------------------------------------------------------------------------------
 
 // The window of query token t, as runs of contiguous transposed columns.
 struct Run {
@@ -231,6 +260,8 @@ inline std::vector<Block> make_blocks(const Geometry& g, int64_t row, int64_t L,
   }
   return blocks;
 }
+
+// ---- Micro-kernels: logits (Q·Kᵀ), their adjoint (outer products), P·V ------------------------------------
 
 // Logits of QB queries (pointers qs, QB in {1, kBlock}) against the window rows `runs` of a transposed head slice
 // kt [rows][D][RW]: out[i][(r * chunks + c) * L + lane] = scale * <q_i, key at column base + c*L + lane of row r>.
@@ -419,27 +450,110 @@ inline void accumulate_values_any(const T* __restrict v, const T* __restrict p, 
     }
 }
 
+// ---- The problem and per-query steps shared by forward and backward -------------------------------------------
+
 template <typename T>
 struct Problem {
   const T *q, *k, *v, *addk, *addv, *rpb, *kb;
+  Layout lq, lk, lv;
   Geometry g;
   T scale;
 };
 
+// Adds the relative-position bias and the per-key bias to query t's logits (window keys at sc[r * rstride + off + j]).
+template <typename T>
+inline void add_biases(const Problem<T>& p, int64_t b, int64_t h, const Run* runs, int64_t nrun, int64_t rstride,
+                       int64_t off, T* sc) {
+  if (!p.rpb && !p.kb) return;
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, dil2 = g.ax[2].dil;
+  const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
+  for (int64_t r = 0; r < nrun; ++r)
+    for (int64_t j = 0; j < runs[r].count; ++j) {
+      T& s = sc[r * rstride + off + j];
+      if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
+      if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
+    }
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---- Forward ----------------------------------------------------------------------------------------------------
+
+// Softmax over query t's logits (window lanes sc[0, used) with -inf off-window, then NA additional logits), P·V into
+// o, lse; and, when `probs` is given, its normalised window probabilities (compact, see Geometry::kernel2).
 template <typename T, int L>
-void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
+inline void forward_query(const Problem<T>& p, int64_t b, int64_t h, int64_t t, const Run* runs, int64_t nrun,
+                          int64_t rstride, int64_t off, T* sc, T* o, T* lse, T* probs) {
   using V = typename Simd<T, L>::vec;
+  const Geometry& g = p.g;
+  const int64_t H = g.H, D = g.D, DV = g.DV, NA = g.NA, used = nrun * rstride;
+  const T* qi = head_base(p.q, p.lq, b, h) + t * p.lq.token;
+  add_biases(p, b, h, runs, nrun, rstride, off, sc);
+  for (int64_t j = 0; j < NA; ++j) sc[used + j] = p.scale * dot(qi, p.addk + ((b * NA + j) * H + h) * D, D);
+  V mv = sc[0] + V{};
+  for (int64_t j = 0; j < used; j += L) {
+    V sv;
+    std::memcpy(&sv, sc + j, sizeof(V));
+    mv = nan_max_vec(mv, sv);
+  }
+  T m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = nan_max(m, mv[l]);
+  for (int64_t j = used; j < used + NA; ++j) m = nan_max(m, sc[j]);
+  if (m == -INFINITY) {  // every key dropped by kb: empty softmax
+    std::fill(o, o + DV, T(0));
+    *lse = -INFINITY;
+    if (probs) std::fill(probs, probs + g.probs_per_query(), T(0));
+    return;
+  }
+  V lv = {};
+  for (int64_t j = 0; j < used; j += L) {
+    V sv;
+    std::memcpy(&sv, sc + j, sizeof(V));
+    sv = vexp<L>(sv - m);
+    std::memcpy(sc + j, &sv, sizeof(V));
+    lv += sv;
+  }
+  T l = 0;
+  for (int k = 0; k < L; ++k) l += lv[k];
+  for (int64_t j = used; j < used + NA; ++j) {
+    sc[j] = std::exp(sc[j] - m);
+    l += sc[j];
+  }
+  accumulate_values_any<T, L>(head_base(p.v, p.lv, b, h), sc + off, runs, nrun, rstride / L, g.ax[2].dil,
+                              p.lv.token, DV, o);
+  for (int64_t j = 0; j < NA; ++j) {
+    const T pj = sc[used + j];
+    const T* vj = p.addv + ((b * NA + j) * H + h) * DV;
+    for (int64_t c = 0; c < DV; ++c) o[c] += pj * vj[c];
+  }
+  const T inv = T(1) / l;
+  for (int64_t c = 0; c < DV; ++c) o[c] *= inv;
+  *lse = m + std::log(l);
+  if (probs) {
+    const int64_t K2 = g.kernel2();
+    for (int64_t r = 0; r < nrun; ++r)
+      for (int64_t j = 0; j < runs[r].count; ++j) probs[r * K2 + j] = sc[r * rstride + off + j] * inv;
+  }
+}
+
+template <typename T, int L>
+void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
   const Geometry& g = p.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, NA = g.NA;
   const int64_t RW = g.row_width(), slice = g.rows() * D * RW + 2 * L;
-  const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t rstride = chunks * L, width = max_runs * rstride + NA;
-  const int64_t dil2 = g.ax[2].dil;
+  const int64_t KK = g.probs_per_query();
   Scratch<T>& mem = scratch<T>();
   mem.workers(nthreads);
-  const T* kt = transpose_heads(p.k, g, D, slice, nthreads, mem.kt);
+  const T* kt = transpose_heads(p.k, p.lk, g, D, slice, nthreads, mem.kt);
   // Work item = (batch, window row, part of the row); parts keep both threads busy on 1-D inputs.
   const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * g.rows() - 1) / (g.B * g.rows()));
   parallel_for(g.B * g.rows() * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
@@ -454,209 +568,236 @@ void forward(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
         for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi) {
           const Block& blk = blocks[bi];
           const int64_t nrun = window_runs(g, blk.token[0], runs);
-          const int64_t used = nrun * rstride;
-          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, kth, RW, D, g, runs, nrun, chunks,
+          logits_for_block<T, L>(blk, head_base(p.q, p.lq, b, h), p.lq.token, kth, RW, D, g, runs, nrun, chunks,
                                  p.scale, score, width);
           for (int64_t i = 0; i < blk.n; ++i) {
             const int64_t t = blk.token[i];
             window_runs(g, t, runs);
-            const int64_t off = runs[0].col - blk.base;
-            T* sc = score + i * width;
             const int64_t qoff = (b * N + t) * H + h;
-            const T* qi = p.q + qoff * D;
-            if (p.rpb || p.kb) {
-              for (int64_t r = 0; r < nrun; ++r)
-                for (int64_t j = 0; j < runs[r].count; ++j) {
-                  T& s = sc[r * rstride + off + j];
-                  if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
-                  if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
-                }
-            }
-            for (int64_t j = 0; j < NA; ++j) {
-              const T* kj = p.addk + ((b * NA + j) * H + h) * D;
-              T s = 0;
-              for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-              sc[used + j] = p.scale * s;
-            }
-            V mv = sc[0] + V{};
-            for (int64_t j = 0; j < used; j += L) {
-              V sv;
-              std::memcpy(&sv, sc + j, sizeof(V));
-              mv = nan_max_vec(mv, sv);
-            }
-            T m = -INFINITY;
-            for (int l = 0; l < L; ++l) m = nan_max(m, mv[l]);
-            for (int64_t j = used; j < used + NA; ++j) m = nan_max(m, sc[j]);
-            T* o = out + qoff * DV;
-            if (m == -INFINITY) {  // every key dropped by kb: empty softmax
-              std::fill(o, o + DV, T(0));
-              lse[qoff] = -INFINITY;
-              continue;
-            }
-            V lv = {};
-            for (int64_t j = 0; j < used; j += L) {
-              V sv;
-              std::memcpy(&sv, sc + j, sizeof(V));
-              sv = vexp<L>(sv - m);
-              std::memcpy(sc + j, &sv, sizeof(V));
-              lv += sv;
-            }
-            T l = 0;
-            for (int k = 0; k < L; ++k) l += lv[k];
-            for (int64_t j = used; j < used + NA; ++j) {
-              sc[j] = std::exp(sc[j] - m);
-              l += sc[j];
-            }
-            accumulate_values_any<T, L>(p.v + ((b * N) * H + h) * DV, sc + off, runs, nrun, chunks, dil2,
-                                        H * DV, DV, o);
-            for (int64_t j = 0; j < NA; ++j) {
-              const T pj = sc[used + j];
-              const T* vj = p.addv + ((b * NA + j) * H + h) * DV;
-              for (int64_t c = 0; c < DV; ++c) o[c] += pj * vj[c];
-            }
-            const T inv = T(1) / l;
-            for (int64_t c = 0; c < DV; ++c) o[c] *= inv;
-            lse[qoff] = m + std::log(l);
+            forward_query<T, L>(p, b, h, t, runs, nrun, rstride, runs[0].col - blk.base, score + i * width,
+                                out + qoff * DV, lse + qoff, probs ? probs + ((b * H + h) * N + t) * KK : nullptr);
           }
         }
       }
     }
   });
+}
+
+// ---- Backward ---------------------------------------------------------------------------------------------------
+//
+// Work item = (batch, head): every write to dk/dv/daddk/daddv/dkb of that slice stays in one thread. drpb is
+// [B, H, R] so that batches never share a slot either; the caller sums over B. Per block of queries:
+//   1. block_probabilities: P in the lane layout (read from the saved probabilities, or logits + biases + exp(s - lse))
+//   2. block_score_grads:   dP = dO·Vᵀ (logits against transposed V), dS = P ∘ (dP − delta)
+//   3. query_grads:         dQ = scale · dS·K, bias gradients, additional keys and values
+//   4. key_grads:           dK += dSᵀ·Q, dV += Pᵀ·dO in the transposed layout (written back once per head)
+
+template <typename T>
+struct Grads {
+  const T *out, *lse, *dout, *dlse, *probs;
+  T *dq, *dk, *dv, *daddk, *daddv, *drpb, *dkb;
+};
+
+// Per-worker buffers of the backward: lane-layout P and dS of a block, transposed dK and dV of one (batch, head).
+template <typename T>
+struct BackwardScratch {
+  Run* runs;
+  T *prob, *dprob, *dkt, *dvt;
+  int64_t width;
+};
+
+template <typename T, int L>
+inline void block_probabilities(const Problem<T>& p, const Grads<T>& gr, const T* ktb, int64_t b, int64_t h,
+                                const Block& blk, int64_t nrun, int64_t chunks, BackwardScratch<T>& s) {
+  using V = typename Simd<T, L>::vec;
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, rstride = chunks * L, used = nrun * rstride;
+  if (gr.probs) {
+    const int64_t KK = g.probs_per_query(), K2 = g.kernel2();
+    for (int64_t i = 0; i < blk.n; ++i) {
+      window_runs(g, blk.token[i], s.runs);
+      const int64_t off = s.runs[0].col - blk.base;
+      const T* saved = gr.probs + ((b * H + h) * N + blk.token[i]) * KK;
+      T* pr = s.prob + i * s.width;
+      std::fill(pr, pr + used, T(0));
+      for (int64_t r = 0; r < nrun; ++r)
+        std::copy(saved + r * K2, saved + r * K2 + s.runs[r].count, pr + r * rstride + off);
+    }
+    return;
+  }
+  window_runs(g, blk.token[0], s.runs);
+  logits_for_block<T, L>(blk, head_base(p.q, p.lq, b, h), p.lq.token, ktb, g.row_width(), g.D, g, s.runs, nrun,
+                         chunks, p.scale, s.prob, s.width);
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const int64_t t = blk.token[i];
+    const T li = gr.lse[(b * N + t) * H + h];
+    T* pr = s.prob + i * s.width;
+    if (li == -INFINITY) {  // empty softmax: no weights
+      std::fill(pr, pr + used, T(0));
+      continue;
+    }
+    window_runs(g, t, s.runs);
+    add_biases(p, b, h, s.runs, nrun, rstride, s.runs[0].col - blk.base, pr);
+    for (int64_t j = 0; j < used; j += L) {  // masked lanes have s = -inf, so p = 0
+      V sv;
+      std::memcpy(&sv, pr + j, sizeof(V));
+      sv = vexp<L>(sv - li);
+      std::memcpy(pr + j, &sv, sizeof(V));
+    }
+  }
+}
+
+// delta_i = <dO_i, O_i> - dlse_i (the softmax Jacobian's row term).
+template <typename T>
+inline T softmax_delta(const Problem<T>& p, const Grads<T>& gr, int64_t qoff) {
+  const T delta = dot(gr.dout + qoff * p.g.DV, gr.out + qoff * p.g.DV, p.g.DV);
+  return gr.dlse ? delta - gr.dlse[qoff] : delta;
 }
 
 template <typename T, int L>
-void backward(const Problem<T>& p, const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
-              T* daddk, T* daddv, T* drpb, T* dkb, int64_t nthreads) {
-  // Work item = (batch, head): every write to dk/dv/daddk/daddv/dkb of that slice stays in one thread.
-  // drpb is [B, H, R] so that batches never share a slot either; the caller sums over B.
+inline void block_score_grads(const Problem<T>& p, const Grads<T>& gr, const T* vtb, int64_t b, int64_t h,
+                              const Block& blk, int64_t nrun, int64_t chunks, BackwardScratch<T>& s) {
   using V = typename Simd<T, L>::vec;
   const Geometry& g = p.g;
-  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, NA = g.NA;
-  const int64_t RW = g.row_width();
-  const int64_t kslice = g.rows() * D * RW + 2 * L, vslice = g.rows() * DV * RW + 2 * L;
+  const int64_t N = g.tokens(), H = g.H, DV = g.DV, used = nrun * chunks * L;
+  window_runs(g, blk.token[0], s.runs);
+  logits_for_block<T, L>(blk, gr.dout + (b * N * H + h) * DV, H * DV, vtb, g.row_width(), DV, g, s.runs, nrun, chunks,
+                         T(1), s.dprob, s.width, /*mask=*/false);
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const int64_t qoff = (b * N + blk.token[i]) * H + h;
+    T* dsr = s.dprob + i * s.width;
+    if (gr.lse[qoff] == -INFINITY) {  // empty softmax: no gradient
+      std::fill(dsr, dsr + used, T(0));
+      continue;
+    }
+    const T delta = softmax_delta(p, gr, qoff);
+    const T* pr = s.prob + i * s.width;
+    for (int64_t j = 0; j < used; j += L) {
+      V pv, dpv;
+      std::memcpy(&pv, pr + j, sizeof(V));
+      std::memcpy(&dpv, dsr + j, sizeof(V));
+      dpv = pv * (dpv - delta);
+      std::memcpy(dsr + j, &dpv, sizeof(V));
+    }
+  }
+}
+
+// dS and P of query t's additional keys (recomputed: they are few), accumulated into dq_i, daddk, daddv.
+template <typename T>
+inline void additional_key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, int64_t t, T* dqi) {
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV;
+  const int64_t qoff = (b * N + t) * H + h;
+  const T* qi = head_base(p.q, p.lq, b, h) + t * p.lq.token;
+  const T* doi = gr.dout + qoff * DV;
+  const T li = gr.lse[qoff], delta = softmax_delta(p, gr, qoff);
+  for (int64_t j = 0; j < g.NA; ++j) {
+    const int64_t aoff = (b * g.NA + j) * H + h;
+    const T* kj = p.addk + aoff * D;
+    const T* vj = p.addv + aoff * DV;
+    const T pj = std::exp(p.scale * dot(qi, kj, D) - li);
+    const T sds = p.scale * pj * (dot(doi, vj, DV) - delta);
+    T* dkj = gr.daddk + aoff * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dqi[d] += sds * kj[d];
+      dkj[d] += sds * qi[d];
+    }
+    T* dvj = gr.daddv + aoff * DV;
+    for (int64_t c = 0; c < DV; ++c) dvj[c] += pj * doi[c];
+  }
+}
+
+template <typename T, int L>
+inline void query_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, const Block& blk,
+                        int64_t nrun, int64_t chunks, BackwardScratch<T>& s) {
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, rstride = chunks * L, dil2 = g.ax[2].dil;
   const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const int64_t t = blk.token[i], qoff = (b * N + t) * H + h;
+    T* dqi = gr.dq + qoff * D;
+    if (gr.lse[qoff] == -INFINITY) {
+      std::fill(dqi, dqi + D, T(0));
+      continue;
+    }
+    window_runs(g, t, s.runs);
+    const T* dsr = s.dprob + i * s.width + s.runs[0].col - blk.base;
+    // dq_i = scale * sum_j ds_j k_j: the P·V kernel with dS as weights and K rows as values.
+    accumulate_values_any<T, L>(head_base(p.k, p.lk, b, h), dsr, s.runs, nrun, chunks, dil2, p.lk.token, D, dqi);
+    for (int64_t d = 0; d < D; ++d) dqi[d] *= p.scale;
+    if (gr.drpb || gr.dkb) {
+      for (int64_t r = 0; r < nrun; ++r)
+        for (int64_t j = 0; j < s.runs[r].count; ++j) {
+          if (gr.drpb) gr.drpb[(b * H + h) * R + s.runs[r].bias + j] += dsr[r * rstride + j];
+          if (gr.dkb) gr.dkb[(b * N + s.runs[r].token + dil2 * j) * H + h] += dsr[r * rstride + j];
+        }
+    }
+    if (g.NA) additional_key_grads(p, gr, b, h, t, dqi);
+  }
+}
+
+template <typename T, int L>
+inline void key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, const Block& blk, int64_t nrun,
+                      int64_t chunks, BackwardScratch<T>& s) {
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, RW = g.row_width();
+  window_runs(g, blk.token[0], s.runs);
+  outer_for_block<T, L>(blk, head_base(p.q, p.lq, b, h), p.lq.token, s.dprob, s.width, s.dkt, RW, g.D, s.runs, nrun,
+                        chunks);
+  outer_for_block<T, L>(blk, gr.dout + (b * N * H + h) * g.DV, H * g.DV, s.prob, s.width, s.dvt, RW, g.DV, s.runs,
+                        nrun, chunks);
+}
+
+template <typename T, int L>
+void backward(const Problem<T>& p, const Grads<T>& gr, int64_t nthreads) {
+  const Geometry& g = p.g;
+  const int64_t H = g.H, D = g.D, DV = g.DV;
+  const int64_t kslice = g.rows() * D * g.row_width() + 2 * L, vslice = g.rows() * DV * g.row_width() + 2 * L;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
-  const int64_t rstride = chunks * L, width = max_runs * rstride;
-  const int64_t dil2 = g.ax[2].dil;
   Scratch<T>& mem = scratch<T>();
   mem.workers(nthreads);
-  const T* kt = transpose_heads(p.k, g, D, kslice, nthreads, mem.kt);
-  const T* vt = transpose_heads(p.v, g, DV, vslice, nthreads, mem.vt);
+  const T* kt = gr.probs ? nullptr : transpose_heads(p.k, p.lk, g, D, kslice, nthreads, mem.kt);
+  const T* vt = transpose_heads(p.v, p.lv, g, DV, vslice, nthreads, mem.vt);
   parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
-    Run* runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
-    T* prob = sized(mem.a[worker], kBlock * width);
-    T* dprob = sized(mem.b[worker], kBlock * width);
-    T* dkt = sized(mem.c[worker], kslice);  // transposed dK, dV of one (batch, head)
-    T* dvt = sized(mem.d[worker], vslice);
+    BackwardScratch<T> s;
+    s.width = max_runs * chunks * L;
+    s.runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
+    s.prob = sized(mem.a[worker], kBlock * s.width);
+    s.dprob = sized(mem.b[worker], kBlock * s.width);
+    s.dkt = sized(mem.c[worker], kslice);
+    s.dvt = sized(mem.d[worker], vslice);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const T* ktb = kt + bh * kslice;
-      const T* vtb = vt + bh * vslice;
-      std::fill(dkt, dkt + kslice, T(0));
-      std::fill(dvt, dvt + vslice, T(0));
+      std::fill(s.dkt, s.dkt + kslice, T(0));
+      std::fill(s.dvt, s.dvt + vslice, T(0));
       for (int64_t row = 0; row < g.rows(); ++row) {
         for (const Block& blk : make_blocks(g, row, L, chunks)) {
-          const int64_t nrun = window_runs(g, blk.token[0], runs);
-          const int64_t used = nrun * rstride;
-          logits_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, ktb, RW, D, g, runs, nrun, chunks,
-                                 p.scale, prob, width);
-          logits_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, vtb, RW, DV, g, runs, nrun,
-                                 chunks, T(1), dprob, width, /*mask=*/false);
-          for (int64_t i = 0; i < blk.n; ++i) {
-            const int64_t t = blk.token[i];
-            const int64_t qoff = (b * N + t) * H + h;
-            const T li = lse[qoff];
-            if (li == -INFINITY) {  // empty softmax: no gradient
-              std::fill(dq + qoff * D, dq + (qoff + 1) * D, T(0));
-              continue;
-            }
-            window_runs(g, t, runs);
-            const int64_t off = runs[0].col - blk.base;
-            T* pr = prob + i * width;
-            T* dsr = dprob + i * width;
-            const T* qi = p.q + qoff * D;
-            const T* doi = dout + qoff * DV;
-            T delta = 0;
-            for (int64_t c = 0; c < DV; ++c) delta += doi[c] * out[qoff * DV + c];
-            if (dlse) delta -= dlse[qoff];
-            if (p.rpb || p.kb) {
-              for (int64_t r = 0; r < nrun; ++r)
-                for (int64_t j = 0; j < runs[r].count; ++j) {
-                  T& s = pr[r * rstride + off + j];
-                  if (p.rpb) s += p.rpb[h * R + runs[r].bias + j];
-                  if (p.kb) s += p.kb[(b * N + runs[r].token + dil2 * j) * H + h];
-                }
-            }
-            // p = exp(s - lse); ds = p * (dP - delta); masked lanes have s = -inf, so p = ds = 0.
-            for (int64_t j = 0; j < used; j += L) {
-              V sv, dpv;
-              std::memcpy(&sv, pr + j, sizeof(V));
-              std::memcpy(&dpv, dsr + j, sizeof(V));
-              sv = vexp<L>(sv - li);
-              dpv = sv * (dpv - delta);
-              std::memcpy(pr + j, &sv, sizeof(V));
-              std::memcpy(dsr + j, &dpv, sizeof(V));
-            }
-            T* dqi = dq + qoff * D;
-            // dq_i = scale * sum_j ds_j k_j: the P·V kernel with ds as weights and K rows as values.
-            accumulate_values_any<T, L>(p.k + (b * N * H + h) * D, dsr + off, runs, nrun, chunks, dil2, H * D,
-                                        D, dqi);
-            for (int64_t d = 0; d < D; ++d) dqi[d] *= p.scale;
-            if (drpb || dkb) {
-              for (int64_t r = 0; r < nrun; ++r) {
-                const T* dsrr = dsr + r * rstride + off;
-                for (int64_t j = 0; j < runs[r].count; ++j) {
-                  if (drpb) drpb[bh * R + runs[r].bias + j] += dsrr[j];
-                  if (dkb) dkb[(b * N + runs[r].token + dil2 * j) * H + h] += dsrr[j];
-                }
-              }
-            }
-            for (int64_t j = 0; j < NA; ++j) {
-              const int64_t aoff = (b * NA + j) * H + h;
-              const T* kj = p.addk + aoff * D;
-              const T* vj = p.addv + aoff * DV;
-              T s = 0, dp = 0;
-              for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-              for (int64_t c = 0; c < DV; ++c) dp += doi[c] * vj[c];
-              const T pj = std::exp(p.scale * s - li);
-              const T ds = pj * (dp - delta);
-              const T sds = p.scale * ds;
-              T* dkj = daddk + aoff * D;
-              for (int64_t d = 0; d < D; ++d) {
-                dqi[d] += sds * kj[d];
-                dkj[d] += sds * qi[d];
-              }
-              T* dvj = daddv + aoff * DV;
-              for (int64_t c = 0; c < DV; ++c) dvj[c] += pj * doi[c];
-            }
-          }
-          // Queries with an empty softmax must not contribute: zero their weights.
-          for (int64_t i = 0; i < blk.n; ++i) {
-            if (lse[(b * N + blk.token[i]) * H + h] == -INFINITY) {
-              std::fill(prob + i * width, prob + i * width + used, T(0));
-              std::fill(dprob + i * width, dprob + i * width + used, T(0));
-            }
-          }
-          outer_for_block<T, L>(blk, p.q + ((b * N) * H + h) * D, H * D, dprob, width, dkt, RW, D,
-                                runs, nrun, chunks);
-          outer_for_block<T, L>(blk, dout + ((b * N) * H + h) * DV, H * DV, prob, width, dvt, RW, DV,
-                                runs, nrun, chunks);
+          const int64_t nrun = window_runs(g, blk.token[0], s.runs);
+          block_probabilities<T, L>(p, gr, kt ? kt + bh * kslice : nullptr, b, h, blk, nrun, chunks, s);
+          block_score_grads<T, L>(p, gr, vt + bh * vslice, b, h, blk, nrun, chunks, s);
+          query_grads<T, L>(p, gr, b, h, blk, nrun, chunks, s);
+          key_grads<T, L>(p, gr, b, h, blk, nrun, chunks, s);
         }
       }
-      for (int64_t i = 0; i < kslice; ++i) dkt[i] *= p.scale;
-      untranspose(dkt, g, D, b, h, dk);
-      untranspose(dvt, g, DV, b, h, dv);
+      for (int64_t i = 0; i < kslice; ++i) s.dkt[i] *= p.scale;
+      untranspose(s.dkt, g, D, b, h, gr.dk);
+      untranspose(s.dvt, g, DV, b, h, gr.dv);
     }
   });
 }
 
+// ---- C ABI --------------------------------------------------------------------------------------------------------
+
+// strides: batch, token and head strides of q, k and v (9 values, in elements).
 template <typename T>
 Problem<T> make_problem(const T* q, const T* k, const T* v, const T* addk, const T* addv, const T* rpb, const T* kb,
                         const int64_t* shape, const int64_t* dil, const int64_t* rel_size,
-                        const int64_t* const* tables, int64_t B, int64_t H, int64_t D, int64_t DV, int64_t NA,
-                        double scale) {
-  Problem<T> p{q, k, v, addk, addv, rpb, kb, Geometry{}, T(scale)};
+                        const int64_t* const* tables, const int64_t* strides, int64_t B, int64_t H, int64_t D,
+                        int64_t DV, int64_t NA, double scale) {
+  Problem<T> p{q, k, v, addk, addv, rpb, kb, Layout{strides[0], strides[1], strides[2]},
+               Layout{strides[3], strides[4], strides[5]}, Layout{strides[6], strides[7], strides[8]}, Geometry{},
+               T(scale)};
   for (int a = 0; a < 3; ++a) {
     p.g.ax[a] = Axis{tables[3 * a], tables[3 * a + 1], tables[3 * a + 2], shape[a], dil[a], rel_size[a]};
   }
@@ -668,36 +809,27 @@ Problem<T> make_problem(const T* q, const T* k, const T* v, const T* addk, const
   return p;
 }
 
-template <typename T>
-void forward_any(const Problem<T>& p, T* out, T* lse, int64_t nthreads) {
-  forward<T, 64 / sizeof(T)>(p, out, lse, nthreads);
-}
-
-template <typename T>
-void backward_any(const Problem<T>& p, const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
-                  T* daddk, T* daddv, T* drpb, T* dkb, int64_t nthreads) {
-  backward<T, 64 / sizeof(T)>(p, out, lse, dout, dlse, dq, dk, dv, daddk, daddv, drpb, dkb, nthreads);
-}
-
 }  // namespace
 
-#define ATTNZOO_DEFINE(T, SUFFIX)                                                                                  \
-  extern "C" void attnzoo_na_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* addk, const T* addv,    \
-                                              const T* rpb, const T* kb, T* out, T* lse, const int64_t* shape,     \
-                                              const int64_t* dil, const int64_t* rel_size,                         \
-                                              const int64_t* const* tables, int64_t B, int64_t H, int64_t D,       \
-                                              int64_t DV, int64_t NA, double scale, int64_t nthreads) {            \
-    forward_any<T>(make_problem<T>(q, k, v, addk, addv, rpb, kb, shape, dil, rel_size, tables, B, H, D, DV, NA, scale), \
-               out, lse, nthreads);                                                                                \
-  }                                                                                                                \
-  extern "C" void attnzoo_na_backward_##SUFFIX(                                                                    \
-      const T* q, const T* k, const T* v, const T* addk, const T* addv, const T* rpb, const T* kb, const T* out,   \
-      const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, T* daddk, T* daddv, T* drpb, T* dkb,        \
-      const int64_t* shape, const int64_t* dil, const int64_t* rel_size, const int64_t* const* tables, int64_t B,  \
-      int64_t H, int64_t D, int64_t DV, int64_t NA, double scale, int64_t nthreads) {                              \
-    backward_any<T>(make_problem<T>(q, k, v, addk, addv, rpb, kb, shape, dil, rel_size, tables, B, H, D, DV, NA,       \
-                                scale),                                                                            \
-                out, lse, dout, dlse, dq, dk, dv, daddk, daddv, drpb, dkb, nthreads);                              \
+#define ATTNZOO_DEFINE(T, SUFFIX)                                                                                    \
+  extern "C" void attnzoo_na_forward_##SUFFIX(                                                                       \
+      const T* q, const T* k, const T* v, const T* addk, const T* addv, const T* rpb, const T* kb, T* out, T* lse,   \
+      T* probs, const int64_t* shape, const int64_t* dil, const int64_t* rel_size, const int64_t* const* tables,     \
+      const int64_t* strides, int64_t B, int64_t H, int64_t D, int64_t DV, int64_t NA, double scale,                 \
+      int64_t nthreads) {                                                                                            \
+    forward<T, 64 / sizeof(T)>(                                                                                      \
+        make_problem<T>(q, k, v, addk, addv, rpb, kb, shape, dil, rel_size, tables, strides, B, H, D, DV, NA, scale), \
+        out, lse, probs, nthreads);                                                                                  \
+  }                                                                                                                  \
+  extern "C" void attnzoo_na_backward_##SUFFIX(                                                                      \
+      const T* q, const T* k, const T* v, const T* addk, const T* addv, const T* rpb, const T* kb, const T* out,     \
+      const T* lse, const T* probs, const T* dout, const T* dlse, T* dq, T* dk, T* dv, T* daddk, T* daddv, T* drpb,  \
+      T* dkb, const int64_t* shape, const int64_t* dil, const int64_t* rel_size, const int64_t* const* tables,       \
+      const int64_t* strides, int64_t B, int64_t H, int64_t D, int64_t DV, int64_t NA, double scale,                 \
+      int64_t nthreads) {                                                                                            \
+    backward<T, 64 / sizeof(T)>(                                                                                     \
+        make_problem<T>(q, k, v, addk, addv, rpb, kb, shape, dil, rel_size, tables, strides, B, H, D, DV, NA, scale), \
+        Grads<T>{out, lse, dout, dlse, probs, dq, dk, dv, daddk, daddv, drpb, dkb}, nthreads);                       \
   }
 
 ATTNZOO_DEFINE(float, f32)
