@@ -9,8 +9,9 @@ Workload P: 2-D NA, B=2, heads=4, 56×56 tokens, head_dim=32, kernel 7, fp32.
 Memory: peak resident memory added by forward+backward at 128×128 vs 64×64 (B=1, heads=4, d=32, k=7), sampled in
   fresh subprocesses (/proc/self/statm), so the native kernel's own buffers are counted too.
 
-Run: ``python benchmarks/engine.py [--threads 2] [--json out.json]``. Absolute times on shared machines drift; the
-ratios are measured in one run.
+Run: ``python benchmarks/engine.py [--threads 2] [--rounds 5] [--json out.json]``. Absolute times on shared machines
+drift, so the CPU workloads are timed in ``--rounds`` interleaved rounds (every contender once per round, about
+``--min-run-time / rounds`` s each) and every ratio is the median of the per-round ratios, with its min–max spread.
 
 GPU (``--device cuda``, bf16; see ``gpu_main``): per workload and backend (flex, natten, tiled, auto), forward and
 forward+backward, R1 = t(SDPA over the window partition, same keys per query) / t(NA) and
@@ -27,9 +28,11 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,21 @@ def time_ms(fn, threads: int, min_run_time: float) -> float:
     timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return (measurement.median if STATISTIC == "median" else min(measurement.times)) * 1e3
+
+
+def interleaved_ms(fns: dict[str, Callable], threads: int, min_run_time: float, rounds: int) -> dict[str, list[float]]:
+    """Per-round times (ms) of every function, the functions timed in turn in each of ``rounds`` rounds."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, threads, min_run_time / rounds))
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str, scale: float = 1.0) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``scale · t(num) / t(den)``."""
+    r = [scale * a / b for a, b in zip(times[num], times[den])]
+    return statistics.median(r), min(r), max(r)
 
 
 def window_sdpa(q, k, v, window: tuple[int, ...]):
@@ -75,48 +93,54 @@ def fwd_bwd(fn, *tensors):
     return run
 
 
-def workload_2d(threads: int, min_run_time: float, backend: str = "auto") -> dict:
+def workload_2d(threads: int, min_run_time: float, backend: str = "auto", rounds: int = 5) -> dict:
     torch.manual_seed(0)
     b, h, side, d, k = 2, 4, 56, 32, 7
     q, kk, v = (torch.randn(b, side, side, h, d) for _ in range(3))
     na = lambda q_, k_, v_: ops.na2d(q_, k_, v_, kernel_size=k, backend=backend)  # noqa: E731
     win = lambda q_, k_, v_: window_sdpa(q_, k_, v_, (k, k))  # noqa: E731
-    t_na = time_ms(lambda: na(q, kk, v), threads, min_run_time)
-    t_win = time_ms(lambda: win(q, kk, v), threads, min_run_time)
-    t_dense = time_ms(lambda: dense_sdpa(q, kk, v), threads, min_run_time)
-    t_na_fb = time_ms(fwd_bwd(na, q, kk, v), threads, min_run_time)
-    t_win_fb = time_ms(fwd_bwd(win, q, kk, v), threads, min_run_time)
+    fns = {
+        "na": lambda: na(q, kk, v), "window": lambda: win(q, kk, v), "dense": lambda: dense_sdpa(q, kk, v),
+        "na_fb": fwd_bwd(na, q, kk, v), "window_fb": fwd_bwd(win, q, kk, v),
+    }  # fmt: skip
+    t = interleaved_ms(fns, threads, min_run_time, rounds)
+    med = {name: statistics.median(x) for name, x in t.items()}
     n = side * side
+    r1, r2, fb, wfb = ratio(t, "window", "na"), ratio(t, "dense", "na", k**2 / n), ratio(t, "na_fb", "na"), ratio(t, "window_fb", "window")
     return {
         "backend": backend,
-        "t_na_ms": t_na,
-        "t_window_sdpa_ms": t_win,
-        "t_dense_sdpa_ms": t_dense,
-        "t_na_fwd_bwd_ms": t_na_fb,
-        "t_window_fwd_bwd_ms": t_win_fb,
-        "R1": t_win / t_na,
-        "R2": (t_dense / t_na) / (n / k**2),
-        "na_fwd_bwd_over_fwd": t_na_fb / t_na,
-        "window_fwd_bwd_over_fwd": t_win_fb / t_win,
-        "useful_gflops_per_s": 4 * b * h * n * k * k * d / (t_na * 1e-3) / 1e9,
-    }
+        "t_na_ms": med["na"],
+        "t_window_sdpa_ms": med["window"],
+        "t_dense_sdpa_ms": med["dense"],
+        "t_na_fwd_bwd_ms": med["na_fb"],
+        "t_window_fwd_bwd_ms": med["window_fb"],
+        "R1": r1[0], "R1_spread": r1[1:],
+        "R2": r2[0], "R2_spread": r2[1:],
+        "na_fwd_bwd_over_fwd": fb[0], "na_fwd_bwd_over_fwd_spread": fb[1:],
+        "window_fwd_bwd_over_fwd": wfb[0],
+        "useful_gflops_per_s": 4 * b * h * n * k * k * d / (med["na"] * 1e-3) / 1e9,
+    }  # fmt: skip
 
 
-def workload_3d(threads: int, min_run_time: float) -> dict:
+def workload_3d(threads: int, min_run_time: float, rounds: int = 5) -> dict:
     torch.manual_seed(0)
     b, h, d, kernel = 1, 4, 32, (3, 7, 7)
     q, kk, v = (torch.randn(b, 8, 28, 28, h, d) for _ in range(3))
     qp, kp, vp = (torch.randn(b, 9, 28, 28, h, d) for _ in range(3))
-    t_na = time_ms(lambda: ops.na3d(q, kk, v, kernel_size=kernel), threads, min_run_time)
-    t_win = time_ms(lambda: window_sdpa(qp, kp, vp, kernel), threads, min_run_time) * 8 / 9
-    t_na_fb = time_ms(fwd_bwd(lambda *t: ops.na3d(*t, kernel_size=kernel), q, kk, v), threads, min_run_time)
-    return {
-        "t_na_ms": t_na,
-        "t_window_sdpa_ms_scaled": t_win,
-        "t_na_fwd_bwd_ms": t_na_fb,
-        "R1": t_win / t_na,
-        "na_fwd_bwd_over_fwd": t_na_fb / t_na,
+    fns = {
+        "na": lambda: ops.na3d(q, kk, v, kernel_size=kernel),
+        "window": lambda: window_sdpa(qp, kp, vp, kernel),
+        "na_fb": fwd_bwd(lambda *t: ops.na3d(*t, kernel_size=kernel), q, kk, v),
     }
+    t = interleaved_ms(fns, threads, min_run_time, rounds)
+    r1, fb = ratio(t, "window", "na", 8 / 9), ratio(t, "na_fb", "na")
+    return {
+        "t_na_ms": statistics.median(t["na"]),
+        "t_window_sdpa_ms_scaled": statistics.median(t["window"]) * 8 / 9,
+        "t_na_fwd_bwd_ms": statistics.median(t["na_fb"]),
+        "R1": r1[0], "R1_spread": r1[1:],
+        "na_fwd_bwd_over_fwd": fb[0], "na_fwd_bwd_over_fwd_spread": fb[1:],
+    }  # fmt: skip
 
 
 _MEMORY_PROBE = """
@@ -311,7 +335,8 @@ def gpu_main(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per contender, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds (ratios: median and spread)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--statistic", choices=("median", "min"), default="median")
@@ -328,24 +353,27 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "statistic": args.statistic,
         "torch": torch.__version__,
-        "workload_2d": workload_2d(args.threads, args.min_run_time),
-        "workload_2d_tiled": workload_2d(args.threads, args.min_run_time, backend="tiled"),
-        "workload_3d": workload_3d(args.threads, args.min_run_time),
+        "rounds": args.rounds,
+        "workload_2d": workload_2d(args.threads, args.min_run_time, rounds=args.rounds),
+        "workload_2d_tiled": workload_2d(args.threads, args.min_run_time, backend="tiled", rounds=args.rounds),
+        "workload_3d": workload_3d(args.threads, args.min_run_time, rounds=args.rounds),
     }
     if not args.skip_memory:
         m64, m128 = peak_memory_bytes(64, args.threads), peak_memory_bytes(128, args.threads)
         results["memory"] = {"peak_64_bytes": m64, "peak_128_bytes": m128, "ratio_128_over_64": m128 / max(m64, 1)}
     w, t, w3 = results["workload_2d"], results["workload_2d_tiled"], results["workload_3d"]
-    print(f"threads={args.threads}  statistic={args.statistic}  torch {torch.__version__}")
+    spread = lambda r, key: f"{r[key]:.2f} [{r[key + '_spread'][0]:.2f}–{r[key + '_spread'][1]:.2f}]"  # noqa: E731
+    print(f"threads={args.threads}  statistic={args.statistic}  rounds={args.rounds}  torch {torch.__version__}")
     print(
         f"2-D P  native: {w['t_na_ms']:.2f} ms | window SDPA {w['t_window_sdpa_ms']:.2f} ms | dense SDPA "
-        f"{w['t_dense_sdpa_ms']:.1f} ms | R1 {w['R1']:.2f} | R2 {w['R2']:.2f} | fwd+bwd/fwd {w['na_fwd_bwd_over_fwd']:.2f} "
-        f"(window SDPA {w['window_fwd_bwd_over_fwd']:.2f}) | {w['useful_gflops_per_s']:.1f} useful GFLOP/s"
+        f"{w['t_dense_sdpa_ms']:.1f} ms | R1 {spread(w, 'R1')} | R2 {spread(w, 'R2')} | fwd+bwd/fwd "
+        f"{spread(w, 'na_fwd_bwd_over_fwd')} (window SDPA {w['window_fwd_bwd_over_fwd']:.2f}) | "
+        f"{w['useful_gflops_per_s']:.1f} useful GFLOP/s"
     )
-    print(f"2-D P  tiled : {t['t_na_ms']:.2f} ms | R1 {t['R1']:.2f} | R2 {t['R2']:.2f} | fwd+bwd/fwd {t['na_fwd_bwd_over_fwd']:.2f}")
+    print(f"2-D P  tiled : {t['t_na_ms']:.2f} ms | R1 {spread(t, 'R1')} | fwd+bwd/fwd {spread(t, 'na_fwd_bwd_over_fwd')}")
     print(
         f"3-D    native: {w3['t_na_ms']:.2f} ms | window SDPA (scaled) {w3['t_window_sdpa_ms_scaled']:.2f} ms | "
-        f"R1 {w3['R1']:.2f} | fwd+bwd/fwd {w3['na_fwd_bwd_over_fwd']:.2f}"
+        f"R1 {spread(w3, 'R1')} | fwd+bwd/fwd {spread(w3, 'na_fwd_bwd_over_fwd')}"
     )
     if "memory" in results:
         m = results["memory"]

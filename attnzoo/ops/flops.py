@@ -1,6 +1,6 @@
 """FLOP counting: ``count_flops`` over ``torch.utils.flop_counter``, with formulas for what it cannot see.
 
-Fused custom ops. ``FlopCounterMode`` cannot see inside ``attnzoo::na_forward``/``na_backward``; these formulas count the useful work:
+``FlopCounterMode`` cannot see inside ``attnzoo::na_forward`` (``na_forward_saving``)/``na_backward``; these formulas count the useful work:
 the forward is the two matmuls QKᵀ and PV over each query's window (and the additional keys),
 4·B·heads·N·(Πkernel + n_add)·d when d_qk = d_v; the backward twice that (dS = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 dK = dSᵀ·Q), as for dense attention.
@@ -38,7 +38,7 @@ def _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape) -> int:
     return 2 * batch * heads * tokens * keys * (d_qk + v_shape[-1])
 
 
-@register_flop_formula(torch.ops.attnzoo.na_forward)
+@register_flop_formula([torch.ops.attnzoo.na_forward, torch.ops.attnzoo.na_forward_saving])
 def na_forward_flops(
     q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape, rel_pos_bias_shape, key_bias_shape,
     kernel_size, *args: Any, out_shape=None, **kwargs: Any,

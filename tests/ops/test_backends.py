@@ -307,3 +307,22 @@ def test_native_backward_with_several_threads():
     assert_lse_close(lse, ref_lse, 1e-10, "lse")
     for name in grads:
         assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved_probs", "recomputed_probs"])
+def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved):
+    """The fused backward either reads the softmax probabilities its forward saved or recomputes them (kernels with
+    more keys than q, k and v have values): both against the reference, with every extra input and -inf key biases."""
+    from attnzoo.ops.backends import native
+
+    monkeypatch.setattr(native, "saves_probabilities", lambda *args: saved)
+    case = Case((9, 10), (3, 5), stride=(2, 1), dilation=(1, 2), causal=(True, False), batch=2, heads=2, dim=8)
+    inputs = make_inputs(case, "extras", torch.float64)
+    calls, fused_backward = [], torch.ops.attnzoo.na_backward
+    monkeypatch.setattr(native, "na_backward", lambda *a, **kw: calls.append(kw["probs"]) or fused_backward(*a, **kw))
+    out, lse, grads = run(case, "native", inputs)
+    assert (calls[0] is not None) == saved
+    ref_out, ref_lse, ref_grads = run(case, "reference", inputs)
+    assert_close_rms(out, ref_out, 1e-10, "output")
+    for name in grads:
+        assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")

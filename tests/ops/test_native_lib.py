@@ -168,3 +168,13 @@ def test_cache_owned_by_another_user_is_refused(private_cache):
     os.chown(private_cache, 65534, 65534)
     with pytest.warns(RuntimeWarning, match="owned by uid 65534"):
         assert "owned by uid 65534" in _native_lib.unavailable_reason()
+
+
+def test_library_built_for_another_cpu_is_not_loaded(private_cache, monkeypatch):
+    """The library is compiled with -march=native: the CPU's model and flags are part of its cache key, so a cache
+    shared with a machine of another CPU builds a library of its own instead of loading the other's."""
+    _native_lib.load()
+    monkeypatch.setattr(_native_lib, "cpu_identity", lambda: "model name : another CPU\nflags : sse2")
+    _native_lib.load.cache_clear()
+    _native_lib.load()
+    assert len(list(private_cache.glob("neighborhood-*.so"))) == 2

@@ -2,7 +2,8 @@
 
 The kernel has a plain C ABI and no torch headers, so the system C++ compiler builds it in about a second; the
 shared object is cached under ``$ATTNZOO_CACHE`` (default ``~/.cache/attnzoo``, private to the user) keyed by a
-hash of the source, the compiler and its flags, and verified against a SHA-256 side file before every load.
+hash of the source, the compiler and its flags, the host and the CPU (it is built with ``-march=native``), and
+verified against a SHA-256 side file before every load.
 ``ATTNZOO_NATIVE=0`` disables it (the ``tiled`` backend then serves CPU calls).
 """
 
@@ -44,6 +45,18 @@ def _arch_flags(cxx: str) -> list[str]:
         if probe.returncode == 0:
             return ["-march=native"]
     return []
+
+
+def cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU model and feature flags (``/proc/cpuinfo`` on Linux, else the
+    platform's processor string). Part of the library's cache key, so a cache shared between machines (a network
+    home directory, a copied container) never hands one CPU a library built for another's instruction set."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
 SYMBOLS = tuple(f"attnzoo_na_{op}_{suffix}" for op in ("forward", "backward") for suffix in ("f32", "f64"))
@@ -110,7 +123,8 @@ def load() -> ctypes.CDLL:
         raise NativeUnavailable("no C++ compiler found (install g++ or set CXX)")
     flags = FLAGS + _arch_flags(cxx)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((cxx, flags, version, platform.node())).encode()).hexdigest()
+    key = repr((cxx, flags, version, platform.node(), cpu_identity())).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()
     try:
         cache = cache_dir()
     except OSError as exc:
@@ -133,10 +147,10 @@ def load() -> ctypes.CDLL:
     p, i64, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"attnzoo_na_forward_{suffix}")
-        fwd.argtypes = [p] * 9 + [p] * 4 + [i64] * 5 + [dbl, i64]
+        fwd.argtypes = [p] * 10 + [p] * 5 + [i64] * 5 + [dbl, i64]
         fwd.restype = None
         bwd = getattr(lib, f"attnzoo_na_backward_{suffix}")
-        bwd.argtypes = [p] * 18 + [p] * 4 + [i64] * 5 + [dbl, i64]
+        bwd.argtypes = [p] * 19 + [p] * 5 + [i64] * 5 + [dbl, i64]
         bwd.restype = None
     return lib
 

@@ -2,12 +2,17 @@
 
 Registered as ``torch.library`` custom ops (``attnzoo::na_forward`` / ``attnzoo::na_backward``) with fake
 implementations and an autograd formula, so modules built on it work under ``torch.compile(fullgraph=True)`` and
-``torch.export``. Half-precision inputs are computed in float32 and cast back.
+``torch.export``. Half-precision inputs are computed in float32 and cast back. q, k and v are read in place when
+their spatial axes flatten to one token stride (e.g. views of one fused qkv projection), not copied. When a
+gradient is needed, ``attnzoo::na_forward_saving`` also returns the window's softmax probabilities, which the
+backward reads instead of recomputing them (only where they are no larger than q, k and v together: see
+``saves_probabilities``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 from functools import lru_cache
 from typing import Optional
 
@@ -38,6 +43,26 @@ def _geometry(shape: tuple, kernel: tuple, stride: tuple, dilation: tuple, causa
 
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
+
+
+def kernel_readable(t: torch.Tensor) -> bool:
+    """True when the kernel can read ``t`` [batch, *spatial, heads, d] in place: unit stride along d (or d = 1) and
+    spatial axes that flatten to one token stride (contiguous tensors, views of a fused qkv projection)."""
+    if t.shape[-1] != 1 and t.stride(-1) != 1:
+        return False
+    spatial = range(1, t.dim() - 2)
+    return all(t.shape[i + 1] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in spatial[:-1])
+
+
+def _layout(*tensors: torch.Tensor) -> torch.Tensor:
+    """Batch, token and head strides of q, k and v (in elements) for the kernel."""
+    return torch.tensor([s for t in tensors for s in (t.stride(0), t.stride(-3), t.stride(-2))], dtype=torch.int64)
+
+
+def saves_probabilities(kernel_size, head_dim: int, value_dim: int) -> bool:
+    """Whether a forward that needs a gradient keeps its softmax probabilities for the backward: when the
+    Πkernel_size of them per query and head are no more than q, k and v hold (2·head_dim + value_dim)."""
+    return math.prod(kernel_size) <= 2 * head_dim + value_dim
 
 
 def _check_op_inputs(
@@ -72,8 +97,14 @@ def _check_op_inputs(
         raise ValueError(f"attnzoo::{op}: runs on CPU tensors only, got device {q.device}")
     if key_bias is not None and tuple(key_bias.shape) != (problem.batch, *problem.spatial_shape, problem.heads):
         raise ValueError(f"attnzoo::{op}: key_bias.shape={tuple(key_bias.shape)} must be [batch, *spatial, heads]")
-    for name, t in (("q", q), ("k", k), ("v", v), ("additional_keys", additional_keys),
-                    ("additional_values", additional_values), ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not kernel_readable(t):
+            raise ValueError(
+                f"attnzoo::{op}: {name} (strides {t.stride()}) must be contiguous, or have unit stride along its last "
+                "axis and spatial axes that flatten to one token stride"
+            )
+    for name, t in (("additional_keys", additional_keys), ("additional_values", additional_values),
+                    ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"attnzoo::{op}: {name} must be contiguous")
     return problem
@@ -91,6 +122,35 @@ def _call(name: str, dtype: torch.dtype):
     return getattr(_native_lib.load(), f"attnzoo_na_{name}_{_KERNEL_DTYPES[dtype]}")
 
 
+def _forward(
+    op: str, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
+    is_causal, scale, save_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_inputs(
+        op, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
+        is_causal, scale,
+    )  # fmt: skip
+    shape = tuple(q.shape[1:-2])
+    _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1])
+    probs = q.new_empty(_probs_shape(q, kernel_size) if save_probs else (0,))
+    na = 0 if additional_keys is None else additional_keys.shape[1]
+    strides = _layout(q, k, v)
+    _call("forward", q.dtype)(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
+        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), probs.data_ptr() if save_probs else None, meta[0].data_ptr(),
+        meta[1].data_ptr(), meta[2].data_ptr(), pointers, strides.data_ptr(),
+        q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse, probs
+
+
+def _probs_shape(q: torch.Tensor, kernel_size) -> tuple[int, ...]:
+    """Saved probabilities: [batch, heads, tokens, Πkernel_size]."""
+    return (q.shape[0], q.shape[-2], math.prod(q.shape[1:-2]), math.prod(kernel_size))
+
+
 @torch.library.custom_op("attnzoo::na_forward", mutates_args=())
 def na_forward(
     q: torch.Tensor,
@@ -106,19 +166,9 @@ def na_forward(
     is_causal: list[bool],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_op_inputs(
-        "na_forward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
-        is_causal, scale,
-    )
-    shape = tuple(q.shape[1:-2])
-    _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1])
-    na = 0 if additional_keys is None else additional_keys.shape[1]
-    _call("forward", q.dtype)(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
-        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
-        q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
+    out, lse, _ = _forward(
+        "na_forward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
+        dilation, is_causal, scale, save_probs=False,
     )
     return out, lse
 
@@ -126,6 +176,36 @@ def na_forward(
 @na_forward.register_fake
 def _(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("attnzoo::na_forward_saving", mutates_args=())
+def na_forward_saving(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additional_keys: Optional[torch.Tensor],
+    additional_values: Optional[torch.Tensor],
+    rel_pos_bias: Optional[torch.Tensor],
+    key_bias: Optional[torch.Tensor],
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    is_causal: list[bool],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``na_forward`` that also returns the softmax probabilities of every query's window keys, [batch, heads,
+    tokens, Πkernel_size] (zero for keys outside a shrunk causal window), for the backward."""
+    return _forward(
+        "na_forward_saving", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
+        dilation, is_causal, scale, save_probs=True,
+    )  # fmt: skip
+
+
+@na_forward_saving.register_fake
+def _(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale):
+    return (
+        q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1]), q.new_empty(_probs_shape(q, kernel_size))
+    )
 
 
 @torch.library.custom_op("attnzoo::na_backward", mutates_args=())
@@ -146,6 +226,7 @@ def na_backward(
     dilation: list[int],
     is_causal: list[bool],
     scale: float,
+    probs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _check_op_inputs(
         "na_backward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
@@ -156,23 +237,26 @@ def na_backward(
     _check_same("na_backward", "lse", lse, q.shape[:-1], problem)
     if grad_lse is not None:
         _check_same("na_backward", "grad_lse", grad_lse, q.shape[:-1], problem)
+    if probs is not None:
+        _check_same("na_backward", "probs", probs, _probs_shape(q, kernel_size), problem)
     shape = tuple(q.shape[1:-2])
     _, pointers, meta = _geometry(shape, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
     # dq, dk and dv are written in full by the kernel; the additional-key and bias gradients are accumulated.
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
     has_add = additional_keys is not None
     dak = torch.zeros_like(additional_keys) if has_add else q.new_empty(0)
     dav = torch.zeros_like(additional_values) if has_add else q.new_empty(0)
     drpb = q.new_zeros((q.shape[0], *rel_pos_bias.shape)) if rel_pos_bias is not None else q.new_empty(0)
     dkb = torch.zeros_like(key_bias) if key_bias is not None else q.new_empty(0)
     na = additional_keys.shape[1] if has_add else 0
+    strides = _layout(q, k, v)
     _call("backward", q.dtype)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
-        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), grad_out.contiguous().data_ptr(), _ptr(grad_lse),
+        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), _ptr(probs), grad_out.data_ptr(), _ptr(grad_lse),
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dak.data_ptr() if has_add else None,
         dav.data_ptr() if has_add else None, drpb.data_ptr() if rel_pos_bias is not None else None,
         dkb.data_ptr() if key_bias is not None else None,
-        meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers,
+        meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers, strides.data_ptr(),
         q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
     )
     drpb = drpb.sum(0) if rel_pos_bias is not None else drpb
@@ -180,12 +264,12 @@ def na_backward(
 
 
 @na_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, out, lse, *args):
+def _(grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, out, lse, *args, **kwargs):
     has_add = additional_keys is not None
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
         torch.empty_like(additional_keys) if has_add else q.new_empty(0),
         torch.empty_like(additional_values) if has_add else q.new_empty(0),
         torch.empty_like(rel_pos_bias) if rel_pos_bias is not None else q.new_empty(0),
@@ -195,8 +279,8 @@ def _(grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_b
 
 def _setup_context(ctx, inputs, output):
     q, k, v, ak, av, rpb, kb, kernel_size, stride, dilation, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, ak, av, rpb, kb, out, lse)
+    out, lse, *saved_probs = output  # na_forward_saving also returns the probabilities
+    ctx.save_for_backward(q, k, v, ak, av, rpb, kb, out, lse, *saved_probs)
     ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
 
 
@@ -206,7 +290,7 @@ def _differentiable_backward(ctx, grad_out, grad_lse):
     differentiated by autograd. Slower than the fused backward; used only for higher-order gradients."""
     from .tiled import TiledBackend
 
-    q, k, v, ak, av, rpb, kb, _, _ = ctx.saved_tensors
+    q, k, v, ak, av, rpb, kb = ctx.saved_tensors[:7]
     kernel_size, stride, dilation, is_causal, scale = ctx.geometry
     inputs = [q, k, v, ak, av, rpb, kb]
     leaves = [None if t is None else (t if t.requires_grad else t.detach().requires_grad_()) for t in inputs]
@@ -225,15 +309,15 @@ def _differentiable_backward(ctx, grad_out, grad_lse):
     return (*result, None, None, None, None, None)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, grad_probs=None):
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must itself be differentiable
         return _differentiable_backward(ctx, grad_out, grad_lse)
-    q, k, v, ak, av, rpb, kb, out, lse = ctx.saved_tensors
+    q, k, v, ak, av, rpb, kb, out, lse, *saved_probs = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grads = na_backward(
         grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, ak, av, rpb, kb, out, lse,
-        *ctx.geometry,
+        *ctx.geometry, probs=saved_probs[0] if saved_probs else None,
     )
     dq, dk, dv, dak, dav, drpb, dkb = grads
     return (
@@ -243,6 +327,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
+na_forward_saving.register_autograd(_backward, setup_context=_setup_context)
 
 
 class NativeBackend(Backend):
@@ -261,10 +346,18 @@ class NativeBackend(Backend):
     def run(self, q, k, v, problem: NAProblem, *, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
         ct = compute_dtype(q.dtype)
         prep = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+        readable = lambda t: t if t.dtype == ct and kernel_readable(t) else prep(t)  # noqa: E731
         if key_bias is not None:
             key_bias = key_bias.expand(problem.batch, *problem.spatial_shape, problem.heads)
-        out, lse = na_forward(
-            prep(q), prep(k), prep(v), prep(additional_keys), prep(additional_values), prep(rel_pos_bias), prep(key_bias),
-            list(problem.kernel_size), list(problem.stride), list(problem.dilation), list(problem.is_causal), scale,
+        inputs = (q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias)
+        save = (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in inputs)
+            and saves_probabilities(problem.kernel_size, q.shape[-1], v.shape[-1])
+        )
+        out, lse, *_ = (na_forward_saving if save else na_forward)(
+            readable(q), readable(k), readable(v), prep(additional_keys), prep(additional_values), prep(rel_pos_bias),
+            prep(key_bias), list(problem.kernel_size), list(problem.stride), list(problem.dilation),
+            list(problem.is_causal), scale,
         )
         return out.to(q.dtype), lse
