@@ -106,7 +106,12 @@ def workload_2d(threads: int, min_run_time: float, backend: str = "auto", rounds
     t = interleaved_ms(fns, threads, min_run_time, rounds)
     med = {name: statistics.median(x) for name, x in t.items()}
     n = side * side
-    r1, r2, fb, wfb = ratio(t, "window", "na"), ratio(t, "dense", "na", k**2 / n), ratio(t, "na_fb", "na"), ratio(t, "window_fb", "window")
+    r1, r2, fb, wfb = (
+        ratio(t, "window", "na"),
+        ratio(t, "dense", "na", k**2 / n),
+        ratio(t, "na_fb", "na"),
+        ratio(t, "window_fb", "window"),
+    )
     return {
         "backend": backend,
         "t_na_ms": med["na"],
@@ -311,20 +316,26 @@ def gpu_main(args) -> dict:
     for name in names:
         w = gpu_workload(name, GPU_WORKLOADS[name], args.min_run_time, torch.bfloat16)
         results["workloads"][name] = w
-        print(f"{name}: window SDPA {w['t_window_ms']:.3f} ms (fwd+bwd {w['t_window_fwd_bwd_ms']:.3f}) | dense SDPA "
-              f"{w['t_dense_ms']:.3f} ms (fwd+bwd {w['t_dense_fwd_bwd_ms']:.3f}) | auto: fwd {w['auto_picked_fwd']}, "
-              f"fwd+bwd {w['auto_picked_fwd_bwd']} (fastest {w['fastest_fwd']} / {w['fastest_fwd_bwd']}, within 10 %: "
-              f"{w['auto_within_10pct_fwd']} / {w['auto_within_10pct_fwd_bwd']})")
+        print(
+            f"{name}: window SDPA {w['t_window_ms']:.3f} ms (fwd+bwd {w['t_window_fwd_bwd_ms']:.3f}) | dense SDPA "
+            f"{w['t_dense_ms']:.3f} ms (fwd+bwd {w['t_dense_fwd_bwd_ms']:.3f}) | auto: fwd {w['auto_picked_fwd']}, "
+            f"fwd+bwd {w['auto_picked_fwd_bwd']} (fastest {w['fastest_fwd']} / {w['fastest_fwd_bwd']}, within 10 %: "
+            f"{w['auto_within_10pct_fwd']} / {w['auto_within_10pct_fwd_bwd']})"
+        )
         for backend, r in w["backends"].items():
             if "skipped" in r:
                 print(f"  {backend:6s}: skipped ({r['skipped']})")
                 continue
-            line = (f"  {backend:6s}: fwd {r['t_fwd_ms']:.3f} ms R1 {r['R1_fwd']:.2f} R2 {r['R2_fwd']:.2f} | fwd+bwd "
-                    f"{r['t_fwd_bwd_ms']:.3f} ms R1 {r['R1_fwd_bwd']:.2f} R2 {r['R2_fwd_bwd']:.2f}")
+            line = (
+                f"  {backend:6s}: fwd {r['t_fwd_ms']:.3f} ms R1 {r['R1_fwd']:.2f} R2 {r['R2_fwd']:.2f} | fwd+bwd "
+                f"{r['t_fwd_bwd_ms']:.3f} ms R1 {r['R1_fwd_bwd']:.2f} R2 {r['R2_fwd_bwd']:.2f}"
+            )
             if backend == "flex":
-                line += (f" | block mask {r['block_mask_build_ms']:.0f} ms, first call fwd {r['first_call_fwd_ms']:.0f} ms"
-                         f" fwd+bwd {r['first_call_fwd_bwd_ms']:.0f} ms, recompiles {r['recompiles_after_first_call']},"
-                         f" order {r['plan']['order']}, computed blocks {r['plan']['computed_blocks']}")
+                line += (
+                    f" | block mask {r['block_mask_build_ms']:.0f} ms, first call fwd {r['first_call_fwd_ms']:.0f} ms"
+                    f" fwd+bwd {r['first_call_fwd_bwd_ms']:.0f} ms, recompiles {r['recompiles_after_first_call']},"
+                    f" order {r['plan']['order']}, computed blocks {r['plan']['computed_blocks']}"
+                )
             print(line)
     if args.json:
         with open(args.json, "w") as f:
@@ -370,7 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{spread(w, 'na_fwd_bwd_over_fwd')} (window SDPA {w['window_fwd_bwd_over_fwd']:.2f}) | "
         f"{w['useful_gflops_per_s']:.1f} useful GFLOP/s"
     )
-    print(f"2-D P  tiled : {t['t_na_ms']:.2f} ms | R1 {spread(t, 'R1')} | fwd+bwd/fwd {spread(t, 'na_fwd_bwd_over_fwd')}")
+    print(
+        f"2-D P  tiled : {t['t_na_ms']:.2f} ms | R1 {spread(t, 'R1')} | fwd+bwd/fwd {spread(t, 'na_fwd_bwd_over_fwd')}"
+    )
     print(
         f"3-D    native: {w3['t_na_ms']:.2f} ms | window SDPA (scaled) {w3['t_window_sdpa_ms_scaled']:.2f} ms | "
         f"R1 {spread(w3, 'R1')} | fwd+bwd/fwd {spread(w3, 'na_fwd_bwd_over_fwd')}"

@@ -61,7 +61,9 @@ def measure(name: str, kwargs: dict, side: int, dim: int, threads: int, min_run_
     x = torch.randn(1, side, side, dim)
     if clock == "wall":
         timer = benchmark.Timer(
-            stmt="with torch.no_grad(): module(x)", globals={"module": module, "x": x, "torch": torch}, num_threads=threads
+            stmt="with torch.no_grad(): module(x)",
+            globals={"module": module, "x": x, "torch": torch},
+            num_threads=threads,
         )
         return timer.blocked_autorange(min_run_time=min_run_time).median
     torch.set_num_threads(1)
@@ -81,7 +83,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=0.5)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time (forces 1 thread)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time (forces 1 thread)"
+    )
     parser.add_argument("--only", nargs="+", default=None, help="subset of mechanisms (mhsa is always kept)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -92,7 +96,10 @@ def main() -> None:
     tokens = [s * s for s in args.sides]
     times: dict[str, list[float]] = {}
     for name in names:
-        times[name] = [measure(name, MECHANISMS.get(name, {}), s, args.dim, args.threads, args.min_run_time, args.clock) for s in args.sides]
+        times[name] = [
+            measure(name, MECHANISMS.get(name, {}), s, args.dim, args.threads, args.min_run_time, args.clock)
+            for s in args.sides
+        ]
     results = {
         name: {
             "median_s": t,
@@ -104,15 +111,24 @@ def main() -> None:
     }
 
     header = f"{'mechanism':<18}" + "".join(f"{f'{s}² ms':>11}{'/mhsa':>7}" for s in args.sides) + f"{'exponent':>10}"
-    print(f"dim={args.dim}, batch=1, threads={args.threads}, clock={args.clock}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"dim={args.dim}, batch=1, threads={args.threads}, clock={args.clock}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     print(header)
     for name, r in results.items():
         cells = "".join(f"{t * 1e3:>11.2f}{ratio:>7.2f}" for t, ratio in zip(r["median_s"], r["ratio_to_mhsa"]))
         print(f"{name:<18}{cells}{r['exponent']:>10.2f}")
     if args.out:
-        meta = {"sides": args.sides, "tokens": tokens, "dim": args.dim, "batch": 1, "threads": args.threads,
-                "clock": args.clock,
-                "torch": torch.__version__, "machine": platform.machine()}
+        meta = {
+            "sides": args.sides,
+            "tokens": tokens,
+            "dim": args.dim,
+            "batch": 1,
+            "threads": args.threads,
+            "clock": args.clock,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 

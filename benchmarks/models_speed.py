@@ -74,7 +74,9 @@ def main() -> None:
         results[mode] = {
             "nat_tiny_images_per_s": args.batch / statistics.median(nat),
             "swin_tiny_images_per_s": args.batch / statistics.median(swin),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
         }
         r = results[mode]
         print(
@@ -82,7 +84,9 @@ def main() -> None:
             f"   ratio {r['ratio_median']:.2f} (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}, {args.repeats} rounds)"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "batch": args.batch, "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"threads": args.threads, "batch": args.batch, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,13 @@ def interleaved(calls: dict[str, Callable[[], None]], rounds: int, iters: int) -
 def ratio_row(label: str, batch: int, times: dict[str, list[float]]) -> tuple[str, ...]:
     ratios = [o / s for o, s in zip(times["original"], times["swapped"])]
     rate = {n: batch / statistics.median(t) for n, t in times.items()}
-    return (label, f"{rate['original']:.2f}", f"{rate['swapped']:.2f}", f"{statistics.median(ratios):.3f}",
-            f"{min(ratios):.3f}–{max(ratios):.3f}")
+    return (
+        label,
+        f"{rate['original']:.2f}",
+        f"{rate['swapped']:.2f}",
+        f"{statistics.median(ratios):.3f}",
+        f"{min(ratios):.3f}–{max(ratios):.3f}",
+    )
 
 
 def main() -> None:
@@ -79,18 +84,30 @@ def main() -> None:
 
         return call
 
-    table = Table(title=f"swin_tiny_patch4_window7_224, batch {args.batch}, 224², fp32, {args.threads} threads, "
-                        f"{args.rounds} interleaved rounds × {args.iters} ({len(report)} blocks swapped)")
+    table = Table(
+        title=f"swin_tiny_patch4_window7_224, batch {args.batch}, 224², fp32, {args.threads} threads, "
+        f"{args.rounds} interleaved rounds × {args.iters} ({len(report)} blocks swapped)"
+    )
     for column in ("mode", "timm img/s", "swapped img/s", "ratio (median)", "ratio spread"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for model in (original, swapped):
         model.eval()
-    table.add_row(*ratio_row("inference", args.batch, interleaved(
-        {"original": infer(original), "swapped": infer(swapped)}, args.rounds, args.iters)))
+    table.add_row(
+        *ratio_row(
+            "inference",
+            args.batch,
+            interleaved({"original": infer(original), "swapped": infer(swapped)}, args.rounds, args.iters),
+        )
+    )
     for model in (original, swapped):
         model.train()
-    table.add_row(*ratio_row("training", args.batch, interleaved(
-        {"original": train_step(original), "swapped": train_step(swapped)}, args.rounds, args.iters)))
+    table.add_row(
+        *ratio_row(
+            "training",
+            args.batch,
+            interleaved({"original": train_step(original), "swapped": train_step(swapped)}, args.rounds, args.iters),
+        )
+    )
     if args.paths:
         for model in (original, swapped):
             model.eval()
@@ -107,8 +124,9 @@ def main() -> None:
             block_o, block_s = original.layers[0].blocks[index], swapped.layers[0].blocks[index]
             shift = block_s.attn.effective_shift((56, 56))
             canvas = [-(-(56 + (7 - s) % 7) // 7) * 7 for s in shift]
-            times = interleaved({"original": attention_path(block_o), "swapped": attention_path(block_s)},
-                                args.rounds, args.iters)
+            times = interleaved(
+                {"original": attention_path(block_o), "swapped": attention_path(block_s)}, args.rounds, args.iters
+            )
             label = f"stage-1 attn path, shift {shift[0]}, canvas {canvas[0]}²"
             table.add_row(*ratio_row(label, args.batch, times))
     Console().print(table)

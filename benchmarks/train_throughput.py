@@ -58,7 +58,9 @@ def main() -> None:
     if not args.skip_accuracy:
         with tempfile.TemporaryDirectory() as tmp:
             for m in mixers:
-                config = TrainConfig(mixers=[m] * 4, out=str(Path(tmp) / m), epochs=args.epochs, limit_train=args.limit_train)
+                config = TrainConfig(
+                    mixers=[m] * 4, out=str(Path(tmp) / m), epochs=args.epochs, limit_train=args.limit_train
+                )
                 result = train(config, show_progress=True)
                 rows[m].update(test_accuracy=result.test_accuracy, loop_images_per_s=result.train_images_per_s)
     yard = rows[mixers[0]]["train_images_per_s"]

@@ -110,30 +110,57 @@ def maxvit_partition(batch: int, size: int, kind: str) -> Pair:
     block = randomize(PartitionAttentionCl(64, kind, cfg))
     ours = attnzoo.create("multi_axis", 64, head_dim=32, window_size=7, partition_type=kind)
     attn = block.attn
-    ours.load_state_dict({
-        "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
-        "proj.bias": attn.proj.bias, "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
-    })
+    ours.load_state_dict(
+        {
+            "qkv.weight": attn.qkv.weight,
+            "qkv.bias": attn.qkv.bias,
+            "proj.weight": attn.proj.weight,
+            "proj.bias": attn.proj.bias,
+            "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
+        }
+    )
     x = torch.randn(batch, size, size, 64)
-    return Pair(f"multi_axis {kind} vs timm MaxViT partition attn", f"B{batch} {size}²×64 d32 P7",
-                Call(block, "_partition_attn"), ours, x, x)
+    return Pair(
+        f"multi_axis {kind} vs timm MaxViT partition attn",
+        f"B{batch} {size}²×64 d32 P7",
+        Call(block, "_partition_attn"),
+        ours,
+        x,
+        x,
+    )
 
 
 def efficientvit_cga(batch: int, size: int) -> Pair:
     from timm.models.efficientvit_msra import LocalWindowAttention
 
     dim, heads, key_dim, window = 128, 4, 16, 7
-    ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=size,
-                               window_resolution=window, kernels=[5] * heads)
+    ref = LocalWindowAttention(
+        dim,
+        key_dim,
+        heads,
+        attn_ratio=dim / (heads * key_dim),
+        resolution=size,
+        window_resolution=window,
+        kernels=[5] * heads,
+    )
     randomize(ref)
     ours = attnzoo.create("cascaded_group", dim, num_heads=heads, qk_dim=key_dim, window_size=window,
                           kernel_size=5, mask_padding=False)  # fmt: skip
-    state = {k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
-             for k, v in ref.state_dict().items()}
+    state = {
+        k.removeprefix("attn.").replace(".conv.", ".c.").replace("proj.1.", "proj."): v
+        for k, v in ref.state_dict().items()
+    }
     ours.load_state_dict({k: v for k, v in state.items() if k in ours.state_dict()}, strict=False)
     x = torch.randn(batch, size, size, dim)
-    return Pair("cascaded_group vs timm EfficientViT LocalWindowAttention", f"B{batch} {size}²×128 h4 kd16 R7",
-                ref, ours, nchw(x), x, nhwc)
+    return Pair(
+        "cascaded_group vs timm EfficientViT LocalWindowAttention",
+        f"B{batch} {size}²×128 h4 kd16 R7",
+        ref,
+        ours,
+        nchw(x),
+        x,
+        nhwc,
+    )
 
 
 def channel_gate(batch: int, size: int, name: str) -> Pair:
@@ -181,8 +208,13 @@ def swin_with_attnzoo(model: nn.Module) -> nn.Module:
     for block in model.modules():
         if isinstance(block, SwinTransformerBlock):
             attn = block.attn
-            ours = attnzoo.create("window", attn.qkv.in_features, num_heads=attn.num_heads,
-                                  window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))
+            ours = attnzoo.create(
+                "window",
+                attn.qkv.in_features,
+                num_heads=attn.num_heads,
+                window_size=tuple(block.window_size),
+                shift_size=tuple(block.shift_size),
+            )
             ours.load_state_dict({k: v for k, v in attn.state_dict().items() if k in ours.state_dict()})
             block.attnzoo_attn = ours
             block._attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
@@ -202,10 +234,15 @@ def maxvit_with_attnzoo(model: nn.Module) -> nn.Module:
             kind = "block" if block.partition_block else "grid"
             ours = attnzoo.create("multi_axis", attn.qkv.in_features, head_dim=attn.dim_head,
                                   window_size=tuple(block.partition_size), partition_type=kind)  # fmt: skip
-            ours.load_state_dict({
-                "qkv.weight": attn.qkv.weight, "qkv.bias": attn.qkv.bias, "proj.weight": attn.proj.weight,
-                "proj.bias": attn.proj.bias, "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
-            })
+            ours.load_state_dict(
+                {
+                    "qkv.weight": attn.qkv.weight,
+                    "qkv.bias": attn.qkv.bias,
+                    "proj.weight": attn.proj.weight,
+                    "proj.bias": attn.proj.bias,
+                    "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
+                }
+            )
             block.attnzoo_attn = ours
             block._partition_attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
     return model
@@ -240,9 +277,11 @@ def check_equal(pair: Pair) -> float:
 
 def step(module: nn.Module, x: torch.Tensor, train: bool, grad: torch.Tensor | None) -> Callable[[], None]:
     if not train:
+
         def run():
             with torch.no_grad():
                 module(x)
+
         return run
     leaf = x.detach().requires_grad_()
 
@@ -285,8 +324,11 @@ def compare(pair: Pair, train: bool, threads: int, repeats: int, budget: float) 
             times[side].append(block_time(fns[side], calls[side]))
     ratios = [tr / to for tr, to in zip(*times)]
     return {
-        "ref_ms": statistics.median(times[0]) * 1e3, "ours_ms": statistics.median(times[1]) * 1e3,
-        "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+        "ref_ms": statistics.median(times[0]) * 1e3,
+        "ours_ms": statistics.median(times[1]) * 1e3,
+        "ratio": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
     }
 
 
@@ -307,22 +349,34 @@ def main() -> None:
     global clock
     clock = CLOCKS[args.clock]
     torch.manual_seed(0)
-    pairs = ([] if args.models_only else mechanism_pairs(args.quick)) + ([] if args.no_models else model_pairs(args.quick))
+    pairs = ([] if args.models_only else mechanism_pairs(args.quick)) + (
+        [] if args.no_models else model_pairs(args.quick)
+    )
     if args.only:
         pairs = [p for p in pairs if args.only in p.name]
     rows = []
     print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock; "
           "ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
-    print("| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
-          "| fwd+bwd ms ref / ours |")
+    print(
+        "| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
+        "| fwd+bwd ms ref / ours |"
+    )
     print("|---|---|---|---|---|---|---|")
     for pair in pairs:
         max_diff = check_equal(pair)
         for threads in args.threads:
             fwd = compare(pair, False, threads, repeats, budget)
             bwd = compare(pair, True, threads, repeats, budget * 2)
-            rows.append({"row": pair.name, "shape": pair.shape, "threads": threads, "max_abs_diff": max_diff,
-                         "fwd": fwd, "fwd_bwd": bwd})
+            rows.append(
+                {
+                    "row": pair.name,
+                    "shape": pair.shape,
+                    "threads": threads,
+                    "max_abs_diff": max_diff,
+                    "fwd": fwd,
+                    "fwd_bwd": bwd,
+                }
+            )
             spread = {key: f"{r['ratio']:.2f} ({r['min']:.2f}–{r['max']:.2f})" for key, r in (("f", fwd), ("b", bwd))}
             print(
                 f"| {pair.name} | {pair.shape} | {threads} | {spread['f']} | {fwd['ref_ms']:.1f} / {fwd['ours_ms']:.1f} "

@@ -19,8 +19,10 @@ from .train_cmd import add_data_options, check_out, num_stages, set_threads, spl
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "arena", help="train one backbone per mechanism on the same data and compare accuracy, FLOPs and speed",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "arena",
+        help="train one backbone per mechanism on the same data and compare accuracy, FLOPs and speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--mixers", required=True, help="comma-separated mechanisms; each is used in every stage")
     add_data_options(p, defaults=True)
@@ -47,8 +49,17 @@ def run(args: argparse.Namespace) -> int:
     mixers = split_names(args.mixers)
     out = args.out or str(Path("runs") / f"arena-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
-        mixers=mixers[:1] * num_stages(args.size), out=out, size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
+        mixers=mixers[:1] * num_stages(args.size),
+        out=out,
+        size=args.size,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_eval=args.limit_eval,
     )
     with training_errors():
         base.validate()
@@ -57,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
     for column in ("mixer", "test acc", "params", "GFLOPs/img", "train img/s", "infer img/s"):
         table.add_column(column, justify="left" if column == "mixer" else "right")
     for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
-        table.add_row(r["mixer"], f"{r['test_accuracy']:.4f}", f"{r['parameters']:,}", f"{r['gflops_per_image']:.4f}",
-                      f"{r['train_images_per_s']:,.0f}", f"{r['infer_images_per_s']:,.0f}")
+        table.add_row(
+            r["mixer"],
+            f"{r['test_accuracy']:.4f}",
+            f"{r['parameters']:,}",
+            f"{r['gflops_per_image']:.4f}",
+            f"{r['train_images_per_s']:,.0f}",
+            f"{r['infer_images_per_s']:,.0f}",
+        )
     console = Console()
     console.print(table)
     console.print(f"written: {out}/arena.csv, arena.json, arena.png (FLOPs: attnzoo.ops.count_flops)")

@@ -32,16 +32,21 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "bench", help="measure cost: params, FLOPs, memory, latency, scaling", description=__doc__,
+        "bench",
+        help="measure cost: params, FLOPs, memory, latency, scaling",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("names", nargs="*", metavar="NAMES", help="mechanisms to measure (default: all registered)")
     parser.add_argument("--size", type=int, default=56, help="token grid side (default 56: 56×56 tokens)")
     parser.add_argument("--dim", type=int, default=64, help="channels (default 64)")
     parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
-    parser.add_argument("--head-dim", type=int, default=32,
-                        help="head width for every attention mechanism that takes head_dim (default 32; 0: registry "
-                        "defaults)")
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=32,
+        help="head width for every attention mechanism that takes head_dim (default 32; 0: registry defaults)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (default 1)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -49,9 +54,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="grid sides for the scaling sweep, e.g. 14,28,56,112 "
                         f"(default: none; {','.join(map(str, DEFAULT_SWEEP))} with --out)")  # fmt: skip
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
-    parser.add_argument("--min-run-time", type=float, default=0.3,
-                        help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)")
-    parser.add_argument("--out", type=out_path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html")
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=0.3,
+        help="seconds of timing per mechanism at --size (default 0.3; a third per sweep size)",
+    )
+    parser.add_argument(
+        "--out", type=out_path, default=None, metavar="DIR", help="write CSV, JSON, PNG plots, index.html"
+    )
     parser.set_defaults(run=run)
 
 
@@ -115,11 +126,16 @@ def check_out_dir(out: Path) -> Path:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        size=check_positive("--size", args.size), dim=check_positive("--dim", args.dim),
-        batch=check_positive("--batch", args.batch), threads=check_positive("--threads", args.threads),
-        dtype=args.dtype, device=check_device(args.device), backward=args.backward,
+        size=check_positive("--size", args.size),
+        dim=check_positive("--dim", args.dim),
+        batch=check_positive("--batch", args.batch),
+        threads=check_positive("--threads", args.threads),
+        dtype=args.dtype,
+        device=check_device(args.device),
+        backward=args.backward,
         sizes=parse_sizes(args.sizes, args.out is not None),
-        min_run_time=max(0.01, args.min_run_time), sweep_min_run_time=max(0.01, args.min_run_time / 3),
+        min_run_time=max(0.01, args.min_run_time),
+        sweep_min_run_time=max(0.01, args.min_run_time / 3),
         head_dim=check_positive("--head-dim", args.head_dim, 0) or None,
     )
 
@@ -197,8 +213,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console, transient=True,
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
         ) as progress:
             task = progress.add_task("benchmarking", total=len(names) + 1)
             progress.update(task, description=f"{'yardstick: dense SDPA':<37}")

@@ -18,8 +18,12 @@ from .bench_cmd import check_names, check_out_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("docs", help="build the documentation site (HTML)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "docs",
+        help="build the documentation site (HTML)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("names", nargs="*", metavar="NAMES", help="mechanisms to catalogue (default: all registered)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the site into")
     parser.add_argument("--no-bench", action="store_true", help="leave out the bench rows (faster)")
@@ -36,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(Path(args.out))
     console = Console(stderr=True)
     with console.status("cataloguing") as status:
-        written = build_docs(out, names, pictures=not args.no_pictures, bench=not args.no_bench,
-                             progress=lambda name: status.update(f"cataloguing {name}"))
+        written = build_docs(
+            out,
+            names,
+            pictures=not args.no_pictures,
+            bench=not args.no_bench,
+            progress=lambda name: status.update(f"cataloguing {name}"),
+        )
     console.print(f"wrote {len(written)} files; open {out / 'index.html'}")
     return 0

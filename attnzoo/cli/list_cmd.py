@@ -23,12 +23,28 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--family {args.family!r} is unknown; families: {', '.join(list_families())}")
     names = list_mechanisms(args.family)
     table = Table(title=f"attnzoo mechanisms ({len(names)})", show_lines=False)
-    for column, style in (("name", "bold cyan"), ("family", ""), ("paper", ""), ("year", ""), ("complexity", ""),
-                          ("sees", ""), ("slot", ""), ("reference", "dim")):
+    for column, style in (
+        ("name", "bold cyan"),
+        ("family", ""),
+        ("paper", ""),
+        ("year", ""),
+        ("complexity", ""),
+        ("sees", ""),
+        ("slot", ""),
+        ("reference", "dim"),
+    ):
         table.add_column(column, style=style, overflow="fold")
     for name in names:
         info = mechanism_info(name)
-        table.add_row(name, info.family, info.paper, str(info.year), info.complexity, info.receptive_field, info.slot,
-                      info.reference or "—")
+        table.add_row(
+            name,
+            info.family,
+            info.paper,
+            str(info.year),
+            info.complexity,
+            info.receptive_field,
+            info.slot,
+            info.reference or "—",
+        )
     wide_console().print(table)
     return 0

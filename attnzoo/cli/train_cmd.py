@@ -22,8 +22,23 @@ from ..training.data import DATASETS, DEFAULT_FASHION_MNIST_DIR
 from . import UsageError
 
 # Options that define a run; with --resume they come from the run folder's run.json instead.
-RUN_OPTIONS = ("mixer", "mixers", "mixer_kwargs", "size", "dataset", "epochs", "batch_size", "lr", "weight_decay",
-               "seed", "limit_train", "limit_eval", "checkpoint_every", "log_every", "out")
+RUN_OPTIONS = (
+    "mixer",
+    "mixers",
+    "mixer_kwargs",
+    "size",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "limit_train",
+    "limit_eval",
+    "checkpoint_every",
+    "log_every",
+    "out",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,18 +53,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help=f"epochs (default {TrainConfig.epochs})")
     p.add_argument("--batch-size", type=int, help=f"global batch size (default {TrainConfig.batch_size})")
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {TrainConfig.lr:g})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices (default {TrainConfig.weight_decay:g})")
+    p.add_argument(
+        "--weight-decay", type=float, help=f"AdamW weight decay on matrices (default {TrainConfig.weight_decay:g})"
+    )
     p.add_argument("--seed", type=int, help=f"seed of initialisation and data order (default {TrainConfig.seed})")
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
     p.add_argument("--limit-eval", type=int, help="use only the first N test images")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every STEPS steps (default: epoch ends only)")
-    p.add_argument("--log-every", type=int, help=f"log training metrics every STEPS steps (default {TrainConfig.log_every})")
+    p.add_argument(
+        "--log-every", type=int, help=f"log training metrics every STEPS steps (default {TrainConfig.log_every})"
+    )
     p.add_argument("--out", help="run folder (default runs/<time>-<mixers>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto (default): CUDA when available; under torchrun each rank takes GPU LOCAL_RANK (NCCL), "
-                   "or the CPU (gloo)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto (default): CUDA when available; under torchrun each rank takes GPU LOCAL_RANK (NCCL), "
+        "or the CPU (gloo)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -70,7 +93,9 @@ def add_data_options(p: argparse.ArgumentParser, defaults: bool = False) -> None
                    help=f"backbone size: {sizes}; default {TrainConfig.size}")  # fmt: skip
     p.add_argument("--dataset", choices=list(DATASETS), default=TrainConfig.dataset if defaults else None,
                    help=f"{datasets}; default {TrainConfig.dataset}")  # fmt: skip
-    p.add_argument("--data-dir", help=f"folder with the Fashion-MNIST IDX .gz files (default {DEFAULT_FASHION_MNIST_DIR})")
+    p.add_argument(
+        "--data-dir", help=f"folder with the Fashion-MNIST IDX .gz files (default {DEFAULT_FASHION_MNIST_DIR})"
+    )
 
 
 def num_stages(size: str | None) -> int:
@@ -154,7 +179,9 @@ def _config(args: argparse.Namespace):
         asked = _asked_values(args, given, num_stages(config.size))
         differing = [o for o in given if o != "out" and asked[o] != getattr(config, o)]
         if differing:
-            details = ", ".join(f"--{o.replace('_', '-')} {asked[o]!r} (stored {getattr(config, o)!r})" for o in differing)
+            details = ", ".join(
+                f"--{o.replace('_', '-')} {asked[o]!r} (stored {getattr(config, o)!r})" for o in differing
+            )
             raise UsageError(f"--resume takes the run's options from {run_file}; these differ: {details}")
         config.out = args.resume
         if args.data_dir:

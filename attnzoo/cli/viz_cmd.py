@@ -26,8 +26,12 @@ from .bench_cmd import check_names, check_positive
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("viz", help="receptive fields and attention maps as PNG", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "viz",
+        help="receptive fields and attention maps as PNG",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     rf = kinds.add_parser("receptive-field", help="gradient receptive field and exact attention per query")
@@ -101,8 +105,9 @@ def run_receptive_field(args: argparse.Namespace) -> int:
         for name in names:
             progress.update(task, description=f"receptive field of {name}")
             try:
-                views.append(mechanism_view(name, args.size, args.dim, queries, strict=not args.all,
-                                            attention=not args.all))
+                views.append(
+                    mechanism_view(name, args.size, args.dim, queries, strict=not args.all, attention=not args.all)
+                )
             except PrepareError as exc:
                 raise UsageError(f"{name}: {exc} (try another --size)") from None
             progress.advance(task)
@@ -139,6 +144,8 @@ def run_attention_map(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not result.maps:
         raise UsageError(f"{name} made no attention call that record_attention could see")
-    atomic_write(out, lambda p: attention_overlay_figure(result.photo, result.maps, result.grid, result.query, result.title, p))
+    atomic_write(
+        out, lambda p: attention_overlay_figure(result.photo, result.maps, result.grid, result.query, result.title, p)
+    )
     Console().print(f"wrote {out}")
     return 0

@@ -49,15 +49,37 @@ from ..mechanisms._channel_conv import reduced_width
 from ..mechanisms._windows import flip_table
 
 __all__ = [
-    "swap", "SwapEntry", "Family", "FAMILIES", "Unsupported", "carry_projections",
+    "swap",
+    "SwapEntry",
+    "Family",
+    "FAMILIES",
+    "Unsupported",
+    "carry_projections",
     # adapters and block subclasses
-    "TokenAttention", "FeatureTokens", "SquareTokens", "ChannelsFirst", "SwinBlock", "MaxxVitPartitionBlock",
+    "TokenAttention",
+    "FeatureTokens",
+    "SquareTokens",
+    "ChannelsFirst",
+    "SwinBlock",
+    "MaxxVitPartitionBlock",
     "DaVitSpatialBlock",
     # weight maps: a timm module's weights under the attnzoo mechanism's parameter names
-    "swin_window_weights", "vit_attention_weights", "maxvit_attention_weights", "pvt_v2_attention_weights",
-    "squeeze_excite_weights", "eca_weights", "cbam_weights", "global_context_weights", "halo_weights",
-    "outlook_weights", "class_attention_weights", "gpsa_weights", "davit_channel_weights", "davit_window_weights",
-    "cascaded_group_weights", "single_head_weights",
+    "swin_window_weights",
+    "vit_attention_weights",
+    "maxvit_attention_weights",
+    "pvt_v2_attention_weights",
+    "squeeze_excite_weights",
+    "eca_weights",
+    "cbam_weights",
+    "global_context_weights",
+    "halo_weights",
+    "outlook_weights",
+    "class_attention_weights",
+    "gpsa_weights",
+    "davit_channel_weights",
+    "davit_window_weights",
+    "cascaded_group_weights",
+    "single_head_weights",
 ]
 
 Tensor = torch.Tensor
@@ -265,9 +287,13 @@ def _swin_kwargs(block: nn.Module) -> dict[str, Any]:
             "timm pads after the cyclic roll (the padding joins the wrapped region), attnzoo's window before it"
         )
     return {
-        "num_heads": attn.num_heads, "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
-        "qkv_bias": attn.qkv.bias is not None, "proj_drop": _dropout(attn, "proj_drop"),
-        "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size), "mask_padding": False,
+        "num_heads": attn.num_heads,
+        "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
+        "qkv_bias": attn.qkv.bias is not None,
+        "proj_drop": _dropout(attn, "proj_drop"),
+        "window_size": tuple(block.window_size),
+        "shift_size": tuple(block.shift_size),
+        "mask_padding": False,
     }
 
 
@@ -287,8 +313,12 @@ def _vit_kwargs(attn: nn.Module) -> dict[str, Any]:
     if qk_norm and not all(isinstance(n, nn.LayerNorm) and n.elementwise_affine for n in (attn.q_norm, attn.k_norm)):
         raise Unsupported(f"q_norm={type(attn.q_norm).__name__} (only an affine LayerNorm)")
     return {
-        "num_heads": attn.num_heads, "head_dim": attn.head_dim, "qkv_bias": attn.qkv.bias is not None,
-        "qk_norm": qk_norm, "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop"),
+        "num_heads": attn.num_heads,
+        "head_dim": attn.head_dim,
+        "qkv_bias": attn.qkv.bias is not None,
+        "qk_norm": qk_norm,
+        "attn_drop": _dropout(attn, "attn_drop"),
+        "proj_drop": _dropout(attn, "proj_drop"),
     }
 
 
@@ -358,8 +388,11 @@ def _pvt_kwargs(attn: nn.Module) -> dict[str, Any]:
     if attn.norm is not None and attn.norm.eps != 1e-5:
         raise Unsupported(f"norm eps={attn.norm.eps}")
     return {
-        "num_heads": attn.num_heads, "qkv_bias": attn.q.bias is not None, "attn_drop": _dropout(attn, "attn_drop"),
-        "proj_drop": _dropout(attn, "proj_drop"), "linear": linear,
+        "num_heads": attn.num_heads,
+        "qkv_bias": attn.q.bias is not None,
+        "attn_drop": _dropout(attn, "attn_drop"),
+        "proj_drop": _dropout(attn, "proj_drop"),
+        "linear": linear,
         "sr_ratio": 1 if linear or attn.sr is None else attn.sr.kernel_size[0],
     }
 
@@ -434,8 +467,11 @@ def _eca_kwargs(eca: nn.Module) -> dict[str, Any]:
 def cbam_weights(cbam: nn.Module) -> dict[str, Tensor]:
     """timm ``CbamModule`` → attnzoo ``cbam`` (channel MLP convs → linears; conv + BN of the spatial gate)."""
     channel, spatial = cbam.channel, cbam.spatial.conv
-    state = {"fc1.weight": _conv1x1(channel.fc1.weight), "fc2.weight": _conv1x1(channel.fc2.weight),
-             "spatial_conv.weight": spatial.conv.weight}
+    state = {
+        "fc1.weight": _conv1x1(channel.fc1.weight),
+        "fc2.weight": _conv1x1(channel.fc2.weight),
+        "spatial_conv.weight": spatial.conv.weight,
+    }
     if channel.fc1.bias is not None:
         state.update({"fc1.bias": channel.fc1.bias, "fc2.bias": channel.fc2.bias})
     state.update({f"spatial_norm.{k}": v for k, v in spatial.bn.state_dict().items()})
@@ -452,15 +488,22 @@ def _cbam_kwargs(cbam: nn.Module) -> dict[str, Any]:
     _require(bn.eps == 1e-5 and bn.momentum == 0.1, f"spatial BatchNorm eps={bn.eps}, momentum={bn.momentum}")
     return {
         "reduction": _reduction(channel.fc1.in_channels, channel.fc1.out_channels),
-        "spatial_kernel_size": spatial.conv.conv.kernel_size[0], "mlp_bias": channel.fc1.bias is not None,
+        "spatial_kernel_size": spatial.conv.conv.kernel_size[0],
+        "mlp_bias": channel.fc1.bias is not None,
     }
 
 
 def global_context_weights(gc: nn.Module) -> dict[str, Tensor]:
     """timm ``GlobalContext`` → attnzoo ``global_context`` (attention-pooling conv and ConvMlp → linears)."""
     mlp = gc.mlp_add if gc.mlp_add is not None else gc.mlp_scale
-    state = {"fc1.weight": _conv1x1(mlp.fc1.weight), "fc1.bias": mlp.fc1.bias, "norm.weight": mlp.norm.weight,
-             "norm.bias": mlp.norm.bias, "fc2.weight": _conv1x1(mlp.fc2.weight), "fc2.bias": mlp.fc2.bias}
+    state = {
+        "fc1.weight": _conv1x1(mlp.fc1.weight),
+        "fc1.bias": mlp.fc1.bias,
+        "norm.weight": mlp.norm.weight,
+        "norm.bias": mlp.norm.bias,
+        "fc2.weight": _conv1x1(mlp.fc2.weight),
+        "fc2.bias": mlp.fc2.bias,
+    }
     if gc.conv_attn is not None:
         state.update({"conv_attn.weight": _conv1x1(gc.conv_attn.weight), "conv_attn.bias": gc.conv_attn.bias})
     return state
@@ -473,7 +516,8 @@ def _gc_kwargs(gc: nn.Module) -> dict[str, Any]:
     _require(gc.mlp_scale is None or _is_sigmoid(gc.gate), "gate_layer other than sigmoid")
     return {
         "reduction": _reduction(mlp.fc1.in_channels, mlp.fc1.out_channels),
-        "fusion": "add" if gc.mlp_add is not None else "mul", "pooling": "att" if gc.conv_attn is not None else "avg",
+        "fusion": "add" if gc.mlp_add is not None else "mul",
+        "pooling": "att" if gc.conv_attn is not None else "avg",
     }
 
 
@@ -484,8 +528,12 @@ def _gc_finish(mech: nn.Module, gc: nn.Module) -> None:
 def halo_weights(halo: nn.Module) -> dict[str, Tensor]:
     """timm ``HaloAttn`` → attnzoo ``halo``: kv keeps timm's per-head ``[k_h, v_h]`` interleave, so the 1×1 conv
     weights copy over unpermuted."""
-    return {"q.weight": _conv1x1(halo.q.weight), "kv.weight": _conv1x1(halo.kv.weight),
-            "height_rel": halo.pos_embed.height_rel, "width_rel": halo.pos_embed.width_rel}
+    return {
+        "q.weight": _conv1x1(halo.q.weight),
+        "kv.weight": _conv1x1(halo.kv.weight),
+        "height_rel": halo.pos_embed.height_rel,
+        "width_rel": halo.pos_embed.width_rel,
+    }
 
 
 def _halo_kwargs(halo: nn.Module) -> dict[str, Any]:
@@ -493,8 +541,12 @@ def _halo_kwargs(halo: nn.Module) -> dict[str, Any]:
     _require(halo.dim_out_v == halo.q.in_channels, "dim_out != dim")
     _require(halo.dim_head_qk == halo.dim_head_v, "qk and v head widths differ")
     return {
-        "num_heads": halo.num_heads, "head_dim": halo.dim_head_qk, "window_size": halo.block_size,
-        "halo_size": halo.halo_size, "stride": halo.block_stride, "mask_padding": False,
+        "num_heads": halo.num_heads,
+        "head_dim": halo.dim_head_qk,
+        "window_size": halo.block_size,
+        "halo_size": halo.halo_size,
+        "stride": halo.block_stride,
+        "mask_padding": False,
     }
 
 
@@ -505,16 +557,24 @@ def outlook_weights(outlook: nn.Module) -> dict[str, Tensor]:
 
 def _outlook_kwargs(outlook: nn.Module) -> dict[str, Any]:
     return {
-        "num_heads": outlook.num_heads, "qkv_bias": outlook.v.bias is not None, "kernel_size": outlook.kernel_size,
-        "padding": outlook.padding, "stride": outlook.stride, "attn_drop": _dropout(outlook, "attn_drop"),
+        "num_heads": outlook.num_heads,
+        "qkv_bias": outlook.v.bias is not None,
+        "kernel_size": outlook.kernel_size,
+        "padding": outlook.padding,
+        "stride": outlook.stride,
+        "attn_drop": _dropout(outlook, "attn_drop"),
         "proj_drop": _dropout(outlook, "proj_drop"),
     }
 
 
 def _plain_mhsa_kwargs(attn: nn.Module) -> dict[str, Any]:
     """timm's own-copy MHSA classes (VOLO ``Attention``, ConViT ``MHSA``): qkv + proj, head_dim = dim / heads."""
-    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None,
-            "attn_drop": _dropout(attn, "attn_drop"), "proj_drop": _dropout(attn, "proj_drop")}
+    return {
+        "num_heads": attn.num_heads,
+        "qkv_bias": attn.qkv.bias is not None,
+        "attn_drop": _dropout(attn, "attn_drop"),
+        "proj_drop": _dropout(attn, "proj_drop"),
+    }
 
 
 def class_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
@@ -530,9 +590,13 @@ def class_attention_weights(attn: nn.Module) -> dict[str, Tensor]:
 
 def _class_attention_kwargs(attn: nn.Module) -> dict[str, Any]:
     query = attn.wq if hasattr(attn, "wq") else attn.q
-    return {"num_heads": attn.num_heads, "head_dim": query.out_features // attn.num_heads,
-            "qkv_bias": query.bias is not None, "attn_drop": _dropout(attn, "attn_drop"),
-            "proj_drop": _dropout(attn, "proj_drop")}
+    return {
+        "num_heads": attn.num_heads,
+        "head_dim": query.out_features // attn.num_heads,
+        "qkv_bias": query.bias is not None,
+        "attn_drop": _dropout(attn, "attn_drop"),
+        "proj_drop": _dropout(attn, "proj_drop"),
+    }
 
 
 def gpsa_weights(gpsa: nn.Module) -> dict[str, Tensor]:
@@ -541,9 +605,14 @@ def gpsa_weights(gpsa: nn.Module) -> dict[str, Tensor]:
 
 
 def _gpsa_kwargs(gpsa: nn.Module) -> dict[str, Any]:
-    return {"num_heads": gpsa.num_heads, "qkv_bias": gpsa.qk.bias is not None, "local_init": False,
-            "locality_strength": gpsa.locality_strength, "attn_drop": _dropout(gpsa, "attn_drop"),
-            "proj_drop": _dropout(gpsa, "proj_drop")}
+    return {
+        "num_heads": gpsa.num_heads,
+        "qkv_bias": gpsa.qk.bias is not None,
+        "local_init": False,
+        "locality_strength": gpsa.locality_strength,
+        "attn_drop": _dropout(gpsa, "attn_drop"),
+        "proj_drop": _dropout(gpsa, "proj_drop"),
+    }
 
 
 def davit_channel_weights(attn: nn.Module) -> dict[str, Tensor]:
@@ -567,8 +636,13 @@ def davit_window_weights(attn: nn.Module) -> dict[str, Tensor]:
 
 def _davit_window_kwargs(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
-    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None, "window_size": tuple(block.window_size),
-            "rel_pos_bias": False, "mask_padding": False}
+    return {
+        "num_heads": attn.num_heads,
+        "qkv_bias": attn.qkv.bias is not None,
+        "window_size": tuple(block.window_size),
+        "rel_pos_bias": False,
+        "mask_padding": False,
+    }
 
 
 def _install_davit(block: nn.Module, mixer: nn.Module) -> nn.Module:
@@ -581,8 +655,11 @@ def cascaded_group_weights(local: nn.Module) -> dict[str, Tensor]:
     """timm EfficientViT-MSRA ``LocalWindowAttention`` → attnzoo ``cascaded_group`` (ConvNorm ``conv`` = our ``c``;
     the output ConvNorm after the ReLU, ``proj.1``, is our ``proj``)."""
     state = local.attn.state_dict()
-    return {k.replace(".conv.", ".c.").replace("proj.1.", "proj."): v for k, v in state.items()
-            if k != "attention_bias_idxs"}
+    return {
+        k.replace(".conv.", ".c.").replace("proj.1.", "proj."): v
+        for k, v in state.items()
+        if k != "attention_bias_idxs"
+    }
 
 
 def _cascaded_group_kwargs(local: nn.Module) -> dict[str, Any]:
@@ -646,8 +723,13 @@ def _install_maxvit(block: nn.Module, mixer: nn.Module) -> nn.Module:
 
 def _swin_hints(block: nn.Module) -> dict[str, Any]:
     attn = block.attn
-    return {"num_heads": attn.num_heads, "qkv_bias": attn.qkv.bias is not None, "kernel_size": tuple(block.window_size),
-            "window_size": tuple(block.window_size), "shift_size": tuple(block.shift_size)}
+    return {
+        "num_heads": attn.num_heads,
+        "qkv_bias": attn.qkv.bias is not None,
+        "kernel_size": tuple(block.window_size),
+        "window_size": tuple(block.window_size),
+        "shift_size": tuple(block.shift_size),
+    }
 
 
 def _halo_hints(halo: nn.Module) -> dict[str, Any]:
@@ -719,9 +801,17 @@ _ATTENTION_LIKE = re.compile(
 
 # mechanisms whose projections are [q; k; v] (or q + [k; v]) with heads inside and a ``proj`` on the merged heads
 _PROJECTION_LAYOUT = {
-    "mhsa": "qkv", "window": "qkv", "neighborhood": "qkv", "multi_axis": "qkv", "long_short_distance": "qkv",
-    "cross_shaped": "qkv", "linear": "qkv", "retention": "qkv", "mixture_of_heads": "qkv",
-    "spatial_reduction": "q+kv", "cross": "q+kv",
+    "mhsa": "qkv",
+    "window": "qkv",
+    "neighborhood": "qkv",
+    "multi_axis": "qkv",
+    "long_short_distance": "qkv",
+    "cross_shaped": "qkv",
+    "linear": "qkv",
+    "retention": "qkv",
+    "mixture_of_heads": "qkv",
+    "spatial_reduction": "q+kv",
+    "cross": "q+kv",
 }
 
 

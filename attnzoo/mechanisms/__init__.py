@@ -13,7 +13,13 @@ from ._base import BlockState
 from .registry import MechanismInfo, create, list_families, list_mechanisms, mechanism_info, register_mechanism
 
 __all__ = [
-    "BlockState", "MechanismInfo", "create", "list_families", "list_mechanisms", "mechanism_info", "register_mechanism",
+    "BlockState",
+    "MechanismInfo",
+    "create",
+    "list_families",
+    "list_mechanisms",
+    "mechanism_info",
+    "register_mechanism",
     "load_all",
 ]
 

@@ -46,7 +46,9 @@ def inner_width(dim: int, ssm_ratio: float) -> int:
     """Mamba's expanded width ``int(ssm_ratio · dim)``, at least one channel (ValueError naming ``ssm_ratio``)."""
     inner = int(check_positive("ssm_ratio", ssm_ratio) * dim)
     if inner < 1:
-        raise ValueError(f"ssm_ratio={ssm_ratio!r} gives int(ssm_ratio·dim) = 0 channels for dim={dim}; it must be >= 1")
+        raise ValueError(
+            f"ssm_ratio={ssm_ratio!r} gives int(ssm_ratio·dim) = 0 channels for dim={dim}; it must be >= 1"
+        )
     return inner
 
 
@@ -72,8 +74,16 @@ class RouteScan(nn.Module):
     """
 
     def __init__(
-        self, channels: int, routes: int, *, d_state: int, dt_rank: int, shared_input: bool, chunk_size: int = 64,
-        dt_min: float = 0.001, dt_max: float = 0.1,
+        self,
+        channels: int,
+        routes: int,
+        *,
+        d_state: int,
+        dt_rank: int,
+        shared_input: bool,
+        chunk_size: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
     ) -> None:
         super().__init__()
         if not shared_input and channels % routes:
@@ -90,7 +100,9 @@ class RouteScan(nn.Module):
         dt = torch.exp(torch.rand(routes * width) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp_min(1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(routes * width, 1))
+        self.A_log = nn.Parameter(
+            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(routes * width, 1)
+        )
         self.D = nn.Parameter(torch.ones(routes * width))
 
     def forward(self, tokens: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
@@ -111,7 +123,13 @@ class RouteScan(nn.Module):
         delta = F.softplus(delta.to(ct) + self.dt_bias.to(ct))
         A = -torch.exp(self.A_log.to(ct))
         return selective_scan(
-            per_route.flatten(2), delta, A, B, C, self.D.to(ct), order=orders.to(tokens.device),
+            per_route.flatten(2),
+            delta,
+            A,
+            B,
+            C,
+            self.D.to(ct),
+            order=orders.to(tokens.device),
             chunk_size=self.chunk_size,
         ).to(tokens.dtype)
 

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from ..ops import normalize_axis_arg
 
 __all__ = [
-    "Padding", "pad_to_multiple", "window_and_shift", "effective_shift", "offset_windows", "relative_position_index",
+    "Padding",
+    "pad_to_multiple",
+    "window_and_shift",
+    "effective_shift",
+    "offset_windows",
+    "relative_position_index",
     "flip_table",
 ]
 

@@ -18,10 +18,10 @@ __all__ = ["AgentAttention"]
 
 def _resize(table: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Linear/bilinear resize (align_corners=False) of ``table[..., *grid]`` to ``size`` over its trailing axes."""
-    if tuple(table.shape[-len(size):]) == tuple(size):
+    if tuple(table.shape[-len(size) :]) == tuple(size):
         return table
     lead = table.shape[: -len(size)]
-    flat = table.reshape(1, -1, *table.shape[-len(size):])
+    flat = table.reshape(1, -1, *table.shape[-len(size) :])
     mode = "bilinear" if len(size) == 2 else "linear"
     return F.interpolate(flat, size=size, mode=mode, align_corners=False).reshape(*lead, *size)
 
@@ -86,12 +86,17 @@ class AgentAttention(Mechanism):
 
     def bias_parameters(self) -> list[nn.Parameter]:
         return [
-            self.agent_key_table, self.agent_row_bias, self.agent_col_bias,
-            self.query_agent_table, self.row_agent_bias, self.col_agent_bias,
+            self.agent_key_table,
+            self.agent_row_bias,
+            self.agent_col_bias,
+            self.query_agent_table,
+            self.row_agent_bias,
+            self.col_agent_bias,
         ]
 
     def position_biases(self, rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``B₁`` ``[1, h, n, N]`` and ``B₂`` ``[1, h, N, n]`` for a ``rows × cols`` input."""
+
         def grid(table, row, col):
             row, col = _resize(row, (rows,)), _resize(col, (cols,))
             return _resize(table, (rows, cols)) + row[..., :, None] + col[..., None, :]

@@ -99,7 +99,9 @@ class AggregatedAttention(Mechanism):
         self.sr_ratio = check_int("sr_ratio", sr_ratio)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
         self.input_resolution = check_resolution("input_resolution", input_resolution, minimum=sr_ratio)
-        self.pretrain_size = check_resolution("pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, minimum=2)
+        self.pretrain_size = check_resolution(
+            "pretrain_size", self.input_resolution if pretrain_size is None else pretrain_size, minimum=2
+        )
         heads, d, kk = self.num_heads, self.head_dim, kernel_size**2
 
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -131,7 +133,9 @@ class AggregatedAttention(Mechanism):
             self._geometry[spatial] = self._build(spatial)
         geo = self._geometry[spatial]
         if device is not None and geo.cpb_index.device != device:
-            geo = self._geometry[spatial] = _Geometry(*(t.to(device) for t in (geo.log_length, geo.cpb_coords, geo.cpb_index)))
+            geo = self._geometry[spatial] = _Geometry(
+                *(t.to(device) for t in (geo.log_length, geo.cpb_coords, geo.cpb_index))
+            )
         return geo
 
     def local_table(self) -> torch.Tensor:
@@ -155,8 +159,12 @@ class AggregatedAttention(Mechanism):
         # Local window centred on each query, zero padded: pad every side by k//2 and drop the padded keys.
         halo = Padding(spatial, (k // 2,) * 2, (k // 2,) * 2)
         local, local_lse = neighborhood_attention(
-            *(halo.pad(t) for t in (q_hat, key, value)), kernel_size=k, scale=1.0, return_lse=True,
-            rel_pos_bias=self.local_table().to(dtype), key_bias=halo.key_bias(dtype, x.device),
+            *(halo.pad(t) for t in (q_hat, key, value)),
+            kernel_size=k,
+            scale=1.0,
+            return_lse=True,
+            rel_pos_bias=self.local_table().to(dtype),
+            key_bias=halo.key_bias(dtype, x.device),
         )
         local, local_lse = halo.crop(local), halo.crop(local_lse)
 
@@ -173,7 +181,9 @@ class AggregatedAttention(Mechanism):
         # Query-dependent learnable-token weights on the zero-padded window values.
         windows = F.unfold(rearrange(value, "b y x h d -> b (h d) y x"), k, padding=k // 2)
         windows = rearrange(windows, "b (h d j) (y x) -> b y x h j d", h=heads, j=k * k, y=spatial[0])
-        token_weights = torch.einsum("byxhd,hdj->byxhj", q, self.learnable_tokens) + self.learnable_bias.reshape(heads, -1)
+        token_weights = torch.einsum("byxhd,hdj->byxhj", q, self.learnable_tokens) + self.learnable_bias.reshape(
+            heads, -1
+        )
         out = out + torch.einsum("byxhj,byxhjd->byxhd", token_weights, windows)
         return self.proj_drop(self.proj(merge_heads(out)))
 

@@ -24,7 +24,8 @@ def _normalize_axes(axes, rank: int) -> tuple[tuple[int, ...], ...]:
     for entry in axes:
         subset = (entry,) if isinstance(entry, int) and not isinstance(entry, bool) else entry
         if (
-            not isinstance(subset, (list, tuple)) or not subset
+            not isinstance(subset, (list, tuple))
+            or not subset
             or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < rank for a in subset)
             or len(set(subset)) != len(subset)
         ):

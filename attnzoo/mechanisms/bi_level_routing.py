@@ -68,7 +68,9 @@ class BiLevelRoutingAttention(Mechanism):
         self.scale = qk_dim**-0.5
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + inner, bias=qkv_bias)
-        self.lepe = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner) if kernel_size else None
+        self.lepe = (
+            nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner) if kernel_size else None
+        )
         self.wo = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -105,7 +107,9 @@ class BiLevelRoutingAttention(Mechanism):
             scale=self.scale,
             attn_mask=mask,
         )
-        out = rearrange(out, "(b sy sx) (ry rx) h d -> b (sy ry) (sx rx) (h d)", sy=s, sx=s, ry=padding.padded_shape[0] // s)
+        out = rearrange(
+            out, "(b sy sx) (ry rx) h d -> b (sy ry) (sx rx) (h d)", sy=s, sx=s, ry=padding.padded_shape[0] // s
+        )
         out = padding.crop(out)
         if self.lepe is not None:
             out = out + self.lepe(padding.crop(v).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -72,8 +72,12 @@ class BidirectionalSSM(Mechanism):
         nn.init.uniform_(self.conv_weight, -(d_conv**-0.5), d_conv**-0.5)
         self.conv_bias = nn.Parameter(torch.zeros(2, inner))
         self.scan = RouteScan(
-            inner, 2, d_state=d_state, dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
-            shared_input=True, chunk_size=chunk_size,
+            inner,
+            2,
+            d_state=d_state,
+            dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
+            shared_input=True,
+            chunk_size=chunk_size,
         )
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -66,7 +66,9 @@ class CascadedGroupAttention(Mechanism):
         kernel_size = (kernel_size,) * num_heads if isinstance(kernel_size, int) else tuple(kernel_size)
         odd = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernel_size)
         if len(kernel_size) != num_heads or not odd:
-            raise ValueError(f"kernel_size={kernel_size!r} must be one odd positive int per head (num_heads={num_heads})")
+            raise ValueError(
+                f"kernel_size={kernel_size!r} must be one odd positive int per head (num_heads={num_heads})"
+            )
         self.num_heads, self.qk_dim, self.window_size = num_heads, qk_dim, window_size
         self.kernel_size, self.mask_padding = kernel_size, bool(mask_padding)
         self.val_dim = dim // num_heads
@@ -84,7 +86,10 @@ class CascadedGroupAttention(Mechanism):
         # channels-last data (a channels-first copy makes each conv ~1.7× and each mixed-layout sum ~3× slower)
         windows = rearrange(padding.pad(x), "b (nh r) (nw s) c -> (b nh nw) r s c", r=r, s=r).permute(0, 3, 1, 2)
         bias = inference_cached(  # [heads, R², R²]
-            self, "_bias_cache", (x.dtype, x.device), lambda: self.attention_biases.to(x.dtype)[:, self.bias_index],
+            self,
+            "_bias_cache",
+            (x.dtype, x.device),
+            lambda: self.attention_biases.to(x.dtype)[:, self.bias_index],
             self.attention_biases,
         )
         key_bias = padding.key_bias(x.dtype, x.device) if self.mask_padding else None

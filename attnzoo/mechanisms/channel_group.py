@@ -55,9 +55,7 @@ class ChannelGroupAttention(Mechanism):
         tokens = flatten_tokens(x)
         # channels become the attention's tokens and the N spatial tokens its feature axis: [B, C_g, G, N]
         q, k, v = rearrange(self.qkv(tokens), "b n (three g c) -> three b c g n", three=3, g=self.num_heads)
-        out = attention(
-            q, k, v, scale=self.group_dim**-0.5, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        out = attention(q, k, v, scale=self.group_dim**-0.5, dropout_p=self.attn_drop if self.training else 0.0)
         out = rearrange(out, "b c g n -> b n (g c)")
         return self.proj_drop(self.proj(out)).reshape(x.shape)
 

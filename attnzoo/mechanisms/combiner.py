@@ -89,7 +89,9 @@ class CombinerAttention(Mechanism):
         summary_q = q_win.masked_fill(hide, float("-inf")).amax(2)
         b, regions = q.shape[0], real_win.shape[0]
         summary_v = attention(
-            summary_q.reshape(b * regions, 1, self.num_heads, -1), k_win.flatten(0, 1), v_win.flatten(0, 1),
+            summary_q.reshape(b * regions, 1, self.num_heads, -1),
+            k_win.flatten(0, 1),
+            v_win.flatten(0, 1),
             attn_mask=real_win.repeat(b, 1)[:, None, None, :],
         ).reshape(b, regions, self.num_heads, -1)
         # every query sees the summaries of the windows other than its own

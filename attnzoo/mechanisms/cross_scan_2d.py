@@ -76,8 +76,12 @@ class CrossScan2D(Mechanism):
         self.in_proj = nn.Linear(dim, inner)
         self.conv = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner, bias=False)
         self.scan = RouteScan(
-            inner, len(self.routes), d_state=d_state, dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
-            shared_input=True, chunk_size=chunk_size,
+            inner,
+            len(self.routes),
+            d_state=d_state,
+            dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
+            shared_input=True,
+            chunk_size=chunk_size,
         )
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim)

@@ -100,7 +100,4 @@ class DynamicSpectrumMixer(Mechanism):
         return self.pwconv2(mixed)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, width={self.width}, num_filters={self.num_filters}, "
-            f"spectrum_size={self.spectrum_size}"
-        )
+        return f"dim={self.dim}, width={self.width}, num_filters={self.num_filters}, spectrum_size={self.spectrum_size}"

@@ -35,9 +35,7 @@ class EfficientChannelAttention(Mechanism):
     channel count (γ = ``gamma``, b = ``beta``): C=4 → 1, 8..64 → 3, 128..1024 → 5, 2048 → 7.
     """
 
-    def __init__(
-        self, dim: int, *, kernel_size: int | None = None, gamma: float = 2, beta: float = 1
-    ) -> None:
+    def __init__(self, dim: int, *, kernel_size: int | None = None, gamma: float = 2, beta: float = 1) -> None:
         super().__init__(dim)
         if kernel_size is None:
             if not gamma > 0:

@@ -55,6 +55,14 @@ class FactorizationAttention(GroupedNeighborhood):
         if not isinstance(dilation, (tuple, list)):
             raise TypeError(f"dilation={dilation!r} must be a sequence with one rate per head group")
         super().__init__(
-            dim, kernel_size=[kernel_size] * len(dilation), dilation=dilation, num_heads=num_heads, head_dim=head_dim,
-            qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rank=rank, backend=backend,
+            dim,
+            kernel_size=[kernel_size] * len(dilation),
+            dilation=dilation,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            rank=rank,
+            backend=backend,
         )

@@ -112,7 +112,9 @@ class GatedLinearAttention2D(Mechanism):
         self.num_heads, _ = resolve_heads(dim, num_heads, None)
         key_dim = int(dim * expand_k)
         if key_dim < 1 or key_dim % self.num_heads:
-            raise ValueError(f"expand_k={expand_k} gives key width {key_dim}, which must be divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"expand_k={expand_k} gives key width {key_dim}, which must be divisible by num_heads={self.num_heads}"
+            )
         mode = check_choice("mode", mode, MODES, renamed={"chunked": "chunkwise"})
         check_int("chunk_size", chunk_size)
         if not gate_logit_normalizer > 0:
@@ -121,7 +123,9 @@ class GatedLinearAttention2D(Mechanism):
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         self.local = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.qkv = nn.Linear(dim, 2 * key_dim + dim, bias=False)
-        self.forget = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, 2 * key_dim))
+        self.forget = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, 2 * key_dim)
+        )
         self.locality_gate = nn.Linear(dim, dim)
         self.norm_attn = nn.RMSNorm(dim // self.num_heads, eps=1e-5)
         self.norm_local = nn.RMSNorm(dim // self.num_heads, eps=1e-5)

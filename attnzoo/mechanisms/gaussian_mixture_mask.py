@@ -71,7 +71,9 @@ class GaussianMixtureMaskAttention(Mechanism):
         self.attn_drop = check_probability("attn_drop", attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.alpha = nn.Parameter(torch.ones(self.num_heads, num_gaussians))
-        self.log_sigma = nn.Parameter(torch.log(2.0 ** torch.arange(num_gaussians, dtype=torch.float32)).repeat(self.num_heads, 1))
+        self.log_sigma = nn.Parameter(
+            torch.log(2.0 ** torch.arange(num_gaussians, dtype=torch.float32)).repeat(self.num_heads, 1)
+        )
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(check_probability("proj_drop", proj_drop))
 

@@ -117,7 +117,13 @@ class GlobalContextAttention(Mechanism):
             self.relative_position_bias_table.t().reshape(self.num_heads, *(2 * m - 1 for m in window)), 2
         )
         out = neighborhood_attention(
-            q, k, v, window, window, rel_pos_bias=table.to(q.dtype), key_bias=padding.key_bias(q.dtype, q.device),
+            q,
+            k,
+            v,
+            window,
+            window,
+            rel_pos_bias=table.to(q.dtype),
+            key_bias=padding.key_bias(q.dtype, q.device),
             backend=self.backend,
         )
         return self.proj_drop(self.proj(merge_heads(padding.crop(out))))

@@ -102,7 +102,9 @@ class HaloAttention(Mechanism):
         kv = halo_pad.pad(self.kv(x))  # zero k and v in the halo and block padding
         grid = {"nh": blocks.padded_shape[0] // b, "nw": blocks.padded_shape[1] // b}
         q = rearrange(q, "b (nh i) (nw j) (h d) -> (b nh nw) i j h d", **grid, h=self.num_heads)
-        kv = rearrange(kv.unfold(1, w, b).unfold(2, w, b), "b nh nw (h c) ky kx -> (b nh nw) (ky kx) h c", h=self.num_heads)
+        kv = rearrange(
+            kv.unfold(1, w, b).unfold(2, w, b), "b nh nw (h c) ky kx -> (b nh nw) (ky kx) h c", h=self.num_heads
+        )
         k, v = kv.split([self.head_dim, self.head_dim_v], dim=-1)
         bias = self._relative_logits(q)
         if self.mask_padding and not halo_pad.is_empty:

@@ -88,8 +88,13 @@ class HybridAttentionBlock(Mechanism):
             raise ValueError(f"conv_scale={conv_scale!r} must be a number")
         self.conv_scale = float(conv_scale)
         self.attn = WindowAttention(
-            dim, num_heads=num_heads, head_dim=head_dim, window_size=window_size, shift_size=shift_size,
-            qkv_bias=qkv_bias, proj_drop=proj_drop,
+            dim,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            window_size=window_size,
+            shift_size=shift_size,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop,
         )
         self.conv_block = ChannelAttentionBlock(dim, compress_ratio, reduction, min_width)
 

@@ -108,8 +108,10 @@ class HyenaND(Mechanism):
         self.short_filter = nn.Conv2d(width, width, kernel_size, padding=kernel_size // 2, groups=width)
         features = 2 + 4 * num_bands
         self.filter_mlp = nn.Sequential(
-            nn.Linear(features, filter_hidden), Sin(filter_hidden),
-            nn.Linear(filter_hidden, filter_hidden), Sin(filter_hidden),
+            nn.Linear(features, filter_hidden),
+            Sin(filter_hidden),
+            nn.Linear(filter_hidden, filter_hidden),
+            Sin(filter_hidden),
             nn.Linear(filter_hidden, order * dim, bias=False),
         )
         target = math.log(1e-2)

@@ -74,6 +74,7 @@ def lightning_tiled(q, k, v, decay, chunk_size: int = 64) -> torch.Tensor:
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi slopes: ``2^(−8(i+1)/H)`` for power-of-two H, else the first H/… slopes interleaved as in ALiBi."""
+
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
 
@@ -129,7 +130,12 @@ class LightningAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
         mode = check_choice("mode", mode, MODES, renamed={"tiled": "chunkwise", "naive": "quadratic"})
         check_int("chunk_size", chunk_size)
-        if not isinstance(num_layers, int) or num_layers < 1 or not isinstance(layer_index, int) or not 0 <= layer_index < num_layers:
+        if (
+            not isinstance(num_layers, int)
+            or num_layers < 1
+            or not isinstance(layer_index, int)
+            or not 0 <= layer_index < num_layers
+        ):
             raise ValueError(f"layer_index={layer_index!r} must be in [0, num_layers={num_layers!r})")
         if isinstance(slopes, str):
             if slopes != "alibi":

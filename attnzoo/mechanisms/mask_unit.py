@@ -78,7 +78,12 @@ class MaskUnitAttention(Mechanism):
             padding = pad_to_multiple(spatial, self.window_size)
             q, k, v = split_qkv(self.qkv(padding.pad(x)), self.num_heads)
             out = neighborhood_attention(
-                q, k, v, self.window_size, self.window_size, key_bias=padding.key_bias(q.dtype, q.device),
+                q,
+                k,
+                v,
+                self.window_size,
+                self.window_size,
+                key_bias=padding.key_bias(q.dtype, q.device),
                 backend=self.backend,
             )
             return self.proj_drop(self.proj(merge_heads(padding.crop(out))))

@@ -54,7 +54,14 @@ class MixtureOfSparseAttention(GroupedNeighborhood):
         if not isinstance(kernel_size, (tuple, list)):
             raise TypeError(f"kernel_size={kernel_size!r} must be a sequence with one span per head group")
         super().__init__(
-            dim, kernel_size=kernel_size, dilation=dilation if dilation is not None else [1] * len(kernel_size),
-            num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            rank=rank, backend=backend,
+            dim,
+            kernel_size=kernel_size,
+            dilation=dilation if dilation is not None else [1] * len(kernel_size),
+            num_heads=num_heads,
+            head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            rank=rank,
+            backend=backend,
         )

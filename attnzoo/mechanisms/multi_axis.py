@@ -81,8 +81,15 @@ class MultiAxisAttention(Mechanism):
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
         table = self.relative_position_bias_table
         out = neighborhood_attention(
-            q, k, v, size, size, dilation, rel_pos_bias=None if table is None else table.to(q.dtype),
-            key_bias=padding.key_bias(q.dtype, q.device), backend=self.backend,
+            q,
+            k,
+            v,
+            size,
+            size,
+            dilation,
+            rel_pos_bias=None if table is None else table.to(q.dtype),
+            key_bias=padding.key_bias(q.dtype, q.device),
+            backend=self.backend,
         )
         out = padding.crop(out)
         return self.proj_drop(self.proj(merge_heads(out)))

@@ -80,8 +80,12 @@ class MultiHeadScan(Mechanism):
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv = nn.Conv2d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner)
         self.scan = RouteScan(
-            inner, len(self.routes), d_state=d_state, dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
-            shared_input=False, chunk_size=chunk_size,
+            inner,
+            len(self.routes),
+            d_state=d_state,
+            dt_rank=dt_rank_for(dim) if dt_rank is None else check_int("dt_rank", dt_rank),
+            shared_input=False,
+            chunk_size=chunk_size,
         )
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)

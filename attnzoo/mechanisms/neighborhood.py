@@ -76,7 +76,14 @@ class NeighborhoodAttention(Mechanism):
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
         rpb = None if self.rpb is None else self.rpb.to(q.dtype)
         out = neighborhood_attention(
-            q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, rel_pos_bias=rpb,
+            q,
+            k,
+            v,
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            self.is_causal,
+            rel_pos_bias=rpb,
             backend=self.backend,
         )
         return self.proj_drop(self.proj(merge_heads(out)))

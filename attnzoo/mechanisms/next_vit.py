@@ -134,8 +134,12 @@ class NextViTMixer(Mechanism):
         self.patch_embed = PointwiseBN(dim, self.mhsa_dim) if self.mhsa_dim != dim else nn.Identity()
         self.norm1 = nn.BatchNorm2d(self.mhsa_dim)
         self.e_mhsa = EfficientAttention(
-            self.mhsa_dim, head_dim, sr_ratio, qkv_bias,
-            check_probability("attn_drop", attn_drop), check_probability("proj_drop", proj_drop),
+            self.mhsa_dim,
+            head_dim,
+            sr_ratio,
+            qkv_bias,
+            check_probability("attn_drop", attn_drop),
+            check_probability("proj_drop", proj_drop),
         )
         self.projection = PointwiseBN(self.mhsa_dim, self.mhca_dim)
         self.mhca = ConvAttention(self.mhca_dim, head_dim)
@@ -147,7 +151,7 @@ class NextViTMixer(Mechanism):
         tokens = spatial[0] * spatial[1]
         if self.sr_ratio > 1 and tokens < self.sr_ratio**2:
             raise ValueError(
-                f"sr_ratio={self.sr_ratio} pools runs of {self.sr_ratio ** 2} tokens; x.shape={tuple(x.shape)} has "
+                f"sr_ratio={self.sr_ratio} pools runs of {self.sr_ratio**2} tokens; x.shape={tuple(x.shape)} has "
                 f"{tokens} tokens"
             )
         y = self.patch_embed(to_nchw(x))

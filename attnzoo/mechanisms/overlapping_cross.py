@@ -114,8 +114,13 @@ class OverlappingCrossAttention(Mechanism):
         q, k, v = split_qkv(qkv, self.num_heads)
         table = self.engine_table()
         out = neighborhood_attention(
-            q, k, v, kernel_size=self.overlap_win_size, stride=m,
-            rel_pos_bias=None if table is None else table.to(q.dtype), key_bias=key_bias,
+            q,
+            k,
+            v,
+            kernel_size=self.overlap_win_size,
+            stride=m,
+            rel_pos_bias=None if table is None else table.to(q.dtype),
+            key_bias=key_bias,
         )
         out = padding.crop(halo_pad.crop(merge_heads(out)))
         return self.proj_drop(self.proj(out))

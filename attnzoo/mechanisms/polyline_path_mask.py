@@ -114,7 +114,10 @@ class PolylinePathMaskAttention(Mechanism):
         height, width = self.check_input(x)
         if x.numel() == 0:  # an empty batch or grid has nothing to mix
             return x.new_zeros(x.shape)
-        q, k, v = (rearrange(p(x), "b y x (h d) -> b (y x) h d", h=self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(p(x), "b y x (h d) -> b (y x) h d", h=self.num_heads)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         angles = cached_table(_raster_angles, height * width, self.head_dim).to(x.device)[:, None]
         q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
         mask = polyline_path_mask(*self.log_decays(x))

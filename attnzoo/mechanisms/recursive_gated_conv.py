@@ -82,7 +82,7 @@ class RecursiveGatedConv(Mechanism):
             if gated % 2:
                 raise ValueError(
                     f"dw='gf' halves the {gated} gate channels: dim={dim} with order={order} gives an odd count; "
-                    f"use a dim divisible by 2**order={2 ** order}"
+                    f"use a dim divisible by 2**order={2**order}"
                 )
             self.dwconv = GlobalLocalFilter(gated, filter_size)
         else:

@@ -95,7 +95,9 @@ def register_mechanism(name: str, **metadata: Any) -> Callable[[type], type]:
     ``MechanismInfo`` (``family``, ``paper`` and ``year`` required), checked when the class is decorated (names here, values by ``MechanismInfo``)."""
     unknown = sorted(set(metadata) - set(_FIELDS))
     if unknown:
-        raise TypeError(f"register_mechanism({name!r}) got unknown fields {unknown}; MechanismInfo has {sorted(_FIELDS)}")
+        raise TypeError(
+            f"register_mechanism({name!r}) got unknown fields {unknown}; MechanismInfo has {sorted(_FIELDS)}"
+        )
     missing = [n for n in _REQUIRED if n not in metadata]
     if missing:
         raise TypeError(f"register_mechanism({name!r}) needs the fields {missing}")

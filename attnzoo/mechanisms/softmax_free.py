@@ -100,28 +100,39 @@ class SoftmaxFreeAttention(Mechanism):
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
         self.landmark = nn.Conv2d(d, d, sr_ratio, stride=sr_ratio, bias=False)
         self.landmark_norm = nn.LayerNorm(d)
-        self.dwc = nn.Conv2d(self.num_heads, self.num_heads, kernel_size, padding=kernel_size // 2, groups=self.num_heads, bias=False)
+        self.dwc = nn.Conv2d(
+            self.num_heads, self.num_heads, kernel_size, padding=kernel_size // 2, groups=self.num_heads, bias=False
+        )
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.check_input(x)
         if rows < self.sr_ratio or cols < self.sr_ratio:
-            raise ValueError(f"sr_ratio={self.sr_ratio} needs an input of at least {self.sr_ratio}×{self.sr_ratio}, got {rows}×{cols}")
+            raise ValueError(
+                f"sr_ratio={self.sr_ratio} needs an input of at least {self.sr_ratio}×{self.sr_ratio}, got {rows}×{cols}"
+            )
         b, h = x.shape[0], self.num_heads
         ct = compute_dtype(x.dtype)  # the landmarks feed an ill-conditioned inverse: fp32 for fp16/bf16 inputs
         q = rearrange(self.q(x), "b y x (h d) -> (b h) d y x", h=h).to(ct) * self.head_dim**-0.25
         v = rearrange(self.v(x), "b y x (h d) -> b h (y x) d", h=h)
         pooled = F.conv2d(q, self.landmark.weight.to(ct), stride=self.sr_ratio)
         norm = self.landmark_norm
-        landmarks = F.gelu(F.layer_norm(
-            rearrange(pooled, "bh d p r -> bh (p r) d"), norm.normalized_shape, norm.weight.to(ct), norm.bias.to(ct),
-            norm.eps,
-        ))
+        landmarks = F.gelu(
+            F.layer_norm(
+                rearrange(pooled, "bh d p r -> bh (p r) d"),
+                norm.normalized_shape,
+                norm.weight.to(ct),
+                norm.bias.to(ct),
+                norm.eps,
+            )
+        )
         q_tokens = rearrange(q, "(b h) d y x -> b h (y x) d", b=b)
         landmarks = rearrange(landmarks, "(b h) m d -> b h m d", b=b)
         out = softmax_free_attention(q_tokens, landmarks, v.to(ct), self.newton_iters).to(x.dtype)
-        local = rearrange(self.dwc(rearrange(v, "b h (y x) d -> (b d) h y x", y=rows)), "(b d) h y x -> b h (y x) d", b=b)
+        local = rearrange(
+            self.dwc(rearrange(v, "b h (y x) d -> (b d) h y x", y=rows)), "(b d) h y x -> b h (y x) d", b=b
+        )
         out = rearrange(out + local, "b h (y x) d -> b y x (h d)", y=rows)
         return self.proj_drop(self.proj(out))
 

@@ -89,7 +89,9 @@ class SpatialReductionAttention(Mechanism):
             raise ValueError(f"sr_ratio={self.sr_ratio} needs H, W >= {self.sr_ratio}, got x spatial shape {spatial}")
         q = rearrange(self.q(x), "b y x (h d) -> b y x h d", h=self.num_heads)
         k, v = rearrange(self.kv(self.reduce(x)), "b y x (two h d) -> two b y x h d", two=2, h=self.num_heads)
-        return self.proj_drop(self.proj(merge_heads(attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0))))
+        return self.proj_drop(
+            self.proj(merge_heads(attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)))
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -154,7 +154,11 @@ class WindowAttention(Mechanism):
         shift = effective_shift(self.shift_size, window, spatial)
         # official behaviour (mask_padding=False): the end padding is made of ordinary (unmasked) zero tokens
         outer = pad_to_multiple(spatial, (1,) * self.rank if self.mask_padding else window)
-        if resolve_backend(self.backend) == "auto" and any(shift) and all(e % m == 0 for e, m in zip(outer.padded_shape, window)):
+        if (
+            resolve_backend(self.backend) == "auto"
+            and any(shift)
+            and all(e % m == 0 for e, m in zip(outer.padded_shape, window))
+        ):
             out = self._rolled_windows(outer.pad(x), shift)
             return self.proj_drop(self.proj(outer.crop(out)))
         # shifted windows = windows on a grid offset by the shift; the offset tokens are always masked
@@ -162,8 +166,14 @@ class WindowAttention(Mechanism):
         # the offset tokens are masked keys and cropped queries: pad q/k/v after projecting only the real tokens
         q, k, v = (inner.pad(t) for t in split_qkv(self.qkv(outer.pad(x)), self.num_heads))
         out = neighborhood_attention(
-            q, k, v, window, window, rel_pos_bias=self._key_minus_query_table(q.dtype),
-            key_bias=inner.key_bias(q.dtype, q.device), backend=self.backend,
+            q,
+            k,
+            v,
+            window,
+            window,
+            rel_pos_bias=self._key_minus_query_table(q.dtype),
+            key_bias=inner.key_bias(q.dtype, q.device),
+            backend=self.backend,
         )
         return self.proj_drop(self.proj(merge_heads(outer.crop(inner.crop(out)))))
 

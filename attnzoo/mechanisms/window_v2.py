@@ -107,8 +107,15 @@ class WindowAttentionV2(Mechanism):
         tau = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().reshape(self.num_heads, 1)
         q = F.normalize(q, dim=-1) * tau.to(q.dtype)
         out = neighborhood_attention(
-            q, F.normalize(k, dim=-1), v, window, window, scale=1.0, rel_pos_bias=self.position_bias(q.dtype),
-            key_bias=padding.key_bias(q.dtype, q.device), backend=self.backend,
+            q,
+            F.normalize(k, dim=-1),
+            v,
+            window,
+            window,
+            scale=1.0,
+            rel_pos_bias=self.position_bias(q.dtype),
+            key_bias=padding.key_bias(q.dtype, q.device),
+            backend=self.backend,
         )
         return self.proj_drop(self.proj(merge_heads(padding.crop(out))))
 

@@ -28,8 +28,25 @@ from .backbone import SIZES, Backbone, BackboneSize, Block, MixerAdapter, stage_
 from .saving import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load, model_config, save
 
 __all__ = [
-    "create", "load", "save", "model_config", "list_models", "list_families", "model_info", "ModelInfo", "PaperModel", "PaperTable", "Backbone", "BackboneSize", "Block", "MixerAdapter",
-    "SIZES", "stage_defaults", "atomic_write", "CONFIG_FILE", "WEIGHTS_FILE",
+    "create",
+    "load",
+    "save",
+    "model_config",
+    "list_models",
+    "list_families",
+    "model_info",
+    "ModelInfo",
+    "PaperModel",
+    "PaperTable",
+    "Backbone",
+    "BackboneSize",
+    "Block",
+    "MixerAdapter",
+    "SIZES",
+    "stage_defaults",
+    "atomic_write",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
 ]
 
 MixerKwargs = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
@@ -80,13 +97,23 @@ class ModelInfo:
 def model_info(name: str) -> ModelInfo:
     """The paper's table for published model ``name`` with the parameters and MACs measured on it."""
     if name in SIZES:
-        raise ValueError(f"name={name!r} is an arena size with no paper table; published models: {list_models()[len(SIZES):]}")
+        raise ValueError(
+            f"name={name!r} is an arena size with no paper table; published models: {list_models()[len(SIZES) :]}"
+        )
     spec = paper_spec(name, list_models())
     measured = measure(name)
     table = spec.table
     return ModelInfo(
-        name=name, family=spec.family, source=table.source, reference=spec.reference, paper_params_m=table.params_m,
-        paper_gmacs=table.gmacs, top1=table.top1, params=measured.params, macs=measured.macs, note=spec.note,
+        name=name,
+        family=spec.family,
+        source=table.source,
+        reference=spec.reference,
+        paper_params_m=table.params_m,
+        paper_gmacs=table.gmacs,
+        top1=table.top1,
+        params=measured.params,
+        macs=measured.macs,
+        note=spec.note,
     )
 
 
@@ -122,13 +149,21 @@ def create(
     ``num_classes`` defaults to 10 and ``img_size`` to the size's native resolution (28 for tiny, 224 for small).
     """
     if "size" in overrides:  # the v0.1 spelling of ``name``
-        warnings.warn("models.create(size=...) is deprecated; pass the model name first or as name=", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "models.create(size=...) is deprecated; pass the model name first or as name=",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         name = overrides.pop("size")
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a model name (str); attnzoo.models.list_models() lists them")
     if name in PAPER_MODELS:
-        if mixers is not None or mixer_kwargs is not None or channel_mixer is not None or channel_mixer_kwargs is not None:
+        if (
+            mixers is not None
+            or mixer_kwargs is not None
+            or channel_mixer is not None
+            or channel_mixer_kwargs is not None
+        ):
             raise TypeError(
                 f"{name!r} is a published configuration: mixers, mixer_kwargs, channel_mixer and channel_mixer_kwargs "
                 f"apply to the arena sizes {sorted(SIZES)}"
@@ -136,7 +171,13 @@ def create(
         num_classes = 1000 if num_classes is None else num_classes
         img_size = 224 if img_size is None else img_size
         model = PAPER_MODELS[name].builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
-        model.config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size, **overrides}
+        model.config = {
+            "name": name,
+            "num_classes": num_classes,
+            "in_chans": in_chans,
+            "img_size": img_size,
+            **overrides,
+        }
         return model
     if name not in SIZES:
         paper_spec(name, list_models())  # raises, suggesting close names
@@ -161,13 +202,26 @@ def create(
     channel_kwargs = [dict(k or {}) for k in _per_stage(channel_mixer_kwargs, stages, "channel_mixer_kwargs")]
     img_size = spec.img_size if img_size is None else img_size
     model = Backbone(
-        names, dims=spec.dims, depths=spec.depths, stem_stride=spec.stem_stride, mlp_ratio=spec.mlp_ratio,
-        num_classes=num_classes, in_chans=in_chans, img_size=img_size, mixer_kwargs=kwargs,
-        channel_mixers=channel_names, channel_kwargs=channel_kwargs,
+        names,
+        dims=spec.dims,
+        depths=spec.depths,
+        stem_stride=spec.stem_stride,
+        mlp_ratio=spec.mlp_ratio,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        mixer_kwargs=kwargs,
+        channel_mixers=channel_names,
+        channel_kwargs=channel_kwargs,
     )
     model.config = {
-        "size": name, "mixers": list(names), "num_classes": num_classes, "in_chans": in_chans,
-        "img_size": img_size, "mixer_kwargs": kwargs, "channel_mixer": list(channel_names),
+        "size": name,
+        "mixers": list(names),
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "img_size": img_size,
+        "mixer_kwargs": kwargs,
+        "channel_mixer": list(channel_names),
         "channel_mixer_kwargs": channel_kwargs,
     }
     return model

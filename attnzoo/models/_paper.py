@@ -24,8 +24,23 @@ import torch.nn as nn
 from ..ops import count_flops
 
 __all__ = [
-    "PaperTable", "PaperModelSpec", "PaperModel", "Stage", "DropPath", "Mlp", "in_stage", "init_transformer_weights", "Measured", "PAPER_MODELS",
-    "register_paper_model", "paper_spec", "measure", "conv_out", "check_heads", "check_kernel_fits", "drop_path_rates",
+    "PaperTable",
+    "PaperModelSpec",
+    "PaperModel",
+    "Stage",
+    "DropPath",
+    "Mlp",
+    "in_stage",
+    "init_transformer_weights",
+    "Measured",
+    "PAPER_MODELS",
+    "register_paper_model",
+    "paper_spec",
+    "measure",
+    "conv_out",
+    "check_heads",
+    "check_kernel_fits",
+    "drop_path_rates",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,8 +75,15 @@ PAPER_MODELS: dict[str, PaperModelSpec] = {}
 
 
 def register_paper_model(
-    name: str, builder: Callable[..., PaperModel], table: PaperTable, *, family: str, reference: str, note: str = "",
-    documented_params_error: float | None = None, documented_macs_error: float | None = None,
+    name: str,
+    builder: Callable[..., PaperModel],
+    table: PaperTable,
+    *,
+    family: str,
+    reference: str,
+    note: str = "",
+    documented_params_error: float | None = None,
+    documented_macs_error: float | None = None,
 ) -> None:
     """Register a published configuration. A figure that cannot be matched (parameters within 1 %, MACs within 3 %)
     is documented: ``note`` says why and ``documented_*_error`` pins the measured relative difference (rounded to
@@ -108,7 +130,9 @@ def check_heads(stage: int, dim: int, num_heads: int) -> None:
         raise ValueError(f"stage {stage}: num_heads={num_heads!r} must be a positive int that divides the width {dim}")
 
 
-def check_kernel_fits(stage: int, grid: tuple[int, int], kernel_size: int, dilation: int = 1, arg: str = "kernel_size") -> None:
+def check_kernel_fits(
+    stage: int, grid: tuple[int, int], kernel_size: int, dilation: int = 1, arg: str = "kernel_size"
+) -> None:
     """A neighborhood of ``kernel_size`` at ``dilation`` must fit the stage's token map (NATTEN's rule)."""
     if kernel_size * dilation > min(grid):
         raise ValueError(
@@ -209,8 +233,18 @@ class PaperModel(nn.Module):
     norm_after_pool = False  # ConvNeXt-style heads (HorNet): pool the last map, then normalise the pooled vector
 
     def __init__(
-        self, stem: nn.Module, stages: Sequence[nn.Module], dims: Sequence[int], reductions: Sequence[int],
-        num_classes: int, norm: nn.Module, *, name: str, in_chans: int, img_size: int, crop_pct: float = 0.875,
+        self,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        dims: Sequence[int],
+        reductions: Sequence[int],
+        num_classes: int,
+        norm: nn.Module,
+        *,
+        name: str,
+        in_chans: int,
+        img_size: int,
+        crop_pct: float = 0.875,
     ) -> None:
         super().__init__()
         self.stem = stem
@@ -223,10 +257,19 @@ class PaperModel(nn.Module):
             {"num_chs": d, "reduction": r, "module": f"stages.{i}"} for i, (d, r) in enumerate(zip(dims, reductions))
         ]
         self.pretrained_cfg = self.default_cfg = {
-            "architecture": name, "tag": "", "url": "", "hf_hub_id": None, "num_classes": num_classes,
-            "input_size": (in_chans, img_size, img_size), "pool_size": (img_size // reductions[-1],) * 2,
-            "crop_pct": crop_pct, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "first_conv": self.first_conv_name(), "classifier": "head",
+            "architecture": name,
+            "tag": "",
+            "url": "",
+            "hf_hub_id": None,
+            "num_classes": num_classes,
+            "input_size": (in_chans, img_size, img_size),
+            "pool_size": (img_size // reductions[-1],) * 2,
+            "crop_pct": crop_pct,
+            "interpolation": "bicubic",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "first_conv": self.first_conv_name(),
+            "classifier": "head",
         }
 
     def first_conv_name(self) -> str:
@@ -270,11 +313,18 @@ class PaperModel(nn.Module):
 
     def stage_outputs(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
         """One ``(B, C_i, H_i, W_i)`` map per stage in ``indices`` (all stages by default), for dense prediction."""
-        return self.forward_intermediates(x, indices=list(indices) if indices is not None else None, intermediates_only=True)
+        return self.forward_intermediates(
+            x, indices=list(indices) if indices is not None else None, intermediates_only=True
+        )
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False, stop_early: bool = False,
-        output_fmt: str = "NCHW", intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's feature API: stage maps at ``indices`` (an int n = the last n stages; negative indices count back)."""
         if output_fmt != "NCHW":
@@ -337,4 +387,3 @@ def measure(name: str, img_size: int = 224, in_chans: int = 3, num_classes: int 
         model = spec.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     params = sum(p.numel() for p in model.parameters())
     return Measured(params=params, macs=_count_macs(model, in_chans, img_size))
-

@@ -80,13 +80,21 @@ class AgentSwinBlock(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, grid: tuple[int, int], num_agents: int | None, window_size: int, mlp_ratio: float,
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int],
+        num_agents: int | None,
+        window_size: int,
+        mlp_ratio: float,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         if num_agents is not None:
-            self.attn = create_mechanism("agent", dim, num_heads=num_heads, num_agents=num_agents, input_resolution=grid)
+            self.attn = create_mechanism(
+                "agent", dim, num_heads=num_heads, num_agents=num_agents, input_resolution=grid
+            )
         else:
             self.attn = create_mechanism("window", dim, num_heads=num_heads, window_size=window_size, shift_size=0)
         self.drop_path = DropPath(drop_path)
@@ -116,12 +124,24 @@ class AgentSwin(PaperModel):
     """
 
     def __init__(
-        self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], attn_types: str = "AAAB",
-        num_agents: Sequence[int] = (9, 16, 49, 49), mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-        num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "agent_swin",
+        self,
+        *,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        attn_types: str = "AAAB",
+        num_agents: Sequence[int] = (9, 16, 49, 49),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "agent_swin",
     ) -> None:
         levels = len(depths)
-        check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, attn_types=attn_types, num_agents=num_agents)
+        check_per_stage(
+            levels, f"depths={list(depths)}", num_heads=num_heads, attn_types=attn_types, num_agents=num_agents
+        )
         dims = [embed_dim * 2**i for i in range(levels)]
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(img_size, 4, 4, 0)
@@ -135,24 +155,48 @@ class AgentSwin(PaperModel):
             agents = num_agents[i] if attn_types[i] == "A" else None
             with in_stage(i):
                 blocks = [
-                    AgentSwinBlock(dims[i], num_heads[i], (grid, grid), agents, grid, mlp_ratio, rates[i][j]) for j in range(depths[i])
+                    AgentSwinBlock(dims[i], num_heads[i], (grid, grid), agents, grid, mlp_ratio, rates[i][j])
+                    for j in range(depths[i])
                 ]
             stages.append(Stage(PatchMerging(dims[i - 1]) if i > 0 else None, blocks))
         super().__init__(
-            PatchEmbed(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
-            nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size, crop_pct=0.9,
+            PatchEmbed(in_chans, embed_dim),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            nn.LayerNorm(dims[-1]),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
+            crop_pct=0.9,
         )
         self.apply(init_transformer_weights)
 
 
-def build_agent_swin_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any) -> AgentSwin:
+def build_agent_swin_tiny(
+    num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any
+) -> AgentSwin:
     """Agent-Swin-T: width 96, depths 2, 2, 6, 2, heads 3, 6, 12, 24, AAAB, agents 9-16-49-49, stochastic depth 0.2."""
-    config = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types="AAAB", num_agents=(9, 16, 49, 49), drop_path_rate=0.2)
-    return AgentSwin(**{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="agent_swin_tiny")
+    config = dict(
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        attn_types="AAAB",
+        num_agents=(9, 16, 49, 49),
+        drop_path_rate=0.2,
+    )
+    return AgentSwin(
+        **{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="agent_swin_tiny"
+    )
 
 
 register_paper_model(
-    "agent_swin_tiny", build_agent_swin_tiny, PaperTable(29, 4.5, 82.6, PAPER), family="agent_swin", reference=REFERENCE,
+    "agent_swin_tiny",
+    build_agent_swin_tiny,
+    PaperTable(29, 4.5, 82.6, PAPER),
+    family="agent_swin",
+    reference=REFERENCE,
     note=(
         "Shifted windows: attnzoo's window mechanism runs shifted windows (SW-MSA) on a padded canvas, which costs "
         "more than Swin's roll; Agent-Swin-T at 224² has no shifted block (its 56-token window covers every stage's "

@@ -77,7 +77,11 @@ def _clamp(value: Any, grid: tuple[int, int], odd: bool) -> Any:
         return value
     if isinstance(value, int):
         return fit(value, min(grid))
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         if len(value) == len(grid):  # one size per axis
             return tuple(fit(v, g) for v, g in zip(value, grid))
         return tuple(fit(v, min(grid)) for v in value)  # one size per head group
@@ -301,7 +305,13 @@ class Backbone(nn.Module):
         for name, value, minimum in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1)):
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-        size = (img_size, img_size) if _is_int(img_size) else tuple(img_size) if isinstance(img_size, (tuple, list)) else ()
+        size = (
+            (img_size, img_size)
+            if _is_int(img_size)
+            else tuple(img_size)
+            if isinstance(img_size, (tuple, list))
+            else ()
+        )
         if len(size) != 2 or not all(_is_int(s) and s >= stem_stride for s in size):
             raise ValueError(f"img_size={img_size!r} must be one or two ints ≥ stem_stride={stem_stride}")
         per_stage = list(mixer_kwargs) if mixer_kwargs is not None else [{}] * stages
@@ -373,7 +383,9 @@ class Backbone(nn.Module):
             out = blocks[0].mixer.eval()(probe)
         blocks[0].mixer.train()
         if tuple(out.shape) != tuple(probe.shape):
-            raise ValueError(f"it returns shape {tuple(out.shape)} for input {tuple(probe.shape)}; blocks need equal shapes")
+            raise ValueError(
+                f"it returns shape {tuple(out.shape)} for input {tuple(probe.shape)}; blocks need equal shapes"
+            )
         return blocks
 
     def check_image(self, x: torch.Tensor) -> None:
@@ -386,9 +398,13 @@ class Backbone(nn.Module):
             raise ValueError(f"x.shape={tuple(x.shape)} is empty: batch, height and width must be >= 1")
         weight = self.stem.proj[0].weight
         if not x.is_floating_point():
-            raise TypeError(f"x.dtype={x.dtype} must be floating point (normalised images), like the model ({weight.dtype})")
+            raise TypeError(
+                f"x.dtype={x.dtype} must be floating point (normalised images), like the model ({weight.dtype})"
+            )
         if x.dtype != weight.dtype:
-            raise TypeError(f"x.dtype={x.dtype} differs from the model's {weight.dtype}: convert one (model.to({x.dtype}) or x.to({weight.dtype}))")
+            raise TypeError(
+                f"x.dtype={x.dtype} differs from the model's {weight.dtype}: convert one (model.to({x.dtype}) or x.to({weight.dtype}))"
+            )
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
 

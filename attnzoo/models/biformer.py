@@ -53,7 +53,12 @@ class ConvBN(nn.Sequential):
 
     def __init__(self, in_chans: int, dim: int, stem: bool) -> None:
         if stem:
-            layers = [nn.Conv2d(in_chans, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.GELU(), nn.Conv2d(dim // 2, dim, 3, 2, 1)]
+            layers = [
+                nn.Conv2d(in_chans, dim // 2, 3, 2, 1),
+                nn.BatchNorm2d(dim // 2),
+                nn.GELU(),
+                nn.Conv2d(dim // 2, dim, 3, 2, 1),
+            ]
         else:
             layers = [nn.Conv2d(in_chans, dim, 3, 2, 1)]
         super().__init__(*layers, nn.BatchNorm2d(dim))
@@ -102,7 +107,9 @@ class BiFormerBlock(nn.Module):
         drop_path: stochastic-depth rate of both branches.
     """
 
-    def __init__(self, dim: int, num_heads: int, topk: int, n_win: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, topk: int, n_win: int, mlp_ratio: float, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -140,9 +147,19 @@ class BiFormer(PaperModel):
     """
 
     def __init__(
-        self, *, dims: Sequence[int], depths: Sequence[int], topks: Sequence[int] = (1, 4, 16, -2), head_dim: int = 32,
-        n_win: int = 7, mlp_ratio: float = 3.0, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
-        img_size: int = 224, name: str = "biformer",
+        self,
+        *,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        topks: Sequence[int] = (1, 4, 16, -2),
+        head_dim: int = 32,
+        n_win: int = 7,
+        mlp_ratio: float = 3.0,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "biformer",
     ) -> None:
         levels = len(dims)
         check_per_stage(levels, f"dims={list(dims)}", depths=depths, topks=topks)
@@ -161,12 +178,20 @@ class BiFormer(PaperModel):
                 check_heads(i, dims[i], 8)
             with in_stage(i):
                 blocks = [
-                    BiFormerBlock(dims[i], dims[i] // head_dim, topks[i], n_win, mlp_ratio, rates[i][j]) for j in range(depths[i])
+                    BiFormerBlock(dims[i], dims[i] // head_dim, topks[i], n_win, mlp_ratio, rates[i][j])
+                    for j in range(depths[i])
                 ]
             stages.append(Stage(ConvBN(dims[i - 1], dims[i], stem=False) if i > 0 else None, blocks))
         super().__init__(
-            ConvBN(in_chans, dims[0], stem=True), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
-            ChannelsLastBatchNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
+            ConvBN(in_chans, dims[0], stem=True),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            ChannelsLastBatchNorm(dims[-1]),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(init_transformer_weights)
 
@@ -180,12 +205,22 @@ _CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, float, float]]] = {
 
 def _builder(name: str, config: dict[str, Any]):
     def build(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any) -> BiFormer:
-        return BiFormer(**{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name=name)
+        return BiFormer(
+            **{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name=name
+        )
 
     build.__name__ = name
-    build.__doc__ = f"{name}; drop_path_rate is the official training value where the repository states it (small: 0.15), else 0."
+    build.__doc__ = (
+        f"{name}; drop_path_rate is the official training value where the repository states it (small: 0.15), else 0."
+    )
     return build
 
 
 for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
-    register_paper_model(_name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="biformer", reference=REFERENCE)
+    register_paper_model(
+        _name,
+        _builder(_name, _config),
+        PaperTable(_params, _gmacs, _top1, PAPER),
+        family="biformer",
+        reference=REFERENCE,
+    )

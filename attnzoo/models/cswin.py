@@ -41,7 +41,9 @@ PAPER = "Dong et al., CSWin Transformer, CVPR 2022, ImageNet-1k classification t
 class ConvEmbed(nn.Module):
     """``kernel_size`` convolution with ``stride`` and ``padding``, then LayerNorm: ``(B, C, H, W)`` or NHWC → NHWC."""
 
-    def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int, channels_last_in: bool) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int, channels_last_in: bool
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chans, dim, kernel_size, stride, padding)
         self.norm = nn.LayerNorm(dim)
@@ -65,7 +67,9 @@ class CSWinBlock(nn.Module):
         drop_path: stochastic-depth rate of both branches.
     """
 
-    def __init__(self, dim: int, num_heads: int, split_size: int, last_stage: bool, mlp_ratio: float, drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, split_size: int, last_stage: bool, mlp_ratio: float, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = create_mechanism(
@@ -97,9 +101,18 @@ class CSWin(PaperModel):
     """
 
     def __init__(
-        self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], split_sizes: Sequence[int] = (1, 2, 7, 7),
-        mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
-        img_size: int = 224, name: str = "cswin",
+        self,
+        *,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        split_sizes: Sequence[int] = (1, 2, 7, 7),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "cswin",
     ) -> None:
         levels = len(depths)
         check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, split_sizes=split_sizes)
@@ -112,29 +125,52 @@ class CSWin(PaperModel):
                 grid = conv_out(grid)
             check_heads(i, dims[i], num_heads[i])
             if not isinstance(split_sizes[i], int) or not 1 <= split_sizes[i] <= grid:
-                raise ValueError(f"stage {i} ({grid}×{grid} tokens): split_size={split_sizes[i]!r} must be an int in 1..{grid}")
+                raise ValueError(
+                    f"stage {i} ({grid}×{grid} tokens): split_size={split_sizes[i]!r} must be an int in 1..{grid}"
+                )
             last = i == levels - 1 or split_sizes[i] == grid
             with in_stage(i):
-                blocks = [CSWinBlock(dims[i], num_heads[i], split_sizes[i], last, mlp_ratio, rates[i][j]) for j in range(depths[i])]
+                blocks = [
+                    CSWinBlock(dims[i], num_heads[i], split_sizes[i], last, mlp_ratio, rates[i][j])
+                    for j in range(depths[i])
+                ]
             down = ConvEmbed(dims[i - 1], dims[i], 3, 2, 1, channels_last_in=True) if i > 0 else None
             stages.append(Stage(down, blocks))
         super().__init__(
-            ConvEmbed(in_chans, embed_dim, 7, 4, 2, channels_last_in=False), stages, dims, [4 * 2**i for i in range(levels)],
-            num_classes, nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
+            ConvEmbed(in_chans, embed_dim, 7, 4, 2, channels_last_in=False),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            nn.LayerNorm(dims[-1]),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(init_transformer_weights)
 
 
 _CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, float, float]]] = {
-    "cswin_tiny": (dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), drop_path_rate=0.2), (23, 4.3, 82.8)),
-    "cswin_small": (dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.4), (35, 6.9, 83.6)),
-    "cswin_base": (dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5), (78, 15.0, 84.2)),
+    "cswin_tiny": (
+        dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), drop_path_rate=0.2),
+        (23, 4.3, 82.8),
+    ),
+    "cswin_small": (
+        dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.4),
+        (35, 6.9, 83.6),
+    ),
+    "cswin_base": (
+        dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+        (78, 15.0, 84.2),
+    ),
 }
 
 
 def _builder(name: str, config: dict[str, Any]):
     def build(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any) -> CSWin:
-        return CSWin(**{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name=name)
+        return CSWin(
+            **{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name=name
+        )
 
     build.__name__ = name
     return build
@@ -153,6 +189,11 @@ _DOCUMENTED = {
 for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     _note, _error = _DOCUMENTED.get(_name, ("", None))
     register_paper_model(
-        _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="cswin", reference=REFERENCE,
-        note=_note, documented_params_error=_error,
+        _name,
+        _builder(_name, _config),
+        PaperTable(_params, _gmacs, _top1, PAPER),
+        family="cswin",
+        reference=REFERENCE,
+        note=_note,
+        documented_params_error=_error,
     )

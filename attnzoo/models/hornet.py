@@ -64,7 +64,9 @@ class HorNetBlock(nn.Module):
         layer_scale: initial value of γ₁, γ₂.
     """
 
-    def __init__(self, dim: int, order: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale: float = 1e-6) -> None:
+    def __init__(
+        self, dim: int, order: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale: float = 1e-6
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.gnconv = create_mechanism("recursive_gated_conv", dim, order=order, kernel_size=kernel_size, scale=1 / 3)
@@ -97,8 +99,16 @@ class HorNet(PaperModel):
     norm_after_pool = True
 
     def __init__(
-        self, *, base_dim: int, depths: Sequence[int], orders: Sequence[int] = (2, 3, 4, 5), kernel_size: int = 7,
-        drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
+        self,
+        *,
+        base_dim: int,
+        depths: Sequence[int],
+        orders: Sequence[int] = (2, 3, 4, 5),
+        kernel_size: int = 7,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
         name: str = "hornet",
     ) -> None:
         levels = len(depths)
@@ -117,9 +127,15 @@ class HorNet(PaperModel):
             down = PatchConv(dims[i - 1], dims[i], 2, norm_first=True, channels_last_in=True) if i > 0 else None
             stages.append(Stage(down, blocks))
         super().__init__(
-            PatchConv(in_chans, dims[0], 4, norm_first=False, channels_last_in=False), stages, dims,
-            [4 * 2**i for i in range(levels)], num_classes, nn.LayerNorm(dims[-1], eps=1e-6), name=name,
-            in_chans=in_chans, img_size=img_size,
+            PatchConv(in_chans, dims[0], 4, norm_first=False, channels_last_in=False),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            nn.LayerNorm(dims[-1], eps=1e-6),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(_init_weights)
 
@@ -135,11 +151,17 @@ def _init_weights(m: nn.Module) -> None:
 def build_hornet_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any) -> HorNet:
     """HorNet-T (7×7): base width 64, depths 2, 3, 18, 2, orders 2–5, stochastic depth 0.2 (official TRAINING.md)."""
     config = dict(base_dim=64, depths=(2, 3, 18, 2), orders=(2, 3, 4, 5), kernel_size=7, drop_path_rate=0.2)
-    return HorNet(**{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="hornet_tiny")
+    return HorNet(
+        **{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="hornet_tiny"
+    )
 
 
 register_paper_model(
-    "hornet_tiny", build_hornet_tiny, PaperTable(22, 4.0, 82.8, PAPER), family="hornet", reference=REFERENCE,
+    "hornet_tiny",
+    build_hornet_tiny,
+    PaperTable(22, 4.0, 82.8, PAPER),
+    family="hornet",
+    reference=REFERENCE,
     note=(
         "Parameters: the paper prints 22M, rounded to an integer; the official hornet_tiny_7x7 definition has "
         "22,409,512 parameters (counted by hand from hornet.py), which this model matches exactly: +1.86 % against "

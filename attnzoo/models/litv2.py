@@ -36,11 +36,15 @@ from ._paper import (
 
 __all__ = ["LITv2", "DeformableTokenMerging", "deform_conv2d_stride_k"]
 
-REFERENCE = "ziplab/LITv2 classification/models/litv2.py, layers.py, blocks.py, patch_embed.py, configs/litv2-small.yaml"
+REFERENCE = (
+    "ziplab/LITv2 classification/models/litv2.py, layers.py, blocks.py, patch_embed.py, configs/litv2-small.yaml"
+)
 PAPER = "Pan et al., Fast Vision Transformers with HiLo Attention, NeurIPS 2022, ImageNet-1k classification table (LITv2-S, 224²)"
 
 
-def deform_conv2d_stride_k(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def deform_conv2d_stride_k(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Deformable convolution (Dai et al., 2017) with kernel = stride = ``k`` and no padding, on ``(B, C, H, W)``.
 
     ``offset``: ``(B, 2·k·k, H/k, W/k)``, (dy, dx) per tap in row-major tap order, as in torchvision/mmcv. Each tap
@@ -119,7 +123,9 @@ class LITBlock(nn.Module):
         super().__init__()
         if num_heads is not None:
             self.norm1 = nn.LayerNorm(dim)
-            self.attn = create_mechanism("hilo", dim, num_heads=num_heads, window_size=window_size, alpha=alpha, qkv_bias=True)
+            self.attn = create_mechanism(
+                "hilo", dim, num_heads=num_heads, window_size=window_size, alpha=alpha, qkv_bias=True
+            )
         else:
             self.norm1 = self.attn = None
         self.drop_path = DropPath(drop_path)
@@ -163,12 +169,25 @@ class LITv2(PaperModel):
     """
 
     def __init__(
-        self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], has_msa: Sequence[bool] = (False, False, True, True),
-        window_sizes: Sequence[int] = (0, 0, 2, 1), alpha: float = 0.9, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-        num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "litv2",
+        self,
+        *,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        has_msa: Sequence[bool] = (False, False, True, True),
+        window_sizes: Sequence[int] = (0, 0, 2, 1),
+        alpha: float = 0.9,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "litv2",
     ) -> None:
         levels = len(depths)
-        check_per_stage(levels, f"depths={list(depths)}", num_heads=num_heads, has_msa=has_msa, window_sizes=window_sizes)
+        check_per_stage(
+            levels, f"depths={list(depths)}", num_heads=num_heads, has_msa=has_msa, window_sizes=window_sizes
+        )
         dims = [embed_dim * 2**i for i in range(levels)]
         rates = drop_path_rates(drop_path_rate, depths)
         grid = conv_out(img_size, 4, 4, 0)
@@ -180,19 +199,39 @@ class LITv2(PaperModel):
             if heads is not None:
                 check_heads(i, dims[i], heads)
             with in_stage(i):
-                blocks = [LITBlock(dims[i], heads, window_sizes[i], alpha, mlp_ratio, rates[i][j]) for j in range(depths[i])]
+                blocks = [
+                    LITBlock(dims[i], heads, window_sizes[i], alpha, mlp_ratio, rates[i][j]) for j in range(depths[i])
+                ]
             stages.append(Stage(DeformableTokenMerging(dims[i - 1]) if i > 0 else None, blocks))
         super().__init__(
-            PatchEmbed(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
-            nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
+            PatchEmbed(in_chans, embed_dim),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            nn.LayerNorm(dims[-1]),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(init_transformer_weights)
 
 
 def build_litv2_small(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, **overrides: Any) -> LITv2:
     """LITv2-S: width 96, depths 2, 2, 6, 2, heads 3, 6, 12, 24, alpha 0.9, windows 0, 0, 2, 1, stochastic depth 0.2."""
-    config = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), alpha=0.9, window_sizes=(0, 0, 2, 1), drop_path_rate=0.2)
-    return LITv2(**{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="litv2_small")
+    config = dict(
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        alpha=0.9,
+        window_sizes=(0, 0, 2, 1),
+        drop_path_rate=0.2,
+    )
+    return LITv2(
+        **{**config, **overrides}, num_classes=num_classes, in_chans=in_chans, img_size=img_size, name="litv2_small"
+    )
 
 
-register_paper_model("litv2_small", build_litv2_small, PaperTable(28, 3.7, 82.0, PAPER), family="litv2", reference=REFERENCE)
+register_paper_model(
+    "litv2_small", build_litv2_small, PaperTable(28, 3.7, 82.0, PAPER), family="litv2", reference=REFERENCE
+)

@@ -95,14 +95,28 @@ class NATBlock(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, kernel_size: int, dilation: int, mlp_ratio: float, layer_scale: float | None,
-        drop_path: float = 0.0, qkv_bias: bool = True, backend: str = "auto",
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int,
+        dilation: int,
+        mlp_ratio: float,
+        layer_scale: float | None,
+        drop_path: float = 0.0,
+        qkv_bias: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = create_mechanism(
-            "neighborhood", dim, num_heads=num_heads, kernel_size=kernel_size, dilation=dilation, rel_pos_bias=True,
-            qkv_bias=qkv_bias, backend=backend,
+            "neighborhood",
+            dim,
+            num_heads=num_heads,
+            kernel_size=kernel_size,
+            dilation=dilation,
+            rel_pos_bias=True,
+            qkv_bias=qkv_bias,
+            backend=backend,
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
@@ -141,14 +155,28 @@ class NAT(PaperModel):
     """
 
     def __init__(
-        self, *, depths: Sequence[int], num_heads: Sequence[int], embed_dim: int, mlp_ratio: float, kernel_size: int = 7,
-        dilations: Sequence[Sequence[int]] | None = None, layer_scale: float | None = None, drop_path_rate: float = 0.0,
-        qkv_bias: bool = True, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, backend: str = "auto",
+        self,
+        *,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        embed_dim: int,
+        mlp_ratio: float,
+        kernel_size: int = 7,
+        dilations: Sequence[Sequence[int]] | None = None,
+        layer_scale: float | None = None,
+        drop_path_rate: float = 0.0,
+        qkv_bias: bool = True,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        backend: str = "auto",
         name: str = "nat",
     ) -> None:
         levels = len(depths)
         if len(num_heads) != levels:
-            raise ValueError(f"num_heads={list(num_heads)} must have one entry per level ({levels}, from depths={list(depths)})")
+            raise ValueError(
+                f"num_heads={list(num_heads)} must have one entry per level ({levels}, from depths={list(depths)})"
+            )
         if dilations is None:
             dilations = [[1] * d for d in depths]
         if len(dilations) != levels:
@@ -162,17 +190,36 @@ class NAT(PaperModel):
                 grid = (conv_out(grid[0]), conv_out(grid[1]))
             check_heads(i, dims[i], num_heads[i])
             if len(dilations[i]) != depths[i]:
-                raise ValueError(f"stage {i}: dilations={list(dilations[i])} must have one entry per block ({depths[i]})")
+                raise ValueError(
+                    f"stage {i}: dilations={list(dilations[i])} must have one entry per block ({depths[i]})"
+                )
             for d in dilations[i]:
                 check_kernel_fits(i, grid, kernel_size, d)
             blocks = [
-                NATBlock(dims[i], num_heads[i], kernel_size, dilations[i][j], mlp_ratio, layer_scale, rates[i][j], qkv_bias, backend)
+                NATBlock(
+                    dims[i],
+                    num_heads[i],
+                    kernel_size,
+                    dilations[i][j],
+                    mlp_ratio,
+                    layer_scale,
+                    rates[i][j],
+                    qkv_bias,
+                    backend,
+                )
                 for j in range(depths[i])
             ]
             stages.append(Stage(ConvDownsampler(dims[i - 1]) if i > 0 else None, blocks))
         super().__init__(
-            ConvTokenizer(in_chans, embed_dim), stages, dims, [4 * 2**i for i in range(levels)], num_classes,
-            nn.LayerNorm(dims[-1]), name=name, in_chans=in_chans, img_size=img_size,
+            ConvTokenizer(in_chans, embed_dim),
+            stages,
+            dims,
+            [4 * 2**i for i in range(levels)],
+            num_classes,
+            nn.LayerNorm(dims[-1]),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(init_transformer_weights)
 
@@ -208,7 +255,11 @@ def load_official_state_dict(model: NAT, state_dict: Mapping[str, torch.Tensor],
     own = model.state_dict()
     missing = sorted(set(own) - set(renamed))
     unexpected = sorted(set(renamed) - set(own))
-    wrong = [f"{k}: {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in renamed and renamed[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in renamed and renamed[k].shape != own[k].shape
+    ]
     if wrong or (strict and (missing or unexpected)):
         raise ValueError(
             f"official state dict does not fit {model.pretrained_cfg['architecture']}: missing {missing[:5]}"
@@ -274,6 +325,9 @@ for _size in _SIZES:
         _name, _build = _builder(_size, _dilated)
         _params, _gmacs, _top1 = _table[_size]
         register_paper_model(
-            _name, _build, PaperTable(_params, _gmacs, _top1, _paper), family="dinat" if _dilated else "nat",
+            _name,
+            _build,
+            PaperTable(_params, _gmacs, _top1, _paper),
+            family="dinat" if _dilated else "nat",
             reference=REFERENCE,
         )

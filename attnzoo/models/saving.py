@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from ._paper import PaperModel
     from .backbone import Backbone
 
-__all__ = ["atomic_write", "stale_temporaries", "tensor_digest", "model_config", "save", "load", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = [
+    "atomic_write",
+    "stale_temporaries",
+    "tensor_digest",
+    "model_config",
+    "save",
+    "load",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+]
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -150,8 +159,14 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Bac
     missing = sorted(set(model.state_dict()) - set(tensors) - _shared_names(model))
     unexpected = sorted(set(tensors) - set(model.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{weights} does not fit {config_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+        raise ValueError(
+            f"{weights} does not fit {config_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tensors[k].shape != v.shape
+    ]
     if shapes:
         raise ValueError(f"{weights} does not fit {config_path}: shape mismatch {'; '.join(shapes[:5])}")
     if tensor_digest(tensors, config_path.read_text()) != metadata["sha256"]:

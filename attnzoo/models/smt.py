@@ -103,7 +103,9 @@ class ConvStem(nn.Module):
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chans, dim, 3, 2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+            nn.Conv2d(in_chans, dim, 3, 2, padding=1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
             nn.Conv2d(dim, dim, kernel_size=2, stride=2),
         )
         self.norm = nn.LayerNorm(dim)
@@ -141,9 +143,18 @@ class SMT(PaperModel):
     """
 
     def __init__(
-        self, *, dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int], mlp_ratios: Sequence[float] = (4, 4, 4, 2),
-        ca_num_heads: int = 4, sa_num_heads: Sequence[int] = (8, 8, 8, 16), drop_path_rate: float = 0.0,
-        num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, name: str = "smt",
+        self,
+        *,
+        dims: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int],
+        mlp_ratios: Sequence[float] = (4, 4, 4, 2),
+        ca_num_heads: int = 4,
+        sa_num_heads: Sequence[int] = (8, 8, 8, 16),
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "smt",
     ) -> None:
         if len(dims) != 4:
             raise ValueError(f"dims={list(dims)}: SMT's hybrid layout has 4 stages")
@@ -161,12 +172,20 @@ class SMT(PaperModel):
                 check_heads(i, dims[i], sa_num_heads[i])
             with in_stage(i):
                 blocks = [
-                    SMTBlock(dims[i], modulation[j], ca_num_heads, sa_num_heads[i], mlp_ratios[i], rates[i][j]) for j in range(depths[i])
+                    SMTBlock(dims[i], modulation[j], ca_num_heads, sa_num_heads[i], mlp_ratios[i], rates[i][j])
+                    for j in range(depths[i])
                 ]
             stages.append(SMTStage(PatchEmbed(dims[i - 1], dims[i]) if i > 0 else None, blocks, dims[i]))
         super().__init__(
-            ConvStem(in_chans, dims[0]), stages, dims, [4, 8, 16, 32], num_classes, nn.Identity(), name=name,
-            in_chans=in_chans, img_size=img_size,
+            ConvStem(in_chans, dims[0]),
+            stages,
+            dims,
+            [4, 8, 16, 32],
+            num_classes,
+            nn.Identity(),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(_init_weights)
 
@@ -219,6 +238,11 @@ _DOCUMENTED = {
 
 for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     register_paper_model(
-        _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="smt", reference=REFERENCE,
-        note=_DOCUMENTED[_name][0], documented_params_error=_DOCUMENTED[_name][1],
+        _name,
+        _builder(_name, _config),
+        PaperTable(_params, _gmacs, _top1, PAPER),
+        family="smt",
+        reference=REFERENCE,
+        note=_DOCUMENTED[_name][0],
+        documented_params_error=_DOCUMENTED[_name][1],
     )

@@ -74,7 +74,12 @@ class VANBlock(nn.Module):
     """
 
     def __init__(
-        self, dim: int, mlp_ratio: float, kernel_size: int = 21, dilation: int = 3, drop_path: float = 0.0,
+        self,
+        dim: int,
+        mlp_ratio: float,
+        kernel_size: int = 21,
+        dilation: int = 3,
+        drop_path: float = 0.0,
         layer_scale: float = 1e-2,
     ) -> None:
         super().__init__()
@@ -123,9 +128,18 @@ class VAN(PaperModel):
     channels_last = False
 
     def __init__(
-        self, *, dims: Sequence[int], depths: Sequence[int], mlp_ratios: Sequence[float], kernel_size: int = 21,
-        dilation: int = 3, drop_path_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
-        img_size: int = 224, name: str = "van",
+        self,
+        *,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        mlp_ratios: Sequence[float],
+        kernel_size: int = 21,
+        dilation: int = 3,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        name: str = "van",
     ) -> None:
         stages_n = len(dims)
         check_per_stage(stages_n, f"dims={list(dims)}", depths=depths, mlp_ratios=mlp_ratios)
@@ -141,8 +155,15 @@ class VAN(PaperModel):
             down = OverlapPatchEmbed(dims[i - 1], dims[i], 3, 2) if i > 0 else None
             stages.append(VANStage(down, blocks, dims[i]))
         super().__init__(
-            OverlapPatchEmbed(in_chans, dims[0], 7, 4), stages, dims, [4 * 2**i for i in range(stages_n)], num_classes,
-            nn.Identity(), name=name, in_chans=in_chans, img_size=img_size,
+            OverlapPatchEmbed(in_chans, dims[0], 7, 4),
+            stages,
+            dims,
+            [4 * 2**i for i in range(stages_n)],
+            num_classes,
+            nn.Identity(),
+            name=name,
+            in_chans=in_chans,
+            img_size=img_size,
         )
         self.apply(_init_weights)
 
@@ -161,10 +182,22 @@ def _init_weights(m: nn.Module) -> None:
 
 
 _CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, float, float]]] = {
-    "van_b0": (dict(dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1), (4.1, 0.9, 75.4)),
-    "van_b1": (dict(dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1), (13.9, 2.5, 81.1)),
-    "van_b2": (dict(dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1), (26.6, 5.0, 82.8)),
-    "van_b3": (dict(dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.2), (44.8, 9.0, 83.9)),
+    "van_b0": (
+        dict(dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1),
+        (4.1, 0.9, 75.4),
+    ),
+    "van_b1": (
+        dict(dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1),
+        (13.9, 2.5, 81.1),
+    ),
+    "van_b2": (
+        dict(dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1),
+        (26.6, 5.0, 82.8),
+    ),
+    "van_b3": (
+        dict(dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.2),
+        (44.8, 9.0, 83.9),
+    ),
 }
 
 
@@ -184,6 +217,11 @@ _B0_NOTE = (
 
 for _name, (_config, (_params, _gmacs, _top1)) in _CONFIGS.items():
     register_paper_model(
-        _name, _builder(_name, _config), PaperTable(_params, _gmacs, _top1, PAPER), family="van", reference=REFERENCE,
-        note=_B0_NOTE if _name == "van_b0" else "", documented_macs_error=-0.0398 if _name == "van_b0" else None,
+        _name,
+        _builder(_name, _config),
+        PaperTable(_params, _gmacs, _top1, PAPER),
+        family="van",
+        reference=REFERENCE,
+        note=_B0_NOTE if _name == "van_b0" else "",
+        documented_macs_error=-0.0398 if _name == "van_b0" else None,
     )

@@ -160,7 +160,9 @@ def _explicit_is_faster(qf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor |
     A bias holding -inf keeps SDPA, whose fully masked rows give 0 where a plain softmax gives NaN."""
     if qf.device.type != "cpu" or mask is None or not mask.is_floating_point() or dropout_p > 0:
         return False
-    if torch.compiler.is_compiling() or not (qf.shape[-1] != vf.shape[-1] or (mask.requires_grad and torch.is_grad_enabled())):
+    if torch.compiler.is_compiling() or not (
+        qf.shape[-1] != vf.shape[-1] or (mask.requires_grad and torch.is_grad_enabled())
+    ):
         return False
     return not bool(torch.isneginf(mask).any())  # a row masked entirely: SDPA gives 0 there, a plain softmax NaN
 
@@ -246,7 +248,9 @@ def merge_attentions(
         if o.shape[:-1] != lse.shape:
             raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} must be lses[{i}].shape={tuple(lse.shape)} + [d_v]")
         if o.shape != outputs[0].shape:
-            raise ValueError(f"outputs[{i}].shape={tuple(o.shape)} differs from outputs[0].shape={tuple(outputs[0].shape)}")
+            raise ValueError(
+                f"outputs[{i}].shape={tuple(o.shape)} differs from outputs[0].shape={tuple(outputs[0].shape)}"
+            )
         for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", lse)):
             if not t.is_floating_point():
                 raise TypeError(f"{name}.dtype={t.dtype} must be a floating-point dtype")

@@ -40,8 +40,17 @@ def _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape) -> int:
 
 @register_flop_formula([torch.ops.attnzoo.na_forward, torch.ops.attnzoo.na_forward_saving])
 def na_forward_flops(
-    q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape, rel_pos_bias_shape, key_bias_shape,
-    kernel_size, *args: Any, out_shape=None, **kwargs: Any,
+    q_shape,
+    k_shape,
+    v_shape,
+    additional_keys_shape,
+    additional_values_shape,
+    rel_pos_bias_shape,
+    key_bias_shape,
+    kernel_size,
+    *args: Any,
+    out_shape=None,
+    **kwargs: Any,
 ) -> int:
     """4·B·heads·N·(Πkernel + n_additional)·d (d_qk and d_v counted separately when they differ)."""
     return _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
@@ -49,8 +58,21 @@ def na_forward_flops(
 
 @register_flop_formula(torch.ops.attnzoo.na_backward)
 def na_backward_flops(
-    grad_out_shape, grad_lse_shape, q_shape, k_shape, v_shape, additional_keys_shape, additional_values_shape,
-    rel_pos_bias_shape, key_bias_shape, out_shape_, lse_shape, kernel_size, *args: Any, out_shape=None, **kwargs: Any,
+    grad_out_shape,
+    grad_lse_shape,
+    q_shape,
+    k_shape,
+    v_shape,
+    additional_keys_shape,
+    additional_values_shape,
+    rel_pos_bias_shape,
+    key_bias_shape,
+    out_shape_,
+    lse_shape,
+    kernel_size,
+    *args: Any,
+    out_shape=None,
+    **kwargs: Any,
 ) -> int:
     """Twice the forward: dS = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q."""
     return 2 * _window_flops(q_shape, v_shape, kernel_size, additional_keys_shape)
@@ -86,7 +108,9 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=N
 
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
-def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+def _sdpa_cpu_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 

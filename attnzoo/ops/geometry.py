@@ -108,7 +108,9 @@ def neighborhood_mask(
     is_causal: bool | Sequence[bool] = False,
 ) -> torch.Tensor:
     """The exact boolean ``[query, key]`` mask of neighborhood attention over row-major flattened tokens."""
-    return combine_axes([a.key_mask() for a in _axes(spatial_shape, kernel_size, stride, dilation, is_causal)], torch.logical_and)
+    return combine_axes(
+        [a.key_mask() for a in _axes(spatial_shape, kernel_size, stride, dilation, is_causal)], torch.logical_and
+    )
 
 
 def neighborhood_rel_index(

@@ -66,11 +66,34 @@ def neighborhood_attention(
     """
     if head_groups is not None:
         return _grouped_attention(
-            q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse,
-            backend, rel_pos_bias, key_bias, head_groups,
+            q,
+            k,
+            v,
+            kernel_size,
+            stride,
+            dilation,
+            is_causal,
+            scale,
+            additional_keys,
+            additional_values,
+            return_lse,
+            backend,
+            rel_pos_bias,
+            key_bias,
+            head_groups,
         )
     problem = make_problem(
-        q, k, v, kernel_size, stride, dilation, is_causal, additional_keys, additional_values, rel_pos_bias, return_lse,
+        q,
+        k,
+        v,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        additional_keys,
+        additional_values,
+        rel_pos_bias,
+        return_lse,
         key_bias,
     )
     if scale is None:
@@ -82,8 +105,15 @@ def neighborhood_attention(
     if recording.is_recording():
         _record(q, k, v, problem, float(scale), additional_keys, additional_values, rel_pos_bias, key_bias)
     out, lse = chosen.run(
-        q, k, v, problem, scale=float(scale), additional_keys=additional_keys, additional_values=additional_values,
-        rel_pos_bias=rel_pos_bias, key_bias=key_bias,
+        q,
+        k,
+        v,
+        problem,
+        scale=float(scale),
+        additional_keys=additional_keys,
+        additional_values=additional_values,
+        rel_pos_bias=rel_pos_bias,
+        key_bias=key_bias,
     )
     return (out, lse) if return_lse else out
 
@@ -109,7 +139,17 @@ def explain(
     Same arguments as ``neighborhood_attention`` (without ``scale`` and ``head_groups``); raises as it would.
     """
     problem = make_problem(
-        q, k, v, kernel_size, stride, dilation, is_causal, additional_keys, additional_values, rel_pos_bias, return_lse,
+        q,
+        k,
+        v,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        additional_keys,
+        additional_values,
+        rel_pos_bias,
+        return_lse,
         key_bias,
     )
     if backend == "auto" and switch.forced() != "auto":
@@ -139,8 +179,14 @@ def _dense_weights(q, k, problem, scale, additional_keys, rel_pos_bias, key_bias
             extra_values = eye[n:].reshape(1, extra, 1, n + extra).expand(problem.batch, extra, problem.heads, -1)
             additional_keys = additional_keys.float()
         weights, _ = BACKENDS["reference"].run(
-            q.float(), k.float(), values, problem, scale=scale, additional_keys=additional_keys,
-            additional_values=extra_values, rel_pos_bias=None if rel_pos_bias is None else rel_pos_bias.float(),
+            q.float(),
+            k.float(),
+            values,
+            problem,
+            scale=scale,
+            additional_keys=additional_keys,
+            additional_values=extra_values,
+            rel_pos_bias=None if rel_pos_bias is None else rel_pos_bias.float(),
             key_bias=None if key_bias is None else key_bias.float(),
         )
         return weights.reshape(problem.batch, n, problem.heads, n + extra).transpose(1, 2)
@@ -159,8 +205,21 @@ def _head_slice(name: str, t, axis: int, heads: int, start: int, stop: int, *, b
 
 
 def _grouped_attention(
-    q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse, backend,
-    rel_pos_bias, key_bias, head_groups,
+    q,
+    k,
+    v,
+    kernel_size,
+    stride,
+    dilation,
+    is_causal,
+    scale,
+    additional_keys,
+    additional_values,
+    return_lse,
+    backend,
+    rel_pos_bias,
+    key_bias,
+    head_groups,
 ):
     """``neighborhood_attention`` with per-head-group kernel_size/dilation: one call per run of equal geometry."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -218,7 +277,14 @@ def _grouped_attention(
             recording.check_size(problem.num_tokens, problem.num_tokens + problem.num_additional)
             weights.append(_dense_weights(gq, gk, problem, float(scale), ak, table, kb))
         out, lse = chosen.run(
-            gq, gk, gv, problem, scale=float(scale), additional_keys=ak, additional_values=av, rel_pos_bias=table,
+            gq,
+            gk,
+            gv,
+            problem,
+            scale=float(scale),
+            additional_keys=ak,
+            additional_values=av,
+            rel_pos_bias=table,
             key_bias=kb,
         )
         outs.append(out)
@@ -233,15 +299,42 @@ def _grouped_attention(
 
 
 def _fixed_rank(rank: int):
-    def wrapper(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-                additional_values=None, return_lse=False, backend="auto", rel_pos_bias=None, key_bias=None,
-                head_groups=None):
+    def wrapper(
+        q,
+        k,
+        v,
+        kernel_size,
+        stride=1,
+        dilation=1,
+        is_causal=False,
+        scale=None,
+        additional_keys=None,
+        additional_values=None,
+        return_lse=False,
+        backend="auto",
+        rel_pos_bias=None,
+        key_bias=None,
+        head_groups=None,
+    ):
         if not isinstance(q, torch.Tensor) or q.dim() != rank + 3:
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ValueError(f"na{rank}d expects q of shape [batch, {rank} spatial axes, heads, head_dim], got {shape}")
         return neighborhood_attention(
-            q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, return_lse,
-            backend, rel_pos_bias, key_bias, head_groups,
+            q,
+            k,
+            v,
+            kernel_size,
+            stride,
+            dilation,
+            is_causal,
+            scale,
+            additional_keys,
+            additional_values,
+            return_lse,
+            backend,
+            rel_pos_bias,
+            key_bias,
+            head_groups,
         )
 
     wrapper.__name__ = f"na{rank}d"

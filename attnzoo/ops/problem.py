@@ -18,7 +18,14 @@ from .checks import (
     check_tensors,
 )  # fmt: skip
 
-__all__ = ["NAProblem", "normalize_axis_arg", "normalize_window", "normalize_spatial_shape", "check_flag", "make_problem"]
+__all__ = [
+    "NAProblem",
+    "normalize_axis_arg",
+    "normalize_window",
+    "normalize_spatial_shape",
+    "check_flag",
+    "make_problem",
+]
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -60,7 +67,9 @@ def normalize_spatial_shape(spatial_shape) -> tuple[int, ...]:
     """A spatial shape as a tuple of 1 to 3 positive ints (``torch.Size`` accepted; strings and floats are not)."""
     if not isinstance(spatial_shape, (tuple, list, torch.Size)):
         raise TypeError(f"spatial_shape={spatial_shape!r} must be a tuple of ints, got {type(spatial_shape).__name__}")
-    if not 1 <= len(spatial_shape) <= 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in spatial_shape):
+    if not 1 <= len(spatial_shape) <= 3 or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in spatial_shape
+    ):
         raise TypeError(f"spatial_shape={spatial_shape!r} must be a tuple of 1 to 3 ints")
     if min(spatial_shape) < 1:
         raise ValueError(f"spatial_shape={spatial_shape!r} must have positive extents")
@@ -84,8 +93,10 @@ def normalize_window(
     causal = normalize_axis_arg("is_causal", is_causal, rank, kind=bool)
     for axis, (extent, kk, st, dd) in enumerate(zip(spatial_shape, kernel, strides, dilations)):
         if kk * dd > extent:
-            rule = f"kernel_size={kk} with dilation={dd} needs an extent >= {kk * dd}" if dd > 1 else (
-                f"kernel_size={kk} needs an extent >= {kk}"
+            rule = (
+                f"kernel_size={kk} with dilation={dd} needs an extent >= {kk * dd}"
+                if dd > 1
+                else (f"kernel_size={kk} needs an extent >= {kk}")
             )
             raise ValueError(f"{rule} along axis {axis}, got {extent} (spatial shape {tuple(spatial_shape)})")
         if st > kk:

@@ -15,7 +15,18 @@ from .receptive import (
 from .workload import make_inputs, prepare
 
 __all__ = [
-    "BenchConfig", "BenchRow", "bench_mechanism", "count_parameters", "count_flops", "fit_exponent",
-    "median_latency", "peak_memory_bytes", "attention_maps", "gradient_receptive_field", "mechanism_view",
-    "structural_copy", "make_inputs", "prepare",
+    "BenchConfig",
+    "BenchRow",
+    "bench_mechanism",
+    "count_parameters",
+    "count_flops",
+    "fit_exponent",
+    "median_latency",
+    "peak_memory_bytes",
+    "attention_maps",
+    "gradient_receptive_field",
+    "mechanism_view",
+    "structural_copy",
+    "make_inputs",
+    "prepare",
 ]

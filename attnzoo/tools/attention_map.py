@@ -50,8 +50,14 @@ def _check_query(query: tuple[int, int] | None, grid: tuple[int, int]) -> tuple[
 
 
 def untrained_photo_attention(
-    name: str, photo: np.ndarray, *, size: int = 16, dim: int = 32, patch: int = 8,
-    query: tuple[int, int] | None = None, seed: int = 0,
+    name: str,
+    photo: np.ndarray,
+    *,
+    size: int = 16,
+    dim: int = 32,
+    patch: int = 8,
+    query: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> PhotoAttention:
     """Maps of ``name`` built fresh, on a ``size × size`` patch embedding of ``photo`` (module docstring)."""
     q = _check_query(query, (size, size))
@@ -91,8 +97,10 @@ def trained_photo_attention(
     first_block = model.stages[stage][0].mixer
     spans: list[int] = []  # record count before and after the first block's mixer runs
     with torch.no_grad(), record_attention() as records:
-        hooks = [first_block.register_forward_pre_hook(lambda *_: spans.append(len(records))),
-                 first_block.register_forward_hook(lambda *_: spans.append(len(records)))]
+        hooks = [
+            first_block.register_forward_pre_hook(lambda *_: spans.append(len(records))),
+            first_block.register_forward_hook(lambda *_: spans.append(len(records))),
+        ]
         try:
             model(x)
         finally:
@@ -100,6 +108,8 @@ def trained_photo_attention(
                 hook.remove()
     calls = records[spans[0] : spans[1]]
     maps = maps_from_records(calls, grid[0], q)
-    title = (f"{name} in {Path(checkpoint).name} (stage {stage}, {grid[0]}×{grid[1]} tokens, block 1): "
-             f"attention of token ({q[0]}, {q[1]})")
+    title = (
+        f"{name} in {Path(checkpoint).name} (stage {stage}, {grid[0]}×{grid[1]} tokens, block 1): "
+        f"attention of token ({q[0]}, {q[1]})"
+    )
     return PhotoAttention(square_resize(photo, DISPLAY_PIXELS), grid, q, maps, title)

@@ -28,7 +28,15 @@ from .costs import (
 from .receptive import gradient_receptive_field, receptive_field_tokens, structural_copy
 from .workload import build, make_inputs, one_line, prepare
 
-__all__ = ["BenchConfig", "ScalingPoint", "BenchRow", "bench_mechanism", "yardstick_latency", "DenseAttention", "DEFAULT_SWEEP"]
+__all__ = [
+    "BenchConfig",
+    "ScalingPoint",
+    "BenchRow",
+    "bench_mechanism",
+    "yardstick_latency",
+    "DenseAttention",
+    "DEFAULT_SWEEP",
+]
 
 # Grid sides of the scaling sweep when a report is written and no sweep is asked for.
 DEFAULT_SWEEP = (14, 28, 56)

@@ -68,8 +68,19 @@ def mechanism_doc(name: str) -> MechanismDoc:
         if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     return MechanismDoc(
-        name, info.family, info.paper, info.year, info.layout, info.complexity, info.receptive_field, info.slot,
-        info.reference, info.note, info.paper_identity, paragraphs, arguments,
+        name,
+        info.family,
+        info.paper,
+        info.year,
+        info.layout,
+        info.complexity,
+        info.receptive_field,
+        info.slot,
+        info.reference,
+        info.note,
+        info.paper_identity,
+        paragraphs,
+        arguments,
     )
 
 
@@ -105,7 +116,12 @@ def _bench_cells(row: BenchRow | None) -> list[str]:
         return ["—"] * 4
     if not row.ok:
         return ["—", "—", "—", html.escape(row.error or "failed")]
-    return [f"{row.params:,}", _num(row.flops / 1e9, ".3g"), _num(row.latency_s * 1e3, ".2f"), _num(row.peak_bytes / 2**20, ".1f")]
+    return [
+        f"{row.params:,}",
+        _num(row.flops / 1e9, ".3g"),
+        _num(row.latency_s * 1e3, ".2f"),
+        _num(row.peak_bytes / 2**20, ".1f"),
+    ]
 
 
 BENCH_HEADERS = ("params", "GFLOPs", "latency ms", "peak MB")
@@ -114,8 +130,12 @@ BENCH_HEADERS = ("params", "GFLOPs", "latency ms", "peak MB")
 def _mechanism_page(doc: MechanismDoc, cfg: BenchConfig) -> str:
     e = html.escape
     rows = [
-        ("family", doc.family), ("paper", f"{doc.paper} ({doc.year})"), ("layout", doc.layout),
-        ("complexity", doc.complexity), ("receptive field (default)", doc.receptive_field), ("slot", doc.slot),
+        ("family", doc.family),
+        ("paper", f"{doc.paper} ({doc.year})"),
+        ("layout", doc.layout),
+        ("complexity", doc.complexity),
+        ("receptive field (default)", doc.receptive_field),
+        ("slot", doc.slot),
         ("parity reference", doc.reference or "—"),
         ("paper's module adds an identity", "yes: paper output = x + this output" if doc.paper_identity else "no"),
     ]
@@ -128,21 +148,27 @@ def _mechanism_page(doc: MechanismDoc, cfg: BenchConfig) -> str:
     picture = (
         f'<img src="{e(doc.picture)}" alt="receptive field of {e(doc.name)}">' if doc.picture else "<p>not drawn</p>"
     )
-    return _page(doc.name, (
-        f"<h1><code>{e(doc.name)}</code></h1>{definition}{note}<table>{facts}</table>"
-        f"<h2>Arguments</h2><table><tr><th>argument</th><th>default</th></tr>{args}</table>"
-        f"<h2>Receptive field</h2><p>Gradient receptive field of the centre query (and, for attention, its exact "
-        f"attention weights), default configuration, "
-        f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}.</p>{picture}"
-        f"<h2>Bench row</h2><p>{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.threads} thread(s), "
-        f"forward, {cfg.dtype}, {cfg.device}.</p><table><tr>{bench}</tr><tr>{cells}</tr></table>"
-    ), "../")
+    return _page(
+        doc.name,
+        (
+            f"<h1><code>{e(doc.name)}</code></h1>{definition}{note}<table>{facts}</table>"
+            f"<h2>Arguments</h2><table><tr><th>argument</th><th>default</th></tr>{args}</table>"
+            f"<h2>Receptive field</h2><p>Gradient receptive field of the centre query (and, for attention, its exact "
+            f"attention weights), default configuration, "
+            f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}.</p>{picture}"
+            f"<h2>Bench row</h2><p>{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.threads} thread(s), "
+            f"forward, {cfg.dtype}, {cfg.device}.</p><table><tr>{bench}</tr><tr>{cells}</tr></table>"
+        ),
+        "../",
+    )
 
 
 def _catalogue_page(docs: Sequence[MechanismDoc], cfg: BenchConfig) -> str:
     e = html.escape
-    parts = [f"<h1>Mechanism catalogue</h1><p>{len(docs)} mechanisms. Bench columns: {cfg.size}×{cfg.size} tokens, "
-             f"dim {cfg.dim}, batch {cfg.batch}, forward.</p>"]
+    parts = [
+        f"<h1>Mechanism catalogue</h1><p>{len(docs)} mechanisms. Bench columns: {cfg.size}×{cfg.size} tokens, "
+        f"dim {cfg.dim}, batch {cfg.batch}, forward.</p>"
+    ]
     head = "".join(f"<th>{h}</th>" for h in ("mechanism", "paper", "year", "complexity", "sees", *BENCH_HEADERS))
     for family in sorted({d.family for d in docs}):
         parts.append(f'<h2 id="{e(family)}">{e(family)}</h2><table><tr>{head}</tr>')
@@ -212,7 +238,9 @@ def build_docs(
         docs.append(doc)
     write(out / "style.css", STYLE)
     for source in sorted(DOCS_SOURCE.glob("*.md")):  # architecture.md is the index; links to X.md go to X.html
-        body = re.sub(r'href="([\w-]+)\.md(#[^"]*)?"', r'href="\1.html\2"', _markdown(source.read_text(encoding="utf-8")))
+        body = re.sub(
+            r'href="([\w-]+)\.md(#[^"]*)?"', r'href="\1.html\2"', _markdown(source.read_text(encoding="utf-8"))
+        )
         page = "index.html" if source.stem == "architecture" else f"{source.stem}.html"
         write(out / page, _page(f"attnzoo {source.stem}", body, ""))
     write(out / "catalogue.html", _catalogue_page(docs, cfg))

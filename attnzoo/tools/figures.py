@@ -68,8 +68,7 @@ def describe(amap: AttentionMap) -> str:
 
 def _message(ax, text: str, color: str = "0.3") -> None:
     lines = textwrap.wrap(text, 34, break_long_words=False, break_on_hyphens=False)[:8]
-    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=7, color=color,
-            transform=ax.transAxes)
+    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=7, color=color, transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -83,8 +82,9 @@ def receptive_field_figure(views: Sequence[MechanismView], size: int, path: Path
     n_q = max(len(v.queries) for v in views)
     with_attention = any(v.attention for v in views)
     cols = n_q * (2 if with_attention else 1)
-    fig, axes = plt.subplots(len(views), cols, figsize=(3.4 * cols, 3.2 * len(views)), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(views), cols, figsize=(3.4 * cols, 3.2 * len(views)), squeeze=False, constrained_layout=True
+    )
     for r, view in enumerate(views):
         for c in range(cols):
             ax = axes[r][c]
@@ -128,8 +128,9 @@ def receptive_field_grid(views: Sequence[MechanismView], size: int, path: Path, 
         config = f"\n{_short(view.config)}" if view.config else ""
         _draw_field(fig, ax, view.fields[0], view.queries[0], f"{view.name} ({tokens} tokens){config}")
     q = views[0].queries[0] if views else (0, 0)
-    fig.suptitle(f"Gradient receptive field of query ({q[0]}, {q[1]}) on {size}×{size} tokens, every mechanism",
-                 fontsize=12)
+    fig.suptitle(
+        f"Gradient receptive field of query ({q[0]}, {q[1]}) on {size}×{size} tokens, every mechanism", fontsize=12
+    )
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -154,8 +155,11 @@ def attention_overlay_figure(
     fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 4.4), squeeze=False, constrained_layout=True)
     axes = axes[0]
     axes[0].imshow(photo)
-    axes[0].add_patch(plt.Rectangle((query[1] * cell[1], query[0] * cell[0]), cell[1], cell[0], fill=False,
-                                    edgecolor="cyan", linewidth=2))
+    axes[0].add_patch(
+        plt.Rectangle(
+            (query[1] * cell[1], query[0] * cell[0]), cell[1], cell[0], fill=False, edgecolor="cyan", linewidth=2
+        )
+    )
     axes[0].set_title(f"photo, query token ({query[0]}, {query[1]}) of {grid[0]}×{grid[1]}", fontsize=9)
     if not maps:
         _message(axes[1], "no attention weights were recorded for this mechanism")

@@ -130,7 +130,9 @@ def classify_fields(centre: np.ndarray, corner: np.ndarray) -> str:
     return "local"
 
 
-def receptive_field_class(module: nn.Module, info: MechanismInfo, size: int, dim: int, *, seeds: Sequence[int] = (0, 1)) -> str:
+def receptive_field_class(
+    module: nn.Module, info: MechanismInfo, size: int, dim: int, *, seeds: Sequence[int] = (0, 1)
+) -> str:
     """``classify_fields`` of ``module`` on a ``size × size`` grid (``size`` even), fields united over ``seeds``.
 
     The fields are taken on a ``structural_copy`` (no zero-initialised parameter hides a path) and united over
@@ -204,10 +206,20 @@ def maps_from_records(records: Sequence, size: int, query: Sequence[int]) -> lis
         on_canvas = k_tokens == n and spatial_keys == n
         picture = spatial.reshape((size, size) if on_canvas else _square_side(rec.key_shape)).cpu().numpy()
         same_grid = (q_tokens == n) == on_canvas and (on_canvas or q_tokens == k_tokens)
-        maps.append(AttentionMap(
-            rec.op, picture, op_query if same_grid else (-1, -1), on_canvas, i, len(records), extra_weight,
-            query_on_canvas=q_tokens == n, op_query=op_query, op_query_grid=side_q,
-        ))
+        maps.append(
+            AttentionMap(
+                rec.op,
+                picture,
+                op_query if same_grid else (-1, -1),
+                on_canvas,
+                i,
+                len(records),
+                extra_weight,
+                query_on_canvas=q_tokens == n,
+                op_query=op_query,
+                op_query_grid=side_q,
+            )
+        )
     return maps
 
 

@@ -19,10 +19,30 @@ import torch
 from ..models.saving import atomic_write
 from .bench import BenchConfig, BenchRow
 
-__all__ = ["TABLE_COLUMNS", "table_cells", "write_csv", "write_json", "plot_scaling", "plot_cost_vs_receptive_field",
-           "write_index_html", "write_report", "environment"]
+__all__ = [
+    "TABLE_COLUMNS",
+    "table_cells",
+    "write_csv",
+    "write_json",
+    "plot_scaling",
+    "plot_cost_vs_receptive_field",
+    "write_index_html",
+    "write_report",
+    "environment",
+]
 
-TABLE_COLUMNS = ("mechanism", "family", "params", "GFLOPs", "peak MB", "latency ms", "× SDPA", "img/s", "RF tokens", "check")
+TABLE_COLUMNS = (
+    "mechanism",
+    "family",
+    "params",
+    "GFLOPs",
+    "peak MB",
+    "latency ms",
+    "× SDPA",
+    "img/s",
+    "RF tokens",
+    "check",
+)
 SCALING_COLUMNS = ("latency exp", "memory exp")
 
 
@@ -33,10 +53,16 @@ def _num(value: float, fmt: str) -> str:
 def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
     """The row as strings in ``TABLE_COLUMNS`` order (plus ``SCALING_COLUMNS``); a failed row says why in check."""
     cells = [
-        row.name, row.family, f"{row.params:,}" if row.ok or row.params else "—", _num(row.flops / 1e9, ".3g"),
-        _num(row.peak_bytes / 2**20, ".1f"), _num(row.latency_s * 1e3, ".2f"), _num(row.relative_latency, ".3g"),
+        row.name,
+        row.family,
+        f"{row.params:,}" if row.ok or row.params else "—",
+        _num(row.flops / 1e9, ".3g"),
+        _num(row.peak_bytes / 2**20, ".1f"),
+        _num(row.latency_s * 1e3, ".2f"),
+        _num(row.relative_latency, ".3g"),
         _num(row.throughput, ".1f"),
-        _num(row.receptive_field_tokens, ".0f"), row.check if row.ok else f"FAILED: {row.error}",
+        _num(row.receptive_field_tokens, ".0f"),
+        row.check if row.ok else f"FAILED: {row.error}",
     ]
     if row.ok and row.note:
         cells[-1] += f" ({row.note})"
@@ -48,17 +74,37 @@ def table_cells(row: BenchRow, with_scaling: bool) -> list[str]:
 def environment(cfg: BenchConfig) -> dict[str, Any]:
     """Machine and software the figures were measured on."""
     return {
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "threads": cfg.threads, "device": cfg.device, "dtype": cfg.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": cfg.threads,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
     }
 
 
 def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
     """One line per mechanism; scaling figures as ``latency_ms@S`` / ``peak_mb@S`` columns per size ``S``."""
-    fields = ["name", "family", "complexity", "layout", "ok", "params", "flops", "peak_mb", "latency_ms",
-              "relative_latency", "throughput_img_s", "check", "receptive_field_tokens", "receptive_field_fraction", "latency_exponent",
-              "memory_exponent"]
+    fields = [
+        "name",
+        "family",
+        "complexity",
+        "layout",
+        "ok",
+        "params",
+        "flops",
+        "peak_mb",
+        "latency_ms",
+        "relative_latency",
+        "throughput_img_s",
+        "check",
+        "receptive_field_tokens",
+        "receptive_field_fraction",
+        "latency_exponent",
+        "memory_exponent",
+    ]
     for s in cfg.sizes:
         fields += [f"latency_ms@{s}", f"peak_mb@{s}"]
     fields += ["note", "error", "config"]
@@ -67,11 +113,24 @@ def write_csv(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path) -> None:
         writer.writeheader()
         for r in rows:
             line = {
-                "name": r.name, "family": r.family, "complexity": r.complexity, "layout": r.layout, "ok": r.ok,
-                "params": r.params, "flops": r.flops, "peak_mb": r.peak_bytes / 2**20, "latency_ms": r.latency_s * 1e3,
-                "relative_latency": r.relative_latency, "throughput_img_s": r.throughput, "check": r.check, "receptive_field_tokens": r.receptive_field_tokens,
-                "receptive_field_fraction": r.receptive_field_fraction, "latency_exponent": r.latency_exponent,
-                "memory_exponent": r.memory_exponent, "note": r.note, "error": r.error,
+                "name": r.name,
+                "family": r.family,
+                "complexity": r.complexity,
+                "layout": r.layout,
+                "ok": r.ok,
+                "params": r.params,
+                "flops": r.flops,
+                "peak_mb": r.peak_bytes / 2**20,
+                "latency_ms": r.latency_s * 1e3,
+                "relative_latency": r.relative_latency,
+                "throughput_img_s": r.throughput,
+                "check": r.check,
+                "receptive_field_tokens": r.receptive_field_tokens,
+                "receptive_field_fraction": r.receptive_field_fraction,
+                "latency_exponent": r.latency_exponent,
+                "memory_exponent": r.memory_exponent,
+                "note": r.note,
+                "error": r.error,
                 "config": json.dumps(r.as_dict()["config"]),
             }
             for p in r.scaling:
@@ -93,7 +152,9 @@ def _json_safe(value: Any) -> Any:
 def write_json(rows: Sequence[BenchRow], cfg: BenchConfig, path: Path, yardstick_s: float = math.nan) -> None:
     """Workload, environment, the yardstick latency and every row (NaN written as null)."""
     payload = {
-        "workload": cfg.__dict__, "environment": environment(cfg), "yardstick_dense_sdpa_latency_s": yardstick_s,
+        "workload": cfg.__dict__,
+        "environment": environment(cfg),
+        "yardstick_dense_sdpa_latency_s": yardstick_s,
         "results": [r.as_dict() for r in rows],
     }
     path.write_text(json.dumps(_json_safe(payload), indent=2))
@@ -125,13 +186,26 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
     plt = _pyplot()
     cols = min(3, max(1, len(curves)))
     panels = max(1, len(curves))
-    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(panels / cols)),
-                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        math.ceil(panels / cols),
+        cols,
+        figsize=(4.2 * cols, 3.4 * math.ceil(panels / cols)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     cmap = plt.get_cmap("tab10")
     for ax, family in zip(axes.flat, sorted(curves)):
         for i, (name, exponent, points) in enumerate(curves[family]):
-            ax.plot(*zip(*points), ("-", "--")[(i // 10) % 2], marker="o", ms=3, color=cmap(i % 10),
-                    label=f"{name} ({exponent:.2f})" if math.isfinite(exponent) else name)
+            ax.plot(
+                *zip(*points),
+                ("-", "--")[(i // 10) % 2],
+                marker="o",
+                ms=3,
+                color=cmap(i % 10),
+                label=f"{name} ({exponent:.2f})" if math.isfinite(exponent) else name,
+            )
         ax.set_title(family, fontsize=10)
         ax.legend(fontsize=6.5, loc="upper left")
     for ax in axes.flat:
@@ -142,12 +216,15 @@ def plot_scaling(rows: Sequence[BenchRow], what: str, path: Path) -> None:
             ax.axis("off")
     if not curves:
         axes[0][0].axis("on")
-        axes[0][0].text(0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center",
-                        transform=axes[0][0].transAxes)
+        axes[0][0].text(
+            0.5, 0.5, "no scaling data (run with --sizes)", ha="center", va="center", transform=axes[0][0].transAxes
+        )
     fig.supxlabel("tokens N (size²)")
     fig.supylabel(label)
-    fig.suptitle(f"{label.split(' (')[0].capitalize()} vs tokens by family (log-log; fitted exponent in brackets: "
-                 "≈ 1 linear/local, ≈ 2 global)")
+    fig.suptitle(
+        f"{label.split(' (')[0].capitalize()} vs tokens by family (log-log; fitted exponent in brackets: "
+        "≈ 1 linear/local, ≈ 2 global)"
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -163,12 +240,25 @@ def plot_cost_vs_receptive_field(rows: Sequence[BenchRow], cfg: BenchConfig, pat
     for f_i, family in enumerate(families):  # 10 colours, then the next marker shape
         members = [r for r in good if r.family == family]
         sizes = [20 + 200 * r.flops / top_flops if math.isfinite(r.flops) and top_flops > 0 else 20 for r in members]
-        ax.scatter([100 * r.receptive_field_fraction for r in members], [r.latency_s * 1e3 for r in members],
-                   s=sizes, color=cmap(f_i % 10), marker="os^D"[(f_i // 10) % 4], alpha=0.75, label=family,
-                   edgecolors="k", linewidths=0.5)
+        ax.scatter(
+            [100 * r.receptive_field_fraction for r in members],
+            [r.latency_s * 1e3 for r in members],
+            s=sizes,
+            color=cmap(f_i % 10),
+            marker="os^D"[(f_i // 10) % 4],
+            alpha=0.75,
+            label=family,
+            edgecolors="k",
+            linewidths=0.5,
+        )
         for r in members:
-            ax.annotate(r.name, (100 * r.receptive_field_fraction, r.latency_s * 1e3), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                r.name,
+                (100 * r.receptive_field_fraction, r.latency_s * 1e3),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"receptive field of the centre query (% of the {cfg.size}×{cfg.size} tokens)")
@@ -227,8 +317,10 @@ def write_index_html(
         cells = "".join(f'<td data-sort="{_sort_key(c)}">{html.escape(c)}</td>' for c in table_cells(r, with_scaling))
         body.append(f'<tr class="{"ok" if r.ok else "failed"}">{cells}</tr>')
     env = environment(cfg)
-    workload = (f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype} on {cfg.device}, "
-                f"{cfg.threads} thread(s), {'forward+backward' if cfg.backward else 'forward'}")
+    workload = (
+        f"{cfg.size}×{cfg.size} tokens, dim {cfg.dim}, batch {cfg.batch}, {cfg.dtype} on {cfg.device}, "
+        f"{cfg.threads} thread(s), {'forward+backward' if cfg.backward else 'forward'}"
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>attnzoo bench</title>
 <style>

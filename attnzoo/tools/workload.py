@@ -28,7 +28,14 @@ from ..mechanisms import create, mechanism_info
 from ..mechanisms.registry import MechanismInfo
 
 __all__ = [
-    "Prepared", "PrepareError", "token_grid", "layout_inputs", "make_inputs", "arrange_tokens", "build", "prepare",
+    "Prepared",
+    "PrepareError",
+    "token_grid",
+    "layout_inputs",
+    "make_inputs",
+    "arrange_tokens",
+    "build",
+    "prepare",
     "output_token_index",
 ]
 

@@ -5,7 +5,24 @@ from .data import DATASETS, DatasetCorrupt, DatasetMissing, ImageData, load_data
 from .loop import CURVES_FILE, METRICS_FILE, RUN_FILE, TrainConfig, TrainError, TrainResult, evaluate, train
 
 __all__ = [
-    "CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "read_checkpoint", "write_checkpoint",
-    "DATASETS", "DatasetCorrupt", "DatasetMissing", "ImageData", "load_dataset", "load_fashion_mnist", "make_synthetic",
-    "CURVES_FILE", "METRICS_FILE", "RUN_FILE", "TrainConfig", "TrainError", "TrainResult", "evaluate", "train",
+    "CHECKPOINT_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "read_checkpoint",
+    "write_checkpoint",
+    "DATASETS",
+    "DatasetCorrupt",
+    "DatasetMissing",
+    "ImageData",
+    "load_dataset",
+    "load_fashion_mnist",
+    "make_synthetic",
+    "CURVES_FILE",
+    "METRICS_FILE",
+    "RUN_FILE",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "evaluate",
+    "train",
 ]

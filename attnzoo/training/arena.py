@@ -55,7 +55,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in rows:
         ax.scatter(row["gflops_per_image"], row["test_accuracy"], s=40)
-        ax.annotate(row["mixer"], (row["gflops_per_image"], row["test_accuracy"]), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(
+            row["mixer"], (row["gflops_per_image"], row["test_accuracy"]), textcoords="offset points", xytext=(5, 4)
+        )
     ax.set(xlabel="GFLOPs per image (forward)", ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -78,7 +80,9 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
     data = load_dataset(base.dataset, base.data_dir)
     for name in mixers:  # fail before any training if one of them cannot be built
         try:
-            models.create(base.size, name, num_classes=len(data.classes), in_chans=data.in_chans, img_size=data.img_size)
+            models.create(
+                base.size, name, num_classes=len(data.classes), in_chans=data.in_chans, img_size=data.img_size
+            )
         except (ValueError, TypeError) as exc:
             raise TrainError(str(exc).splitlines()[0]) from None
     x = data.batch("test", torch.arange(min(256, len(data.test_labels))))[0]
@@ -87,14 +91,16 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
         config = replace(base, mixers=[name] * models.SIZES[base.size].num_stages, out=str(out / name))
         result = train(config, resume=(out / name / RUN_FILE).is_file(), show_progress=show_progress)
         model = models.load(out / name)
-        rows.append({
-            "mixer": name,
-            "test_accuracy": result.test_accuracy,
-            "parameters": result.parameters,
-            "gflops_per_image": flops_per_image(model, data.in_chans, data.img_size) / 1e9,
-            "train_images_per_s": result.train_images_per_s,
-            "infer_images_per_s": inference_rate(model, x),
-        })
+        rows.append(
+            {
+                "mixer": name,
+                "test_accuracy": result.test_accuracy,
+                "parameters": result.parameters,
+                "gflops_per_image": flops_per_image(model, data.in_chans, data.img_size) / 1e9,
+                "train_images_per_s": result.train_images_per_s,
+                "infer_images_per_s": inference_rate(model, x),
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     def write_csv(p: Path) -> None:
@@ -104,8 +110,14 @@ def run_arena(mixers: list[str], base: TrainConfig, *, show_progress: bool = Tru
             writer.writerows(rows)
 
     atomic_write(out / "arena.csv", write_csv)
-    meta = {"size": base.size, "dataset": base.dataset, "epochs": base.epochs, "seed": base.seed,
-            "threads": torch.get_num_threads(), "rows": rows}
+    meta = {
+        "size": base.size,
+        "dataset": base.dataset,
+        "epochs": base.epochs,
+        "seed": base.seed,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     atomic_write(out / "arena.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     _plot(rows, out / "arena.png", f"{base.size} on {base.dataset}, {base.epochs} epoch(s), seed {base.seed}")
     return rows

@@ -23,7 +23,16 @@ from safetensors.torch import save_file
 
 from ..models.saving import atomic_write, tensor_digest
 
-__all__ = ["CHECKPOINT_FILE", "CheckpointError", "tensor_digest", "Checkpoint", "capture_rng", "restore_rng", "write_checkpoint", "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CheckpointError",
+    "tensor_digest",
+    "Checkpoint",
+    "capture_rng",
+    "restore_rng",
+    "write_checkpoint",
+    "read_checkpoint",
+]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "attnzoo-checkpoint-2"  # 2: the SHA-256 covers the metadata and every tensor's dtype and shape

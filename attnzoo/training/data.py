@@ -33,7 +33,16 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -61,17 +70,26 @@ class ImageData:
     def img_size(self) -> int:
         return self.train_images.shape[-1]
 
-    def batch(self, split: str, index: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, split: str, index: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float images and labels of ``split`` at ``index``."""
-        images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        images, labels = (
+            (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        )
         x = images[index].to(device=device, dtype=torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
         return x, labels[index].to(device)
 
     def limit(self, train: int | None, test: int | None) -> ImageData:
         """The first ``train`` / ``test`` examples (``None`` keeps all)."""
         return ImageData(
-            self.train_images[:train], self.train_labels[:train], self.test_images[:test], self.test_labels[:test],
-            self.classes, self.mean, self.std,
+            self.train_images[:train],
+            self.train_labels[:train],
+            self.test_images[:test],
+            self.test_labels[:test],
+            self.classes,
+            self.mean,
+            self.std,
         )
 
 
@@ -84,10 +102,14 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise DatasetCorrupt(f"{path} is not a readable gzip file ({exc}); reinstall it with `{INSTALL_HINT}`") from None
+        raise DatasetCorrupt(
+            f"{path} is not a readable gzip file ({exc}); reinstall it with `{INSTALL_HINT}`"
+        ) from None
     magic = int.from_bytes(raw[:4], "big")
     if len(raw) < 4 or magic != expected_magic:
-        raise DatasetCorrupt(f"{path} is not an IDX file of the expected kind (magic {magic:#x}, expected {expected_magic:#x})")
+        raise DatasetCorrupt(
+            f"{path} is not an IDX file of the expected kind (magic {magic:#x}, expected {expected_magic:#x})"
+        )
     ndim = magic & 0xFF
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=min(len(raw), 4 + 4 * ndim))

@@ -76,8 +76,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``TrainError`` naming the first field that breaks its rule (types are checked, not coerced)."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "eval_batch_size": self.eval_batch_size}
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "log_every": self.log_every,
+            "eval_batch_size": self.eval_batch_size,
+        }
         for name, value in positive.items():
             if not _is_int(value) or value < 1:
                 raise TrainError(f"{name}={value!r} must be a positive integer")
@@ -256,8 +260,13 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"), disable=not enabled, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -274,7 +283,9 @@ def _lock_run_folder(out: Path):
     except BlockingIOError:
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise TrainError(f"{out} is in use by another attnzoo train (pid {holder}); wait for it or choose another --out") from None
+        raise TrainError(
+            f"{out} is in use by another attnzoo train (pid {holder}); wait for it or choose another --out"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
@@ -304,7 +315,9 @@ def _open_out(config: TrainConfig, resume: bool, ctx: _Dist):
             raise TrainError(f"--out {config.out!r} is not a usable folder ({exc.strerror or exc})") from None
     try:
         if not resume and (out / RUN_FILE).exists():
-            raise TrainError(f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out")
+            raise TrainError(
+                f"{out} already holds a run; resume it with `attnzoo train --resume {out}` or choose another --out"
+            )
         if ctx.world > 1:
             dist.barrier()  # every rank has looked before rank 0 writes run.json
     except BaseException:
@@ -329,7 +342,9 @@ def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return history
 
 
-def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True, device: str = "auto") -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool = False, show_progress: bool = True, device: str = "auto"
+) -> TrainResult:
     """Train (or resume) the run described by ``config`` on ``device`` ("auto": CUDA when available, "cpu",
     "cuda"); returns the final test accuracy and throughput."""
     config.validate()
@@ -395,7 +410,9 @@ def _start(config: TrainConfig, resume: bool, ctx: _Dist, out: Path) -> _Run:
     data = load_dataset(config.dataset, config.data_dir).limit(config.limit_train, config.limit_eval)
     n_train = len(data.train_labels)
     if config.batch_size % ctx.world:
-        raise TrainError(f"batch_size={config.batch_size} (the global batch) must be divisible by {ctx.world} processes")
+        raise TrainError(
+            f"batch_size={config.batch_size} (the global batch) must be divisible by {ctx.world} processes"
+        )
     steps_per_epoch = n_train // config.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"batch_size={config.batch_size} is larger than the {n_train} training images")
@@ -405,8 +422,12 @@ def _start(config: TrainConfig, resume: bool, ctx: _Dist, out: Path) -> _Run:
     _seed_everything(config.seed)
     try:
         raw = models.create(
-            config.size, config.mixers, num_classes=len(data.classes), in_chans=data.in_chans,
-            img_size=data.img_size, mixer_kwargs=config.mixer_kwargs,
+            config.size,
+            config.mixers,
+            num_classes=len(data.classes),
+            in_chans=data.in_chans,
+            img_size=data.img_size,
+            mixer_kwargs=config.mixer_kwargs,
         )
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
@@ -418,7 +439,8 @@ def _start(config: TrainConfig, resume: bool, ctx: _Dist, out: Path) -> _Run:
     decay = [p for p in raw.parameters() if p.ndim >= 2]
     no_decay = [p for p in raw.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
 
@@ -445,7 +467,9 @@ def _restore(run: _Run, resume: bool) -> None:
         details = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs run {identity.get(k)!r}" for k in differing[:6])
         raise CheckpointError(f"{path} belongs to another run configuration ({details})")
     if ckpt.progress.get("total_steps") != run.total:
-        raise CheckpointError(f"{path} was written for {ckpt.progress.get('total_steps')} steps, this run has {run.total}")
+        raise CheckpointError(
+            f"{path} was written for {ckpt.progress.get('total_steps')} steps, this run has {run.total}"
+        )
     try:
         run.raw.load_state_dict(ckpt.model_state)
         run.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -506,7 +530,9 @@ def _checkpoint(run: _Run) -> None:
                     "batch_in_epoch": run.step % run.steps_per_epoch,
                     "total_steps": run.total, "running": reduced, "train_time": run.train_time,
                     "train_images": run.train_images, "world_size": ctx.world, "seed": run.config.seed}  # fmt: skip
-        state = Checkpoint(run.raw.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(), progress, states)
+        state = Checkpoint(
+            run.raw.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(), progress, states
+        )
         write_checkpoint(run.ckpt_path, state)
 
 

@@ -163,7 +163,10 @@ def test_python_dash_m_smoke():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "attnzoo", "bench", "neighborhood", "--size", "8", "--dim", "16", *FAST],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert "neighborhood" in done.stdout and "ref ok" in done.stdout
@@ -197,8 +200,21 @@ def test_train_options_come_from_the_models_and_data_modules(monkeypatch, tmp_pa
     help_text = " ".join(capsys.readouterr().out.split())
     assert "micro (3 stages)" in help_text and "planted: a data set only this test knows" in help_text
     parser = build_parser()
-    args = parser.parse_args(["train", "--size", "micro", "--dataset", "planted", "--mixers", "mhsa,window,mhsa",
-                              "--mixer-kwargs", "{}", "--out", str(tmp_path / "r")])
+    args = parser.parse_args(
+        [
+            "train",
+            "--size",
+            "micro",
+            "--dataset",
+            "planted",
+            "--mixers",
+            "mhsa,window,mhsa",
+            "--mixer-kwargs",
+            "{}",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     config = train_cmd._config(args)
     assert config.mixers == ["mhsa", "window", "mhsa"] and config.mixer_kwargs == [{}, {}, {}]
     assert config.dataset == "planted"

@@ -17,8 +17,20 @@ from attnzoo.cli import main
 
 from conftest import one_error_line
 
-TRAIN = ["train", "--dataset", "synthetic", "--limit-train", "16", "--limit-eval", "8", "--batch-size", "8",
-         "--no-progress", "--threads", "1"]
+TRAIN = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--limit-train",
+    "16",
+    "--limit-eval",
+    "8",
+    "--batch-size",
+    "8",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -36,8 +48,12 @@ def assert_one_line_usage_error(code: int, err: str, needle: str = "") -> None:
 
 
 def _fashion_dir(tmp_path, content: dict[str, bytes]):
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
+    names = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     folder = tmp_path / "fashion"
     folder.mkdir()
     for name in names:
@@ -51,17 +67,41 @@ def _idx(magic: int, dims: list[int], payload: bytes) -> bytes:
 
 def case_out_is_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    return ["train", "--mixer", "mhsa", "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "file")], "--out"
+    return [
+        "train",
+        "--mixer",
+        "mhsa",
+        "--data-dir",
+        str(tmp_path / "nodata"),
+        "--out",
+        str(tmp_path / "file"),
+    ], "--out"
 
 
 def case_out_under_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    return ["train", "--mixer", "mhsa", "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "file" / "run")], "--out"
+    return [
+        "train",
+        "--mixer",
+        "mhsa",
+        "--data-dir",
+        str(tmp_path / "nodata"),
+        "--out",
+        str(tmp_path / "file" / "run"),
+    ], "--out"
 
 
 def case_arena_out_is_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    return ["arena", "--mixers", "mhsa,window", "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "file")], "--out"
+    return [
+        "arena",
+        "--mixers",
+        "mhsa,window",
+        "--data-dir",
+        str(tmp_path / "nodata"),
+        "--out",
+        str(tmp_path / "file"),
+    ], "--out"
 
 
 def case_fashion_not_gzip(tmp_path):
@@ -87,8 +127,15 @@ def case_fashion_short_payload(tmp_path):
 
 def case_fashion_label_count(tmp_path):
     images, labels = _idx(0x803, [10, 28, 28], bytes(7840)), _idx(0x801, [9], bytes(9))
-    folder = _fashion_dir(tmp_path, {"train-images-idx3-ubyte.gz": images, "train-labels-idx1-ubyte.gz": labels,
-                                     "t10k-images-idx3-ubyte.gz": images, "t10k-labels-idx1-ubyte.gz": labels})
+    folder = _fashion_dir(
+        tmp_path,
+        {
+            "train-images-idx3-ubyte.gz": images,
+            "train-labels-idx1-ubyte.gz": labels,
+            "t10k-images-idx3-ubyte.gz": images,
+            "t10k-labels-idx1-ubyte.gz": labels,
+        },
+    )
     return ["train", "--mixer", "mhsa", "--data-dir", str(folder), "--out", str(tmp_path / "r")], "label"
 
 
@@ -109,11 +156,29 @@ def case_seed_huge(tmp_path):
 
 
 def case_arena_seed_huge(tmp_path):
-    return ["arena", "--mixers", "mhsa,window", "--dataset", "synthetic", "--seed", str(2**70), "--out", str(tmp_path / "r")], "--seed"
+    return [
+        "arena",
+        "--mixers",
+        "mhsa,window",
+        "--dataset",
+        "synthetic",
+        "--seed",
+        str(2**70),
+        "--out",
+        str(tmp_path / "r"),
+    ], "--seed"
 
 
 def case_arena_out_unwritable(tmp_path):
-    return ["arena", "--mixers", "mhsa,window", "--data-dir", str(tmp_path / "nodata"), "--out", "/proc/attnzoo-run"], "--out"
+    return [
+        "arena",
+        "--mixers",
+        "mhsa,window",
+        "--data-dir",
+        str(tmp_path / "nodata"),
+        "--out",
+        "/proc/attnzoo-run",
+    ], "--out"
 
 
 def case_train_out_unwritable(tmp_path):
@@ -163,11 +228,26 @@ SIMPLE = [
     (["train", "--no-such-flag"], "--no-such-flag"),
 ]
 
-CASES = [case_out_is_file, case_out_under_file, case_arena_out_is_file, case_fashion_not_gzip,
-         case_fashion_truncated_gzip, case_fashion_wrong_magic, case_fashion_short_payload, case_fashion_label_count,
-         case_broken_run_json, case_run_json_wrong_type, case_seed_huge, case_arena_seed_huge, case_arena_out_unwritable,
-         case_train_out_unwritable, case_viz_proc,
-         case_viz_attention_proc, case_bench_huge_size, case_bench_huge_sweep]
+CASES = [
+    case_out_is_file,
+    case_out_under_file,
+    case_arena_out_is_file,
+    case_fashion_not_gzip,
+    case_fashion_truncated_gzip,
+    case_fashion_wrong_magic,
+    case_fashion_short_payload,
+    case_fashion_label_count,
+    case_broken_run_json,
+    case_run_json_wrong_type,
+    case_seed_huge,
+    case_arena_seed_huge,
+    case_arena_out_unwritable,
+    case_train_out_unwritable,
+    case_viz_proc,
+    case_viz_attention_proc,
+    case_bench_huge_size,
+    case_bench_huge_sweep,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -195,8 +275,18 @@ def test_out_is_checked_before_loading_data(tmp_path, capsys, monkeypatch):
 
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="attnzoo-cli-fuzz-"))  # invalid runs must never create their --out
-NUMERIC_FLAGS = ["--epochs", "--batch-size", "--lr", "--weight-decay", "--seed", "--limit-train", "--limit-eval",
-                 "--checkpoint-every", "--log-every", "--threads"]
+NUMERIC_FLAGS = [
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--weight-decay",
+    "--seed",
+    "--limit-train",
+    "--limit-eval",
+    "--checkpoint-every",
+    "--log-every",
+    "--threads",
+]
 
 
 def _valid_for(flag: str, text: str) -> bool:
@@ -232,9 +322,15 @@ def _assert_refused_before_any_output(option: str) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(flag=st.sampled_from(NUMERIC_FLAGS),
-       value=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "2**70",
-                                                               str(2**70), "-0", "1.5", " ", "0x10", "1_000"])))
+@given(
+    flag=st.sampled_from(NUMERIC_FLAGS),
+    value=st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(
+            ["nan", "inf", "-inf", "-1", "0", "1e400", "2**70", str(2**70), "-0", "1.5", " ", "0x10", "1_000"]
+        ),
+    ),
+)
 def test_fuzz_numeric_options(flag, value):
     assume(not _valid_for(flag, value))
     _assert_refused_before_any_output(f"{flag}={value}")

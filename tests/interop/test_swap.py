@@ -28,10 +28,15 @@ def halonet(**kwargs) -> nn.Module:
     from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
     cfg = ByoModelCfg(
-        blocks=(ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
-                ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.25),
-                ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5)),
-        stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="halo",
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.25),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
+        ),
+        stem_chs=16,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        self_attn_layer="halo",
         self_attn_kwargs=dict(block_size=2, halo_size=1, num_heads=2),
     )
     return ByobNet(cfg, **kwargs)
@@ -52,12 +57,19 @@ VIT = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 MAXVIT = dict(embed_dim=(16, 32), depths=(1, 1), stem_width=16, transformer_dim_head=8)
 PVT = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(4, 2), mlp_ratios=(2, 2))
 CONVIT = dict(embed_dim=32, depth=3, local_up_to_layer=2, num_heads=2, patch_size=8)
-CROSSVIT = dict(img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
-                mlp_ratio=(2, 2, 1))
+CROSSVIT = dict(
+    img_scale=(1.0, 1.0),
+    patch_size=(12, 16),
+    embed_dim=(16, 32),
+    depth=((1, 1, 0),),
+    num_heads=(2, 2),
+    mlp_ratio=(2, 2, 1),
+)
 VOLO_ARGS = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
 DAVIT = dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4)
-EFFICIENTVIT = dict(embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3),
-                    window_size=(4, 4, 4))
+EFFICIENTVIT = dict(
+    embed_dim=(16, 32, 48), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 3), window_size=(4, 4, 4)
+)
 SHVIT = dict(embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), depth=(1, 1, 1), qk_dim=(4, 4, 4))
 RESNET = dict(layers=(1, 1, 1, 1), channels=(32, 64, 64, 128), stem_width=16)
 
@@ -166,7 +178,9 @@ def test_swin_shifted_block_on_a_padded_map_is_left_alone_and_the_model_still_ma
     swapped = copy.deepcopy(original)
     report = attnzoo.swap(swapped)
     assert [(e.path, e.mechanism) for e in report] == [
-        ("layers.0.blocks.0", "window"), ("layers.0.blocks.1", None), ("layers.1.blocks.0", "window"),
+        ("layers.0.blocks.0", "window"),
+        ("layers.0.blocks.1", None),
+        ("layers.1.blocks.0", "window"),
         ("layers.1.blocks.1", "window"),
     ]
     assert "pads after the cyclic roll" in report[1].reason
@@ -260,7 +274,9 @@ def test_unsupported_modules_are_listed_and_strict_raises_before_changing_anythi
     from timm.layers.squeeze_excite import SEModule
 
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 1), SEModule(32, rd_channels=8), SEModule(32, rd_channels=8, add_maxpool=True),
+        nn.Conv2d(3, 32, 1),
+        SEModule(32, rd_channels=8),
+        SEModule(32, rd_channels=8, add_maxpool=True),
         NovelAttention(),
     ).to(DT)
     state = copy.deepcopy(model.state_dict())

@@ -48,7 +48,9 @@ def cswin_oracle(m, x):
     return m.proj(torch.cat(halves, -1))
 
 
-@pytest.mark.parametrize("size, split, last_stage", [((6, 6), 2, False), ((7, 5), 3, False), ((4, 6), 1, False), ((5, 5), 5, True)])
+@pytest.mark.parametrize(
+    "size, split, last_stage", [((6, 6), 2, False), ((7, 5), 3, False), ((4, 6), 1, False), ((5, 5), 5, True)]
+)
 def test_cross_shaped_equals_stripe_oracle(size, split, last_stage):
     m = create_random("cross_shaped", 16, num_heads=4, window_size=split, last_stage=last_stage)
     x = rand64(2, *size, 16)

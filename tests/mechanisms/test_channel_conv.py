@@ -171,6 +171,7 @@ def test_cbam_gate_properties():
 
 def polarized_reference(m: nn.Module, x: torch.Tensor, mode: str, variant: str) -> torch.Tensor:
     """PSA written from the paper / official equations in NCHW matrix form."""
+
     def conv(layer, t):
         return F.conv2d(t, as_conv(layer.weight), layer.bias)
 
@@ -313,11 +314,17 @@ def test_efficient_local_timm_deviation_is_groupnorm1_and_silu():
     ours = randomize_(make("efficient_local", 32, variant="B"), std=1.0, seed=0)
     ref = EfficientLocalAttn(32, kernel_size=7).double().eval()
     w = ours.conv.weight  # (C, 1, 7), shared by both strips in the paper
-    load(ref, {
-        "conv_h.weight": w[..., :, None], "conv_w.weight": w[..., None, :],
-        "norm_h.weight": ours.norm.weight, "norm_h.bias": ours.norm.bias,
-        "norm_w.weight": ours.norm.weight, "norm_w.bias": ours.norm.bias,
-    })
+    load(
+        ref,
+        {
+            "conv_h.weight": w[..., :, None],
+            "conv_w.weight": w[..., None, :],
+            "norm_h.weight": ours.norm.weight,
+            "norm_h.bias": ours.norm.bias,
+            "norm_w.weight": ours.norm.weight,
+            "norm_w.bias": ours.norm.bias,
+        },
+    )
     x = rand64(2, 6, 9, 32)
     assert (nhwc(ref(nchw(x))) - ours(x)).abs().max() > 1e-2  # timm ≠ paper with the very same weights
     ref.norm_h, ref.norm_w, ref.act = ours.norm, ours.norm, nn.Identity()
@@ -387,9 +394,14 @@ def test_global_context_matches_timm(fusion, pooling):
 
     from attnzoo.interop.timm import global_context_weights
 
-    ref = randomize_(GlobalContext(
-        32, use_attn=pooling == "att", fuse_add=fusion == "add", fuse_scale=fusion == "mul", rd_ratio=1 / 16
-    ).double().eval(), seed=0)
+    ref = randomize_(
+        GlobalContext(
+            32, use_attn=pooling == "att", fuse_add=fusion == "add", fuse_scale=fusion == "mul", rd_ratio=1 / 16
+        )
+        .double()
+        .eval(),
+        seed=0,
+    )
     ours = make("global_context", 32, fusion=fusion, pooling=pooling)
     prefix = "mlp_add" if fusion == "add" else "mlp_scale"
     getattr(ref, prefix).norm.eps = ours.norm.eps  # timm's LayerNorm2d uses 1e-6, the official code 1e-5
@@ -417,6 +429,7 @@ def test_global_context_properties():
 
 def hornet_global_local_filter(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """HorNet-GF's GlobalLocalFilter in its own layout: NCHW, weights (C/2, h, w, 2), channels_first LayerNorms."""
+
     def channels_first_ln(norm, t):
         mean = t.mean(1, keepdim=True)
         var = (t - mean).pow(2).mean(1, keepdim=True)
@@ -464,7 +477,7 @@ def test_recursive_gated_conv_matches_equations_and_is_homogeneous(order):
             if name.endswith("bias"):
                 p.zero_()
     torch.testing.assert_close(m(1.7 * x), 1.7 ** (order + 1) * m(x), **TOL)
-    assert not torch.allclose(m(1.7 * x), 1.7 ** order * m(x))
+    assert not torch.allclose(m(1.7 * x), 1.7**order * m(x))
 
 
 @pytest.mark.parametrize("size", [(7, 9), (14, 14)])
@@ -592,8 +605,10 @@ def test_spectral_gating_resizes_bilinearly_with_aligned_corners():
             i0, j0 = min(int(si), 1), min(int(sj), 0)
             fi, fj = si - i0, sj - j0
             expected[i, j] = (
-                (1 - fi) * (1 - fj) * w[i0, j0] + (1 - fi) * fj * w[i0, j0 + 1]
-                + fi * (1 - fj) * w[i0 + 1, j0] + fi * fj * w[i0 + 1, j0 + 1]
+                (1 - fi) * (1 - fj) * w[i0, j0]
+                + (1 - fi) * fj * w[i0, j0 + 1]
+                + fi * (1 - fj) * w[i0 + 1, j0]
+                + fi * fj * w[i0 + 1, j0 + 1]
             )
     torch.testing.assert_close(m.spectral_filter(5, 6), expected, **TOL)
     torch.testing.assert_close(m.spectral_filter(3, 2), w, rtol=0, atol=0)

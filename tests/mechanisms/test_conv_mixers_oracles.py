@@ -90,7 +90,7 @@ def test_hybrid_attention_block_is_window_attention_plus_scaled_cab():
     kwargs = dict(num_heads=2, window_size=4, shift_size=2)
     m = randomize_(make("hybrid_attention_block", 32, **kwargs), std=0.3, seed=0, norms_near_one=True)
     window = make("window", 32, **kwargs)
-    window.load_state_dict({k[len("attn."):]: v for k, v in m.state_dict().items() if k.startswith("attn.")})
+    window.load_state_dict({k[len("attn.") :]: v for k, v in m.state_dict().items() if k.startswith("attn.")})
     x = rand64(2, 8, 8, 32)
     cab = m.conv_block
     hidden = F.conv2d(nchw(x), cab.conv1.weight, cab.conv1.bias, padding=1)
@@ -260,7 +260,9 @@ def _gmlp_layer_jax(layer: nn.Module, x: torch.Tensor, size: tuple[int, int], ax
 
 @pytest.mark.parametrize("size, window, grid", [((8, 8), 4, 4), ((8, 12), (2, 4), (4, 2)), ((6, 6), 3, 2)])
 def test_multi_axis_gmlp_matches_the_maxim_layer(size, window, grid):
-    m = randomize_(make("multi_axis_gmlp", 16, window_size=window, grid_size=grid), std=0.3, seed=0, norms_near_one=True)
+    m = randomize_(
+        make("multi_axis_gmlp", 16, window_size=window, grid_size=grid), std=0.3, seed=0, norms_near_one=True
+    )
     layer = m.layer
     x = rand64(2, *size, 16)
     u, v = gelu(layer.in_project(layer.norm_in(x))).chunk(2, dim=-1)
@@ -285,18 +287,22 @@ def test_multi_axis_gmlp_mixes_only_its_block_and_grid_lattice():
 
 
 def test_cross_gating_matches_the_maxim_block():
-    m = randomize_(make("multi_axis_gmlp", 16, window_size=2, grid_size=2, cross_gating=True), std=0.3, seed=0, norms_near_one=True)
+    m = randomize_(
+        make("multi_axis_gmlp", 16, window_size=2, grid_size=2, cross_gating=True), std=0.3, seed=0, norms_near_one=True
+    )
     cgb = m.layer
     x, y = rand64(2, 4, 6, 16, seed=1), rand64(2, 4, 6, 16, seed=2)
 
     def gating(g: nn.Module, t: torch.Tensor) -> torch.Tensor:
         u, v = gelu(g.in_project(g.norm_in(t))).chunk(2, dim=-1)
         blocks = _block_images(u, (2, 3))  # grid 2×2 on a 4×6 map: patches of 2×3
-        u = _unblock_images((blocks.swapaxes(-1, -3) @ g.grid_dense.weight.T + g.grid_dense.bias).swapaxes(-1, -3),
-                            (2, 2), (2, 3))
+        u = _unblock_images(
+            (blocks.swapaxes(-1, -3) @ g.grid_dense.weight.T + g.grid_dense.bias).swapaxes(-1, -3), (2, 2), (2, 3)
+        )
         blocks = _block_images(v, (2, 2))
-        v = _unblock_images((blocks.swapaxes(-1, -2) @ g.block_dense.weight.T + g.block_dense.bias).swapaxes(-1, -2),
-                            (2, 3), (2, 2))
+        v = _unblock_images(
+            (blocks.swapaxes(-1, -2) @ g.block_dense.weight.T + g.block_dense.bias).swapaxes(-1, -2), (2, 3), (2, 2)
+        )
         return g.out_project(torch.cat([u, v], dim=-1))
 
     sx, sy = cgb.proj_x(x), cgb.proj_y(y)

@@ -94,8 +94,11 @@ def test_depthwise_mixer_matches_timm_convnext_conv_dw(dim, size):
 
     block = randomize_(ConvNeXtBlock(dim, conv_bias=True), seed=0).double().eval()
     ours = make("depthwise_mixer", dim)
-    copy_into(ours, {k: v for k, v in block.state_dict().items() if k.startswith("conv_dw.")},
-              {"conv_dw.weight": "conv_dw.weight", "conv_dw.bias": "conv_dw.bias"})
+    copy_into(
+        ours,
+        {k: v for k, v in block.state_dict().items() if k.startswith("conv_dw.")},
+        {"conv_dw.weight": "conv_dw.weight", "conv_dw.bias": "conv_dw.bias"},
+    )
     x = rand64(2, *size, dim)
     torch.testing.assert_close(ours(x), nhwc(block.conv_dw(nchw(x))), **TOL)
 
@@ -132,7 +135,11 @@ def test_next_vit_ntb_matches_timm_next_transformer_block(dim, head_dim, sr_rati
     (head_dim 32: timm rounds the MHSA width to a multiple of 32, ours to a multiple of head_dim.)"""
     from timm.models.nextvit import NextTransformerBlock
 
-    ref = randomize_(NextTransformerBlock(dim, dim, drop_path=0.0, sr_ratio=sr_ratio, head_dim=head_dim), seed=0).double().eval()
+    ref = (
+        randomize_(NextTransformerBlock(dim, dim, drop_path=0.0, sr_ratio=sr_ratio, head_dim=head_dim), seed=0)
+        .double()
+        .eval()
+    )
     _zero_mlp(ref)
     ours = make("next_vit", dim, kind="ntb", head_dim=head_dim, sr_ratio=sr_ratio)
     assert (ours.mhsa_dim, ours.mhca_dim) == (ref.mhsa_out_chs, ref.mhca_out_chs)
@@ -163,10 +170,27 @@ def test_next_vit_errors_name_the_argument():
 @pytest.mark.parametrize("dim, heads, size", [(64, 1, (7, 7)), (48, 3, (6, 9)), (32, 2, (5, 4))])
 def test_conv_projection_matches_transformers_cvt_attention(dim, heads, size):
     cvt = pytest.importorskip("transformers.models.cvt.modeling_cvt")
-    ref = randomize_(cvt.CvtAttention(
-        num_heads=heads, embed_dim=dim, kernel_size=3, padding_q=1, padding_kv=1, stride_q=1, stride_kv=2,
-        qkv_projection_method="dw_bn", qkv_bias=True, attention_drop_rate=0.0, drop_rate=0.0, with_cls_token=False,
-    ), seed=0).double().eval()
+    ref = (
+        randomize_(
+            cvt.CvtAttention(
+                num_heads=heads,
+                embed_dim=dim,
+                kernel_size=3,
+                padding_q=1,
+                padding_kv=1,
+                stride_q=1,
+                stride_kv=2,
+                qkv_projection_method="dw_bn",
+                qkv_bias=True,
+                attention_drop_rate=0.0,
+                drop_rate=0.0,
+                with_cls_token=False,
+            ),
+            seed=0,
+        )
+        .double()
+        .eval()
+    )
     ours = make("conv_projection", dim, num_heads=heads)
     key_map = {"output.dense.weight": "proj.weight", "output.dense.bias": "proj.bias"}
     for n in ("query", "key", "value"):

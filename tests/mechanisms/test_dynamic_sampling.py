@@ -43,8 +43,12 @@ def test_deformable_matches_transformers_deformable_detr_attention_at_one_level(
         2, -1, 1, 2
     )
     expected, _ = ref(
-        tokens, encoder_hidden_states=tokens, reference_points=reference_points, spatial_shapes=torch.tensor([[h, w]]),
-        spatial_shapes_list=[(h, w)], level_start_index=torch.tensor([0]),
+        tokens,
+        encoder_hidden_states=tokens,
+        reference_points=reference_points,
+        spatial_shapes=torch.tensor([[h, w]]),
+        spatial_shapes_list=[(h, w)],
+        level_start_index=torch.tensor([0]),
     )
     torch.testing.assert_close(ours(x), expected.reshape(2, h, w, 16), **TOL)
 

@@ -22,7 +22,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 def copy_params(target: nn.Module, mapping: dict[str, torch.Tensor]) -> None:
     """Load ``mapping`` (our key → tensor) into ``target``; every parameter and buffer of ``target`` must be named."""
     state = target.state_dict()
-    assert set(mapping) == set(state), (set(state) ^ set(mapping))
+    assert set(mapping) == set(state), set(state) ^ set(mapping)
     target.load_state_dict({k: v.reshape(state[k].shape).clone() for k, v in mapping.items()})
 
 
@@ -49,8 +49,15 @@ def test_mhsa_matches_timm_attention():
 def test_mhsa_matches_torch_multihead_attention_and_causal_mask():
     ref = randomize_(nn.MultiheadAttention(16, 4, batch_first=True).to(DT)).eval()
     ours = make("mhsa", 16, num_heads=4)
-    copy_params(ours, {"qkv.weight": ref.in_proj_weight, "qkv.bias": ref.in_proj_bias,
-                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})
+    copy_params(
+        ours,
+        {
+            "qkv.weight": ref.in_proj_weight,
+            "qkv.bias": ref.in_proj_bias,
+            "proj.weight": ref.out_proj.weight,
+            "proj.bias": ref.out_proj.bias,
+        },
+    )
     x = torch.randn(2, 9, 16, dtype=DT)
     torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], **TOL)
     causal = nn.Transformer.generate_square_subsequent_mask(9, dtype=DT)
@@ -159,9 +166,17 @@ def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
     ref = randomize_(nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True).to(DT)).eval()
     ours = make("cross", 16, num_heads=4, context_dim=12, qkv_bias=True)
     bias = ref.in_proj_bias
-    copy_params(ours, {"q.weight": ref.q_proj_weight, "q.bias": bias[:16],
-                       "kv.weight": torch.cat([ref.k_proj_weight, ref.v_proj_weight]), "kv.bias": bias[16:],
-                       "proj.weight": ref.out_proj.weight, "proj.bias": ref.out_proj.bias})
+    copy_params(
+        ours,
+        {
+            "q.weight": ref.q_proj_weight,
+            "q.bias": bias[:16],
+            "kv.weight": torch.cat([ref.k_proj_weight, ref.v_proj_weight]),
+            "kv.bias": bias[16:],
+            "proj.weight": ref.out_proj.weight,
+            "proj.bias": ref.out_proj.bias,
+        },
+    )
     x, ctx = torch.randn(2, 7, 16, dtype=DT), torch.randn(2, 5, 12, dtype=DT)
     torch.testing.assert_close(ours(x, ctx), ref(x, ctx, ctx, need_weights=False)[0], **TOL)
     pad = torch.tensor([[False, False, True, False, True], [False] * 5])
@@ -174,9 +189,14 @@ def test_cross_matches_torch_multihead_attention_with_kdim_vdim():
 def test_cross_with_context_x_equals_mhsa_and_properties():
     cross = randomize_(make("cross", 16, num_heads=2, qkv_bias=True))
     mhsa = make("mhsa", 16, num_heads=2)
-    mhsa.load_state_dict({"qkv.weight": torch.cat([cross.q.weight, cross.kv.weight]),
-                          "qkv.bias": torch.cat([cross.q.bias, cross.kv.bias]),
-                          "proj.weight": cross.proj.weight, "proj.bias": cross.proj.bias})
+    mhsa.load_state_dict(
+        {
+            "qkv.weight": torch.cat([cross.q.weight, cross.kv.weight]),
+            "qkv.bias": torch.cat([cross.q.bias, cross.kv.bias]),
+            "proj.weight": cross.proj.weight,
+            "proj.bias": cross.proj.bias,
+        }
+    )
     x = torch.randn(2, 3, 4, 16, dtype=DT)
     torch.testing.assert_close(cross(x), mhsa(x), **TOL)
     torch.testing.assert_close(cross(x, x), mhsa(x), **TOL)
@@ -207,9 +227,14 @@ def test_cls_cross_matches_timm_crossvit_attention():
 def test_cls_cross_is_row_zero_of_mhsa_and_ignores_patch_order():
     cls = randomize_(make("cls_cross", 16, num_heads=4))
     mhsa = make("mhsa", 16, num_heads=4)
-    mhsa.load_state_dict({"qkv.weight": torch.cat([cls.q.weight, cls.kv.weight]),
-                          "qkv.bias": torch.cat([cls.q.bias, cls.kv.bias]),
-                          "proj.weight": cls.proj.weight, "proj.bias": cls.proj.bias})
+    mhsa.load_state_dict(
+        {
+            "qkv.weight": torch.cat([cls.q.weight, cls.kv.weight]),
+            "qkv.bias": torch.cat([cls.q.bias, cls.kv.bias]),
+            "proj.weight": cls.proj.weight,
+            "proj.bias": cls.proj.bias,
+        }
+    )
     x = torch.randn(3, 10, 16, dtype=DT)
     torch.testing.assert_close(cls(x), mhsa(x)[:, :1], **TOL)
     perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(9)])
@@ -283,9 +308,14 @@ def test_gated_positional_gate_limits():
     _, m = gpsa_pair()
     x = torch.randn(2, 3, 5, 16, dtype=DT)  # non-square grids work
     mhsa = make("mhsa", 16, num_heads=4)
-    mhsa.load_state_dict({"qkv.weight": torch.cat([m.qk.weight, m.v.weight]),
-                          "qkv.bias": torch.cat([m.qk.bias, m.v.bias]),
-                          "proj.weight": m.proj.weight, "proj.bias": m.proj.bias})
+    mhsa.load_state_dict(
+        {
+            "qkv.weight": torch.cat([m.qk.weight, m.v.weight]),
+            "qkv.bias": torch.cat([m.qk.bias, m.v.bias]),
+            "proj.weight": m.proj.weight,
+            "proj.bias": m.proj.bias,
+        }
+    )
     with torch.no_grad():
         m.gating_param.fill_(-1e4)  # λ → −∞ ⇒ MHSA
     torch.testing.assert_close(m(x), mhsa(x), **TOL)
@@ -353,12 +383,26 @@ def cga_pair(dim=24, heads=3, key_dim=4, window=4, kernels=(3, 5, 3)):
 
     from attnzoo.interop.timm import cascaded_group_weights
 
-    ref = LocalWindowAttention(dim, key_dim, heads, attn_ratio=dim / (heads * key_dim), resolution=window,
-                               window_resolution=window, kernels=kernels).to(DT)
+    ref = LocalWindowAttention(
+        dim,
+        key_dim,
+        heads,
+        attn_ratio=dim / (heads * key_dim),
+        resolution=window,
+        window_resolution=window,
+        kernels=kernels,
+    ).to(DT)
     randomize_(ref)
     ref.train(False)  # never chain .eval() on this family (returns None in some timm versions)
-    ours = make("cascaded_group", dim, num_heads=heads, qk_dim=key_dim, window_size=window, kernel_size=kernels,
-                mask_padding=False)
+    ours = make(
+        "cascaded_group",
+        dim,
+        num_heads=heads,
+        qk_dim=key_dim,
+        window_size=window,
+        kernel_size=kernels,
+        mask_padding=False,
+    )
     copy_params(ours, cascaded_group_weights(ref))
     return ref, ours
 
@@ -486,7 +530,7 @@ def test_manhattan_zero_queries_give_gamma_power_of_distance():
         results.append(m(x))
     gamma = 1 - 2.0 ** (-2.0 - 4.0 * torch.arange(2, dtype=DT) / 2)  # closed form γ_h^{|Δy|+|Δx|}, normalised
     ys, xs = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
-    dist = ((ys.flatten()[:, None] - ys.flatten()[None]).abs() + (xs.flatten()[:, None] - xs.flatten()[None]).abs())
+    dist = (ys.flatten()[:, None] - ys.flatten()[None]).abs() + (xs.flatten()[:, None] - xs.flatten()[None]).abs()
     weights = gamma[:, None, None] ** dist.to(DT)
     weights = weights / weights.sum(-1, keepdim=True)  # [h, N, N]
     expected = torch.einsum("hqk,khd->qhd", weights, x.reshape(20, 2, 4)).reshape(1, 4, 5, 8)
@@ -515,8 +559,13 @@ def test_gaussian_adaptive_product_matches_pip_wheel(norm_axis, axis):
     ref = wheel.MultiHeadGaussianAdaptiveAttention(axis, num_heads=3, num_gaussians=2).to(DT)
     randomize_(ref)
     ours = make("gaussian_adaptive", 14, num_heads=3, num_gaussians=2, norm_axis=norm_axis, mixture="product")
-    copy_params(ours, {"mean_offsets": torch.stack([h.mean_offsets for h in ref.attention_heads]),
-                       "scales": torch.stack([h.c for h in ref.attention_heads])})
+    copy_params(
+        ours,
+        {
+            "mean_offsets": torch.stack([h.mean_offsets for h in ref.attention_heads]),
+            "scales": torch.stack([h.c for h in ref.attention_heads]),
+        },
+    )
     x = torch.randn(2, 11, 14, dtype=DT)  # 14 channels / 11 tokens over 3 heads: the last chunk is larger
     torch.testing.assert_close(ours(x), ref(x), **TOL)
 
@@ -531,7 +580,7 @@ def test_gaussian_adaptive_sum_variant_matches_direct_formula():
         w = torch.softmax(m.mixture_logits[h], 0)
         for g in range(4):
             z = (chunks[:, :, h] - mu[:, :, h] - m.mean_offsets[h, g]) / sd[:, :, h]
-            mix[:, :, h] += w[g] * torch.exp(-z**2 / (2 * m.scales[h, g] ** 2))
+            mix[:, :, h] += w[g] * torch.exp(-(z**2) / (2 * m.scales[h, g] ** 2))
     expected = x * (mix / mix.sum(-1, keepdim=True)).reshape(2, 5, 12)
     torch.testing.assert_close(m(x), expected, **TOL)
 
@@ -552,7 +601,7 @@ def test_gaussian_adaptive_product_variant_matches_direct_formula(norm_axis, axi
         for g in range(2):
             c = m.scales[h, g]
             z = (chunk - mu - m.mean_offsets[h, g]) / sd
-            mix = mix * torch.exp(-z**2 / (2 * c**2)) / torch.sqrt(2 * torch.pi * c**2)
+            mix = mix * torch.exp(-(z**2) / (2 * c**2)) / torch.sqrt(2 * torch.pi * c**2)
         weights = mix / mix.sum(axis, keepdim=True).clamp_min(1e-8)  # M̂ = M / max(Σ_chunk M, eps)
         expected.narrow(axis, bounds[h], bounds[h + 1] - bounds[h]).copy_(chunk * weights)
     assert (expected != 0).double().mean() > 0.5  # most chunks do not underflow: the comparison is not vacuous
@@ -575,7 +624,7 @@ def test_gaussian_adaptive_chunk_normalisation_affine_invariance_and_permutation
     torch.testing.assert_close(m.weights(scale * x + shift), w, rtol=1e-6, atol=1e-7)
     # permuting elements inside a chunk permutes the output identically
     perm = torch.arange(x.shape[axis])
-    perm[:sizes[0]] = torch.randperm(sizes[0])
+    perm[: sizes[0]] = torch.randperm(sizes[0])
     y = m(x)
     torch.testing.assert_close(m(x.index_select(axis, perm)), y.index_select(axis, perm), **TOL)
     with pytest.raises(ValueError, match="length 3"):

@@ -203,7 +203,9 @@ def test_gla_recurrent_matches_explicit_sum():
 def test_gla_chunked_equals_recurrent(chunk):
     q, k, v = qkv(n=13)
     log_decay = F.logsigmoid(3 * torch.randn(2, 13, 3, 4))  # strong gates: exponents down to about −10 per step
-    torch.testing.assert_close(gla_chunked(q, k, v, log_decay, chunk_size=chunk), gla_recurrent(q, k, v, log_decay), **TOL)
+    torch.testing.assert_close(
+        gla_chunked(q, k, v, log_decay, chunk_size=chunk), gla_recurrent(q, k, v, log_decay), **TOL
+    )
 
 
 def test_gated_linear_2d_modes_agree_and_zero_gate_is_local_path():
@@ -288,7 +290,9 @@ def test_softmax_free_with_all_tokens_as_landmarks_is_exact_kernel_attention():
 
 SCANS = {
     "linear": lambda q, k, v, g: linear_attention_associative(elu_feature_map(q), elu_feature_map(k), v),
-    "linear_causal": lambda q, k, v, g: linear_attention_chunkwise(elu_feature_map(q), elu_feature_map(k), v, chunk_size=256),
+    "linear_causal": lambda q, k, v, g: linear_attention_chunkwise(
+        elu_feature_map(q), elu_feature_map(k), v, chunk_size=256
+    ),
     "retention": lambda q, k, v, g: retention_chunkwise(q, k, v, torch.tensor([0.999, 1.0]), chunk_size=256),
     "lightning": lambda q, k, v, g: lightning_tiled(q, k, v, torch.tensor([0.999, 1.0]), 512),
     "gla": lambda q, k, v, g: gla_chunked(q, k, v, g, chunk_size=256),

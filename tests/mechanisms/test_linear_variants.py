@@ -61,7 +61,9 @@ def test_rank_augmented_linear_equals_its_quadratic_form():
     angle = torch.cat([rows[:, None] * theta, cols[:, None] * theta], dim=-1)[:, None]  # [N, 1, d/2]
 
     def rope(t):  # complex rotation of adjacent pairs, as LLaMA's apply_rotary_emb
-        turned = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous()) * torch.polar(torch.ones_like(angle), angle)
+        turned = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous()) * torch.polar(
+            torch.ones_like(angle), angle
+        )
         return torch.view_as_real(turned).flatten(-2)
 
     scores = torch.einsum("bihd,bjhd->bhij", rope(q), rope(k)) / n

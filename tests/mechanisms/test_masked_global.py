@@ -77,7 +77,9 @@ def test_polyline_path_mask_attention_equals_the_two_masked_softmaxes():
     angle = (torch.arange(12, dtype=torch.float64)[:, None] * theta)[:, None]
 
     def rope(t):
-        turned = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous()) * torch.polar(torch.ones_like(angle), angle)
+        turned = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous()) * torch.polar(
+            torch.ones_like(angle), angle
+        )
         return torch.view_as_real(turned).flatten(-2)
 
     dt = module.dt_linear(x.reshape(2, h, w, 2, 8))
@@ -102,10 +104,14 @@ def test_causal_image_with_rope_equals_hand_causal_attention_on_rotated_queries_
     module = build("causal_image", num_heads=2)
     x = rand64(2, 10, 16, grad=True)
     q, k, v = module.qkv(x).reshape(2, 10, 3, 2, 8).unbind(2)
-    freqs = torch.outer(torch.arange(10, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))[:, None]
+    freqs = torch.outer(
+        torch.arange(10, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    )[:, None]
 
     def rope(t):  # LLaMA's apply_rotary_emb
-        return torch.view_as_real(torch.view_as_complex(t.reshape(2, 10, 2, 4, 2).contiguous()) * torch.polar(torch.ones_like(freqs), freqs)).flatten(-2)
+        return torch.view_as_real(
+            torch.view_as_complex(t.reshape(2, 10, 2, 4, 2).contiguous()) * torch.polar(torch.ones_like(freqs), freqs)
+        ).flatten(-2)
 
     allowed = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 2, -1, -1)
     out, _ = hand_attention(rope(q), rope(k), v, 8**-0.5, allowed=allowed)

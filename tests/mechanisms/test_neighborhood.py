@@ -89,11 +89,15 @@ def test_gated_cross_neighborhood_on_one_stream_is_gated_neighborhood_self_atten
     ours = create_random("gated_cross_neighborhood", 16, num_heads=2, kernel_size=3, dilation=2)
     nat = attnzoo.create("neighborhood", 16, num_heads=2, kernel_size=3, dilation=2).to(DT).eval()
     state = ours.state_dict()
-    nat.load_state_dict({
-        "qkv.weight": torch.cat([state[f"embed_{n}.weight"] for n in "qkv"]),
-        "qkv.bias": torch.cat([state[f"embed_{n}.bias"] for n in "qkv"]),
-        "proj.weight": state["proj.weight"], "proj.bias": state["proj.bias"], "rpb": state["rpb"],
-    })
+    nat.load_state_dict(
+        {
+            "qkv.weight": torch.cat([state[f"embed_{n}.weight"] for n in "qkv"]),
+            "qkv.bias": torch.cat([state[f"embed_{n}.bias"] for n in "qkv"]),
+            "proj.weight": state["proj.weight"],
+            "proj.bias": state["proj.bias"],
+            "rpb": state["rpb"],
+        }
+    )
     x = rand64(2, 7, 9, 16)
     t = torch.tanh(ours.gate)
     torch.testing.assert_close(ours(x), (1 - t) * x + t * nat(x), **TOL)

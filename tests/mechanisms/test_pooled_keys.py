@@ -36,7 +36,9 @@ def _timm_pvt(ours, sr_ratio, linear):
     return ref
 
 
-@pytest.mark.parametrize("size,sr_ratio,linear", [((8, 8), 2, False), ((9, 7), 2, False), ((10, 10), 1, True), ((13, 9), 1, True)])
+@pytest.mark.parametrize(
+    "size,sr_ratio,linear", [((8, 8), 2, False), ((9, 7), 2, False), ((10, 10), 1, True), ((13, 9), 1, True)]
+)
 def test_spatial_reduction_matches_timm(size, sr_ratio, linear):
     ours = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear, mask_padding=False)
     ref = _timm_pvt(ours, sr_ratio, linear)
@@ -56,8 +58,12 @@ def test_spatial_reduction_ratio_one_is_mhsa():
 
 @pytest.mark.parametrize(
     "size,sr_ratio,linear,mask_padding,keys",
-    [((9, 13), 4, False, True, (3, 4)), ((9, 13), 4, False, False, (2, 3)), ((9, 13), 1, True, True, (7, 7)),
-     ((20, 11), 1, True, True, (7, 7))],
+    [
+        ((9, 13), 4, False, True, (3, 4)),
+        ((9, 13), 4, False, False, (2, 3)),
+        ((9, 13), 1, True, True, (7, 7)),
+        ((20, 11), 1, True, True, (7, 7)),
+    ],
 )
 def test_spatial_reduction_key_count(size, sr_ratio, linear, mask_padding, keys):
     m = build("spatial_reduction", 16, num_heads=2, sr_ratio=sr_ratio, linear=linear, mask_padding=mask_padding)
@@ -94,7 +100,9 @@ def hilo_reference(m, x, mask_padding=True):
         allowed = window[:, None] == window[None, :]
         if mask_padding:
             allowed = allowed & real.reshape(-1)[None, :]
-        out = dense_attention(heads_of(q, m.h_heads), heads_of(k, m.h_heads), heads_of(v, m.h_heads), scale=d**-0.5, allowed=allowed)
+        out = dense_attention(
+            heads_of(q, m.h_heads), heads_of(k, m.h_heads), heads_of(v, m.h_heads), scale=d**-0.5, allowed=allowed
+        )
         parts.append(m.h_proj(out.reshape(b, hp, wp, -1))[:, :h, :w])
     if m.l_heads:
         counts = real.reshape(-1).to(x.dtype) if mask_padding else torch.ones(hp * wp, dtype=x.dtype)
@@ -125,13 +133,18 @@ def test_hilo_matches_dense_reference(size, kwargs):
 
 
 def test_hilo_head_split_and_window_one_is_mhsa():
-    assert (build("hilo", 16, num_heads=4, alpha=0.5).h_heads, build("hilo", 16, num_heads=4, alpha=0.9).l_heads) == (2, 3)
+    assert (build("hilo", 16, num_heads=4, alpha=0.5).h_heads, build("hilo", 16, num_heads=4, alpha=0.9).l_heads) == (
+        2,
+        3,
+    )
     m = build("hilo", 16, num_heads=4, window_size=1)
     assert m.l_heads == 4 and m.h_heads == 0
     x = rand64(1, 4, 5, 16)
     t = x.reshape(1, 20, 16)
     k, v = m.l_kv(t).chunk(2, -1)
-    expected = m.l_proj(dense_attention(heads_of(m.l_q(t), 4), heads_of(k, 4), heads_of(v, 4), scale=4**-0.5).reshape(1, 20, 16))
+    expected = m.l_proj(
+        dense_attention(heads_of(m.l_q(t), 4), heads_of(k, 4), heads_of(v, 4), scale=4**-0.5).reshape(1, 20, 16)
+    )
     torch.testing.assert_close(m(x), expected.reshape(x.shape), **TOL)
 
 
@@ -172,7 +185,7 @@ def aggregated_reference(m, x, pretrain):
     q_hat = (qn + m.query_embedding.reshape(nh, d)) * F.softplus(m.temperature).reshape(nh, 1) * scale[:, None, None]
     key, value = m.kv(t).chunk(2, -1)
     key, value = F.normalize(heads_of(key, nh), dim=-1), heads_of(value, nh)
-    flat = (ky.clamp(0, h - 1) * w + kx.clamp(0, w - 1))  # [N, k²]
+    flat = ky.clamp(0, h - 1) * w + kx.clamp(0, w - 1)  # [N, k²]
     k_loc = key[:, flat] * inside[None, :, :, None, None]
     v_loc = value[:, flat] * inside[None, :, :, None, None]  # zero padded values [b, N, k², h, d]
     a_loc = torch.einsum("bnhd,bnjhd->bhnj", q_hat, k_loc) + m.relative_pos_bias_local[:, None, :]
@@ -182,7 +195,9 @@ def aggregated_reference(m, x, pretrain):
     kp, vp = F.normalize(heads_of(kp, nh), dim=-1), heads_of(vp, nh)
     cy, cx = coords(ph, pw).unbind(-1)
     py, px = adaptive_pool_centres(h, ph)[cy], adaptive_pool_centres(w, pw)[cx]
-    rel = torch.stack([(ys[:, None] - py[None]) / (pretrain[0] - 1) * 8, (xs[:, None] - px[None]) / (pretrain[1] - 1) * 8], -1)
+    rel = torch.stack(
+        [(ys[:, None] - py[None]) / (pretrain[0] - 1) * 8, (xs[:, None] - px[None]) / (pretrain[1] - 1) * 8], -1
+    )
     rel = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3
     cpb = m.cpb_fc2(torch.relu(m.cpb_fc1(rel))).permute(2, 0, 1)  # [h, N, P]
     a_pool = torch.einsum("bnhd,bmhd->bhnm", q_hat, kp) + cpb

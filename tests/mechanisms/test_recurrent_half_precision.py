@@ -8,13 +8,21 @@ import torch
 
 import attnzoo
 
-CASES = [("lightning", {}), ("lightning", {"is_causal": False}), ("lightning", {"mode": "recurrent"}),
-         ("retention", {}), ("retention", {"mode": "quadratic"}), ("retention", {"mode": "recurrent"})]
+CASES = [
+    ("lightning", {}),
+    ("lightning", {"is_causal": False}),
+    ("lightning", {"mode": "recurrent"}),
+    ("retention", {}),
+    ("retention", {"mode": "quadratic"}),
+    ("retention", {"mode": "recurrent"}),
+]
 
 
 @pytest.mark.parametrize("std", [1.0, 10.0, 30.0, 100.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values())) or 'default'}" for n, k in CASES])
+@pytest.mark.parametrize(
+    "name,kwargs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values())) or 'default'}" for n, k in CASES]
+)
 def test_half_precision_is_finite_where_fp32_is(name, kwargs, dtype, std):
     torch.manual_seed(0)
     module = attnzoo.create(name, 32, num_heads=2, **kwargs).eval()

@@ -30,15 +30,18 @@ def global_attention_reference(m, x):
     heads = lambda t: t.reshape(b, hh * ww, m.num_heads, -1).transpose(1, 2)  # noqa: E731
     o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=m.qk_dim**-0.5)
     o = o.transpose(1, 2).reshape(b, hh, ww, c)
-    o = o + F.conv2d(v.permute(0, 3, 1, 2), m.lepe.weight, m.lepe.bias, padding=m.lepe.padding, groups=c).permute(0, 2, 3, 1)
+    o = o + F.conv2d(v.permute(0, 3, 1, 2), m.lepe.weight, m.lepe.bias, padding=m.lepe.padding, groups=c).permute(
+        0, 2, 3, 1
+    )
     return m.wo(o)
 
 
 @pytest.mark.parametrize("num_windows,size", [(2, (6, 8)), (1, (5, 7)), (3, (6, 9))])
 def test_bi_level_routing_with_all_regions_is_global_attention(num_windows, size):
     torch.manual_seed(4)
-    m = attnzoo.create("bi_level_routing", 32, num_heads=4, num_windows=num_windows, topk=num_windows * num_windows,
-                         kernel_size=3)
+    m = attnzoo.create(
+        "bi_level_routing", 32, num_heads=4, num_windows=num_windows, topk=num_windows * num_windows, kernel_size=3
+    )
     x = torch.randn(2, *size, 32)
     torch.testing.assert_close(m(x), global_attention_reference(m, x), **TOL)
 

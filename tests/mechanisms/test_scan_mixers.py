@@ -20,7 +20,9 @@ def hand_s6(u, delta, A, B, C, D):
     state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[-1]):
-        state = torch.exp(delta[:, :, t, None] * A) * state + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        state = (
+            torch.exp(delta[:, :, t, None] * A) * state + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        )
         ys.append((state * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
     return torch.stack(ys, dim=-1)
 

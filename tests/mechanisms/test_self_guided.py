@@ -57,8 +57,17 @@ def oracle(m, x, guide=None):
     q2 = heads_of(tokens @ m.q_guided.weight.T, 2)
     k2, v2 = (heads_of(t, 2) for t in (keys @ m.kv_guided.weight.T).chunk(2, -1))
     guided_out, _ = hand_attention(q2, k2, v2, 4**-0.5)
-    lepe = F.conv2d((x @ m.lepe_linear.weight.T + m.lepe_linear.bias).permute(0, 3, 1, 2), m.lepe_conv.weight,
-                    m.lepe_conv.bias, padding=1, groups=c).permute(0, 2, 3, 1).reshape(b, n, c)
+    lepe = (
+        F.conv2d(
+            (x @ m.lepe_linear.weight.T + m.lepe_linear.bias).permute(0, 3, 1, 2),
+            m.lepe_conv.weight,
+            m.lepe_conv.bias,
+            padding=1,
+            groups=c,
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(b, n, c)
+    )
     out = torch.cat([global_out.reshape(b, n, c // 2), guided_out.reshape(b, n, c // 2)], -1) + lepe
     return (out @ m.proj.weight.T + m.proj.bias).reshape(x.shape), significance
 

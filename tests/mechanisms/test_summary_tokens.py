@@ -86,18 +86,27 @@ def test_lookup_tokens_matches_vit_pytorch_look_vit_layer():
         randomize_(r)
     ours = attnzoo.create("lookup_tokens", dim, num_heads=heads, num_tokens=9).to(DT).eval()
     one = lambda ln: ln.gamma + 1  # noqa: E731  (vit-pytorch's bias-free LayerNorm with unit offset)
-    ours.load_state_dict({
-        "lookup_norm.weight": one(lookup.norm), "lookup_context_norm.weight": one(lookup.norm_context),
-        "lookup_q.weight": lookup.to_q.weight, "lookup_k.weight": lookup.to_k.weight,
-        "lookup_v.weight": lookup.to_v.weight, "lookup_out.weight": lookup.to_out[1].weight,
-        "self_norm.weight": one(attn.norm),
-        "self_qkv.weight": torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]),
-        "self_out.weight": attn.to_out[1].weight,
-        "mlp.0.weight": one(mlp[0]), "mlp.1.weight": mlp[1].weight, "mlp.1.bias": mlp[1].bias,
-        "mlp.4.weight": mlp[4].weight, "mlp.4.bias": mlp[4].bias,
-        "reuse_context_norm.weight": one(reuse.norm_context), "reuse_v.weight": reuse.to_v.weight,
-        "reuse_out.weight": reuse.to_out[1].weight,
-    })
+    ours.load_state_dict(
+        {
+            "lookup_norm.weight": one(lookup.norm),
+            "lookup_context_norm.weight": one(lookup.norm_context),
+            "lookup_q.weight": lookup.to_q.weight,
+            "lookup_k.weight": lookup.to_k.weight,
+            "lookup_v.weight": lookup.to_v.weight,
+            "lookup_out.weight": lookup.to_out[1].weight,
+            "self_norm.weight": one(attn.norm),
+            "self_qkv.weight": torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]),
+            "self_out.weight": attn.to_out[1].weight,
+            "mlp.0.weight": one(mlp[0]),
+            "mlp.1.weight": mlp[1].weight,
+            "mlp.1.bias": mlp[1].bias,
+            "mlp.4.weight": mlp[4].weight,
+            "mlp.4.bias": mlp[4].bias,
+            "reuse_context_norm.weight": one(reuse.norm_context),
+            "reuse_v.weight": reuse.to_v.weight,
+            "reuse_out.weight": reuse.to_out[1].weight,
+        }
+    )
     x = torch.randn(2, 7, 8, dim, dtype=DT)
     with torch.no_grad():
         tokens = F.interpolate(x.permute(0, 3, 1, 2), 3, mode="bilinear").flatten(2).transpose(1, 2)

@@ -226,6 +226,7 @@ def test_top_k_mechanisms_are_deterministic_and_state_their_gradient_behaviour()
         size = (4, 4)
         kwargs = {"input_resolution": size} if name == "learned_sparse" else {}
         x = torch.randn(2, *size, 16, dtype=DT)
-        torch.testing.assert_close(make(name, seed=3, **kwargs).train()(x), make(name, seed=3, **kwargs).train()(x),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            make(name, seed=3, **kwargs).train()(x), make(name, seed=3, **kwargs).train()(x), rtol=0, atol=0
+        )
     assert "ratio sets the cost" in mechanism_info("token_merge").note

@@ -142,15 +142,33 @@ def test_window_shifted_commutes_with_rolls_by_window_multiples_when_unshifted()
     torch.testing.assert_close(m(rolled), torch.roll(m(x), (4, -8), (1, 2)), **TOL)
 
 
-@pytest.mark.parametrize("rank, size, window, shift, mask_padding", [
-    (2, (8, 12), 4, 2, True), (2, (8, 12), 4, (2, 1), True), (2, (7, 10), 4, 2, False), (2, (4, 8), 4, 2, True),
-    (1, (12,), 4, 3, True), (3, (4, 8, 8), (2, 4, 4), (1, 2, 2), True),
-])
+@pytest.mark.parametrize(
+    "rank, size, window, shift, mask_padding",
+    [
+        (2, (8, 12), 4, 2, True),
+        (2, (8, 12), 4, (2, 1), True),
+        (2, (7, 10), 4, 2, False),
+        (2, (4, 8), 4, 2, True),
+        (1, (12,), 4, 3, True),
+        (3, (4, 8, 8), (2, 4, 4), (1, 2, 2), True),
+    ],
+)
 def test_window_rolled_formulation_equals_the_offset_grid_canvas(rank, size, window, shift, mask_padding):
     """backend='auto' runs SW-MSA as roll + windows + region mask; a named backend as windows on the padded canvas."""
-    m = create_random("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding)
+    m = create_random(
+        "window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding
+    )
     x = rand64(2, *size, 16)
-    canvas = create_random("window", 16, num_heads=2, window_size=window, shift_size=shift, rank=rank, mask_padding=mask_padding, backend="reference")
+    canvas = create_random(
+        "window",
+        16,
+        num_heads=2,
+        window_size=window,
+        shift_size=shift,
+        rank=rank,
+        mask_padding=mask_padding,
+        backend="reference",
+    )
     canvas.load_state_dict(m.state_dict())
     torch.testing.assert_close(m(x), canvas(x), **TOL)
     x.requires_grad_()
@@ -268,7 +286,9 @@ def halo_oracle(m, x):
     return dense_attention(q, k, v, bias, scale=d**-0.5).reshape(bsz, h, w, -1)
 
 
-@pytest.mark.parametrize("size, block, halo, stride", [((8, 8), 4, 1, 1), ((8, 12), 4, 2, 1), ((8, 8), 4, 1, 2), ((6, 6), 3, 1, 2)])
+@pytest.mark.parametrize(
+    "size, block, halo, stride", [((8, 8), 4, 1, 1), ((8, 12), 4, 2, 1), ((8, 8), 4, 1, 2), ((6, 6), 3, 1, 2)]
+)
 def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     from timm.layers.halo_attn import HaloAttn
 
@@ -282,9 +302,16 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **TOL)
 
 
-@pytest.mark.parametrize("size, block, halo, mask_padding", [
-    ((8, 8), 4, 1, True), ((7, 10), 4, 1, True), ((7, 10), 4, 2, False), ((6, 9), 3, 0, True), ((4, 4), 4, 0, True),
-])
+@pytest.mark.parametrize(
+    "size, block, halo, mask_padding",
+    [
+        ((8, 8), 4, 1, True),
+        ((7, 10), 4, 1, True),
+        ((7, 10), 4, 2, False),
+        ((6, 9), 3, 0, True),
+        ((4, 4), 4, 0, True),
+    ],
+)
 def test_halo_equals_dense_oracle(size, block, halo, mask_padding):
     m = create_random("halo", 16, num_heads=2, window_size=block, halo_size=halo, mask_padding=mask_padding)
     x = rand64(2, *size, 16)
@@ -322,12 +349,15 @@ def maxvit_reference(kind: str, head_first: bool, P: int = 4):
     from timm.layers.pos_embed_rel import RelPosBiasTf
     from timm.models import maxxvit
 
-    ref = maxxvit.AttentionCl(32, dim_head=16, bias=True, head_first=head_first,
-                              rel_pos_cls=partial(RelPosBiasTf, window_size=(P, P)))
+    ref = maxxvit.AttentionCl(
+        32, dim_head=16, bias=True, head_first=head_first, rel_pos_cls=partial(RelPosBiasTf, window_size=(P, P))
+    )
     ref.fused_attn = False
     randomize_(ref).to(DT).eval()
-    part, rev = {"block": (maxxvit.window_partition, maxxvit.window_reverse),
-                 "grid": (maxxvit.grid_partition, maxxvit.grid_reverse)}[kind]
+    part, rev = {
+        "block": (maxxvit.window_partition, maxxvit.window_reverse),
+        "grid": (maxxvit.grid_partition, maxxvit.grid_reverse),
+    }[kind]
 
     def run(x):
         return rev(ref(part(x, [P, P])), [P, P], list(x.shape[1:3]))

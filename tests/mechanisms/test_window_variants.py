@@ -83,7 +83,9 @@ def lsda_reference(m, x, group, interval, mask_padding=True):
     bias = m.pos(delta).permute(2, 0, 1)  # the DPB MLP evaluated at each pair's offset
     q, k, v = m.qkv(xp.reshape(b, -1, c)).chunk(3, dim=-1)
     nh = m.num_heads
-    out = dense_attention(heads_of(q, nh), heads_of(k, nh), heads_of(v, nh), scale=m.head_dim**-0.5, bias=bias, allowed=allowed)
+    out = dense_attention(
+        heads_of(q, nh), heads_of(k, nh), heads_of(v, nh), scale=m.head_dim**-0.5, bias=bias, allowed=allowed
+    )
     return m.proj(out.reshape(b, hp, wp, c))[:, :h, :w]
 
 

@@ -40,7 +40,9 @@ def test_small_size_and_rgb():
 
 
 def test_defaults_fit_small_stages_and_user_kwargs_win():
-    model = models.create("tiny", mixers="neighborhood", in_chans=1, mixer_kwargs=[{"kernel_size": 3}, None, None, None])
+    model = models.create(
+        "tiny", mixers="neighborhood", in_chans=1, mixer_kwargs=[{"kernel_size": 3}, None, None, None]
+    )
     kernels = [stage[0].mixer.mixer.kernel_size for stage in model.stages]
     assert kernels == [(3, 3), (7, 7), (4, 4), (2, 2)]
 

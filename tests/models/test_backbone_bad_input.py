@@ -47,7 +47,12 @@ BAD_INPUT = [
     ("rank_3", torch.randn(2, 28, 28), ValueError, "x.shape=(2, 28, 28)"),
     ("rank_5", torch.randn(2, 1, 1, 28, 28), ValueError, "x.shape=(2, 1, 1, 28, 28)"),
     ("channels_last", torch.randn(2, 28, 28, 1), ValueError, "in_chans=1"),
-    ("fp16_into_fp32", torch.randn(2, 1, 28, 28).half(), TypeError, "x.dtype=torch.float16 differs from the model's torch.float32"),
+    (
+        "fp16_into_fp32",
+        torch.randn(2, 1, 28, 28).half(),
+        TypeError,
+        "x.dtype=torch.float16 differs from the model's torch.float32",
+    ),
     ("float64_into_fp32", torch.randn(2, 1, 28, 28).double(), TypeError, "torch.float64"),
     ("uint8", torch.zeros(2, 1, 28, 28, dtype=torch.uint8), TypeError, "x.dtype=torch.uint8 must be floating point"),
     ("empty_batch", torch.randn(0, 1, 28, 28), ValueError, "empty"),
@@ -77,11 +82,17 @@ def test_load_names_the_file_and_what_does_not_fit(tmp_path, model):
         models.load(other)
 
 
-@pytest.mark.parametrize("content,fragment", [("{", "not valid JSON"), ("[1, 2]", "JSON object"),
-                                              ('{"size": "tiny", "colour": 3}', "unknown keys"),
-                                              ('{"size": "huge"}', "does not describe a model"),
-                                              ('{"size": "tiny", "num_classes": -3}', "num_classes=-3"),
-                                              ("\udcff", "")])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("{", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"size": "tiny", "colour": 3}', "unknown keys"),
+        ('{"size": "huge"}', "does not describe a model"),
+        ('{"size": "tiny", "num_classes": -3}', "num_classes=-3"),
+        ("\udcff", ""),
+    ],
+)
 def test_broken_model_json_names_the_file_and_rule(tmp_path, model, content, fragment):
     models.save(model, tmp_path)
     (tmp_path / "model.json").write_bytes(content.encode("utf-8", "surrogateescape"))

@@ -34,8 +34,13 @@ def test_channel_mixer_replaces_every_mlp_and_trains():
 
 
 def test_default_is_the_mlp_and_per_stage_choice_works():
-    model = models.create("tiny", mixers="neighborhood", channel_mixer=[None, "convolutional_glu", None, None],
-                          channel_mixer_kwargs=[None, {"mlp_ratio": 3.0}, None, None], in_chans=1)
+    model = models.create(
+        "tiny",
+        mixers="neighborhood",
+        channel_mixer=[None, "convolutional_glu", None, None],
+        channel_mixer_kwargs=[None, {"mlp_ratio": 3.0}, None, None],
+        in_chans=1,
+    )
     kinds = [type(stage[0].mlp) for stage in model.stages]
     assert kinds[0] is Mlp and kinds[2] is Mlp and kinds[3] is Mlp
     assert model.stages[1][0].mlp.mixer.hidden == int(2 * int(64 * 3.0) / 3)
@@ -52,8 +57,9 @@ def test_channel_mixer_block_computes_x_plus_mixer_of_norm():
 
 
 def test_save_load_restores_the_channel_mixer(tmp_path):
-    model = models.create("tiny", mixers="window", channel_mixer="convolutional_glu",
-                          channel_mixer_kwargs={"kernel_size": 5}, in_chans=1).eval()
+    model = models.create(
+        "tiny", mixers="window", channel_mixer="convolutional_glu", channel_mixer_kwargs={"kernel_size": 5}, in_chans=1
+    ).eval()
     randomize_(model, std=0.01, perturb=True)
     models.save(model, tmp_path)
     loaded = models.load(tmp_path)

@@ -39,7 +39,8 @@ def test_params_and_macs_match_the_paper_table(name):
     model_info's note with its exact measured difference, which must stay as documented."""
     info, spec = models.model_info(name), PAPER_MODELS[name]
     for error, tolerance, documented in (
-        (info.params_error, 0.01, spec.documented_params_error), (info.macs_error, 0.03, spec.documented_macs_error)
+        (info.params_error, 0.01, spec.documented_params_error),
+        (info.macs_error, 0.03, spec.documented_macs_error),
     ):
         if documented is None:
             assert abs(error) <= tolerance, (info.params, info.macs, info.paper_params_m, info.paper_gmacs)
@@ -96,13 +97,20 @@ def test_van_structure_follows_the_official_definition(name):
         for block in stage.blocks:
             lka = block.attn
             assert (lka.conv0.kernel_size, lka.conv0.groups) == ((5, 5), dim)
-            assert (lka.conv_spatial.kernel_size, lka.conv_spatial.dilation, lka.conv_spatial.padding) == ((7, 7), (3, 3), (9, 9))
+            assert (lka.conv_spatial.kernel_size, lka.conv_spatial.dilation, lka.conv_spatial.padding) == (
+                (7, 7),
+                (3, 3),
+                (9, 9),
+            )
             assert block.mlp.fc1.out_channels == dim * ratio and block.mlp.dwconv.groups == dim * ratio
         assert stage.norm.normalized_shape == (dim,) and stage.norm.eps == 1e-6
     assert model.stem.proj.kernel_size == (7, 7) and model.stem.proj.stride == (4, 4)
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny", "litv2_small", "agent_swin_tiny"])
+@pytest.mark.parametrize(
+    "name",
+    ["nat_mini", "van_b0", "cswin_tiny", "hornet_tiny", "biformer_tiny", "smt_tiny", "litv2_small", "agent_swin_tiny"],
+)
 def test_each_family_runs_forward_and_backward(name):
     model = models.create(name, num_classes=3, depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 224, 224)
@@ -111,7 +119,9 @@ def test_each_family_runs_forward_and_backward(name):
     logits.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     maps = model.eval().stage_outputs(x[:1])
-    assert [tuple(m.shape[1:]) for m in maps] == [(f["num_chs"], 224 // f["reduction"], 224 // f["reduction"]) for f in model.feature_info]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (f["num_chs"], 224 // f["reduction"], 224 // f["reduction"]) for f in model.feature_info
+    ]
 
 
 def test_feature_maps_head_and_classifier_reset():
@@ -161,23 +171,44 @@ def official_state_dict(cfg: dict, device: str = "cpu") -> dict[str, torch.Tenso
     g = torch.Generator().manual_seed(0)
     shapes: dict[str, tuple[int, ...]] = {}
     e, k = cfg["embed_dim"], cfg["kernel_size"]
-    shapes.update({"patch_embed.proj.0.weight": (e // 2, 3, 3, 3), "patch_embed.proj.0.bias": (e // 2,),
-                   "patch_embed.proj.1.weight": (e, e // 2, 3, 3), "patch_embed.proj.1.bias": (e,),
-                   "patch_embed.norm.weight": (e,), "patch_embed.norm.bias": (e,)})
+    shapes.update(
+        {
+            "patch_embed.proj.0.weight": (e // 2, 3, 3, 3),
+            "patch_embed.proj.0.bias": (e // 2,),
+            "patch_embed.proj.1.weight": (e, e // 2, 3, 3),
+            "patch_embed.proj.1.bias": (e,),
+            "patch_embed.norm.weight": (e,),
+            "patch_embed.norm.bias": (e,),
+        }
+    )
     for i, depth in enumerate(cfg["depths"]):
         c, h = e * 2**i, cfg["num_heads"][i]
         for j in range(depth):
             p = f"levels.{i}.blocks.{j}."
-            shapes.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,), p + "attn.rpb": (h, 2 * k - 1, 2 * k - 1),
-                           p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,), p + "attn.proj.weight": (c, c),
-                           p + "attn.proj.bias": (c,), p + "norm2.weight": (c,), p + "norm2.bias": (c,),
-                           p + "mlp.fc1.weight": (cfg["mlp_ratio"] * c, c), p + "mlp.fc1.bias": (cfg["mlp_ratio"] * c,),
-                           p + "mlp.fc2.weight": (c, cfg["mlp_ratio"] * c), p + "mlp.fc2.bias": (c,)})
+            shapes.update(
+                {
+                    p + "norm1.weight": (c,),
+                    p + "norm1.bias": (c,),
+                    p + "attn.rpb": (h, 2 * k - 1, 2 * k - 1),
+                    p + "attn.qkv.weight": (3 * c, c),
+                    p + "attn.qkv.bias": (3 * c,),
+                    p + "attn.proj.weight": (c, c),
+                    p + "attn.proj.bias": (c,),
+                    p + "norm2.weight": (c,),
+                    p + "norm2.bias": (c,),
+                    p + "mlp.fc1.weight": (cfg["mlp_ratio"] * c, c),
+                    p + "mlp.fc1.bias": (cfg["mlp_ratio"] * c,),
+                    p + "mlp.fc2.weight": (c, cfg["mlp_ratio"] * c),
+                    p + "mlp.fc2.bias": (c,),
+                }
+            )
             if cfg.get("layer_scale"):
                 shapes.update({p + "gamma1": (c,), p + "gamma2": (c,)})
         if i < len(cfg["depths"]) - 1:
             p = f"levels.{i}.downsample."
-            shapes.update({p + "reduction.weight": (2 * c, c, 3, 3), p + "norm.weight": (2 * c,), p + "norm.bias": (2 * c,)})
+            shapes.update(
+                {p + "reduction.weight": (2 * c, c, 3, 3), p + "norm.weight": (2 * c,), p + "norm.bias": (2 * c,)}
+            )
     last = e * 2 ** (len(cfg["depths"]) - 1)
     shapes.update({"norm.weight": (last,), "norm.bias": (last,), "head.weight": (1000, last), "head.bias": (1000,)})
     if device == "meta":
@@ -213,14 +244,27 @@ def official_forward(sd: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor) ->
 
 
 def test_official_state_dict_loads_through_the_key_map_and_computes_the_official_forward():
-    cfg = dict(depths=[2, 2, 2, 1], num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=2, kernel_size=3,
-               dilations=[[1, 4], [1, 2], [1, 2], [1]], layer_scale=1e-5)
+    cfg = dict(
+        depths=[2, 2, 2, 1],
+        num_heads=[2, 4, 8, 16],
+        embed_dim=64,
+        mlp_ratio=2,
+        kernel_size=3,
+        dilations=[[1, 4], [1, 2], [1, 2], [1]],
+        layer_scale=1e-5,
+    )
     sd = official_state_dict(cfg)
     for key in [k for k in sd if k.endswith("attn.rpb")]:
         sd[key] = torch.zeros_like(sd[key])  # natten ≥ 0.20 (the oracle) has no relative position bias
     model = models.create(
-        "dinat_base", img_size=112, depths=cfg["depths"], num_heads=cfg["num_heads"], embed_dim=64, mlp_ratio=2.0,
-        kernel_size=3, dilations=cfg["dilations"],
+        "dinat_base",
+        img_size=112,
+        depths=cfg["depths"],
+        num_heads=cfg["num_heads"],
+        embed_dim=64,
+        mlp_ratio=2.0,
+        kernel_size=3,
+        dilations=cfg["dilations"],
     ).eval()
     load_official_state_dict(model, {"model": sd})
     torch.testing.assert_close(model.stages[2].downsample.reduction.weight, sd["levels.1.downsample.reduction.weight"])
@@ -255,8 +299,14 @@ def test_unknown_name_suggests_close_ones():
         (dict(kernel_size=9), r"stage 3 \(7×7 tokens\): kernel_size=9 with dilation 1"),
         (dict(img_size=160), r"stage 0 \(40×40 tokens\): kernel_size=7 with dilation 8 spans 56"),
         (dict(num_heads=(2, 4, 6, 16)), r"stage 2: num_heads=6 must be a positive int that divides the width 256"),
-        (dict(dilations=[[1, 9, 1], [1] * 4, [1] * 18, [1] * 5]), r"stage 0 \(56×56 tokens\): kernel_size=7 with dilation 9"),
-        (dict(dilations=[[1, 8], [1] * 4, [1] * 18, [1] * 5]), r"stage 0: dilations=\[1, 8\] must have one entry per block \(3\)"),
+        (
+            dict(dilations=[[1, 9, 1], [1] * 4, [1] * 18, [1] * 5]),
+            r"stage 0 \(56×56 tokens\): kernel_size=7 with dilation 9",
+        ),
+        (
+            dict(dilations=[[1, 8], [1] * 4, [1] * 18, [1] * 5]),
+            r"stage 0: dilations=\[1, 8\] must have one entry per block \(3\)",
+        ),
     ],
 )
 def test_overrides_that_break_the_configuration_name_stage_argument_and_value(overrides, message):
@@ -287,7 +337,11 @@ def test_cswin_structure_follows_the_official_definition(name):
     for i, stage in enumerate(model.stages):
         for block in stage.blocks:
             attn = block.attn
-            assert (attn.dim, attn.num_heads, attn.window_size) == (cfg["embed_dim"] * 2**i, cfg["num_heads"][i], cfg["split_size"][i])
+            assert (attn.dim, attn.num_heads, attn.window_size) == (
+                cfg["embed_dim"] * 2**i,
+                cfg["num_heads"][i],
+                cfg["split_size"][i],
+            )
             assert attn.last_stage == (i == 3) and attn.qkv.bias is not None
             assert block.mlp.fc1.out_features == 4 * attn.dim
     assert (model.stem.conv.kernel_size, model.stem.conv.stride, model.stem.conv.padding) == ((7, 7), (4, 4), (2, 2))
@@ -328,7 +382,9 @@ def test_biformer_structure_follows_the_official_definition(name):
                 assert (bra.num_windows, bra.topk, bra.qk_dim, bra.num_heads) == (7, [1, 4, 16][i], dim, dim // 32)
                 assert bra.lepe.kernel_size == (5, 5) and bra.qkv.out_features == 3 * dim
             else:
-                assert isinstance(block.attn, AttentionLePE) and block.attn.num_heads == 8 and block.attn.qkv.bias is None
+                assert (
+                    isinstance(block.attn, AttentionLePE) and block.attn.num_heads == 8 and block.attn.qkv.bias is None
+                )
 
 
 @pytest.mark.parametrize("name, depths", [("smt_tiny", [2, 2, 8, 1]), ("smt_small", [3, 4, 18, 2])])
@@ -360,7 +416,10 @@ def test_litv2_deformable_conv_matches_torchvision():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, 6, generator=g, dtype=torch.float64)
     offset = 3 * torch.randn(2, 8, 4, 3, generator=g, dtype=torch.float64)
-    weight, bias = torch.randn(7, 5, 2, 2, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    weight, bias = (
+        torch.randn(7, 5, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(7, generator=g, dtype=torch.float64),
+    )
     expected = ops.deform_conv2d(x, offset, weight, bias, stride=2)
     torch.testing.assert_close(deform_conv2d_stride_k(x, offset, weight, bias), expected, rtol=1e-10, atol=1e-10)
 
@@ -396,5 +455,8 @@ def test_agent_swin_tiny_follows_the_official_definition():
             else:
                 assert attn.window_size == (7, 7) and attn.shift_size == (0, 0)
         if i > 0:
-            assert stage.downsample.reduction.in_features == 4 * 96 * 2 ** (i - 1) and stage.downsample.reduction.bias is None
+            assert (
+                stage.downsample.reduction.in_features == 4 * 96 * 2 ** (i - 1)
+                and stage.downsample.reduction.bias is None
+            )
     assert "padded canvas" in models.model_info("agent_swin_tiny").note

@@ -30,8 +30,13 @@ class Case:
     @property
     def id(self) -> str:
         parts = [
-            "x".join(map(str, self.spatial)), f"k{self.kernel}", f"s{self.stride}", f"d{self.dilation}",
-            f"c{self.causal}", f"b{self.batch}h{self.heads}", f"dim{self.dim}v{self.dim_v or self.dim}",
+            "x".join(map(str, self.spatial)),
+            f"k{self.kernel}",
+            f"s{self.stride}",
+            f"d{self.dilation}",
+            f"c{self.causal}",
+            f"b{self.batch}h{self.heads}",
+            f"dim{self.dim}v{self.dim_v or self.dim}",
         ]
         return "-".join(str(p).replace(" ", "") for p in parts)
 
@@ -62,6 +67,8 @@ CASES = [
     Case((5, 4, 6), (3, 2, 3), stride=(2, 1, 3), dilation=(1, 2, 2), causal=(False, True, False), dim=4, dim_v=2),
     Case((3, 4, 5), (3, 2, 2), dilation=(1, 2, 2), causal=(True, False, False), batch=2, dim=2),
 ]
+
+
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     den = expected.pow(2).mean().sqrt().clamp_min(1e-30)
@@ -113,9 +120,18 @@ def run(case: Case, backend: str, inputs: dict, grads: bool = True):
     """Forward (and backward with fixed random cotangents); returns (out, lse, {name: grad})."""
     leaves = {n: x.detach().clone().requires_grad_(grads) for n, x in inputs["tensors"].items()}
     res = ops.neighborhood_attention(
-        leaves["q"], leaves["k"], leaves["v"], case.kernel, case.stride, case.dilation, case.causal,
-        additional_keys=leaves.get("additional_keys"), additional_values=leaves.get("additional_values"),
-        rel_pos_bias=leaves.get("rel_pos_bias"), key_bias=leaves.get("key_bias"), backend=backend,
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        case.kernel,
+        case.stride,
+        case.dilation,
+        case.causal,
+        additional_keys=leaves.get("additional_keys"),
+        additional_values=leaves.get("additional_values"),
+        rel_pos_bias=leaves.get("rel_pos_bias"),
+        key_bias=leaves.get("key_bias"),
+        backend=backend,
         **inputs["kwargs"],
     )
     out, lse = res if inputs["kwargs"]["return_lse"] else (res, None)
@@ -125,7 +141,9 @@ def run(case: Case, backend: str, inputs: dict, grads: bool = True):
     loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)).sum()
     if lse is not None:
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        loss = loss + (finite * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.device, lse.dtype)).sum()
+        loss = (
+            loss + (finite * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.device, lse.dtype)).sum()
+        )
     names = list(leaves)
     grads_ = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return out, lse, dict(zip(names, grads_))

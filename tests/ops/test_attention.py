@@ -31,10 +31,14 @@ def test_attention_matches_hand_softmax(shape, return_lse):
     if return_lse:
         torch.testing.assert_close(res[1], exp_lse, rtol=1e-10, atol=1e-12)
     # explicit scale (and scale=0.0 must not be mistaken for None: uniform weights)
-    torch.testing.assert_close(ops.attention(q, k, v, scale=0.3), hand_attention(q, k, v, 0.3)[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ops.attention(q, k, v, scale=0.3), hand_attention(q, k, v, 0.3)[0], rtol=1e-10, atol=1e-12
+    )
     uniform = ops.attention(q, k, v, scale=0.0)
     mean_v = v.reshape(v.shape[0], -1, *v.shape[-2:]).mean(1)
-    torch.testing.assert_close(uniform, mean_v.reshape(v.shape[0], *([1] * (q.dim() - 3)), *v.shape[-2:]).expand_as(uniform))
+    torch.testing.assert_close(
+        uniform, mean_v.reshape(v.shape[0], *([1] * (q.dim() - 3)), *v.shape[-2:]).expand_as(uniform)
+    )
 
 
 MASK_SHAPES = ["full", "per_head", "per_batch", "2d"]
@@ -102,7 +106,11 @@ def test_attention_is_causal_paths_agree_for_rectangular_scores():
 
 
 def test_attention_all_keys_masked_gives_zero_and_neg_inf_lse():
-    q, k, v = rand64(1, 3, 1, 4, seed=18, grad=True), rand64(1, 4, 1, 4, seed=19, grad=True), rand64(1, 4, 1, 2, seed=20, grad=True)
+    q, k, v = (
+        rand64(1, 3, 1, 4, seed=18, grad=True),
+        rand64(1, 4, 1, 4, seed=19, grad=True),
+        rand64(1, 4, 1, 2, seed=20, grad=True),
+    )
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[1] = False
     out, lse = ops.attention(q, k, v, attn_mask=mask, return_lse=True)
@@ -261,7 +269,11 @@ def _split_keys(n_keys, n_sets, seed):
 @pytest.mark.parametrize("with_empty_set", [False, True])
 def test_merge_equals_attention_over_union(n_sets, with_empty_set):
     B, nq, nk, h, d, dv = 2, 5, 9, 2, 4, 3
-    leaves = [rand64(B, nq, h, d, seed=21, grad=True), rand64(B, nk, h, d, seed=22, grad=True), rand64(B, nk, h, dv, seed=23, grad=True)]
+    leaves = [
+        rand64(B, nq, h, d, seed=21, grad=True),
+        rand64(B, nk, h, d, seed=22, grad=True),
+        rand64(B, nk, h, dv, seed=23, grad=True),
+    ]
     q, k, v = leaves
     outs, lses = [], []
     for idx in _split_keys(nk, n_sets, seed=24):
@@ -270,7 +282,9 @@ def test_merge_equals_attention_over_union(n_sets, with_empty_set):
         lses.append(lse_set)
     if with_empty_set:
         # a set whose every key is masked out: output 0, lse -inf; it must contribute nothing
-        o, lse_set = ops.attention(q, k[:, :2], v[:, :2], attn_mask=torch.zeros(nq, 2, dtype=torch.bool), return_lse=True)
+        o, lse_set = ops.attention(
+            q, k[:, :2], v[:, :2], attn_mask=torch.zeros(nq, 2, dtype=torch.bool), return_lse=True
+        )
         assert torch.isneginf(lse_set).all()
         outs.insert(1, o)
         lses.insert(1, lse_set)
@@ -281,7 +295,10 @@ def test_merge_equals_attention_over_union(n_sets, with_empty_set):
     torch.testing.assert_close(lse, exp_lse, rtol=1e-10, atol=1e-12)
     # gradients through both the output and the lse
     g = torch.Generator().manual_seed(25)
-    go, gl = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    go, gl = (
+        torch.randn(out.shape, generator=g, dtype=torch.float64),
+        torch.randn(lse.shape, generator=g, dtype=torch.float64),
+    )
     grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), leaves)
     ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_lse * gl).sum(), leaves)
     for name, a, b in zip("qkv", grads, ref_grads):
@@ -296,7 +313,9 @@ def test_merge_formula_and_lse_gradients():
     l2 = torch.tensor([1.5, 2.0, 0.25], dtype=torch.float64, requires_grad=True)
     out, lse = ops.merge_attentions([o1, o2], [l1, l2])
     w1 = [math.exp(0.5) / (math.exp(0.5) + math.exp(1.5)), math.exp(-1.0) / (math.exp(-1.0) + math.exp(2.0)), 0.0]
-    expected_lse = torch.tensor([math.log(math.exp(0.5) + math.exp(1.5)), math.log(math.exp(-1.0) + math.exp(2.0)), 0.25], dtype=torch.float64)
+    expected_lse = torch.tensor(
+        [math.log(math.exp(0.5) + math.exp(1.5)), math.log(math.exp(-1.0) + math.exp(2.0)), 0.25], dtype=torch.float64
+    )
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
     w1t = torch.tensor(w1, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, w1t * o1 + (1 - w1t) * o2, rtol=1e-12, atol=1e-12)

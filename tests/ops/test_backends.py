@@ -28,8 +28,18 @@ VARIANTS = ["plain", "lse", "extras", "extras_broadcast_bias"]
 def _problem(case: Case, inputs: dict, grads: bool = False):
     t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
     return make_problem(
-        t["q"], t["k"], t["v"], case.kernel, case.stride, case.dilation, case.causal, t.get("additional_keys"),
-        t.get("additional_values"), t.get("rel_pos_bias"), inputs["kwargs"]["return_lse"], t.get("key_bias"),
+        t["q"],
+        t["k"],
+        t["v"],
+        case.kernel,
+        case.stride,
+        case.dilation,
+        case.causal,
+        t.get("additional_keys"),
+        t.get("additional_values"),
+        t.get("rel_pos_bias"),
+        inputs["kwargs"]["return_lse"],
+        t.get("key_bias"),
     )
 
 
@@ -93,7 +103,9 @@ def test_partition_is_exercised():
                 accepted.append((case.id, variant))
     assert len(accepted) >= 20
     # and a stride != kernel case is refused with a reason naming the rule
-    reasons = BACKENDS["partition"].not_supported_reasons(_problem(CASES[0], make_inputs(CASES[0], "plain", torch.float32)))
+    reasons = BACKENDS["partition"].not_supported_reasons(
+        _problem(CASES[0], make_inputs(CASES[0], "plain", torch.float32))
+    )
     assert any("stride" in r for r in reasons)
 
 
@@ -134,8 +146,20 @@ def test_gradcheck_float64(backend, geom):
 
     def fn(q, k, v, ak, av, rpb, kb):
         out, lse = ops.neighborhood_attention(
-            q, k, v, geom["kernel"], geom["stride"], geom["dilation"], geom["causal"], scale=0.7,
-            additional_keys=ak, additional_values=av, rel_pos_bias=rpb, key_bias=kb, return_lse=True, backend=backend,
+            q,
+            k,
+            v,
+            geom["kernel"],
+            geom["stride"],
+            geom["dilation"],
+            geom["causal"],
+            scale=0.7,
+            additional_keys=ak,
+            additional_values=av,
+            rel_pos_bias=rpb,
+            key_bias=kb,
+            return_lse=True,
+            backend=backend,
         )
         return out, lse
 

@@ -46,8 +46,18 @@ def forward_inputs(case: Case, variant: str) -> dict:
 def problem_of(case: Case, inputs: dict, grads: bool = False) -> NAProblem:
     t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
     return make_problem(
-        t["q"], t["k"], t["v"], case.kernel, case.stride, case.dilation, case.causal, t.get("additional_keys"),
-        t.get("additional_values"), t.get("rel_pos_bias"), inputs["kwargs"]["return_lse"], t.get("key_bias"),
+        t["q"],
+        t["k"],
+        t["v"],
+        case.kernel,
+        case.stride,
+        case.dilation,
+        case.causal,
+        t.get("additional_keys"),
+        t.get("additional_values"),
+        t.get("rel_pos_bias"),
+        inputs["kwargs"]["return_lse"],
+        t.get("key_bias"),
     )
 
 
@@ -164,9 +174,19 @@ def test_auto_order_per_device():
     assert auto_order("cuda") == ("natten", "flex", "partition", "tiled", "reference")
 
     def cuda_problem(**kw) -> NAProblem:
-        base = dict(batch=1, spatial_shape=(8, 8), heads=2, head_dim=32, head_dim_v=32, kernel_size=(4, 4),
-                    stride=(1, 1), dilation=(1, 1), is_causal=(False, False), dtype=torch.float32,
-                    device=torch.device("cuda"))
+        base = dict(
+            batch=1,
+            spatial_shape=(8, 8),
+            heads=2,
+            head_dim=32,
+            head_dim_v=32,
+            kernel_size=(4, 4),
+            stride=(1, 1),
+            dilation=(1, 1),
+            is_causal=(False, False),
+            dtype=torch.float32,
+            device=torch.device("cuda"),
+        )
         return NAProblem(**{**base, **kw})
 
     assert select_backend("auto", cuda_problem(has_rel_pos_bias=True)).name == "flex"  # natten has no rpb

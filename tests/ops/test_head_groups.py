@@ -78,12 +78,22 @@ def separate_calls(qkv, kw, case):
         extra = {}
         if kw:
             extra = dict(
-                rel_pos_bias=kw["rel_pos_bias"][i], key_bias=kw["key_bias"][..., sl],
-                additional_keys=kw["additional_keys"][:, :, sl], additional_values=kw["additional_values"][:, :, sl],
+                rel_pos_bias=kw["rel_pos_bias"][i],
+                key_bias=kw["key_bias"][..., sl],
+                additional_keys=kw["additional_keys"][:, :, sl],
+                additional_values=kw["additional_values"][:, :, sl],
             )
         o, lse_group = ops.neighborhood_attention(
-            q[..., sl, :], k[..., sl, :], v[..., sl, :], kk, case["stride"], dd, case["causal"], return_lse=True,
-            backend="reference", **extra,
+            q[..., sl, :],
+            k[..., sl, :],
+            v[..., sl, :],
+            kk,
+            case["stride"],
+            dd,
+            case["causal"],
+            return_lse=True,
+            backend="reference",
+            **extra,
         )
         outs.append(o)
         lses.append(lse_group)
@@ -94,8 +104,14 @@ def separate_calls(qkv, kw, case):
 def supported(backend, case, qkv, kw) -> bool:
     try:
         ops.neighborhood_attention(
-            *qkv, case["kernel"], case["stride"], case["dilation"], case["causal"], backend=backend,
-            head_groups=case["groups"], **kw,
+            *qkv,
+            case["kernel"],
+            case["stride"],
+            case["dilation"],
+            case["causal"],
+            backend=backend,
+            head_groups=case["groups"],
+            **kw,
         )
     except ValueError as err:
         if "cannot run this problem" in str(err):
@@ -112,8 +128,15 @@ def test_grouped_call_equals_separate_reference_calls(backend, case, extras):
     if not supported(backend, case, qkv, kw):
         pytest.skip(f"{backend} does not run this geometry (it says why)")
     out, lse = ops.neighborhood_attention(
-        *qkv, case["kernel"], case["stride"], case["dilation"], case["causal"], return_lse=True, backend=backend,
-        head_groups=case["groups"], **kw,
+        *qkv,
+        case["kernel"],
+        case["stride"],
+        case["dilation"],
+        case["causal"],
+        return_lse=True,
+        backend=backend,
+        head_groups=case["groups"],
+        **kw,
     )
     ref_out, ref_lse = separate_calls(qkv, kw, case)
     assert rel_err(out, ref_out) < 1e-10

@@ -56,8 +56,18 @@ def _poison(q, k, v, where: str):
     return extra
 
 
-POISON = ["q_nan", "k_nan", "q_inf", "k_neg_inf", "k_inf_q_zero", "scale_nan", "scale_inf", "rel_pos_bias_nan",
-          "key_bias_nan", "additional_key_nan"]
+POISON = [
+    "q_nan",
+    "k_nan",
+    "q_inf",
+    "k_neg_inf",
+    "k_inf_q_zero",
+    "scale_nan",
+    "scale_inf",
+    "rel_pos_bias_nan",
+    "key_bias_nan",
+    "additional_key_nan",
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -119,7 +129,12 @@ def _attn_args():
 
 
 ATTENTION_BAD = [
-    ("attn_mask_meta", dict(attn_mask=torch.ones(6, 6, dtype=torch.bool, device=META)), ValueError, "attn_mask.device=meta"),
+    (
+        "attn_mask_meta",
+        dict(attn_mask=torch.ones(6, 6, dtype=torch.bool, device=META)),
+        ValueError,
+        "attn_mask.device=meta",
+    ),
     ("attn_mask_float_meta", dict(attn_mask=torch.zeros(6, 6, device=META)), ValueError, "attn_mask.device=meta"),
     ("k_meta", dict(k=torch.empty(1, 6, 2, 4, device=META)), ValueError, "k.device=meta"),
     ("v_meta", dict(v=torch.empty(1, 6, 2, 4, device=META)), ValueError, "v.device=meta"),
@@ -150,9 +165,18 @@ NA_BAD = [
     ("rel_pos_bias_meta", dict(rel_pos_bias=torch.zeros(2, 9, 9, device=META)), TypeError, "rel_pos_bias"),
     ("key_bias_meta", dict(key_bias=torch.zeros(2, 9, 7, 2, device=META)), ValueError, "key_bias.device=meta"),
     ("key_bias_int", dict(key_bias=torch.zeros(2, 9, 7, 2, dtype=torch.int64)), TypeError, "key_bias"),
-    ("key_bias_half_into_float32", dict(key_bias=torch.zeros(2, 9, 7, 2, dtype=torch.float16)), TypeError, "key_bias.dtype"),
-    ("additional_keys_meta", dict(additional_keys=torch.zeros(2, 3, 2, 4, device=META),
-                                  additional_values=torch.zeros(2, 3, 2, 4)), TypeError, "additional_keys"),
+    (
+        "key_bias_half_into_float32",
+        dict(key_bias=torch.zeros(2, 9, 7, 2, dtype=torch.float16)),
+        TypeError,
+        "key_bias.dtype",
+    ),
+    (
+        "additional_keys_meta",
+        dict(additional_keys=torch.zeros(2, 3, 2, 4, device=META), additional_values=torch.zeros(2, 3, 2, 4)),
+        TypeError,
+        "additional_keys",
+    ),
 ]
 
 
@@ -193,7 +217,12 @@ def _outs():
 
 
 MERGE_BAD = [
-    ("tensors_not_lists", lambda o1, l1, o2, l2: (torch.stack([o1, o2]), torch.stack([l1, l2])), TypeError, "outputs must be a list"),
+    (
+        "tensors_not_lists",
+        lambda o1, l1, o2, l2: (torch.stack([o1, o2]), torch.stack([l1, l2])),
+        TypeError,
+        "outputs must be a list",
+    ),
     ("tensor_outputs", lambda o1, l1, o2, l2: (o1, [l1]), TypeError, "outputs must be a list"),
     ("generator", lambda o1, l1, o2, l2: ((o for o in (o1, o2)), [l1, l2]), TypeError, "outputs must be a list"),
     ("non_tensor_item", lambda o1, l1, o2, l2: ([o1, 3.0], [l1, l2]), TypeError, r"outputs\[1\]"),
@@ -244,7 +273,9 @@ def test_double_backward_through_native_matches_tiled():
 def test_gradgradcheck_native():
     q, k, v = (t.double().requires_grad_() for t in _qkv(shape=(1, 6, 1, 3)))
     kb = torch.zeros(1, 6, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda q, k, v, kb: ops.na1d(q, k, v, 3, backend="native", key_bias=kb), (q, k, v, kb))
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v, kb: ops.na1d(q, k, v, 3, backend="native", key_bias=kb), (q, k, v, kb)
+    )
 
 
 # ---- item 15: the registered op checks its own inputs --------------------------------------------------------
@@ -252,8 +283,20 @@ def test_gradgradcheck_native():
 
 def _raw_args(**overrides):
     q, k, v = _qkv(shape=(1, 8, 1, 4))
-    args = dict(q=q, k=k, v=v, additional_keys=None, additional_values=None, rel_pos_bias=None, key_bias=None,
-                kernel_size=[3], stride=[1], dilation=[1], is_causal=[False], scale=0.5)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        additional_keys=None,
+        additional_values=None,
+        rel_pos_bias=None,
+        key_bias=None,
+        kernel_size=[3],
+        stride=[1],
+        dilation=[1],
+        is_causal=[False],
+        scale=0.5,
+    )
     args.update(overrides)
     return list(args.values())
 
@@ -269,8 +312,11 @@ RAW_BAD = [
     ("dtype_mix", dict(k=torch.randn(1, 8, 1, 4).double()), "k.dtype"),
     ("rel_pos_bias_small", dict(rel_pos_bias=torch.zeros(1, 2)), "rel_pos_bias"),
     ("key_bias_small", dict(key_bias=torch.zeros(1, 3, 1)), "key_bias"),
-    ("additional_mismatch", dict(additional_keys=torch.randn(1, 2, 1, 4), additional_values=torch.randn(1, 3, 1, 4)),
-     "additional_values"),
+    (
+        "additional_mismatch",
+        dict(additional_keys=torch.randn(1, 2, 1, 4), additional_values=torch.randn(1, 3, 1, 4)),
+        "additional_values",
+    ),
     ("rank_too_high", dict(q=torch.randn(1, 2, 2, 2, 2, 1, 4)), "q.shape"),
 ]
 
@@ -287,10 +333,16 @@ def test_registered_backward_op_validates():
     out, lse = torch.ops.attnzoo.na_forward(q, k, v, *rest)
     geometry = rest[4:]
     with pytest.raises(ValueError, match="grad_out.shape"):
-        torch.ops.attnzoo.na_backward(torch.randn(1, 3, 1, 4), None, q, k, v, None, None, None, None, out, lse, *geometry)
+        torch.ops.attnzoo.na_backward(
+            torch.randn(1, 3, 1, 4), None, q, k, v, None, None, None, None, out, lse, *geometry
+        )
     with pytest.raises(ValueError, match="lse.shape"):
-        torch.ops.attnzoo.na_backward(torch.randn_like(out), None, q, k, v, None, None, None, None, out, lse[:, :2], *geometry)
-    grads = torch.ops.attnzoo.na_backward(torch.randn_like(out), None, q, k, v, None, None, None, None, out, lse, *geometry)
+        torch.ops.attnzoo.na_backward(
+            torch.randn_like(out), None, q, k, v, None, None, None, None, out, lse[:, :2], *geometry
+        )
+    grads = torch.ops.attnzoo.na_backward(
+        torch.randn_like(out), None, q, k, v, None, None, None, None, out, lse, *geometry
+    )
     assert grads[0].shape == q.shape
 
 

@@ -14,8 +14,19 @@ import attnzoo.ops as ops
 from attnzoo.ops.backends import BACKENDS
 
 ARG_NAMES = (
-    "q", "k", "v", "kernel_size", "stride", "dilation", "is_causal", "scale", "backend", "additional_keys",
-    "additional_values", "rel_pos_bias", "key_bias",
+    "q",
+    "k",
+    "v",
+    "kernel_size",
+    "stride",
+    "dilation",
+    "is_causal",
+    "scale",
+    "backend",
+    "additional_keys",
+    "additional_values",
+    "rel_pos_bias",
+    "key_bias",
 )
 NAMES_RE = re.compile(r"\b(" + "|".join(ARG_NAMES) + r")\b")
 
@@ -26,7 +37,9 @@ def no_backend_runs(monkeypatch):
     calls = []
     for name, backend in BACKENDS.items():
         monkeypatch.setattr(backend, "run", lambda *a, _n=name, **kw: calls.append(("run", _n)))
-        monkeypatch.setattr(backend, "not_supported_reasons", lambda *a, _n=name, **kw: calls.append(("reasons", _n)) or [])
+        monkeypatch.setattr(
+            backend, "not_supported_reasons", lambda *a, _n=name, **kw: calls.append(("reasons", _n)) or []
+        )
     yield calls
     assert calls == [], f"a backend was reached before the input was rejected: {calls}"
 
@@ -53,8 +66,20 @@ def base(**overrides):
 Q, K, V = qkv()
 BAD = [
     # (id, call args, exception, fragments the message must contain)
-    ("rank_too_low", base(q=torch.randn(1, 2, 4), k=torch.randn(1, 2, 4), v=torch.randn(1, 2, 4)), ValueError, ["q.shape=(1, 2, 4)"]),
-    ("rank_too_high", base(q=torch.randn(1, 2, 2, 2, 2, 1, 4), k=torch.randn(1, 2, 2, 2, 2, 1, 4), v=torch.randn(1, 2, 2, 2, 2, 1, 4)), ValueError, ["q.shape=(1, 2, 2, 2, 2, 1, 4)"]),
+    (
+        "rank_too_low",
+        base(q=torch.randn(1, 2, 4), k=torch.randn(1, 2, 4), v=torch.randn(1, 2, 4)),
+        ValueError,
+        ["q.shape=(1, 2, 4)"],
+    ),
+    (
+        "rank_too_high",
+        base(
+            q=torch.randn(1, 2, 2, 2, 2, 1, 4), k=torch.randn(1, 2, 2, 2, 2, 1, 4), v=torch.randn(1, 2, 2, 2, 2, 1, 4)
+        ),
+        ValueError,
+        ["q.shape=(1, 2, 2, 2, 2, 1, 4)"],
+    ),
     ("q_not_tensor", base(q=[[1.0]]), TypeError, ["q", "list"]),
     ("k_shape", base(k=torch.randn(1, 7, 5, 2, 4)), ValueError, ["k.shape=(1, 7, 5, 2, 4)"]),
     ("k_head_dim", base(k=torch.randn(1, 7, 6, 2, 8)), ValueError, ["k.shape=(1, 7, 6, 2, 8)"]),
@@ -64,12 +89,22 @@ BAD = [
     ("v_dtype", base(v=V.half()), TypeError, ["v.dtype=torch.float16"]),
     ("k_device", base(k=torch.empty(1, 7, 6, 2, 4, device="meta")), ValueError, ["k.device=meta"]),
     ("non_float", base(q=Q.long(), k=K.long(), v=V.long()), TypeError, ["q.dtype=torch.int64"]),
-    ("empty_batch", base(q=torch.randn(0, 7, 6, 2, 4), k=torch.randn(0, 7, 6, 2, 4), v=torch.randn(0, 7, 6, 2, 4)), ValueError, ["q.shape=(0, 7, 6, 2, 4)"]),
+    (
+        "empty_batch",
+        base(q=torch.randn(0, 7, 6, 2, 4), k=torch.randn(0, 7, 6, 2, 4), v=torch.randn(0, 7, 6, 2, 4)),
+        ValueError,
+        ["q.shape=(0, 7, 6, 2, 4)"],
+    ),
     ("kernel_1", base(kernel_size=1), ValueError, ["kernel_size=1", ">= 2"]),
     ("kernel_tuple_1", base(kernel_size=(3, 1)), ValueError, ["kernel_size=(3, 1)", "axis 1"]),
     ("kernel_negative", base(kernel_size=-3), ValueError, ["kernel_size=-3"]),
     ("kernel_gt_extent", base(kernel_size=(3, 7)), ValueError, ["kernel_size=7", "extent", "axis 1", "got 6"]),
-    ("kernel_dilation_gt_extent", base(kernel_size=3, dilation=(3, 2)), ValueError, ["kernel_size=3", "dilation=3", ">= 9", "axis 0", "got 7"]),
+    (
+        "kernel_dilation_gt_extent",
+        base(kernel_size=3, dilation=(3, 2)),
+        ValueError,
+        ["kernel_size=3", "dilation=3", ">= 9", "axis 0", "got 7"],
+    ),
     ("dilation_0", base(dilation=0), ValueError, ["dilation=0"]),
     ("stride_0", base(stride=0), ValueError, ["stride=0"]),
     ("stride_gt_kernel", base(stride=(1, 4)), ValueError, ["stride=4", "kernel_size=3", "axis 1"]),
@@ -89,14 +124,54 @@ BAD = [
     ("scale_bool", base(scale=True), TypeError, ["scale=True"]),
     ("backend_unknown", base(backend="cuda"), ValueError, ["backend='cuda'", "reference"]),
     ("backend_not_str", base(backend=3), TypeError, ["backend=3"]),
-    ("add_keys_alone", base(additional_keys=torch.randn(1, 3, 2, 4)), ValueError, ["additional_keys", "additional_values"]),
-    ("add_values_alone", base(additional_values=torch.randn(1, 3, 2, 4)), ValueError, ["additional_keys", "additional_values"]),
-    ("add_keys_head_dim", base(additional_keys=torch.randn(1, 3, 2, 5), additional_values=torch.randn(1, 3, 2, 4)), ValueError, ["additional_keys.shape=(1, 3, 2, 5)"]),
-    ("add_keys_batch", base(additional_keys=torch.randn(2, 3, 2, 4), additional_values=torch.randn(2, 3, 2, 4)), ValueError, ["additional_keys.shape=(2, 3, 2, 4)"]),
-    ("add_keys_rank", base(additional_keys=torch.randn(1, 3, 8), additional_values=torch.randn(1, 3, 8)), ValueError, ["additional_keys.shape=(1, 3, 8)"]),
-    ("add_values_count", base(additional_keys=torch.randn(1, 3, 2, 4), additional_values=torch.randn(1, 4, 2, 4)), ValueError, ["additional_values.shape=(1, 4, 2, 4)"]),
-    ("add_values_dtype", base(additional_keys=torch.randn(1, 3, 2, 4), additional_values=torch.randn(1, 3, 2, 4).double()), TypeError, ["additional_values", "float64"]),
-    ("add_keys_not_tensor", base(additional_keys=[1.0], additional_values=torch.randn(1, 3, 2, 4)), TypeError, ["additional_keys"]),
+    (
+        "add_keys_alone",
+        base(additional_keys=torch.randn(1, 3, 2, 4)),
+        ValueError,
+        ["additional_keys", "additional_values"],
+    ),
+    (
+        "add_values_alone",
+        base(additional_values=torch.randn(1, 3, 2, 4)),
+        ValueError,
+        ["additional_keys", "additional_values"],
+    ),
+    (
+        "add_keys_head_dim",
+        base(additional_keys=torch.randn(1, 3, 2, 5), additional_values=torch.randn(1, 3, 2, 4)),
+        ValueError,
+        ["additional_keys.shape=(1, 3, 2, 5)"],
+    ),
+    (
+        "add_keys_batch",
+        base(additional_keys=torch.randn(2, 3, 2, 4), additional_values=torch.randn(2, 3, 2, 4)),
+        ValueError,
+        ["additional_keys.shape=(2, 3, 2, 4)"],
+    ),
+    (
+        "add_keys_rank",
+        base(additional_keys=torch.randn(1, 3, 8), additional_values=torch.randn(1, 3, 8)),
+        ValueError,
+        ["additional_keys.shape=(1, 3, 8)"],
+    ),
+    (
+        "add_values_count",
+        base(additional_keys=torch.randn(1, 3, 2, 4), additional_values=torch.randn(1, 4, 2, 4)),
+        ValueError,
+        ["additional_values.shape=(1, 4, 2, 4)"],
+    ),
+    (
+        "add_values_dtype",
+        base(additional_keys=torch.randn(1, 3, 2, 4), additional_values=torch.randn(1, 3, 2, 4).double()),
+        TypeError,
+        ["additional_values", "float64"],
+    ),
+    (
+        "add_keys_not_tensor",
+        base(additional_keys=[1.0], additional_values=torch.randn(1, 3, 2, 4)),
+        TypeError,
+        ["additional_keys"],
+    ),
     ("rpb_shape", base(rel_pos_bias=torch.randn(2, 5, 4)), ValueError, ["rel_pos_bias.shape=(2, 5, 4)", "(2, 5, 5)"]),
     ("rpb_heads", base(rel_pos_bias=torch.randn(3, 5, 5)), ValueError, ["rel_pos_bias.shape=(3, 5, 5)"]),
     ("rpb_dtype", base(rel_pos_bias=torch.randn(2, 5, 5).double()), TypeError, ["rel_pos_bias", "float64"]),
@@ -235,7 +310,9 @@ def calls(draw):
     stride = [draw(st.integers(1, kk)) for kk in kernel]
     causal = [draw(st.booleans()) for _ in spatial]
     geometry = {
-        "kernel_size": _pack(draw, kernel), "stride": _pack(draw, stride), "dilation": _pack(draw, dilation),
+        "kernel_size": _pack(draw, kernel),
+        "stride": _pack(draw, stride),
+        "dilation": _pack(draw, dilation),
         "is_causal": _pack(draw, causal),
     }
     # ... then each argument broken with probability 1/10
@@ -244,7 +321,11 @@ def calls(draw):
             geometry[name] = draw(junk_axis_arg(rank))
             legal = False  # (junk may happen to be legal: then the call may run or not)
     args = dict(
-        q=q, k=k, v=v, **geometry, return_lse=draw(st.booleans()),
+        q=q,
+        k=k,
+        v=v,
+        **geometry,
+        return_lse=draw(st.booleans()),
         backend=draw(st.sampled_from(["auto"] * 3 + ["native", "tiled", "partition", "reference"] * 2 + ["bogus"])),
     )
     legal = legal and args["backend"] not in ("partition", "bogus")

@@ -53,7 +53,9 @@ def brute_mask(shape, kernel, stride, dilation, causal) -> list[list[bool]]:
     coords = list(itertools.product(*(range(n) for n in shape)))  # row-major, last axis fastest
     per_axis = []
     for axis, L in enumerate(shape):
-        per_axis.append([brute_axis_keys(x, L, kernel[axis], stride[axis], dilation[axis], causal[axis]) for x in range(L)])
+        per_axis.append(
+            [brute_axis_keys(x, L, kernel[axis], stride[axis], dilation[axis], causal[axis]) for x in range(L)]
+        )
     return [[all(kc[a] in per_axis[a][qc[a]] for a in range(len(shape))) for kc in coords] for qc in coords]
 
 
@@ -138,8 +140,14 @@ def test_matches_brute_force_softmax(backend, shape, kernel, stride, dilation, c
     key_bias = rand64(b, *shape, h, seed=46)
     key_bias.view(-1)[::5] = float("-inf")  # drop every fifth key
     kw = dict(
-        kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, additional_keys=ak,
-        additional_values=av, rel_pos_bias=table, key_bias=key_bias,
+        kernel_size=kernel,
+        stride=stride,
+        dilation=dilation,
+        is_causal=causal,
+        additional_keys=ak,
+        additional_values=av,
+        rel_pos_bias=table,
+        key_bias=key_bias,
     )
     _skip_unsupported(backend, q, k, v, **kw)
     out, lse = ops.neighborhood_attention(q, k, v, return_lse=True, backend=backend, **kw)
@@ -263,8 +271,12 @@ def test_rel_pos_bias_is_key_minus_query_1d(backend):
     L, kk = 7, 3
     q = torch.zeros(1, L, 1, 2, dtype=torch.float64)
     k = rand64(1, L, 1, 2, seed=15)
-    v = torch.arange(L, dtype=torch.float64).reshape(1, L, 1, 1).repeat(1, 1, 1, 2) * torch.tensor([1.0, -2.0], dtype=torch.float64)
-    table = torch.tensor([[0.3, -1.1, 0.7, 2.0, -0.4]], dtype=torch.float64)  # [heads, 2k-1], entry j <-> key-query = j-2
+    v = torch.arange(L, dtype=torch.float64).reshape(1, L, 1, 1).repeat(1, 1, 1, 2) * torch.tensor(
+        [1.0, -2.0], dtype=torch.float64
+    )
+    table = torch.tensor(
+        [[0.3, -1.1, 0.7, 2.0, -0.4]], dtype=torch.float64
+    )  # [heads, 2k-1], entry j <-> key-query = j-2
     _skip_unsupported(backend, q, k, v, kernel_size=kk, rel_pos_bias=table)
     out = ops.na1d(q, k, v, kk, rel_pos_bias=table, backend=backend)
 

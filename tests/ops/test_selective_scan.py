@@ -118,7 +118,14 @@ def test_empty_inputs_give_empty_outputs():
         (lambda a: {**a, "A": a["A"][:4]}, "A.shape"),
         (lambda a: {**a, "B": a["B"][:, :, :2]}, "B.shape"),
         (lambda a: {**a, "C": a["C"][:1]}, "C.shape"),
-        (lambda a: {**a, "B": a["B"][:, :, None].expand(-1, -1, 4, -1), "C": a["C"][:, :, None].expand(-1, -1, 4, -1)}, "divisible by the groups=4"),
+        (
+            lambda a: {
+                **a,
+                "B": a["B"][:, :, None].expand(-1, -1, 4, -1),
+                "C": a["C"][:, :, None].expand(-1, -1, 4, -1),
+            },
+            "divisible by the groups=4",
+        ),
         (lambda a: {**a, "D": a["D"][:2]}, "D must be"),
         (lambda a: {**a, "order": torch.zeros(13, dtype=torch.long)}, "permutation"),
         (lambda a: {**a, "order": torch.arange(12)}, "order.shape"),

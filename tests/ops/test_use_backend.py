@@ -257,8 +257,18 @@ def test_bench_reference_check_compares_every_engine_calling_mechanism(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["neighborhood", "mhsa", "window", "routing", "hilo", "aggregated", "overlapping_cross", "long_short_distance",
-     "multi_axis", "cascaded_group"],  # fmt: skip
+    [
+        "neighborhood",
+        "mhsa",
+        "window",
+        "routing",
+        "hilo",
+        "aggregated",
+        "overlapping_cross",
+        "long_short_distance",
+        "multi_axis",
+        "cascaded_group",
+    ],  # fmt: skip
 )
 def test_known_engine_callers_are_recorded(name):
     """The guard of the two tests above: these mechanisms call the engine, so an empty record would be a bug (it is

@@ -31,15 +31,36 @@ from attnzoo.training.data import DEFAULT_FASHION_MNIST_DIR
 from attnzoo.training.loop import _epoch_order, _lr_factor
 
 # 2 epochs × 6 steps of 16 synthetic images; a checkpoint every 2 steps.
-RUN = ["--mixer", "neighborhood", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "16", "--limit-train", "96",
-       "--limit-eval", "32", "--checkpoint-every", "2", "--log-every", "2", "--seed", "3", "--no-progress"]
+RUN = [
+    "--mixer",
+    "neighborhood",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--limit-train",
+    "96",
+    "--limit-eval",
+    "32",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "2",
+    "--seed",
+    "3",
+    "--no-progress",
+]
 TOTAL_STEPS = 12
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli(*args: str, threads: bool = True) -> subprocess.CompletedProcess:
     extra = ["--threads", "1"] if threads else []
-    return subprocess.run([sys.executable, "-m", "attnzoo", "train", *args, *extra], env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "attnzoo", "train", *args, *extra], env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def one_line_error(stderr: str, needle: str) -> bool:
@@ -74,8 +95,12 @@ def _tensors_and_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def test_resume_after_sigkill_matches_uninterrupted_bitwise(baseline, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "attnzoo", "train", *RUN, "--out", str(out), "--threads", "1"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnzoo", "train", *RUN, "--out", str(out), "--threads", "1"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not (out / CHECKPOINT_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -156,13 +181,21 @@ def test_config_validation(tmp_path):
 
 
 @pytest.mark.dataset
-@pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist"
+)
 def test_real_fashion_mnist_beats_chance(tmp_path):
     data = load_fashion_mnist()
     assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
     assert data.train_labels.bincount().tolist() == [6000] * 10
-    config = TrainConfig(mixers=["neighborhood"] * 4, out=str(tmp_path / "run"), batch_size=64, limit_train=1536,
-                         limit_eval=1000, lr=3e-3)
+    config = TrainConfig(
+        mixers=["neighborhood"] * 4,
+        out=str(tmp_path / "run"),
+        batch_size=64,
+        limit_train=1536,
+        limit_eval=1000,
+        lr=3e-3,
+    )
     result = train(config, show_progress=False)
     assert result.test_accuracy > 0.4, result.test_accuracy  # chance is 0.1
 
@@ -170,8 +203,22 @@ def test_real_fashion_mnist_beats_chance(tmp_path):
 def test_arena_writes_comparison(tmp_path, capsys):
     from attnzoo.cli import main
 
-    args = ["arena", "--mixers", "neighborhood,window", "--dataset", "synthetic", "--limit-train", "32",
-            "--limit-eval", "16", "--batch-size", "16", "--out", str(tmp_path), "--no-progress"]
+    args = [
+        "arena",
+        "--mixers",
+        "neighborhood,window",
+        "--dataset",
+        "synthetic",
+        "--limit-train",
+        "32",
+        "--limit-eval",
+        "16",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     if "window" not in attnzoo.list_mechanisms():
         args[2] = "neighborhood"
     assert main(args) == 0

@@ -26,8 +26,27 @@ from attnzoo.training import CHECKPOINT_FILE, RUN_FILE, CheckpointError, TrainCo
 from conftest import one_error_line
 
 # 1 epoch × 4 steps of 8 synthetic images, a checkpoint every 2 steps.
-RUN = ["--mixer", "window", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "8", "--limit-train", "32",
-       "--limit-eval", "16", "--checkpoint-every", "2", "--log-every", "2", "--no-progress", "--threads", "1"]
+RUN = [
+    "--mixer",
+    "window",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--limit-train",
+    "32",
+    "--limit-eval",
+    "16",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +65,19 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 # ---- item 5 ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option,value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"), ("--weight-decay", "nan"),
-                                          ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--seed", str(2**70)),
-                                          ("--seed", "-1")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--weight-decay", "nan"),
+        ("--weight-decay", "inf"),
+        ("--weight-decay", "-0.1"),
+        ("--seed", str(2**70)),
+        ("--seed", "-1"),
+    ],
+)
 def test_bad_hyper_parameters_are_refused(option, value, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *RUN, option, value, "--out", str(out)]) == 2
@@ -224,8 +253,16 @@ def test_resume_accepts_matching_options_and_names_differing_ones(finished, tmp_
     assert "--mixers" in line and "mhsa" in line
 
 
-@pytest.mark.parametrize("content", ["{", "[]", '{"mixers": ["window"], "out": "x", "lr": "fast"}',
-                                     '{"mixers": ["window"], "out": "x", "colour": 1}', "\x00\xff"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{",
+        "[]",
+        '{"mixers": ["window"], "out": "x", "lr": "fast"}',
+        '{"mixers": ["window"], "out": "x", "colour": 1}',
+        "\x00\xff",
+    ],
+)
 def test_broken_run_json_is_one_line(finished, tmp_path, capsys, content):
     out = copy_run(finished, tmp_path)
     (out / RUN_FILE).write_bytes(content.encode("latin-1"))
@@ -301,8 +338,15 @@ def test_viz_out_never_follows_symlinks(tmp_path):
     assert victim.read_text() == "precious" and not out.is_symlink()
 
 
-@pytest.mark.parametrize("argv", [["bench", "mhsa", "--out", ""], ["viz", "receptive-field", "mhsa", "--out", ""],
-                                  ["train", *RUN, "--out", ""], ["arena", "--mixers", "mhsa,window", "--out", ""]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "mhsa", "--out", ""],
+        ["viz", "receptive-field", "mhsa", "--out", ""],
+        ["train", *RUN, "--out", ""],
+        ["arena", "--mixers", "mhsa,window", "--out", ""],
+    ],
+)
 def test_empty_out_is_refused(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -341,8 +385,14 @@ def test_disk_fault_is_one_line_exit_1_and_the_run_resumes(tmp_path, capsys, mon
 
 
 def test_python_api_validates_types(tmp_path):
-    for bad in (dict(lr=float("inf")), dict(weight_decay=float("nan")), dict(epochs=1.5), dict(seed=True),
-                dict(batch_size="8"), dict(out="")):
+    for bad in (
+        dict(lr=float("inf")),
+        dict(weight_decay=float("nan")),
+        dict(epochs=1.5),
+        dict(seed=True),
+        dict(batch_size="8"),
+        dict(out=""),
+    ):
         config = TrainConfig(**{"mixers": ["window"] * 4, "out": str(tmp_path / "r"), "dataset": "synthetic", **bad})
         with pytest.raises(TrainError, match=next(iter(bad))):
             train(config)

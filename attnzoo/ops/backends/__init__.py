@@ -25,7 +25,14 @@ AUTO_ORDERS = {
 AUTO_ORDER = AUTO_ORDERS["cpu"]
 
 __all__ = [
-    "Backend", "BACKENDS", "AUTO_ORDER", "AUTO_ORDERS", "auto_order", "auto_choice", "select_backend", "list_backends",
+    "Backend",
+    "BACKENDS",
+    "AUTO_ORDER",
+    "AUTO_ORDERS",
+    "auto_order",
+    "auto_choice",
+    "select_backend",
+    "list_backends",
 ]
 
 

@@ -73,7 +73,9 @@ def cache_dir() -> Path:
     if st.st_uid != os.getuid():
         raise NativeUnavailable(f"cache {cache} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
     if st.st_mode & 0o022:
-        raise NativeUnavailable(f"cache {cache} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it")
+        raise NativeUnavailable(
+            f"cache {cache} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it"
+        )
     return cache
 
 
@@ -170,7 +172,8 @@ def unavailable_reason() -> str | None:
             _warned.add(reason)
             warnings.warn(
                 f"attnzoo: the fused CPU kernel is unavailable ({reason}); CPU calls use the slower 'tiled' backend",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
         return reason
     return None

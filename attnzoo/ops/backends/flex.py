@@ -162,9 +162,17 @@ def _plan_tables(shape, kernel, stride, dilation, causal, num_additional, reorde
         query_count.append(table(w.count[at], 0))
         query_rel.append(table(w.rel_start[at], 0))
     return dict(
-        source=source, inverse=inverse, key_coord=key_coord, query_start=query_start, query_count=query_count,
-        query_rel=query_rel, dilation=tuple(dilation), rel_size=tuple(2 * k - 1 for k in kernel), n_pad=n_pad,
-        num_additional=num_additional, tile=tile,
+        source=source,
+        inverse=inverse,
+        key_coord=key_coord,
+        query_start=query_start,
+        query_count=query_count,
+        query_rel=query_rel,
+        dilation=tuple(dilation),
+        rel_size=tuple(2 * k - 1 for k in kernel),
+        n_pad=n_pad,
+        num_additional=num_additional,
+        tile=tile,
     )
 
 
@@ -185,7 +193,7 @@ def _block_mask(plan: FlexPlan, device: torch.device):
         pairs = (queries < q_len).reshape(-1, BLOCK_SIZE).sum(1)[:, None] * key_valid.reshape(nk, BLOCK_SIZE).sum(1)
         valid.append(pairs)
     counts, valid = torch.cat(counts), torch.cat(valid)
-    full = (counts == BLOCK_SIZE * BLOCK_SIZE)
+    full = counts == BLOCK_SIZE * BLOCK_SIZE
     partial = (counts > 0) & ~full
 
     def ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +204,12 @@ def _block_mask(plan: FlexPlan, device: torch.device):
     kv_num, kv_index = ordered(partial)
     full_num, full_index = ordered(full)
     block_mask = _flex_module.BlockMask.from_kv_blocks(
-        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=BLOCK_SIZE, mask_mod=plan.mask_mod,
+        kv_num,
+        kv_index,
+        full_num,
+        full_index,
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=plan.mask_mod,
         seq_lengths=(q_len, kv_len),
     )
     computed = int((counts > 0).sum())
@@ -273,10 +286,18 @@ def _flex_apply(q, k, v, block_mask, plan: FlexPlan, rel_table, key_bias, scale:
         return _flex_module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale), None
     if hasattr(_flex_module, "AuxRequest"):
         out, aux = _flex_module.flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=_flex_module.AuxRequest(lse=True)
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            return_aux=_flex_module.AuxRequest(lse=True),
         )
         return out, aux.lse
-    return _flex_module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    return _flex_module.flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True
+    )
 
 
 _compiled_apply = torch.compile(_flex_apply, dynamic=False) if _flex_module is not None else None

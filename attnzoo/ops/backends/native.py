@@ -66,8 +66,19 @@ def saves_probabilities(kernel_size, head_dim: int, value_dim: int) -> bool:
 
 
 def _check_op_inputs(
-    op: str, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
-    is_causal, scale,
+    op: str,
+    q,
+    k,
+    v,
+    additional_keys,
+    additional_values,
+    rel_pos_bias,
+    key_bias,
+    kernel_size,
+    stride,
+    dilation,
+    is_causal,
+    scale,
 ) -> NAProblem:
     """The registered ops are reachable by anyone as ``torch.ops.attnzoo.*``: check everything the C kernel trusts
     (shapes, dtypes, devices, contiguity, window geometry) before it reads a byte, in O(number of arguments)."""
@@ -80,16 +91,33 @@ def _check_op_inputs(
         raise TypeError(f"attnzoo::{op}: key_bias.dtype={key_bias.dtype} must equal q.dtype={q.dtype}")
     rank = q.dim() - 3
     if rank not in (1, 2, 3):
-        raise ValueError(f"attnzoo::{op}: q.shape={tuple(q.shape)} must be [batch, *spatial (1 to 3 axes), heads, head_dim]")
-    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation), ("is_causal", is_causal)):
+        raise ValueError(
+            f"attnzoo::{op}: q.shape={tuple(q.shape)} must be [batch, *spatial (1 to 3 axes), heads, head_dim]"
+        )
+    for name, value in (
+        ("kernel_size", kernel_size),
+        ("stride", stride),
+        ("dilation", dilation),
+        ("is_causal", is_causal),
+    ):
         if not isinstance(value, (list, tuple)) or len(value) != rank:
             raise ValueError(f"attnzoo::{op}: {name}={value!r} must be a list with one entry per spatial axis ({rank})")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"attnzoo::{op}: scale={scale!r} must be a float")
     try:
         problem = make_problem(
-            q, k, v, list(kernel_size), list(stride), list(dilation), list(is_causal), additional_keys, additional_values,
-            rel_pos_bias, False, key_bias,
+            q,
+            k,
+            v,
+            list(kernel_size),
+            list(stride),
+            list(dilation),
+            list(is_causal),
+            additional_keys,
+            additional_values,
+            rel_pos_bias,
+            False,
+            key_bias,
         )
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"attnzoo::{op}: {exc}") from None
@@ -103,8 +131,12 @@ def _check_op_inputs(
                 f"attnzoo::{op}: {name} (strides {t.stride()}) must be contiguous, or have unit stride along its last "
                 "axis and spatial axes that flatten to one token stride"
             )
-    for name, t in (("additional_keys", additional_keys), ("additional_values", additional_values),
-                    ("rel_pos_bias", rel_pos_bias), ("key_bias", key_bias)):
+    for name, t in (
+        ("additional_keys", additional_keys),
+        ("additional_values", additional_values),
+        ("rel_pos_bias", rel_pos_bias),
+        ("key_bias", key_bias),
+    ):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"attnzoo::{op}: {name} must be contiguous")
     return problem
@@ -123,8 +155,20 @@ def _call(name: str, dtype: torch.dtype):
 
 
 def _forward(
-    op: str, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
-    is_causal, scale, save_probs: bool,
+    op: str,
+    q,
+    k,
+    v,
+    additional_keys,
+    additional_values,
+    rel_pos_bias,
+    key_bias,
+    kernel_size,
+    stride,
+    dilation,
+    is_causal,
+    scale,
+    save_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_op_inputs(
         op, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation,
@@ -167,14 +211,28 @@ def na_forward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse, _ = _forward(
-        "na_forward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
-        dilation, is_causal, scale, save_probs=False,
+        "na_forward",
+        q,
+        k,
+        v,
+        additional_keys,
+        additional_values,
+        rel_pos_bias,
+        key_bias,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        scale,
+        save_probs=False,
     )
     return out, lse
 
 
 @na_forward.register_fake
-def _(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale):
+def _(
+    q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale
+):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1])
 
 
@@ -202,9 +260,13 @@ def na_forward_saving(
 
 
 @na_forward_saving.register_fake
-def _(q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale):
+def _(
+    q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride, dilation, is_causal, scale
+):
     return (
-        q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1]), q.new_empty(_probs_shape(q, kernel_size))
+        q.new_empty((*q.shape[:-1], v.shape[-1])),
+        q.new_empty(q.shape[:-1]),
+        q.new_empty(_probs_shape(q, kernel_size)),
     )
 
 
@@ -229,8 +291,19 @@ def na_backward(
     probs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _check_op_inputs(
-        "na_backward", q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, kernel_size, stride,
-        dilation, is_causal, scale,
+        "na_backward",
+        q,
+        k,
+        v,
+        additional_keys,
+        additional_values,
+        rel_pos_bias,
+        key_bias,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        scale,
     )
     _check_same("na_backward", "grad_out", grad_out, v.shape, problem)
     _check_same("na_backward", "out", out, v.shape, problem)
@@ -251,20 +324,46 @@ def na_backward(
     na = additional_keys.shape[1] if has_add else 0
     strides = _layout(q, k, v)
     _call("backward", q.dtype)(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(additional_keys), _ptr(additional_values), _ptr(rel_pos_bias),
-        _ptr(key_bias), out.data_ptr(), lse.data_ptr(), _ptr(probs), grad_out.data_ptr(), _ptr(grad_lse),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dak.data_ptr() if has_add else None,
-        dav.data_ptr() if has_add else None, drpb.data_ptr() if rel_pos_bias is not None else None,
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        _ptr(additional_keys),
+        _ptr(additional_values),
+        _ptr(rel_pos_bias),
+        _ptr(key_bias),
+        out.data_ptr(),
+        lse.data_ptr(),
+        _ptr(probs),
+        grad_out.data_ptr(),
+        _ptr(grad_lse),
+        dq.data_ptr(),
+        dk.data_ptr(),
+        dv.data_ptr(),
+        dak.data_ptr() if has_add else None,
+        dav.data_ptr() if has_add else None,
+        drpb.data_ptr() if rel_pos_bias is not None else None,
         dkb.data_ptr() if key_bias is not None else None,
-        meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), pointers, strides.data_ptr(),
-        q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1], na, scale, torch.get_num_threads(),
+        meta[0].data_ptr(),
+        meta[1].data_ptr(),
+        meta[2].data_ptr(),
+        pointers,
+        strides.data_ptr(),
+        q.shape[0],
+        q.shape[-2],
+        q.shape[-1],
+        v.shape[-1],
+        na,
+        scale,
+        torch.get_num_threads(),
     )
     drpb = drpb.sum(0) if rel_pos_bias is not None else drpb
     return dq, dk, dv, dak, dav, drpb, dkb
 
 
 @na_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, out, lse, *args, **kwargs):
+def _(
+    grad_out, grad_lse, q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias, out, lse, *args, **kwargs
+):
     has_add = additional_keys is not None
     return (
         q.new_empty(q.shape),
@@ -316,13 +415,34 @@ def _backward(ctx, grad_out, grad_lse, grad_probs=None):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grads = na_backward(
-        grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, ak, av, rpb, kb, out, lse,
-        *ctx.geometry, probs=saved_probs[0] if saved_probs else None,
+        grad_out.contiguous(),
+        None if grad_lse is None else grad_lse.contiguous(),
+        q,
+        k,
+        v,
+        ak,
+        av,
+        rpb,
+        kb,
+        out,
+        lse,
+        *ctx.geometry,
+        probs=saved_probs[0] if saved_probs else None,
     )
     dq, dk, dv, dak, dav, drpb, dkb = grads
     return (
-        dq, dk, dv, dak if ak is not None else None, dav if av is not None else None,
-        drpb if rpb is not None else None, dkb if kb is not None else None, None, None, None, None, None,
+        dq,
+        dk,
+        dv,
+        dak if ak is not None else None,
+        dav if av is not None else None,
+        drpb if rpb is not None else None,
+        dkb if kb is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -356,8 +476,17 @@ class NativeBackend(Backend):
             and saves_probabilities(problem.kernel_size, q.shape[-1], v.shape[-1])
         )
         out, lse, *_ = (na_forward_saving if save else na_forward)(
-            readable(q), readable(k), readable(v), prep(additional_keys), prep(additional_values), prep(rel_pos_bias),
-            prep(key_bias), list(problem.kernel_size), list(problem.stride), list(problem.dilation),
-            list(problem.is_causal), scale,
+            readable(q),
+            readable(k),
+            readable(v),
+            prep(additional_keys),
+            prep(additional_values),
+            prep(rel_pos_bias),
+            prep(key_bias),
+            list(problem.kernel_size),
+            list(problem.stride),
+            list(problem.dilation),
+            list(problem.is_causal),
+            scale,
         )
         return out.to(q.dtype), lse

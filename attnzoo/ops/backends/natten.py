@@ -50,8 +50,15 @@ def _quiet(fn, *args, **kwargs):
 
 
 @lru_cache(maxsize=256)
-def _kernel_reasons(shape: tuple, head_dim: int, head_dim_v: int, dtype: torch.dtype, device: str,
-                    requires_grad: bool, deterministic: bool) -> tuple[str, ...]:
+def _kernel_reasons(
+    shape: tuple,
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    device: str,
+    requires_grad: bool,
+    deterministic: bool,
+) -> tuple[str, ...]:
     """Why none of NATTEN's kernels takes tensors of this shape/dtype/device (empty when one does)."""
     _, backends = _natten()
     try:
@@ -99,7 +106,13 @@ class NattenBackend(Backend):
         if p.device.type == "cpu" and p.requires_grad:
             reasons.append("no backward on CPU: natten runs torch's forward-only CPU FlexAttention there")
         kernel = _kernel_reasons(
-            (p.batch, *p.spatial_shape, p.heads), p.head_dim, p.head_dim_v, p.dtype, str(p.device), p.requires_grad, torch.are_deterministic_algorithms_enabled()
+            (p.batch, *p.spatial_shape, p.heads),
+            p.head_dim,
+            p.head_dim_v,
+            p.dtype,
+            str(p.device),
+            p.requires_grad,
+            torch.are_deterministic_algorithms_enabled(),
         )
         if kernel:
             reasons.append("natten has no kernel for this call (" + "; ".join(kernel) + ")")
@@ -110,8 +123,17 @@ class NattenBackend(Backend):
         p = problem
         fn = getattr(functional, f"na{p.rank}d")
         result = _quiet(
-            fn, q, k, v, kernel_size=p.kernel_size, stride=p.stride, dilation=p.dilation, is_causal=p.is_causal,
-            scale=scale, additional_keys=additional_keys, additional_values=additional_values,
+            fn,
+            q,
+            k,
+            v,
+            kernel_size=p.kernel_size,
+            stride=p.stride,
+            dilation=p.dilation,
+            is_causal=p.is_causal,
+            scale=scale,
+            additional_keys=additional_keys,
+            additional_values=additional_values,
             return_lse=p.return_lse,
         )
         out, lse = result if p.return_lse else (result, None)

@@ -34,7 +34,10 @@ def _causal_mask(kernel: tuple[int, ...], causal: tuple[bool, ...], device) -> t
     """Inside a window a causal axis sees only earlier-or-equal positions (NATTEN with stride = kernel)."""
     if not any(causal):
         return None
-    axes = [torch.ones(k, k, dtype=torch.bool).tril() if c else torch.ones(k, k, dtype=torch.bool) for k, c in zip(kernel, causal)]
+    axes = [
+        torch.ones(k, k, dtype=torch.bool).tril() if c else torch.ones(k, k, dtype=torch.bool)
+        for k, c in zip(kernel, causal)
+    ]
     return combine_axes(axes, torch.logical_and).to(device)
 
 
@@ -156,7 +159,9 @@ class PartitionBackend(Backend):
             out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=attn_mask, scale=scale)
             out = _propagate_nan_queries(out, qw)
             lse = None
-        grid = {f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)}
+        grid = {
+            f"n{a}": extent // (kk * d) for a, extent, kk, d in zip(_AXES, p.spatial_shape, p.kernel_size, p.dilation)
+        }
         out = rearrange(out, f"{windows} -> {split}", **sizes, **grid).to(q.dtype)
         if lse is not None and p.return_lse:
             lse = rearrange(lse.unsqueeze(-1), f"{windows} -> {split}", **sizes, **grid).squeeze(-1)
