@@ -17,7 +17,7 @@ from . import mechanisms, models, ops
 from .mechanisms import BlockState, create, list_families, list_mechanisms, mechanism_info, register_mechanism
 from .ops import use_backend
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def swap(model: torch.nn.Module, mixer: str | None = None, strict: bool = False, **mixer_kwargs: Any) -> list:

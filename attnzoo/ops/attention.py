@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import recording, switch
 from .backends import BACKENDS
-from .backends.base import compute_dtype, softmax_with_lse
+from .backends.base import compute_dtype, softmax_with_lse, values_readable
 from .problem import check_flag, make_problem
 
 __all__ = ["attention", "merge_attentions"]
@@ -160,7 +160,7 @@ def _explicit_is_faster(qf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor |
     A bias holding -inf keeps SDPA, whose fully masked rows give 0 where a plain softmax gives NaN."""
     if qf.device.type != "cpu" or mask is None or not mask.is_floating_point() or dropout_p > 0:
         return False
-    if torch.compiler.is_compiling() or not (
+    if not values_readable(mask) or not (
         qf.shape[-1] != vf.shape[-1] or (mask.requires_grad and torch.is_grad_enabled())
     ):
         return False

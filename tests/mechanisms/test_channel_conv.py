@@ -637,7 +637,7 @@ def test_spectral_gating_low_precision_runs_in_float32():
         ("squeeze_excite", 32, {"reduction": 0}, "reduction=0"),
         ("eca", 32, {"kernel_size": 4}, "kernel_size=4"),
         ("cbam", 32, {"spatial_kernel_size": 6}, "spatial_kernel_size=6"),
-        ("polarized", 16, {"mode": "both"}, "mode='both'"),
+        ("polarized", 16, {"arrangement": "both"}, "arrangement='both'"),
         ("polarized", 16, {"variant": "v2"}, "variant='v2'"),
         ("ulsam", 30, {"num_groups": 4}, "dim=30"),
         ("efficient_local", 24, {"variant": "B"}, "dim=24"),

@@ -295,7 +295,7 @@ def test_halo_matches_timm_halo_attn(size, block, halo, stride):
     from attnzoo.interop.timm import halo_weights
 
     torch.manual_seed(0)
-    ref = randomize_(HaloAttn(16, num_heads=2, window_size=block, halo_size=halo, stride=stride)).to(DT).eval()
+    ref = randomize_(HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, stride=stride)).to(DT).eval()
     ours = attnzoo.create("halo", 16, num_heads=2, window_size=block, halo_size=halo, stride=stride, mask_padding=False)
     ours.to(DT).load_state_dict(halo_weights(ref))  # kv keeps timm's per-head [k_h, v_h] interleave
     x = rand64(2, *size, 16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..problem import NAProblem
 
@@ -39,6 +40,15 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<attnzoo backend {self.name!r}>"
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a data-dependent branch may read ``t``'s values on the host: not when traced (``torch.compile``,
+    ``torch.export``) and not for tensors without data (``meta``, or fake tensors as FLOP counting and tracing use);
+    the caller then takes the branch that is right for any values."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    return not (t.is_meta or is_fake(t))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ from einops import rearrange
 
 from ..geometry import combine_axes
 from ..problem import NAProblem
-from .base import Backend, compute_dtype, softmax_with_lse
+from .base import Backend, compute_dtype, softmax_with_lse, values_readable
 
 _AXES = "xyz"
 
@@ -57,20 +57,17 @@ def _window_rel_index(kernel: tuple[int, ...]) -> torch.Tensor:
 
 def _may_mask_whole_rows(rel_pos_bias: torch.Tensor | None) -> bool:
     """Whether a rel_pos_bias might hold -inf (so a plain softmax could see a row of only -inf): checked in eager
-    mode (one pass over the small table), assumed when traced (no data-dependent branch)."""
+    mode (one pass over the small table), assumed when the values cannot be read (traced, meta or fake tensors)."""
     if rel_pos_bias is None:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    return bool(torch.isneginf(rel_pos_bias).any())
+    return not values_readable(rel_pos_bias) or bool(torch.isneginf(rel_pos_bias).any())
 
 
 def _propagate_nan_queries(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """SDPA's fused CPU kernel turns a NaN query row into finite output; the reference gives NaN. In eager mode one
     sum over ``q`` (a read pass) decides whether the exact row fix-up is needed at all (a NaN anywhere makes the sum
     NaN); traced, the fix-up is always applied (no data-dependent branch)."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if not tracing and not bool(q.sum().isnan()):
+    if values_readable(q) and not bool(q.sum().isnan()):
         return out
     return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
