@@ -33,7 +33,7 @@ def test_minimum_is_enforced():
     ("name", "kwargs", "stored"),
     [
         ("agent", {"num_heads": 2, "num_agents": 4, "input_resolution": 6}, (6, 6)),
-        ("aggregated", {"num_heads": 2, "window_size": 3, "sr_ratio": 2, "input_resolution": 6}, (6, 6)),
+        ("aggregated", {"num_heads": 2, "kernel_size": 3, "sr_ratio": 2, "input_resolution": 6}, (6, 6)),
         ("learned_sparse", {"num_heads": 2, "input_resolution": 36}, (36,)),
         ("learned_sparse", {"num_heads": 2, "input_resolution": [6, 6]}, (6, 6)),
     ],
