@@ -89,7 +89,8 @@ def _recurrent(delta, A, delta_u, B, C):
 def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
     """Chunked form; same arguments as ``_recurrent``. Padding steps (Δ = 0, zero drive) come last.
 
-    Tensors are laid out ``[T, B, M, ...]`` (position in chunk first) so every step reads contiguous memory.
+    Tensors are laid out ``[T, B, M, ...]`` (position in chunk first) so every step reads contiguous memory; the
+    ``d·n``-wide decay and drive of a step are made inside the step.
     Pass 1 runs all chunks from a zero state to get the state each chunk hands on; a recurrence over the chunks
     (decay ``exp(A·ΣΔ)`` per chunk) turns those into the state entering every chunk; pass 2 reruns all chunks from
     their entering states and keeps every state.
@@ -98,12 +99,18 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
     pad = -length % chunk_size
     if pad:
         delta, delta_u, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (delta, delta_u, B, C))
-    delta, delta_u, B, C = (t.unflatten(1, (-1, chunk_size)).movedim(2, 0) for t in (delta, delta_u, B, C))
-    decay = torch.exp(delta[..., None] * A)  # [T, B, M, G, dg, n]
-    drive = delta_u[..., None] * B[..., None, :]
-    handed_on = drive[0]
+    delta, delta_u, B, C = (t.unflatten(1, (-1, chunk_size)).movedim(2, 0).contiguous() for t in (delta, delta_u, B, C))
+
+    def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decay and drive of position ``t`` of every chunk, [B, M, G, dg, n]: made per step (a cache-sized slice)
+        rather than for all L·d·n at once, which leaves the cache at large L and costs more than computing the
+        slice twice (once per pass)."""
+        return torch.exp(delta[t][..., None] * A), delta_u[t][..., None] * B[t][..., None, :]
+
+    handed_on = step(0)[1]
     for t in range(1, chunk_size):  # pass 1: chunk-local end states, all chunks at once
-        handed_on = torch.addcmul(drive[t], decay[t], handed_on)
+        decay, drive = step(t)
+        handed_on = torch.addcmul(drive, decay, handed_on)
     chunk_decay = torch.exp(delta.sum(dim=0)[..., None] * A)  # [B, M, G, dg, n]
     entering, state = [], torch.zeros_like(handed_on[:, 0])
     for m in range(handed_on.shape[1]):  # the state entering chunk m
@@ -112,7 +119,8 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
     state = torch.stack(entering, dim=1)  # [B, M, G, dg, n]
     states, outputs = [], []
     for t in range(chunk_size):  # pass 2: every chunk advances one position at a time, in parallel
-        state = torch.addcmul(drive[t], decay[t], state)
+        decay, drive = step(t)
+        state = torch.addcmul(drive, decay, state)
         if A.shape[-1] == 1:  # a one-wide state is as small as the output: keep it, contract once below
             states.append(state)
         else:  # a wide state: contract now rather than keep all L·d·n states
