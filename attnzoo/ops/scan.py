@@ -101,11 +101,19 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
         delta, delta_u, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (delta, delta_u, B, C))
     delta, delta_u, B, C = (t.unflatten(1, (-1, chunk_size)).movedim(2, 0).contiguous() for t in (delta, delta_u, B, C))
 
-    def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decay and drive of position ``t`` of every chunk, [B, M, G, dg, n]: made per step (a cache-sized slice)
-        rather than for all L·d·n at once, which leaves the cache at large L and costs more than computing the
-        slice twice (once per pass)."""
-        return torch.exp(delta[t][..., None] * A), delta_u[t][..., None] * B[t][..., None, :]
+    if A.shape[-1] == 1:  # a one-wide state: decay and drive are as small as the inputs, make them once
+        decays, drives = torch.exp(delta[..., None] * A), delta_u[..., None] * B[..., None, :]
+
+        def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return decays[t], drives[t]
+
+    else:
+
+        def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Decay and drive of position ``t`` of every chunk, [B, M, G, dg, n]: made per step (a cache-sized
+            slice) rather than for all L·d·n at once, which leaves the cache at large L and costs more than making
+            the slice twice (once per pass)."""
+            return torch.exp(delta[t][..., None] * A), delta_u[t][..., None] * B[t][..., None, :]
 
     handed_on = step(0)[1]
     for t in range(1, chunk_size):  # pass 1: chunk-local end states, all chunks at once
