@@ -101,24 +101,22 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
         delta, delta_u, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (delta, delta_u, B, C))
     delta, delta_u, B, C = (t.unflatten(1, (-1, chunk_size)).movedim(2, 0).contiguous() for t in (delta, delta_u, B, C))
 
-    if A.shape[-1] == 1:  # a one-wide state: decay and drive are as small as the inputs, make them once
+    # Decay and drive of position t of every chunk, [B, M, G, dg, n]. A one-wide state's are as small as the inputs
+    # and are made once; a wide state's are made per step (a cache-sized slice), which costs less than making all
+    # L·d·n at once (that leaves the cache at large L), even though pass 1 and pass 2 each make them.
+    wide = A.shape[-1] > 1
+    if not wide:
         decays, drives = torch.exp(delta[..., None] * A), delta_u[..., None] * B[..., None, :]
 
-        def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return decays[t], drives[t]
+    def decay_at(t: int) -> torch.Tensor:
+        return torch.exp(delta[t][..., None] * A) if wide else decays[t]
 
-    else:
+    def drive_at(t: int) -> torch.Tensor:
+        return delta_u[t][..., None] * B[t][..., None, :] if wide else drives[t]
 
-        def step(t: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """Decay and drive of position ``t`` of every chunk, [B, M, G, dg, n]: made per step (a cache-sized
-            slice) rather than for all L·d·n at once, which leaves the cache at large L and costs more than making
-            the slice twice (once per pass)."""
-            return torch.exp(delta[t][..., None] * A), delta_u[t][..., None] * B[t][..., None, :]
-
-    handed_on = step(0)[1]
+    handed_on = drive_at(0)
     for t in range(1, chunk_size):  # pass 1: chunk-local end states, all chunks at once
-        decay, drive = step(t)
-        handed_on = torch.addcmul(drive, decay, handed_on)
+        handed_on = torch.addcmul(drive_at(t), decay_at(t), handed_on)
     chunk_decay = torch.exp(delta.sum(dim=0)[..., None] * A)  # [B, M, G, dg, n]
     entering, state = [], torch.zeros_like(handed_on[:, 0])
     for m in range(handed_on.shape[1]):  # the state entering chunk m
@@ -127,9 +125,8 @@ def _chunkwise(delta, A, delta_u, B, C, chunk_size: int):
     state = torch.stack(entering, dim=1)  # [B, M, G, dg, n]
     states, outputs = [], []
     for t in range(chunk_size):  # pass 2: every chunk advances one position at a time, in parallel
-        decay, drive = step(t)
-        state = torch.addcmul(drive, decay, state)
-        if A.shape[-1] == 1:  # a one-wide state is as small as the output: keep it, contract once below
+        state = torch.addcmul(drive_at(t), decay_at(t), state)
+        if not wide:  # a one-wide state is as small as the output: keep it, contract once below
             states.append(state)
         else:  # a wide state: contract now rather than keep all L·d·n states
             outputs.append(torch.einsum("bmgdn,bmgn->bmgd", state, C[t]))
