@@ -60,8 +60,8 @@ def dt_rank_for(dim: int) -> int:
 class RouteScan(nn.Module):
     """Selective-scan parameters for ``routes`` scan routes over ``channels`` channels (Mamba / VMamba S6).
 
-    ``shared_input=True`` (VMamba's cross-scan): every route scans all ``channels`` with its own parameters and the
-    routes' outputs are summed. ``shared_input=False`` (multi-head scan): the channels are split into ``routes``
+    ``shared_input=True`` (VMamba's cross-scan): every route scans all ``channels`` with its own parameters; the
+    routes' outputs are concatenated (the caller sums them). ``shared_input=False`` (multi-head scan): the channels are split into ``routes``
     equal groups, group ``r`` scans along route ``r``; outputs are concatenated.
 
     Args:

@@ -57,8 +57,6 @@ class AttentiveConv(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:
-            raise ValueError(f"AttentiveConv makes kernels from an image's tokens; x.shape={tuple(x.shape)} is empty")
         image = to_nchw(x)
         batch, channels, height, width = image.shape
         kernels = self.generate_kernels(image).reshape(batch * channels, 1, self.kernel_size, self.kernel_size)

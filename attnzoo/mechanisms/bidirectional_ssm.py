@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Mechanism, check_int, flatten_tokens
-from ._ssm import RouteScan, dt_rank_for, route_orders
+from ._ssm import RouteScan, dt_rank_for, inner_width, route_orders
 from .registry import register_mechanism
 
 __all__ = ["BidirectionalSSM"]
@@ -41,7 +41,7 @@ class BidirectionalSSM(Mechanism):
     Args:
         dim: channels in/out.
         d_state: SSM state size per channel.
-        expand: inner width ``= expand · dim``.
+        ssm_ratio: inner width ``= ssm_ratio · dim``.
         dt_rank: rank of the Δ projection (None: ``ceil(dim / 16)``).
         d_conv: kernel of the causal depthwise conv1d of each direction.
         chunk_size: chunk length of the chunkwise scan.
@@ -55,7 +55,7 @@ class BidirectionalSSM(Mechanism):
         dim: int,
         *,
         d_state: int = 16,
-        expand: int = 2,
+        ssm_ratio: float = 2.0,
         dt_rank: int | None = None,
         d_conv: int = 4,
         chunk_size: int = 64,
@@ -63,10 +63,9 @@ class BidirectionalSSM(Mechanism):
     ) -> None:
         super().__init__(dim)
         check_int("d_state", d_state)
-        check_int("expand", expand)
         self.d_conv = check_int("d_conv", d_conv)
         check_int("chunk_size", chunk_size)
-        inner = expand * dim
+        inner = inner_width(dim, ssm_ratio)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2, inner, 1, d_conv))  # [direction, channel, 1, tap]
         nn.init.uniform_(self.conv_weight, -(d_conv**-0.5), d_conv**-0.5)
@@ -94,8 +93,6 @@ class BidirectionalSSM(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         tokens = flatten_tokens(x)
         u, z = self.in_proj(tokens).chunk(2, dim=-1)
         u = F.silu(self.directional_conv(u))

@@ -102,8 +102,6 @@ class CausalImageAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         tokens = flatten_tokens(x)
         q, k, v = split_qkv(self.qkv(tokens), self.num_heads)
         if self.rope:

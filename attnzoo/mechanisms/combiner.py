@@ -20,7 +20,7 @@ from .registry import register_mechanism
     paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
     year=2021,
     complexity="N·k",
-    reference="off: google-research/google-research combiner/combiner/jax/model/layer.py (_SelfAttLogn, "
+    reference="official google-research/google-research combiner/combiner/jax/model/layer.py (_SelfAttLogn, "
     "_AxialMixtureAtt)",
     receptive_field="global",
     note="2-D non-causal port of Combiner-Fixed as the official JAX layers compute it: a region's summary key is "

@@ -89,8 +89,6 @@ class CrossScan2D(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         u = self.in_proj(x).permute(0, 3, 1, 2)
         u = F.silu(self.conv(u)).permute(0, 2, 3, 1).flatten(1, 2)  # [B, L, inner]
         y = self.scan(u, route_orders(self.routes, height, width))  # [B, L, routes·inner]

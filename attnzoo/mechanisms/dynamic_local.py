@@ -18,7 +18,7 @@ from .registry import register_mechanism
     paper="DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution",
     year=2023,
     complexity="N·k",
-    reference="off: NeonLeexiang/DLGSANet (basicsr/archs/dlgsanet_arch.py IDynamicDWConvBlock; "
+    reference="official NeonLeexiang/DLGSANet (basicsr/archs/dlgsanet_arch.py IDynamicDWConvBlock; "
     "dlgsanet_idynamicdwconv_util.py IDynamicDWConv)",
     is_attention=False,
     receptive_field="local",

@@ -31,7 +31,7 @@ def dct_matrix(size: int) -> torch.Tensor:
     is_attention=False,
     reference="no official code found; the dynamic filter construction follows DFFormer's DynamicFilter "
     "(Tatsunami & Taki, FFT-based Dynamic Token Mixer for Vision, AAAI 2024) with the DCT in place of the FFT",
-    note="**?** Implemented from the DSM abstract: y = W_out · IDCT2(DCT2(GELU(W_in x)) ⊙ Σ_k a_k(x) F_k), with "
+    note="The definition is uncertain (no official code was found). Implemented from the DSM abstract: y = W_out · IDCT2(DCT2(GELU(W_in x)) ⊙ Σ_k a_k(x) F_k), with "
     "orthonormal DCT-II along H and W, num_filters learned spectral weight maps F_k (spectrum_size² × width) "
     "resized bilinearly to the input's H×W spectrum, and band-selector weights a(x) = softmax_k(MLP(mean_HW x)) "
     "per channel (the 'dynamic spectrum weight generation layer').",

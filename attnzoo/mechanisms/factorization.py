@@ -14,7 +14,7 @@ from .registry import register_mechanism
     paper="Factorization Vision Transformer: Modeling Long Range Dependency with Local Window Cost",
     year=2023,
     complexity="N·k",
-    reference="off: q2479036243/FaViT (FaViT/classification/favit.py, Attention)",
+    reference="official q2479036243/FaViT (FaViT/classification/favit.py, Attention)",
     receptive_field="local",
     note="implements the factorization as the paper states it: the heads split into groups, group g attends "
     "to its kernel_size neighborhood at dilation g+1, in one engine call (head_groups=). The official code differs: "

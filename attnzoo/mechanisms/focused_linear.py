@@ -86,8 +86,6 @@ class FocusedLinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         q, k, v = self.features(x)
         out = merge_heads(linear_attention_associative(q, k, v, eps=1e-6)).reshape(x.shape)
         # The head_dim-channel depthwise conv shared by the heads, as one conv over all dim channels (its weights

@@ -20,7 +20,7 @@ from .registry import register_mechanism
     paper="Towards Robust Tampered Text Detection in Document Image: New Dataset and New Solution (RTM, ASCFormer)",
     year=2023,
     complexity="N·k",
-    reference="off: DrLuo/RTM (ASCFormer/mmseg/models/toys/fusers.py: NATFusionModule attn_mode='cross', "
+    reference="official DrLuo/RTM (ASCFormer/mmseg/models/toys/fusers.py: NATFusionModule attn_mode='cross', "
     "NATFusionLayer gated=True)",
     receptive_field="local",
     note="implements the official fusion: q = embed_q(x), k/v = embed_k/embed_v(context), 2-D neighborhood "

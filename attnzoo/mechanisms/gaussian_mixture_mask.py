@@ -86,8 +86,6 @@ class GaussianMixtureMaskAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         q, k, v = split_qkv(self.qkv(x.flatten(1, 2)), self.num_heads)
         bias = self.mask(height, width, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
         out = attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)

@@ -25,7 +25,7 @@ __all__ = ["GLMixAttention"]
     receptive_field="global",
     note=(
         "As the official GLMixBlock mixer: slots initialised by adaptive average pooling of the input to "
-        "√num_slots × √num_slots; logits = s·cos(slot, token) with a learnable scale s (init dim^-1/2); slots = "
+        "√num_tokens × √num_tokens; logits = s·cos(slot, token) with a learnable scale s (init dim^-1/2); slots = "
         "softmax over tokens of the logits times the tokens (soft clustering); MHSA among the slots "
         "(torch.nn.MultiheadAttention layout: in-projection and out-projection with biases); every token = softmax "
         "over slots of the same logits times the updated slots (soft dispatch); plus the local branch "
@@ -33,7 +33,7 @@ __all__ = ["GLMixAttention"]
         "assignments, the scale and the pooled initial slots. The official block pools its slots from the block "
         "input before the norm; a mixer sees the normalised input."
     ),
-    test_kwargs={"num_heads": 2, "num_slots": 4},
+    test_kwargs={"num_heads": 2, "num_tokens": 4},
     test_size=(6, 6),
     size_args={"kernel_size": "kernel"},
 )
@@ -45,19 +45,19 @@ class GLMixAttention(Mechanism):
     Args:
         dim: channels in and out.
         num_heads: heads of the slot attention (default ``dim // 32``).
-        num_slots: slots, a square number (official 64).
+        num_tokens: slots, a square number (official 64).
         kernel_size: depthwise kernel of the local branch (official 5).
     """
 
     spatial_ranks = (2,)
 
-    def __init__(self, dim: int, *, num_heads: int | None = None, num_slots: int = 64, kernel_size: int = 5) -> None:
+    def __init__(self, dim: int, *, num_heads: int | None = None, num_tokens: int = 64, kernel_size: int = 5) -> None:
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
-        check_int("num_slots", num_slots)
-        if math.isqrt(num_slots) ** 2 != num_slots:
-            raise ValueError(f"num_slots={num_slots} must be a square number (slots are pooled on a square grid)")
-        self.num_slots, self.pool_size = num_slots, math.isqrt(num_slots)
+        check_int("num_tokens", num_tokens)
+        if math.isqrt(num_tokens) ** 2 != num_tokens:
+            raise ValueError(f"num_tokens={num_tokens} must be a square number (slots are pooled on a square grid)")
+        self.num_tokens, self.pool_size = num_tokens, math.isqrt(num_tokens)
         self.kernel_size = check_int("kernel_size", kernel_size, odd=True)
         self.slot_scale = nn.Parameter(torch.tensor(dim**-0.5))
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -83,4 +83,6 @@ class GLMixAttention(Mechanism):
         return out.reshape(x.shape) + self.local(grid).permute(0, 2, 3, 1)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, num_slots={self.num_slots}, kernel_size={self.kernel_size}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_tokens={self.num_tokens}, kernel_size={self.kernel_size}"
+        )

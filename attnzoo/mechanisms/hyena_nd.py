@@ -155,8 +155,6 @@ class HyenaND(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         ct = compute_dtype(x.dtype)
         projected = self.short_filter(self.in_proj(x).permute(0, 3, 1, 2)).to(ct)
         *gates, y = projected.chunk(self.order + 1, dim=1)

@@ -42,7 +42,7 @@ class LocalAttentionMamba(Mechanism):
         num_heads: heads of the local attention branch (None: ``dim // 32``).
         kernel_size: neighborhood of the local attention branch.
         d_state: SSM state size of the Mamba branch.
-        expand: inner width factor of the Mamba branch.
+        ssm_ratio: inner width factor of the Mamba branch.
         chunk_size: chunk length of the chunkwise scan.
         proj_drop: dropout on each branch's output.
         backend: engine backend of the attention branch.
@@ -55,7 +55,7 @@ class LocalAttentionMamba(Mechanism):
         num_heads: int | None = None,
         kernel_size: int | Sequence[int] = 7,
         d_state: int = 16,
-        expand: int = 2,
+        ssm_ratio: float = 2.0,
         chunk_size: int = 64,
         proj_drop: float = 0.0,
         backend: str = "auto",
@@ -64,10 +64,10 @@ class LocalAttentionMamba(Mechanism):
         self.attention = NeighborhoodAttention(
             dim, num_heads=num_heads, kernel_size=kernel_size, proj_drop=proj_drop, backend=backend
         )
-        self.mamba = BidirectionalSSM(dim, d_state=d_state, expand=expand, chunk_size=chunk_size, proj_drop=proj_drop)
+        self.mamba = BidirectionalSSM(
+            dim, d_state=d_state, ssm_ratio=ssm_ratio, chunk_size=chunk_size, proj_drop=proj_drop
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         return self.attention(x) + self.mamba(x)

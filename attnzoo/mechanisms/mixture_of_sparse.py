@@ -14,7 +14,7 @@ from .registry import register_mechanism
     paper="MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression",
     year=2024,
     complexity="N·k",
-    reference="off: thu-nics/MoA (MoA/attention/sparse_mask.py, MoA/kernels/mixture_of_attention.py)",
+    reference="official thu-nics/MoA (MoA/attention/sparse_mask.py, MoA/kernels/mixture_of_attention.py)",
     receptive_field="local",
     note="MoA gives every head of a causal LLM its own sliding-window span (chosen offline by profiling, elastic "
     "rule span = α + β·length) plus a few global initial tokens. Vision port implemented here: heads split into "

@@ -26,7 +26,7 @@ from .registry import register_mechanism
     paper="TiC: Exploring Vision Transformer in Convolution (MSA-Conv)",
     year=2023,
     complexity="N·k",
-    reference="off: StriveZs/MSA-Conv (core/op/Transformer_in_Convolution.py MSA_Conv_2d; msa_conv_v1_1.py, "
+    reference="official StriveZs/MSA-Conv (core/op/Transformer_in_Convolution.py MSA_Conv_2d; msa_conv_v1_1.py, "
     "msa_conv_cuda.cu)",
     receptive_field="local",
     note="implements the official MSA_Conv_2d: 1×1 qkv conv; each pixel's query attends to the k×k (dilated) window "

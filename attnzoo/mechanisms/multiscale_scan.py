@@ -87,8 +87,6 @@ class MultiScaleScan(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = u.permute(0, 3, 1, 2)
         fine = F.silu(self.conv(u)).flatten(2).transpose(1, 2)  # [B, H·W, C]

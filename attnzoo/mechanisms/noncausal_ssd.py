@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..ops import compute_dtype
 from ._base import Mechanism, check_choice, check_int, flatten_tokens, resolve_heads
+from ._ssm import inner_width
 from .registry import register_mechanism
 
 __all__ = ["NonCausalSSD", "noncausal_ssd_state", "noncausal_ssd_quadratic"]
@@ -46,7 +47,7 @@ def noncausal_ssd_quadratic(x, dt, A, B, C, D) -> torch.Tensor:
         "As the official non_casual_linear_attn (ngroups=1): y_i = C_i·Σ_j B_jᵀ(Δ_j·A_h·x_j) + D_h·x_i, with "
         "Δ = softplus(dt + dt_bias) and A = −exp(A_log) (the sign is kept, ssd_positve_dA=False). Block as the "
         "official Mamba2: in_proj → (z, x, B, C, dt); 3×3 depthwise conv + SiLU on (x, B, C); LayerNorm(y)·z "
-        "(z without activation) → out_proj. Defaults: expand 2, head_dim 64, d_state 64, A_init_range (1, 16)."
+        "(z without activation) → out_proj. Defaults: ssm_ratio (Mamba2's expand) 2, head_dim 64, d_state 64, A_init_range (1, 16)."
     ),
     test_kwargs={"d_state": 8, "head_dim": 16},
     test_size=(5, 6),
@@ -61,10 +62,10 @@ class NonCausalSSD(Mechanism):
 
     Args:
         dim: channels in/out.
-        num_heads: SSD heads (None: ``expand·dim // head_dim``).
+        num_heads: SSD heads (None: ``ssm_ratio·dim // head_dim``).
         head_dim: channels per head (default 64).
         d_state: state size N (the key/query width of the dual form).
-        expand: inner width ``= expand · dim``.
+        ssm_ratio: inner width ``= ssm_ratio · dim`` (Mamba2's ``expand``).
         kernel_size: depthwise convolution on (x, B, C).
         mode: ``"recurrent"`` or ``"quadratic"``.
         proj_drop: dropout on the output.
@@ -77,7 +78,7 @@ class NonCausalSSD(Mechanism):
         num_heads: int | None = None,
         head_dim: int | None = None,
         d_state: int = 64,
-        expand: int = 2,
+        ssm_ratio: float = 2.0,
         kernel_size: int = 3,
         mode: str = "recurrent",
         proj_drop: float = 0.0,
@@ -85,13 +86,12 @@ class NonCausalSSD(Mechanism):
         dt_max: float = 0.1,
     ) -> None:
         super().__init__(dim)
-        check_int("expand", expand)
-        inner = expand * dim
+        inner = inner_width(dim, ssm_ratio)
         if num_heads is None and head_dim is None:
             head_dim = min(64, inner)
         self.num_heads, self.head_dim = resolve_heads(inner, num_heads, head_dim)
         if self.num_heads * self.head_dim != inner:
-            raise ValueError(f"num_heads·head_dim={self.num_heads * self.head_dim} must equal expand·dim={inner}")
+            raise ValueError(f"num_heads·head_dim={self.num_heads * self.head_dim} must equal ssm_ratio·dim={inner}")
         self.d_state = check_int("d_state", d_state)
         check_int("kernel_size", kernel_size, odd=True)
         self.mode = check_choice("mode", mode, MODES, renamed={"parallel": "quadratic"})
@@ -110,8 +110,6 @@ class NonCausalSSD(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.d_state, self.num_heads], dim=-1)
         xbc = F.silu(self.conv(xbc.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         u, B, C = flatten_tokens(xbc).split([self.inner, self.d_state, self.d_state], dim=-1)

@@ -112,8 +112,6 @@ class PolylinePathMaskAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         q, k, v = (
             rearrange(p(x), "b y x (h d) -> b (y x) h d", h=self.num_heads)
             for p in (self.q_proj, self.k_proj, self.v_proj)

@@ -98,8 +98,6 @@ class ProxyTokenAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.check_input(x)
-        if rows == 0 or cols == 0:
-            raise ValueError(f"x.shape={tuple(x.shape)} has an empty spatial axis; proxy_tokens needs a window")
         drop = self.attn_drop if self.training else 0.0
         proxies = self.proxies(x)
         pq, pk, pv = split_qkv(self.proxy_qkv(proxies), self.num_heads)

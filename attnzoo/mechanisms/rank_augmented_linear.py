@@ -77,8 +77,6 @@ class RankAugmentedLinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         q, k, v, gate = self.projections(x)
         n = q.shape[1]
         angles = cached_table(_grid_angles, height, width, self.head_dim).to(x.device).flatten(0, 1)[:, None]

@@ -93,8 +93,6 @@ class ScatteredLinearAttention(Mechanism):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.check_input(x)
-        if x.numel() == 0:  # an empty batch or grid has nothing to mix
-            return x.new_zeros(x.shape)
         # Windows never straddle bands of whole window rows, so each band is mixed on its own; bands sized so their
         # qkv activations fit a CPU cache keep every intermediate in cache.
         row_bytes = x.shape[0] * width * 3 * self.dim * x.element_size()

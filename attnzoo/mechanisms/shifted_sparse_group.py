@@ -26,7 +26,7 @@ from .registry import register_mechanism
     year=2024,
     layout="sequence",
     complexity="N·k",
-    reference="off: Dexter-GT-86/SinkLoRA (llama_attn_replace.py: the LongLoRA S²-Attn it starts from); "
+    reference="official Dexter-GT-86/SinkLoRA (llama_attn_replace.py: the LongLoRA S²-Attn it starts from); "
     "longlora's shift-short attention",
     receptive_field="local",
     note="tokens in raster order are cut into groups of window_size (official: a quarter of the sequence); the first "

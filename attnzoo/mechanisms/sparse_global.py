@@ -19,7 +19,7 @@ from .registry import register_mechanism
     paper="DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution",
     year=2023,
     complexity="linear",
-    reference="off: NeonLeexiang/DLGSANet (basicsr/archs/dlgsanet_arch.py, SparseAttention)",
+    reference="official NeonLeexiang/DLGSANet (basicsr/archs/dlgsanet_arch.py, SparseAttention)",
     receptive_field="global",
     note="implements the official SparseAttention: Restormer-style transposed attention (a head_dim × head_dim map "
     "per head between L2-normalised channel vectors over all tokens, learned per-head temperature) with ReLU "

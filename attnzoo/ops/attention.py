@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import recording, switch
 from .backends import BACKENDS
 from .backends.base import compute_dtype, softmax_with_lse, values_readable
+from .checks import check_scale
 from .problem import check_flag, make_problem
 
 __all__ = ["attention", "merge_attentions"]
@@ -56,8 +57,7 @@ def attention(
             raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
     check_flag("is_causal", is_causal)
     check_flag("return_lse", return_lse)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale={scale!r} must be a float or None")
+    check_scale(scale)
     if k.shape[0] != q.shape[0] or k.shape[-2:] != q.shape[-2:]:
         raise ValueError(f"k.shape={tuple(k.shape)} must match q.shape={tuple(q.shape)} in batch, heads and head_dim")
     if v.shape[:-1] != k.shape[:-1]:

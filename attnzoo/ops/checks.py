@@ -13,8 +13,14 @@ import torch
 
 __all__ = [
     "check_tensors", "check_layout", "check_qkv_agree", "check_additional_kv", "check_rel_pos_bias", "check_key_bias",
-    "any_requires_grad",
+    "any_requires_grad", "check_scale",
 ]  # fmt: skip
+
+
+def check_scale(scale) -> None:
+    """``scale`` is None or a real number (not a bool)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale={scale!r} must be a float or None")
 
 
 def check_tensors(q, k, v) -> None:

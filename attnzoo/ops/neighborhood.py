@@ -12,6 +12,7 @@ import torch
 
 from . import recording, switch
 from .backends import BACKENDS, auto_choice, select_backend
+from .checks import check_scale
 from .problem import make_problem, normalize_axis_arg, normalize_head_groups, per_group_arg
 
 IntOrTuple = int | Sequence[int]
@@ -96,10 +97,9 @@ def neighborhood_attention(
         return_lse,
         key_bias,
     )
+    check_scale(scale)
     if scale is None:
         scale = problem.head_dim**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale={scale!r} must be a float or None")
     chosen = switch.select(backend, problem)
     switch.note("neighborhood", chosen.name)
     if recording.is_recording():
@@ -152,8 +152,9 @@ def explain(
         return_lse,
         key_bias,
     )
-    if backend == "auto" and switch.forced() != "auto":
-        return f"{switch.select(backend, problem).name}: {switch.forced_by(switch.forced())}"
+    forced = switch.resolve_backend(backend)
+    if backend == "auto" and forced != "auto":
+        return f"{switch.select(backend, problem).name}: {switch.forced_by(forced)}"
     if backend == "auto":
         chosen, why = auto_choice(problem)
         return f"{chosen.name}: {why}"
@@ -266,10 +267,9 @@ def _grouped_attention(
         args = (q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], kk, stride, dd, is_causal, ak, av, table)
         problem = make_problem(*args, return_lse, kb)
         calls.append((args, kb, problem, switch.select(backend, problem)))
+    check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale={scale!r} must be a float or None")
     outs, lses, weights = [], [], []
     for (gq, gk, gv, _, _, _, _, ak, av, table), kb, problem, chosen in calls:
         switch.note("neighborhood", chosen.name)

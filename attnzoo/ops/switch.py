@@ -70,11 +70,6 @@ def resolve_backend(backend: str = "auto") -> str:
     return _check_name(backend, "backend")
 
 
-def forced() -> str:
-    """The innermost ``use_backend`` name (``"auto"`` when none): the engine's internal, unchecked read."""
-    return _FORCED.get()
-
-
 def select(backend: str, problem: NAProblem) -> Backend:
     """``select_backend`` after the switch: ``"auto"`` takes the forced name, if any, and its refusal says so."""
     name = _FORCED.get() if backend == "auto" else "auto"

@@ -215,7 +215,7 @@ def test_proxy_sampling_agrees_on_constant_windows_and_is_seeded():
 
 
 def test_glmix_matches_the_official_mixer_written_with_torch_multihead_attention():
-    m = make("glmix", num_heads=2, num_slots=4, kernel_size=3)
+    m = make("glmix", num_heads=2, num_tokens=4, kernel_size=3)
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(DT).eval()
     with torch.no_grad():
         mha.in_proj_weight.copy_(m.qkv.weight)
@@ -237,7 +237,7 @@ def test_glmix_matches_the_official_mixer_written_with_torch_multihead_attention
 
 
 def test_glmix_soft_clustering_passes_gradients():
-    m = make("glmix", num_heads=2, num_slots=4)
+    m = make("glmix", num_heads=2, num_tokens=4)
     x = torch.randn(2, 6, 6, 16, dtype=DT, requires_grad=True)
     y = m(x) - m.local(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # the global branch only
     g_scale, g_x = torch.autograd.grad((y * torch.randn_like(y)).sum(), [m.slot_scale, x])

@@ -469,12 +469,7 @@ class NativeBackend(Backend):
         readable = lambda t: t if t.dtype == ct and kernel_readable(t) else prep(t)  # noqa: E731
         if key_bias is not None:
             key_bias = key_bias.expand(problem.batch, *problem.spatial_shape, problem.heads)
-        inputs = (q, k, v, additional_keys, additional_values, rel_pos_bias, key_bias)
-        save = (
-            torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in inputs)
-            and saves_probabilities(problem.kernel_size, q.shape[-1], v.shape[-1])
-        )
+        save = problem.requires_grad and saves_probabilities(problem.kernel_size, q.shape[-1], v.shape[-1])
         out, lse, *_ = (na_forward_saving if save else na_forward)(
             readable(q),
             readable(k),

@@ -121,9 +121,7 @@ class PartitionBackend(Backend):
             if additional_keys is not None:
                 table = torch.cat([table, table.new_zeros(*table.shape[:-1], additional_keys.shape[1])], dim=-1)
             bias = table.unsqueeze(0) if bias is None else bias + table.unsqueeze(0)
-        records_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rel_pos_bias, additional_keys, additional_values)
-        )
+        records_grad = p.requires_grad
         exact_softmax = records_grad and _may_mask_whole_rows(rel_pos_bias)
         if p.return_lse or key_bias is not None or math.isnan(scale) or exact_softmax:
             scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
