@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._base import Mechanism, check_int, resolve_heads
-from ._channel_conv import to_nchw, to_nhwc
+from ._channel_conv import reduced_width, to_nchw, to_nhwc
 from .registry import register_mechanism
 
 
@@ -58,7 +58,7 @@ class DynamicLocalAttention(Mechanism):
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim, default_head_dim=8)
         if self.num_heads * self.head_dim != dim:
             raise ValueError(f"num_heads={self.num_heads} × head_dim={self.head_dim} must equal dim={dim}")
-        hidden = max(1, dim // check_int("reduction", reduction))
+        hidden = reduced_width(dim, reduction)
         self.conv0 = nn.Conv2d(dim, dim, 1, bias=False)
         self.hyper = nn.Sequential(
             nn.Conv2d(dim, hidden, 1, bias=bias),

@@ -58,8 +58,7 @@ class EnhancedLinearAttention(Mechanism):
         super().__init__(dim)
         self.num_heads, self.head_dim = resolve_heads(dim, num_heads, None)
         check_int("kernel_size", kernel_size, odd=True)
-        check_positive("eps", eps)
-        self.eps = float(eps)
+        self.eps = check_positive("eps", eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         pad = kernel_size // 2
         self.lcm = nn.Sequential(

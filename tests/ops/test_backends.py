@@ -247,8 +247,9 @@ def test_rel_pos_bias_masking_a_whole_head(backend, grad):
     rpb.requires_grad_(grad)
     out = ops.na2d(q, k, v, 4, stride=4, rel_pos_bias=rpb, backend=backend)
     assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
-    reference = ops.na2d(q, k, v, 4, stride=4, rel_pos_bias=rpb, backend="reference")
-    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    if backend != "reference":
+        reference = ops.na2d(q, k, v, 4, stride=4, rel_pos_bias=rpb, backend="reference")
+        torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
     if grad:
         grads = torch.autograd.grad(out.sum(), (q, k, v, rpb))
         for name, grad_ in zip(["q", "k", "v", "rel_pos_bias"], grads):
