@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,8 @@ __all__ = [
     "Mlp",
     "in_stage",
     "init_transformer_weights",
+    "init_fan_out_weights",
+    "PatchEmbed",
     "Measured",
     "PAPER_MODELS",
     "register_paper_model",
@@ -203,6 +206,33 @@ def init_transformer_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def init_fan_out_weights(m: nn.Module) -> None:
+    """The VAN / SMT official initialisation: linear truncated normal (std 0.02); conv normal with std
+    √(2 / fan_out); biases 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class PatchEmbed(nn.Module):
+    """4×4 stride-4 convolution and LayerNorm: image → ``(B, H/4, W/4, dim)`` (Swin's patch embedding, used by
+    Agent-Swin and LITv2)."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class Stage(nn.Module):

@@ -24,6 +24,7 @@ from ._paper import (
     Mlp,
     PaperModel,
     PaperTable,
+    PatchEmbed,
     Stage,
     check_heads,
     check_per_stage,
@@ -39,18 +40,6 @@ __all__ = ["AgentSwin", "AgentSwinBlock"]
 
 REFERENCE = "LeapLabTHU/Agent-Attention agent_transformer/models/agent_swin.py, cfgs/agent_swin_t.yaml"
 PAPER = "Han et al., Agent Attention, ECCV 2024, ImageNet-1k classification table (Agent-Swin-T, 224²; same figures in the official README)"
-
-
-class PatchEmbed(nn.Module):
-    """4×4 stride-4 convolution and LayerNorm: image → ``(B, H/4, W/4, dim)``."""
-
-    def __init__(self, in_chans: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):

@@ -23,6 +23,7 @@ from ._paper import (
     DropPath,
     PaperModel,
     PaperTable,
+    PatchEmbed,
     Stage,
     check_heads,
     check_per_stage,
@@ -136,18 +137,6 @@ class LITBlock(nn.Module):
         if self.attn is not None:
             x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class PatchEmbed(nn.Module):
-    """4×4 stride-4 convolution and LayerNorm: image → ``(B, H/4, W/4, dim)``."""
-
-    def __init__(self, in_chans: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class LITv2(PaperModel):

@@ -29,6 +29,7 @@ from ._paper import (
     conv_out,
     drop_path_rates,
     in_stage,
+    init_fan_out_weights,
     register_paper_model,
 )
 from .biformer import AttentionLePE
@@ -187,20 +188,7 @@ class SMT(PaperModel):
             in_chans=in_chans,
             img_size=img_size,
         )
-        self.apply(_init_weights)
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: linear truncated normal (std 0.02); conv normal, std √(2 / fan_out); biases 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.apply(init_fan_out_weights)
 
 
 _CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, float, float]]] = {

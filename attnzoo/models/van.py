@@ -11,7 +11,6 @@ last stage's normalised tokens. Feature maps are ``(B, C, H, W)`` (``channels_la
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from ._paper import (
     check_per_stage,
     conv_out,
     drop_path_rates,
+    init_fan_out_weights,
     register_paper_model,
 )
 
@@ -165,20 +165,7 @@ class VAN(PaperModel):
             in_chans=in_chans,
             img_size=img_size,
         )
-        self.apply(_init_weights)
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: linear truncated normal (std 0.02); conv normal with std √(2 / fan_out); biases 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.apply(init_fan_out_weights)
 
 
 _CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, float, float]]] = {
