@@ -26,7 +26,6 @@ import copy
 import json
 import statistics
 import time
-import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -200,51 +199,11 @@ def mechanism_pairs(quick: bool) -> list[Pair]:
 # ---------------------------------------------------------------------------------------------- whole models
 
 
-def swin_with_attnzoo(model: nn.Module) -> nn.Module:
-    """A copy of a timm Swin whose every block runs its (shifted) window attention with attnzoo ``window``."""
-    from timm.models.swin_transformer import SwinTransformerBlock
-
+def swapped(model: nn.Module) -> nn.Module:
+    """A copy of a timm model with every module ``attnzoo.swap`` recognises run by attnzoo, with the same weights
+    (Swin-T: its 12 window attentions; MaxViT-T: its 22 block/grid attentions and 11 squeeze-excite gates)."""
     model = copy.deepcopy(model)
-    for block in model.modules():
-        if isinstance(block, SwinTransformerBlock):
-            attn = block.attn
-            ours = attnzoo.create(
-                "window",
-                attn.qkv.in_features,
-                num_heads=attn.num_heads,
-                window_size=tuple(block.window_size),
-                shift_size=tuple(block.shift_size),
-            )
-            ours.load_state_dict({k: v for k, v in attn.state_dict().items() if k in ours.state_dict()})
-            block.attnzoo_attn = ours
-            block._attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
-    return model
-
-
-def maxvit_with_attnzoo(model: nn.Module) -> nn.Module:
-    """A copy of a timm MaxViT whose block and grid attention run with attnzoo ``multi_axis``."""
-    from timm.models.maxxvit import PartitionAttentionCl
-
-    model = copy.deepcopy(model)
-    for block in model.modules():
-        if isinstance(block, PartitionAttentionCl):
-            attn = block.attn
-            if attn.head_first:
-                raise ValueError("maxvit_with_attnzoo maps the TF layout (head_first=False) only")
-            kind = "block" if block.partition_block else "grid"
-            ours = attnzoo.create("multi_axis", attn.qkv.in_features, head_dim=attn.dim_head,
-                                  window_size=tuple(block.partition_size), partition_type=kind)  # fmt: skip
-            ours.load_state_dict(
-                {
-                    "qkv.weight": attn.qkv.weight,
-                    "qkv.bias": attn.qkv.bias,
-                    "proj.weight": attn.proj.weight,
-                    "proj.bias": attn.proj.bias,
-                    "relative_position_bias_table": attn.rel_pos.relative_position_bias_table,
-                }
-            )
-            block.attnzoo_attn = ours
-            block._partition_attn = types.MethodType(lambda self, x: self.attnzoo_attn(x), block)
+    attnzoo.swap(model, strict=True)
     return model
 
 
@@ -253,11 +212,11 @@ def model_pairs(quick: bool) -> list[Pair]:
 
     b = 1 if quick else 4
     pairs = []
-    models = (("swin_tiny_patch4_window7_224", swin_with_attnzoo), ("maxvit_tiny_tf_224", maxvit_with_attnzoo))
-    for name, patch in models:
+    models = ("swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224")
+    for name in models:
         ref = timm.create_model(name, pretrained=False)
         x = torch.randn(b, 3, 224, 224)
-        pairs.append(Pair(f"{name} (images/s)", f"B{b} 224²", ref, patch(ref), x, x))
+        pairs.append(Pair(f"{name} after attnzoo.swap (images/s)", f"B{b} 224²", ref, swapped(ref), x, x))
     return pairs
 
 
