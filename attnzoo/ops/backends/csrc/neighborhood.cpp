@@ -36,6 +36,13 @@
 #include <type_traits>
 #include <vector>
 
+// Full unrolling of the register-tile loops (so that arrays of vectors stay in registers).
+#if defined(__clang__)
+#define ATTNZOO_UNROLL _Pragma("unroll")
+#else
+#define ATTNZOO_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace {
 
 // ---- SIMD helpers ------------------------------------------------------------------------------------------
@@ -46,6 +53,19 @@ struct Simd {
   static constexpr int lanes = L;
   typedef T vec __attribute__((vector_size(L * sizeof(T))));
 };
+
+// Unaligned vector load and store (by value, so that arrays of vectors stay in registers).
+template <typename V, typename T>
+inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
 
 // exp over a vector of float logits (relative error ~2e-7); lanes below -87 (masked keys, -inf) give exactly 0.
 template <int L>
@@ -158,12 +178,13 @@ void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
 // mmap'ed and page-faulted in on every call, which costs as much as the attention itself at these sizes.
 template <typename T>
 struct Scratch {
-  std::vector<T> kt, vt;
+  std::vector<T> kt, vt, delta;
   std::vector<std::vector<T>> a, b, c, d;  // per worker
-  std::vector<std::vector<int64_t>> runs, pairs;  // per worker: Run records; window rows holding a key row
+  std::vector<std::vector<T>> tq, ts, to, tdo, tds;  // per worker: lane tile buffers (see TileScratch)
+  std::vector<std::vector<int64_t>> runs, pairs, tile_rows;  // per worker: Run records; window rows holding a key row
   void workers(int64_t n) {
-    for (auto* v : {&a, &b, &c, &d}) v->resize(std::max<size_t>(v->size(), n));
-    for (auto* v : {&runs, &pairs}) v->resize(std::max<size_t>(v->size(), n));
+    for (auto* v : {&a, &b, &c, &d, &tq, &ts, &to, &tdo, &tds}) v->resize(std::max<size_t>(v->size(), n));
+    for (auto* v : {&runs, &pairs, &tile_rows}) v->resize(std::max<size_t>(v->size(), n));
   }
 };
 
@@ -181,28 +202,81 @@ T* sized(std::vector<T>& v, int64_t n) {
 
 // ---- Transposed layout of K and V (keys as SIMD lanes) -----------------------------------------------------
 
+// In-register transpose of an L × L block (x[r][i] -> x[i][r]): log2(L) levels, each swapping the off-diagonal
+// S × S blocks of every 2S × 2S block with two-source shuffles (GCC's __builtin_shuffle; other compilers take the
+// scalar path in transpose_heads).
+#if defined(__GNUC__) && !defined(__clang__)
+#define ATTNZOO_SHUFFLE_TRANSPOSE 1
+template <typename T, int L, int S>
+inline void transpose_level(typename Simd<T, L>::vec* x) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I IV __attribute__((vector_size(L * sizeof(T))));
+  IV lo, hi;
+  for (int i = 0; i < L; ++i) {
+    lo[i] = (i & S) ? L + i - S : i;  // row r keeps its blocks with bit S clear, takes row r+S's from the left
+    hi[i] = (i & S) ? L + i : i + S;  // row r+S takes row r's blocks with bit S set, keeps its own
+  }
+  ATTNZOO_UNROLL
+  for (int r = 0; r < L; ++r)
+    if (!(r & S)) {
+      const auto a = x[r], b = x[r + S];
+      x[r] = __builtin_shuffle(a, b, lo);
+      x[r + S] = __builtin_shuffle(a, b, hi);
+    }
+}
+
+template <typename T, int L>
+inline void transpose_block(typename Simd<T, L>::vec* x) {
+  if constexpr (L >= 2) transpose_level<T, L, 1>(x);
+  if constexpr (L >= 4) transpose_level<T, L, 2>(x);
+  if constexpr (L >= 8) transpose_level<T, L, 4>(x);
+  if constexpr (L >= 16) transpose_level<T, L, 8>(x);
+}
+#endif
+
 // x [B, N, H, C] (strided as `lx`) -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
-template <typename T>
+template <typename T, int L>
 const T* transpose_heads(const T* x, const Layout& lx, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
                          std::vector<T>& buffer) {
+  using V = typename Simd<T, L>::vec;
   const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
   T* xt = sized(buffer, g.B * H * slice);
-  parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t) {
+  std::vector<int64_t> col(S2);  // reordered column of each last-axis coordinate
+  for (int64_t x = 0; x < S2; ++x) col[x] = g.xcol(x);
+  const int64_t rows = N / S2;
+  // Work item = (batch, window row), all heads: the tokens' records are read once, front to back.
+  parallel_for(g.B * rows, nthreads, [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / H, h = item % H;
-      T* dst = xt + item * slice;
-      if (RW != S2) std::fill(dst, dst + slice, T(0));  // columns no token maps to (extent not a multiple of dil)
-      std::fill(dst + g.rows() * C * RW, dst + slice, T(0));  // the padding vector loads may read past the end
-      const T* head = head_base(x, lx, b, h);
-      // Tiles of 16 tokens of a window row: 16 source rows stay in L1 while each channel's 16 columns are written.
-      for (int64_t row = 0; row < N / S2; ++row)
-        for (int64_t x0 = 0; x0 < S2; x0 += 16) {
-          const int64_t n = std::min<int64_t>(16, S2 - x0);
-          const T* src = head + (row * S2 + x0) * lx.token;
-          T* out = dst + row * C * RW;
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t i = 0; i < n; ++i) out[c * RW + g.xcol(x0 + i)] = src[i * lx.token + c];
+      const int64_t b = item / rows, row = item % rows;
+      for (int64_t h = 0; h < H; ++h) {
+        T* dst = xt + (b * H + h) * slice;
+        T* out = dst + row * C * RW;
+        if (RW != S2) std::fill(out, out + C * RW, T(0));  // columns no token maps to (extent not a multiple of dil)
+        if (row == rows - 1) std::fill(dst + rows * C * RW, dst + slice, T(0));  // padding read by vector loads
+      }
+      // Tiles of L tokens: L source records stay in L1 while each head's channels are transposed.
+      for (int64_t x0 = 0; x0 < S2; x0 += L) {
+        const int64_t n = std::min<int64_t>(L, S2 - x0);
+        const int64_t* cols = col.data() + x0;
+        for (int64_t h = 0; h < H; ++h) {
+          const T* src = head_base(x, lx, b, h) + (row * S2 + x0) * lx.token;
+          T* out = xt + (b * H + h) * slice + row * C * RW;
+          int64_t c0 = 0;
+#ifdef ATTNZOO_SHUFFLE_TRANSPOSE
+          if (n == L && g.ax[2].dil == 1)  // a tile of consecutive columns: L × L blocks
+            for (; c0 + L <= C; c0 += L) {
+              V block[L];
+              ATTNZOO_UNROLL
+              for (int i = 0; i < L; ++i) block[i] = vload<V>(src + i * lx.token + c0);
+              transpose_block<T, L>(block);
+              ATTNZOO_UNROLL
+              for (int c = 0; c < L; ++c) vstore(out + (c0 + c) * RW + cols[0], block[c]);
+            }
+#endif
+          for (int64_t c = c0; c < C; ++c)
+            for (int64_t i = 0; i < n; ++i) out[c * RW + cols[i]] = src[i * lx.token + c];
         }
+      }
     }
   });
   return xt;
@@ -476,147 +550,339 @@ inline T dot(const T* a, const T* b, int64_t n) {
 }
 
 // ---- Forward ----------------------------------------------------------------------------------------------------
+//
+// Lane tiles: up to kTileRows query rows (flattened leading axes) times one lane block (L queries along the last
+// axis). Neighbouring query rows' windows share window rows, so every key (and value) vector read from a window row
+// of the tile's union feeds the logits (and outputs) of all its users at once, from registers. With the queries as
+// lanes and K, V transposed, no lane is wasted: the j-th key of a lane's window row is at column start + j.
 
-// Logits of a lane block against one window row: S[j][lane] = scale * <q_lane, key j of the lane's window> for
-// j < count, from qt [D][L] (the block's queries transposed) and kr = the transposed row at the first lane's start.
-// Computed in groups of 8 keys (a group may read up to 7 columns past the window: padding, discarded).
-template <typename T, int L>
-inline void lane_logits(const T* __restrict qt, const T* __restrict kr, int64_t RW, int64_t D, int64_t count, T scale,
-                        T* __restrict S) {
+constexpr int kTileRows = 3;  // 3 rows × 8 keys of accumulators + 3 query vectors fit the 32 vector registers
+
+// A window row of a tile's union: its index, its users (bit i: query row i of the tile) and, per user, the
+// position of this row among that query's window runs.
+struct TileRow {
+  int64_t row;
+  int mask;
+  int64_t run[kTileRows];
+};
+
+// Logits of G keys (j0 .. j0+G-1) of one window row for each user i in MASK:
+// out[i][u * L + lane] = scale * <q_i of lane, key at transposed column start + j0 + u + lane>.
+// qt[i] is [D][L] (query row i of the tile, transposed); kr = the transposed window row at column start + j0.
+template <typename T, int L, int MASK, int G>
+inline void tile_logits(const T* const* qt, const T* __restrict kr, int64_t RW, int64_t D, T scale, T* const* out) {
   using V = typename Simd<T, L>::vec;
-  for (int64_t j0 = 0; j0 < count; j0 += 8) {
-    V a[8] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      V qd;
-      std::memcpy(&qd, qt + d * L, sizeof(V));
-      const T* kd = kr + d * RW + j0;
-      for (int u = 0; u < 8; ++u) {
-        V k;
-        std::memcpy(&k, kd + u, sizeof(V));
-        a[u] += qd * k;
-      }
+  V acc[kTileRows][G] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    V q[kTileRows];
+    ATTNZOO_UNROLL
+    for (int i = 0; i < kTileRows; ++i)
+      if (MASK >> i & 1) q[i] = vload<V>(qt[i] + d * L);
+    const T* kd = kr + d * RW;
+    ATTNZOO_UNROLL
+    for (int u = 0; u < G; ++u) {
+      const V k = vload<V>(kd + u);
+      ATTNZOO_UNROLL
+      for (int i = 0; i < kTileRows; ++i)
+        if (MASK >> i & 1) acc[i][u] += q[i] * k;
     }
-    for (int u = 0; u < 8 && j0 + u < count; ++u) {
-      const V r = a[u] * scale;
-      std::memcpy(S + (j0 + u) * L, &r, sizeof(V));
+  }
+  ATTNZOO_UNROLL
+  for (int i = 0; i < kTileRows; ++i)
+    if (MASK >> i & 1)
+      ATTNZOO_UNROLL
+      for (int u = 0; u < G; ++u) vstore(out[i] + u * L, V(acc[i][u] * scale));
+}
+
+// O[i][c * L + lane] += sum_j P[i][j * L + lane] * vr[c * RW + j + lane] for c < CB, j < count, every user i in MASK:
+// the outputs (channels as rows, queries as lanes) of one window row's values, P·V with the values transposed.
+template <typename T, int L, int MASK, int CB>
+inline void tile_values(const T* const* P, const T* __restrict vr, int64_t RW, int64_t count, T* const* O) {
+  using V = typename Simd<T, L>::vec;
+  V acc[kTileRows][CB];
+  ATTNZOO_UNROLL
+  for (int i = 0; i < kTileRows; ++i)
+    if (MASK >> i & 1)
+      ATTNZOO_UNROLL
+      for (int c = 0; c < CB; ++c) acc[i][c] = vload<V>(O[i] + c * L);
+  for (int64_t j = 0; j < count; ++j) {
+    V w[kTileRows];
+    ATTNZOO_UNROLL
+    for (int i = 0; i < kTileRows; ++i)
+      if (MASK >> i & 1) w[i] = vload<V>(P[i] + j * L);
+    ATTNZOO_UNROLL
+    for (int c = 0; c < CB; ++c) {
+      const V x = vload<V>(vr + c * RW + j);
+      ATTNZOO_UNROLL
+      for (int i = 0; i < kTileRows; ++i)
+        if (MASK >> i & 1) acc[i][c] += w[i] * x;
     }
+  }
+  ATTNZOO_UNROLL
+  for (int i = 0; i < kTileRows; ++i)
+    if (MASK >> i & 1)
+      ATTNZOO_UNROLL
+      for (int c = 0; c < CB; ++c) vstore(O[i] + c * L, acc[i][c]);
+}
+
+// Runtime (mask, group) to the templates above.
+template <typename T, int L, int MASK>
+inline void tile_logits_g(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out) {
+  switch (G) {
+    case 1: return tile_logits<T, L, MASK, 1>(qt, kr, RW, D, scale, out);
+    case 2: return tile_logits<T, L, MASK, 2>(qt, kr, RW, D, scale, out);
+    case 3: return tile_logits<T, L, MASK, 3>(qt, kr, RW, D, scale, out);
+    case 4: return tile_logits<T, L, MASK, 4>(qt, kr, RW, D, scale, out);
+    case 5: return tile_logits<T, L, MASK, 5>(qt, kr, RW, D, scale, out);
+    case 6: return tile_logits<T, L, MASK, 6>(qt, kr, RW, D, scale, out);
+    case 7: return tile_logits<T, L, MASK, 7>(qt, kr, RW, D, scale, out);
+    default: return tile_logits<T, L, MASK, 8>(qt, kr, RW, D, scale, out);
   }
 }
 
-// o = sum over the window of E[key][lane] * v[key of `lane`] (head_dim as NV vectors of W lanes); E is [keys][L].
-template <typename T, int W, int NV, int L>
-inline void lane_values(const T* __restrict v, int64_t vstride, const T* __restrict E, const Run* runs, int64_t nrun,
-                        int64_t count, int64_t dil2, int64_t lane, T* __restrict o) {
-  using V = typename Simd<T, W>::vec;
-  V a[NV] = {}, c[NV] = {};
-  for (int64_t r = 0; r < nrun; ++r) {
-    const T* vr = v + (runs[r].token + dil2 * lane) * vstride;
-    const T* er = E + r * count * L + lane;
-    const int64_t step = dil2 * vstride;
-    int64_t j = 0;
-    for (; j + 2 <= count; j += 2) {
-      const T w0 = er[j * L], w1 = er[(j + 1) * L];
-      const T *v0 = vr + j * step, *v1 = v0 + step;
-      for (int u = 0; u < NV; ++u) {
-        V x0, x1;
-        std::memcpy(&x0, v0 + u * W, sizeof(V));
-        std::memcpy(&x1, v1 + u * W, sizeof(V));
-        a[u] += w0 * x0;
-        c[u] += w1 * x1;
-      }
+template <typename T, int L, template <typename, int, int> class Fn, typename... Args>
+inline void by_mask(int mask, Args&&... args) {
+  switch (mask) {
+    case 1: return Fn<T, L, 1>::run(args...);
+    case 2: return Fn<T, L, 2>::run(args...);
+    case 3: return Fn<T, L, 3>::run(args...);
+    case 4: return Fn<T, L, 4>::run(args...);
+    case 5: return Fn<T, L, 5>::run(args...);
+    case 6: return Fn<T, L, 6>::run(args...);
+    case 7: return Fn<T, L, 7>::run(args...);
+  }
+}
+
+template <typename T, int L, int MASK>
+struct TileLogits {
+  static void run(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out) {
+    tile_logits_g<T, L, MASK>(G, qt, kr, RW, D, scale, out);
+  }
+};
+
+// All channels of one window row's values: blocks of 8 channels, then single channels.
+template <typename T, int L, int MASK>
+struct TileValues {
+  static void run(const T* const* P, const T* vr, int64_t RW, int64_t count, int64_t DV, T* const* O) {
+    int64_t c = 0;
+    for (; c + 8 <= DV; c += 8) {
+      T* Oc[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) Oc[i] = O[i] ? O[i] + c * L : nullptr;
+      tile_values<T, L, MASK, 8>(P, vr + c * RW, RW, count, Oc);
     }
-    for (; j < count; ++j) {
-      const T* v0 = vr + j * step;
-      for (int u = 0; u < NV; ++u) {
-        V x0;
-        std::memcpy(&x0, v0 + u * W, sizeof(V));
-        a[u] += er[j * L] * x0;
-      }
+    for (; c < DV; ++c) {
+      T* Oc[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) Oc[i] = O[i] ? O[i] + c * L : nullptr;
+      tile_values<T, L, MASK, 1>(P, vr + c * RW, RW, count, Oc);
     }
   }
-  for (int u = 0; u < NV; ++u) {
-    const V sum = a[u] + c[u];
-    std::memcpy(o + u * W, &sum, sizeof(V));
+};
+
+// Per-worker buffers of a lane tile.
+template <typename T>
+struct TileScratch {
+  Run* runs;           // [kTileRows][max_runs]
+  TileRow* rows;       // the union: at most kTileRows * max_runs
+  T *qt, *S, *O;       // [kTileRows][D][L], [kTileRows][s_stride] (scores, then probabilities), [kTileRows][DV][L]
+  T *dot, *dS;         // backward: dO transposed [kTileRows][DV][L]; dP, then dS [kTileRows][s_stride]
+  int64_t max_runs, s_stride;
+};
+
+template <typename T, int L>
+TileScratch<T> tile_scratch(Scratch<T>& mem, int64_t worker, const Geometry& g, bool backward) {
+  TileScratch<T> ts;
+  ts.max_runs = g.max_count(0) * g.max_count(1);
+  ts.s_stride = ts.max_runs * (g.max_count(2) + 8) * L;
+  const int64_t run_words = sizeof(Run) / sizeof(int64_t);
+  const int64_t row_words = (sizeof(TileRow) + sizeof(int64_t) - 1) / sizeof(int64_t);
+  int64_t* words = sized(mem.tile_rows[worker], kTileRows * ts.max_runs * (run_words + row_words));
+  ts.runs = reinterpret_cast<Run*>(words);
+  ts.rows = reinterpret_cast<TileRow*>(words + kTileRows * ts.max_runs * run_words);
+  ts.qt = sized(mem.tq[worker], kTileRows * g.D * L);
+  ts.S = sized(mem.ts[worker], kTileRows * ts.s_stride);
+  ts.O = sized(mem.to[worker], kTileRows * std::max(g.D, g.DV) * L);
+  ts.dot = backward ? sized(mem.tdo[worker], kTileRows * g.DV * L) : nullptr;
+  ts.dS = backward ? sized(mem.tds[worker], kTileRows * ts.s_stride) : nullptr;
+  return ts;
+}
+
+// Rows of L tokens (lanes) <-> their lane layout [C][L]: gather_lanes writes xt[c * L + lane] = row[lane][c],
+// scatter_lanes writes row[lane][c] = xt[c * L + lane]; L × L blocks are transposed in registers where possible.
+template <typename T, int L>
+inline void gather_lanes(const T* const* row, int64_t C, T* __restrict xt) {
+  using V = typename Simd<T, L>::vec;
+  int64_t c0 = 0;
+#ifdef ATTNZOO_SHUFFLE_TRANSPOSE
+  for (; c0 + L <= C; c0 += L) {
+    V block[L];
+    ATTNZOO_UNROLL
+    for (int i = 0; i < L; ++i) block[i] = vload<V>(row[i] + c0);
+    transpose_block<T, L>(block);
+    ATTNZOO_UNROLL
+    for (int c = 0; c < L; ++c) vstore(xt + (c0 + c) * L, block[c]);
   }
+#endif
+  for (int lane = 0; lane < L; ++lane)
+    for (int64_t c = c0; c < C; ++c) xt[c * L + lane] = row[lane][c];
 }
 
 template <typename T, int L>
-inline void lane_values_any(const T* v, int64_t vstride, const T* E, const Run* runs, int64_t nrun, int64_t count,
-                            int64_t dil2, int64_t lane, int64_t DV, T* o) {
-  constexpr int W = 64 / sizeof(T);
-  switch (DV) {
-    case W / 2: return lane_values<T, W / 2, 1, L>(v, vstride, E, runs, nrun, count, dil2, lane, o);
-    case W: return lane_values<T, W, 1, L>(v, vstride, E, runs, nrun, count, dil2, lane, o);
-    case 2 * W: return lane_values<T, W, 2, L>(v, vstride, E, runs, nrun, count, dil2, lane, o);
-    case 4 * W: return lane_values<T, W, 4, L>(v, vstride, E, runs, nrun, count, dil2, lane, o);
-    case 8 * W: return lane_values<T, W, 8, L>(v, vstride, E, runs, nrun, count, dil2, lane, o);
+inline void scatter_lanes(const T* __restrict xt, int64_t C, T* const* row) {
+  using V = typename Simd<T, L>::vec;
+  int64_t c0 = 0;
+#ifdef ATTNZOO_SHUFFLE_TRANSPOSE
+  for (; c0 + L <= C; c0 += L) {
+    V block[L];
+    ATTNZOO_UNROLL
+    for (int c = 0; c < L; ++c) block[c] = vload<V>(xt + (c0 + c) * L);
+    transpose_block<T, L>(block);
+    ATTNZOO_UNROLL
+    for (int i = 0; i < L; ++i) vstore(row[i] + c0, block[i]);
   }
-  std::fill(o, o + DV, T(0));
-  for (int64_t r = 0; r < nrun; ++r)
-    for (int64_t j = 0; j < count; ++j) {
-      const T w = E[(r * count + j) * L + lane];
-      const T* vj = v + (runs[r].token + dil2 * (lane + j)) * vstride;
-      for (int64_t c = 0; c < DV; ++c) o[c] += w * vj[c];
-    }
+#endif
+  for (int lane = 0; lane < L; ++lane)
+    for (int64_t c = c0; c < C; ++c) row[lane][c] = xt[c * L + lane];
 }
 
-// One lane block of (batch b, head h, leading row `row`), queries x0 + dil*i: logits, biases, softmax, P·V, lse
-// (and the saved probabilities). Needs no key bias and no additional keys (the caller checks). Returns false,
-// writing nothing, when a lane's softmax would be empty or NaN-led (the general path then handles the block).
+// Pointers to the rows of the L tokens t0 + dil*lane of x (rows `stride` elements apart).
 template <typename T, int L>
-inline bool forward_lane_block(const Problem<T>& p, int64_t b, int64_t h, int64_t row, int64_t x0, const T* kth,
-                               Run* runs, T* qt, T* S, T* out, T* lse, T* probs) {
+struct LaneRows {
+  T* row[L];
+  LaneRows(T* x, int64_t stride, int64_t t0, int64_t dil) {
+    for (int lane = 0; lane < L; ++lane) row[lane] = x + (t0 + dil * lane) * stride;
+  }
+};
+
+// A query's window weights, compact (run r at r * K2 + j) <-> the lane layout (r * count + j): one transpose when
+// the window is full (count == K2), else run by run.
+template <typename T, int L>
+inline void gather_weights(const T* const* compact, int64_t nrun, int64_t count, int64_t K2, T* lanes) {
+  if (count == K2) return gather_lanes<T, L>(compact, nrun * count, lanes);
+  for (int lane = 0; lane < L; ++lane)
+    for (int64_t r = 0; r < nrun; ++r)
+      for (int64_t j = 0; j < count; ++j) lanes[(r * count + j) * L + lane] = compact[lane][r * K2 + j];
+}
+
+template <typename T, int L>
+inline void scatter_weights(const T* lanes, int64_t nrun, int64_t count, int64_t K2, T* const* compact) {
+  if (count == K2) return scatter_lanes<T, L>(lanes, nrun * count, compact);
+  for (int lane = 0; lane < L; ++lane)
+    for (int64_t r = 0; r < nrun; ++r)
+      for (int64_t j = 0; j < count; ++j) compact[lane][r * K2 + j] = lanes[(r * count + j) * L + lane];
+}
+
+// The windows of a tile's query rows (row0 + i, i < n; lane block at x0) and the union of their window rows.
+// Returns the union's size; nrun[i] = number of window rows of query row i.
+inline int64_t tile_windows(const Geometry& g, int64_t row0, int64_t n, int64_t x0, Run* runs, int64_t max_runs,
+                            int64_t* nrun, TileRow* rows) {
+  int64_t nu = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    nrun[i] = window_runs(g, (row0 + i) * g.ax[2].extent + x0, runs + i * max_runs);
+    for (int64_t r = 0; r < nrun[i]; ++r) {
+      const int64_t row = runs[i * max_runs + r].row;
+      int64_t u = 0;
+      while (u < nu && rows[u].row != row) ++u;
+      if (u == nu) rows[nu++] = TileRow{row, 0, {}};
+      rows[u].mask |= 1 << i;
+      rows[u].run[i] = r;
+    }
+  }
+  return nu;
+}
+
+// One lane tile of (batch b, head h): query rows row0 .. row0+n-1, queries x0 + dil*lane of each: logits, biases,
+// softmax, P·V, lse (and the saved probabilities). Needs no key bias and no additional keys (the caller checks).
+// Returns false, writing nothing, when a lane's softmax would be empty or NaN-led (general blocks then handle it).
+template <typename T, int L>
+inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t x0,
+                              const T* kth, const T* vth, TileScratch<T>& s, T* out, T* lse, T* probs) {
   using V = typename Simd<T, L>::vec;
   const Geometry& g = p.g;
   const Axis& A = g.ax[2];
-  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = A.extent, RW = g.row_width();
-  const int64_t t0 = row * S2 + x0;
-  const int64_t nrun = window_runs(g, t0, runs), count = runs[0].count, keys = nrun * count;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = A.extent, RW = g.row_width(), MR = s.max_runs;
+  int64_t nrun[kTileRows];
+  const int64_t nu = tile_windows(g, row0, n, x0, s.runs, MR, nrun, s.rows);
+  const int64_t count = s.runs[0].count, col = s.runs[0].col;
   const T* qh = head_base(p.q, p.lq, b, h);
-  for (int i = 0; i < L; ++i) {
-    const T* qi = qh + (t0 + A.dil * i) * p.lq.token;
-    for (int64_t d = 0; d < D; ++d) qt[d * L + i] = qi[d];
+  const T* qt[kTileRows] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    gather_lanes<T, L>(LaneRows<const T, L>(qh, p.lq.token, (row0 + i) * S2 + x0, A.dil).row, D, s.qt + i * D * L);
+    qt[i] = s.qt + i * D * L;
   }
-  for (int64_t r = 0; r < nrun; ++r)
-    lane_logits<T, L>(qt, kth + runs[r].row * D * RW + runs[r].col, RW, D, count, p.scale, S + r * count * L);
-  if (p.rpb) {
-    const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
-    for (int64_t r = 0; r < nrun; ++r)
-      for (int64_t j = 0; j < count; ++j) {
-        V sv;
-        std::memcpy(&sv, S + (r * count + j) * L, sizeof(V));
-        sv += p.rpb[h * R + runs[r].bias + j];
-        std::memcpy(S + (r * count + j) * L, &sv, sizeof(V));
+  // Logits S[i][(r * count + j) * L + lane], window row by window row of the union.
+  for (int64_t u = 0; u < nu; ++u) {
+    const TileRow& tr = s.rows[u];
+    const T* kr = kth + tr.row * D * RW + col;
+    for (int64_t j0 = 0; j0 < count; j0 += 8) {
+      T* o[kTileRows] = {};
+      for (int64_t i = 0; i < n; ++i)
+        if (tr.mask >> i & 1) o[i] = s.S + i * s.s_stride + (tr.run[i] * count + j0) * L;
+      by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), qt, kr + j0, RW, D,
+                                p.scale, o);
+    }
+  }
+  // Biases and the softmax statistics of every query row; decline before writing anything.
+  V m[kTileRows], l[kTileRows];
+  const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
+  for (int64_t i = 0; i < n; ++i) {
+    T* Si = s.S + i * s.s_stride;
+    const Run* runs = s.runs + i * MR;
+    if (p.rpb)
+      for (int64_t r = 0; r < nrun[i]; ++r)
+        for (int64_t j = 0; j < count; ++j) {
+          V sv;
+          std::memcpy(&sv, Si + (r * count + j) * L, sizeof(V));
+          sv += p.rpb[h * R + runs[r].bias + j];
+          std::memcpy(Si + (r * count + j) * L, &sv, sizeof(V));
+        }
+    V mi = Si[0] + V{};
+    for (int64_t k = 0; k < nrun[i] * count; ++k) {
+      V sv;
+      std::memcpy(&sv, Si + k * L, sizeof(V));
+      mi = nan_max_vec(mi, sv);
+    }
+    for (int lane = 0; lane < L; ++lane)
+      if (!(mi[lane] > -INFINITY) || mi[lane] == INFINITY) return false;
+    m[i] = mi;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    T* Si = s.S + i * s.s_stride;
+    V li = {};
+    for (int64_t k = 0; k < nrun[i] * count; ++k) {
+      V sv;
+      std::memcpy(&sv, Si + k * L, sizeof(V));
+      sv = vexp<L>(sv - m[i]);
+      std::memcpy(Si + k * L, &sv, sizeof(V));
+      li += sv;
+    }
+    l[i] = li;
+    std::fill(s.O + i * DV * L, s.O + (i + 1) * DV * L, T(0));
+  }
+  // P·V, window row by window row of the union, into O[i][c * L + lane].
+  for (int64_t u = 0; u < nu; ++u) {
+    const TileRow& tr = s.rows[u];
+    const T* P[kTileRows] = {};
+    T* O[kTileRows] = {};
+    for (int64_t i = 0; i < n; ++i)
+      if (tr.mask >> i & 1) {
+        P[i] = s.S + i * s.s_stride + tr.run[i] * count * L;
+        O[i] = s.O + i * DV * L;
       }
+    by_mask<T, L, TileValues>(tr.mask, P, vth + tr.row * DV * RW + col, RW, count, DV, O);
   }
-  V m = S[0] + V{};
-  for (int64_t k = 0; k < keys; ++k) {
-    V sv;
-    std::memcpy(&sv, S + k * L, sizeof(V));
-    m = nan_max_vec(m, sv);
-  }
-  for (int i = 0; i < L; ++i)
-    if (!(m[i] > -INFINITY) || m[i] == INFINITY) return false;
-  V l = {};
-  for (int64_t k = 0; k < keys; ++k) {
-    V sv;
-    std::memcpy(&sv, S + k * L, sizeof(V));
-    sv = vexp<L>(sv - m);
-    std::memcpy(S + k * L, &sv, sizeof(V));
-    l += sv;
-  }
+  // Normalise and write out (queries back to rows), lse and the probabilities.
   const int64_t KK = g.probs_per_query(), K2 = g.kernel2();
-  for (int i = 0; i < L; ++i) {
-    const int64_t t = t0 + A.dil * i, qoff = (b * N + t) * H + h;
-    T* o = out + qoff * DV;
-    lane_values_any<T, L>(head_base(p.v, p.lv, b, h), p.lv.token, S, runs, nrun, count, A.dil, i, DV, o);
-    const T inv = T(1) / l[i];
-    for (int64_t c = 0; c < DV; ++c) o[c] *= inv;
-    lse[qoff] = m[i] + std::log(l[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const V inv = T(1) / l[i];
+    T* Oi = s.O + i * DV * L;
+    for (int64_t c = 0; c < DV; ++c) vstore(Oi + c * L, V(vload<V>(Oi + c * L) * inv));
+    const int64_t t0 = (row0 + i) * S2 + x0;
+    scatter_lanes<T, L>(Oi, DV, LaneRows<T, L>(out + (b * N * H + h) * DV, H * DV, t0, A.dil).row);
+    for (int lane = 0; lane < L; ++lane) lse[(b * N + t0 + A.dil * lane) * H + h] = m[i][lane] + std::log(l[i][lane]);
     if (probs) {
-      T* pq = probs + ((b * H + h) * N + t) * KK;
-      for (int64_t r = 0; r < nrun; ++r)
-        for (int64_t j = 0; j < count; ++j) pq[r * K2 + j] = S[(r * count + j) * L + i] * inv;
+      T* Si = s.S + i * s.s_stride;
+      for (int64_t k = 0; k < nrun[i] * count; ++k) vstore(Si + k * L, V(vload<V>(Si + k * L) * inv));
+      scatter_weights<T, L>(Si, nrun[i], count, K2, LaneRows<T, L>(probs + (b * H + h) * N * KK, KK, t0, A.dil).row);
     }
   }
   return true;
@@ -699,40 +965,47 @@ inline void forward_block(const Problem<T>& p, int64_t b, int64_t h, const Block
 template <typename T, int L>
 void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
   const Geometry& g = p.g;
-  const int64_t H = g.H, D = g.D, NA = g.NA, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
-  const int64_t slice = g.rows() * D * g.row_width() + 2 * L;
+  const int64_t H = g.H, D = g.D, DV = g.DV, NA = g.NA, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
+  const int64_t kslice = g.rows() * D * g.row_width() + 2 * L, vslice = g.rows() * DV * g.row_width() + 2 * L;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t width = max_runs * chunks * L + NA;
   Scratch<T>& mem = scratch<T>();
   mem.workers(nthreads);
-  const T* kt = transpose_heads(p.k, p.lk, g, D, slice, nthreads, mem.kt);
-  // Lane blocks where the geometry allows (no key bias, no additional keys), general blocks for the other queries.
+  // Lane tiles where the geometry allows (no key bias, no additional keys), general blocks for the other queries.
   const LaneBlocks lanes = !p.kb && NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
   const int64_t nl = static_cast<int64_t>(lanes.x0.size());
-  // Work item = (batch, window row, part of the row); parts keep both threads busy on 1-D inputs.
-  const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * g.rows() - 1) / (g.B * g.rows()));
-  parallel_for(g.B * g.rows() * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
+  const T* kt = transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt);
+  const T* vt = nl ? transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt) : nullptr;
+  // Work item = (batch, tile of kTileRows query rows, part of the tile); parts keep both threads busy on 1-D inputs.
+  const int64_t tiles = (g.rows() + kTileRows - 1) / kTileRows;
+  const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * tiles - 1) / (g.B * tiles));
+  parallel_for(g.B * tiles * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
     Run* runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
     T* score = sized(mem.a[worker], kBlock * width);
-    T* qt = sized(mem.b[worker], D * L);
-    T* lane_scores = sized(mem.c[worker], max_runs * (g.max_count(2) + 8) * L);
+    TileScratch<T> ts = tile_scratch<T, L>(mem, worker, g, /*backward=*/false);
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / (g.rows() * parts), row = (item / parts) % g.rows(), part = item % parts;
-      const std::vector<Block> blocks = make_blocks(g, row, L, chunks, &lanes.taken);
-      const int64_t nb = static_cast<int64_t>(blocks.size());
+      const int64_t b = item / (tiles * parts), tile = (item / parts) % tiles, part = item % parts;
+      const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
+      std::vector<Block> blocks[kTileRows];
+      for (int64_t i = 0; i < n; ++i) blocks[i] = make_blocks(g, row0 + i, L, chunks, &lanes.taken);
       for (int64_t h = 0; h < H; ++h) {
-        const T* kth = kt + (b * H + h) * slice;
+        const T* kth = kt + (b * H + h) * kslice;
         for (int64_t li = part * nl / parts; li < (part + 1) * nl / parts; ++li) {
           const int64_t x0 = lanes.x0[li];
-          if (forward_lane_block<T, L>(p, b, h, row, x0, kth, runs, qt, lane_scores, out, lse, probs)) continue;
+          if (forward_lane_tile<T, L>(p, b, h, row0, n, x0, kth, vt + (b * H + h) * vslice, ts, out, lse, probs))
+            continue;
           std::vector<char> others(S2, 1);  // declined (an empty or NaN-led softmax): its queries as general blocks
           for (int64_t i = 0; i < L; ++i) others[x0 + dil2 * i] = 0;
-          for (const Block& blk : make_blocks(g, row, L, chunks, &others))
-            forward_block<T, L>(p, b, h, blk, kth, runs, chunks, score, width, out, lse, probs);
+          for (int64_t i = 0; i < n; ++i)
+            for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others))
+              forward_block<T, L>(p, b, h, blk, kth, runs, chunks, score, width, out, lse, probs);
         }
-        for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi)
-          forward_block<T, L>(p, b, h, blocks[bi], kth, runs, chunks, score, width, out, lse, probs);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t nb = static_cast<int64_t>(blocks[i].size());
+          for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi)
+            forward_block<T, L>(p, b, h, blocks[i][bi], kth, runs, chunks, score, width, out, lse, probs);
+        }
       }
     }
   });
@@ -752,6 +1025,7 @@ void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
 template <typename T>
 struct Grads {
   const T *out, *lse, *dout, *dlse, *probs;
+  const T* delta;  // [B, N, H]: the softmax row terms, computed once by backward() (see softmax_delta)
   T *dq, *dk, *dv, *daddk, *daddv, *drpb, *dkb;
 };
 
@@ -834,6 +1108,7 @@ inline void block_probabilities(const Problem<T>& p, const Grads<T>& gr, const T
 // delta_i = <dO_i, O_i> - dlse_i (the softmax Jacobian's row term).
 template <typename T>
 inline T softmax_delta(const Problem<T>& p, const Grads<T>& gr, int64_t qoff) {
+  if (gr.delta) return gr.delta[qoff];
   const T delta = dot(gr.dout + qoff * p.g.DV, gr.out + qoff * p.g.DV, p.g.DV);
   return gr.dlse ? delta - gr.dlse[qoff] : delta;
 }
@@ -1020,10 +1295,116 @@ void key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, co
     }
 }
 
+// One lane tile of the backward (batch b, head h; query rows row0 .. row0+n-1, lane block at x0): P (saved, or
+// recomputed from the logits and lse), dP = dO·Vᵀ, dS = P ∘ (dP − delta), dQ = scale · dS·K and the relative-position
+// bias gradient, all with the queries as lanes; then every query's compact dS (and P when not saved) for key_grads.
+// Returns false, writing nothing, when a lane's lse is not finite (an empty or NaN softmax: general blocks then).
 template <typename T, int L>
-void backward(const Problem<T>& p, const Grads<T>& gr, int64_t nthreads) {
+inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, int64_t row0, int64_t n,
+                               int64_t x0, const T* kth, const T* vth, TileScratch<T>& s, BackwardScratch<T>& bs) {
+  using V = typename Simd<T, L>::vec;
   const Geometry& g = p.g;
-  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV;
+  const Axis& A = g.ax[2];
+  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = A.extent, RW = g.row_width(), MR = s.max_runs;
+  const int64_t KK = g.probs_per_query(), K2 = g.kernel2();
+  V lse[kTileRows], delta[kTileRows];
+  for (int64_t i = 0; i < n; ++i)
+    for (int lane = 0; lane < L; ++lane) {
+      const int64_t qoff = (b * N + (row0 + i) * S2 + x0 + A.dil * lane) * H + h;
+      if (!std::isfinite(gr.lse[qoff])) return false;
+      lse[i][lane] = gr.lse[qoff];
+      delta[i][lane] = softmax_delta(p, gr, qoff);
+    }
+  int64_t nrun[kTileRows];
+  const int64_t nu = tile_windows(g, row0, n, x0, s.runs, MR, nrun, s.rows);
+  const int64_t count = s.runs[0].count, col = s.runs[0].col;
+  const T* qt[kTileRows] = {};
+  const T* dot[kTileRows] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t0 = (row0 + i) * S2 + x0;
+    gather_lanes<T, L>(LaneRows<const T, L>(head_base(p.q, p.lq, b, h), p.lq.token, t0, A.dil).row, D, s.qt + i * D * L);
+    gather_lanes<T, L>(LaneRows<const T, L>(gr.dout + (b * N * H + h) * DV, H * DV, t0, A.dil).row, DV,
+                       s.dot + i * DV * L);
+    qt[i] = s.qt + i * D * L;
+    dot[i] = s.dot + i * DV * L;
+  }
+  // Logits of the union's window rows against transposed rows xt: Q·Kᵀ into S, or dO·Vᵀ into dS.
+  const auto union_logits = [&](const T* const* xt, const T* xth, int64_t C, T scale, T* dst) {
+    for (int64_t u = 0; u < nu; ++u) {
+      const TileRow& tr = s.rows[u];
+      for (int64_t j0 = 0; j0 < count; j0 += 8) {
+        T* o[kTileRows] = {};
+        for (int64_t i = 0; i < n; ++i)
+          if (tr.mask >> i & 1) o[i] = dst + i * s.s_stride + (tr.run[i] * count + j0) * L;
+        by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), xt,
+                                  xth + tr.row * C * RW + col + j0, RW, C, scale, o);
+      }
+    }
+  };
+  const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
+  if (gr.probs) {
+    for (int64_t i = 0; i < n; ++i)
+      gather_weights<T, L>(LaneRows<const T, L>(gr.probs + (b * H + h) * N * KK, KK, (row0 + i) * S2 + x0, A.dil).row,
+                           nrun[i], count, K2, s.S + i * s.s_stride);
+  } else {
+    union_logits(qt, kth, D, p.scale, s.S);
+    for (int64_t i = 0; i < n; ++i) {
+      T* Si = s.S + i * s.s_stride;
+      const Run* runs = s.runs + i * MR;
+      for (int64_t r = 0; r < nrun[i]; ++r)
+        for (int64_t j = 0; j < count; ++j) {
+          V sv = vload<V>(Si + (r * count + j) * L);
+          if (p.rpb) sv += p.rpb[h * R + runs[r].bias + j];
+          vstore(Si + (r * count + j) * L, vexp<L>(sv - lse[i]));
+        }
+    }
+  }
+  union_logits(dot, vth, DV, T(1), s.dS);
+  for (int64_t i = 0; i < n; ++i) {
+    T* dSi = s.dS + i * s.s_stride;
+    const T* Si = s.S + i * s.s_stride;
+    for (int64_t k = 0; k < nrun[i] * count; ++k)
+      vstore(dSi + k * L, V(vload<V>(Si + k * L) * (vload<V>(dSi + k * L) - delta[i])));
+    std::fill(s.O + i * D * L, s.O + (i + 1) * D * L, T(0));
+  }
+  // dQ (transposed) = dS·K over the union's window rows.
+  for (int64_t u = 0; u < nu; ++u) {
+    const TileRow& tr = s.rows[u];
+    const T* P[kTileRows] = {};
+    T* O[kTileRows] = {};
+    for (int64_t i = 0; i < n; ++i)
+      if (tr.mask >> i & 1) {
+        P[i] = s.dS + i * s.s_stride + tr.run[i] * count * L;
+        O[i] = s.O + i * D * L;
+      }
+    by_mask<T, L, TileValues>(tr.mask, P, kth + tr.row * D * RW + col, RW, count, D, O);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    T* Oi = s.O + i * D * L;
+    const T* Si = s.S + i * s.s_stride;
+    const T* dSi = s.dS + i * s.s_stride;
+    const Run* runs = s.runs + i * MR;
+    if (gr.drpb)
+      for (int64_t r = 0; r < nrun[i]; ++r)
+        for (int64_t j = 0; j < count; ++j) {
+          const V v = vload<V>(dSi + (r * count + j) * L);
+          T sum = 0;
+          for (int lane = 0; lane < L; ++lane) sum += v[lane];
+          gr.drpb[(b * H + h) * R + runs[r].bias + j] += sum;
+        }
+    const int64_t t0 = (row0 + i) * S2 + x0;
+    for (int64_t d = 0; d < D; ++d) vstore(Oi + d * L, V(vload<V>(Oi + d * L) * p.scale));
+    scatter_lanes<T, L>(Oi, D, LaneRows<T, L>(gr.dq + (b * N * H + h) * D, H * D, t0, A.dil).row);
+    scatter_weights<T, L>(dSi, nrun[i], count, K2, LaneRows<T, L>(bs.dsc, KK, t0, A.dil).row);
+    if (!gr.probs) scatter_weights<T, L>(Si, nrun[i], count, K2, LaneRows<T, L>(bs.pc, KK, t0, A.dil).row);
+  }
+  return true;
+}
+
+template <typename T, int L>
+void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
+  const Geometry& g = p.g;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
   const int64_t kslice = g.rows() * D * g.row_width() + 2 * L, vslice = g.rows() * DV * g.row_width() + 2 * L;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
@@ -1032,8 +1413,20 @@ void backward(const Problem<T>& p, const Grads<T>& gr, int64_t nthreads) {
   const int64_t max_pairs = inv[0].max_queries() * inv[1].max_queries();  // window rows holding one key row
   Scratch<T>& mem = scratch<T>();
   mem.workers(nthreads);
-  const T* kt = gr.probs ? nullptr : transpose_heads(p.k, p.lk, g, D, kslice, nthreads, mem.kt);
-  const T* vt = transpose_heads(p.v, p.lv, g, DV, vslice, nthreads, mem.vt);
+  // The softmax row terms of every query, in one pass over dO and O in their natural layout.
+  Grads<T> gr = given;
+  T* delta = sized(mem.delta, g.B * N * H);
+  parallel_for(g.B * N, nthreads, [&](int64_t lo, int64_t hi, int64_t) {
+    for (int64_t qoff = lo * H; qoff < hi * H; ++qoff) delta[qoff] = softmax_delta(p, given, qoff);
+  });
+  gr.delta = delta;
+  // Lane tiles for the queries the forward ran as lane tiles, general blocks for the others.
+  const LaneBlocks lanes = !p.kb && g.NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
+  const int64_t nl = static_cast<int64_t>(lanes.x0.size());
+  const bool need_kt = !gr.probs || nl > 0;
+  const T* kt = need_kt ? transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt) : nullptr;
+  const T* vt = transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt);
+  const int64_t tiles = (g.rows() + kTileRows - 1) / kTileRows;
   parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
     BackwardScratch<T> s;
     s.width = max_runs * chunks * L;
@@ -1044,16 +1437,28 @@ void backward(const Problem<T>& p, const Grads<T>& gr, int64_t nthreads) {
     s.dsc = sized(mem.d[worker], N * KK);
     s.rows = sized(mem.pairs[worker], 2 * max_pairs);
     s.wi = s.rows + max_pairs;
+    TileScratch<T> ts = tile_scratch<T, L>(mem, worker, g, /*backward=*/true);
+    const auto general = [&](int64_t b, int64_t h, const Block& blk) {
+      const int64_t nrun = window_runs(g, blk.token[0], s.runs);
+      block_probabilities<T, L>(p, gr, kt ? kt + (b * H + h) * kslice : nullptr, b, h, blk, nrun, chunks, s);
+      block_score_grads<T, L>(p, gr, vt + (b * H + h) * vslice, b, h, blk, nrun, chunks, s);
+      query_grads<T, L>(p, gr, b, h, blk, nrun, chunks, s);
+      store_block_weights<T, L>(p, gr, blk, nrun, chunks, s);
+    };
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      for (int64_t row = 0; row < g.rows(); ++row) {
-        for (const Block& blk : make_blocks(g, row, L, chunks)) {
-          const int64_t nrun = window_runs(g, blk.token[0], s.runs);
-          block_probabilities<T, L>(p, gr, kt ? kt + bh * kslice : nullptr, b, h, blk, nrun, chunks, s);
-          block_score_grads<T, L>(p, gr, vt + bh * vslice, b, h, blk, nrun, chunks, s);
-          query_grads<T, L>(p, gr, b, h, blk, nrun, chunks, s);
-          store_block_weights<T, L>(p, gr, blk, nrun, chunks, s);
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
+        for (int64_t x0 : lanes.x0) {
+          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, x0, kt + bh * kslice, vt + bh * vslice, ts, s))
+            continue;
+          std::vector<char> others(S2, 1);  // declined (an empty or NaN softmax): its queries as general blocks
+          for (int64_t i = 0; i < L; ++i) others[x0 + dil2 * i] = 0;
+          for (int64_t i = 0; i < n; ++i)
+            for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others)) general(b, h, blk);
         }
+        for (int64_t i = 0; i < n; ++i)
+          for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &lanes.taken)) general(b, h, blk);
       }
       key_grads(p, gr, b, h, inv, s);
     }
@@ -1102,7 +1507,7 @@ Problem<T> make_problem(const T* q, const T* k, const T* v, const T* addk, const
       int64_t nthreads) {                                                                                            \
     backward<T, 64 / sizeof(T)>(                                                                                     \
         make_problem<T>(q, k, v, addk, addv, rpb, kb, shape, dil, rel_size, tables, strides, B, H, D, DV, NA, scale), \
-        Grads<T>{out, lse, dout, dlse, probs, dq, dk, dv, daddk, daddv, drpb, dkb}, nthreads);                       \
+        Grads<T>{out, lse, dout, dlse, probs, nullptr, dq, dk, dv, daddk, daddv, drpb, dkb}, nthreads);                       \
   }
 
 ATTNZOO_DEFINE(float, f32)
