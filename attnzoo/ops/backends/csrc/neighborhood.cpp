@@ -52,6 +52,7 @@ template <typename T, int L>
 struct Simd {
   static constexpr int lanes = L;
   typedef T vec __attribute__((vector_size(L * sizeof(T))));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> index __attribute__((vector_size(L * sizeof(T))));
 };
 
 // Unaligned vector load and store (by value, so that arrays of vectors stay in registers).
@@ -234,6 +235,19 @@ inline void transpose_block(typename Simd<T, L>::vec* x) {
 }
 #endif
 
+// Two-source lane selection: lane i of the result is lane idx[i] of the concatenation (a, b), 0 <= idx[i] < 2L.
+template <typename V, typename IV>
+inline V shuffle2(const V& a, const V& b, const IV& idx) {
+#ifdef ATTNZOO_SHUFFLE_TRANSPOSE
+  return __builtin_shuffle(a, b, idx);
+#else
+  constexpr int L = sizeof(V) / sizeof(a[0]);
+  V r;
+  for (int i = 0; i < L; ++i) r[i] = idx[i] < L ? a[idx[i]] : b[idx[i] - L];
+  return r;
+#endif
+}
+
 // x [B, N, H, C] (strided as `lx`) -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
 template <typename T, int L>
 const T* transpose_heads(const T* x, const Layout& lx, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
@@ -348,12 +362,25 @@ inline std::vector<Block> make_blocks(const Geometry& g, int64_t row, int64_t L,
   return blocks;
 }
 
-// Lane blocks (forward): L queries of one dilation group, x0 + dil*i for i < L, whose last-axis windows start at
-// consecutive reordered columns with equal counts and relative positions (every query away from the borders).
-// With the queries as SIMD lanes, the logits of the j-th key of a window row are one FMA per head dimension
-// against the transposed keys at column start(x0) + j (an unaligned load): no lane is wasted.
+// Lane blocks: L queries of one dilation group, x0 + dil*i for i < L, with equal window counts along the last axis,
+// computed with the queries as SIMD lanes. Lane i's window starts offset[i] reordered columns after lane 0's:
+// offset[i] = i away from the borders, where the j-th keys of all lanes are one unaligned vector load at column
+// start(x0) + j; near the borders (clamped windows) each lane's key is picked out of two vectors by a two-source
+// shuffle. Every dilation group of at least L queries is covered by blocks; a group whose length is not a multiple
+// of L ends with a block that overlaps its predecessor, whose first `skip` lanes are computed but not written.
+constexpr int kMaxLanes = 16;
+
+struct LaneBlock {
+  int64_t x0;
+  int64_t skip;
+  bool shuffled;              // offsets other than 0, 1, 2, ...
+  bool rel_varies;            // lanes' relative positions differ (their bias is read lane by lane)
+  int64_t offset[kMaxLanes];  // start column of lane i's window minus lane 0's
+  int64_t rel[kMaxLanes];     // relative position of lane i's first key minus lane 0's
+};
+
 struct LaneBlocks {
-  std::vector<int64_t> x0;  // first query of each lane block (last-axis coordinate)
+  std::vector<LaneBlock> blocks;
   std::vector<char> taken;  // per last-axis coordinate: part of a lane block
 };
 
@@ -361,20 +388,27 @@ inline LaneBlocks lane_blocks(const Geometry& g, int64_t L) {
   const Axis& A = g.ax[2];
   LaneBlocks lb{{}, std::vector<char>(A.extent, 0)};
   for (int64_t r = 0; r < A.dil && r < A.extent; ++r) {
-    int64_t x = r;
-    while (x + A.dil * (L - 1) < A.extent) {
+    const int64_t n = (A.extent - r + A.dil - 1) / A.dil;  // queries of this dilation group
+    if (n < L) continue;
+    for (int64_t k = 0; k < n; k += L) {
+      const int64_t x0 = r + A.dil * std::min(k, n - L);
+      const int64_t c0 = g.xcol(A.start[x0]), count = A.count[x0];
+      LaneBlock blk{x0, 0, false, false, {}, {}};
       bool ok = true;
-      for (int64_t i = 1; i < L && ok; ++i) {
-        const int64_t xi = x + A.dil * i;
-        ok = g.xcol(A.start[xi]) == g.xcol(A.start[x]) + i && A.count[xi] == A.count[x] && A.rel[xi] == A.rel[x];
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t xi = x0 + A.dil * i;
+        blk.offset[i] = g.xcol(A.start[xi]) - c0;
+        blk.rel[i] = A.rel[xi] - A.rel[x0];
+        ok = ok && A.count[xi] == count && blk.offset[i] >= 0;
+        blk.shuffled = blk.shuffled || blk.offset[i] != i;
+        blk.rel_varies = blk.rel_varies || blk.rel[i] != 0;
       }
-      if (!ok) {
-        x += A.dil;
-        continue;
-      }
-      lb.x0.push_back(x);
-      for (int64_t i = 0; i < L; ++i) lb.taken[x + A.dil * i] = 1;
-      x += A.dil * L;
+      if (blk.shuffled)  // every lane's keys within the two vectors at columns c0 .. c0 + 2L - 1
+        for (int64_t i = 0; i < L; ++i) ok = ok && blk.offset[i] + count <= 2 * L;
+      if (!ok) continue;
+      while (blk.skip < L && lb.taken[x0 + A.dil * blk.skip]) ++blk.skip;
+      for (int64_t i = 0; i < L; ++i) lb.taken[x0 + A.dil * i] = 1;
+      lb.blocks.push_back(blk);
     }
   }
   return lb;
@@ -569,8 +603,9 @@ struct TileRow {
 // Logits of G keys (j0 .. j0+G-1) of one window row for each user i in MASK:
 // out[i][u * L + lane] = scale * <q_i of lane, key at transposed column start + j0 + u + lane>.
 // qt[i] is [D][L] (query row i of the tile, transposed); kr = the transposed window row at column start + j0.
-template <typename T, int L, int MASK, int G>
-inline void tile_logits(const T* const* qt, const T* __restrict kr, int64_t RW, int64_t D, T scale, T* const* out) {
+template <typename T, int L, int MASK, int G, bool Shuffled>
+inline void tile_logits(const T* const* qt, const T* __restrict kr, int64_t RW, int64_t D, T scale, T* const* out,
+                        const typename Simd<T, L>::index& offset) {
   using V = typename Simd<T, L>::vec;
   V acc[kTileRows][G] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -579,9 +614,14 @@ inline void tile_logits(const T* const* qt, const T* __restrict kr, int64_t RW, 
     for (int i = 0; i < kTileRows; ++i)
       if (MASK >> i & 1) q[i] = vload<V>(qt[i] + d * L);
     const T* kd = kr + d * RW;
+    V lo = {}, hi = {};
+    if constexpr (Shuffled) {
+      lo = vload<V>(kd);
+      hi = vload<V>(kd + L);
+    }
     ATTNZOO_UNROLL
     for (int u = 0; u < G; ++u) {
-      const V k = vload<V>(kd + u);
+      const V k = Shuffled ? shuffle2(lo, hi, offset + u) : vload<V>(kd + u);
       ATTNZOO_UNROLL
       for (int i = 0; i < kTileRows; ++i)
         if (MASK >> i & 1) acc[i][u] += q[i] * k;
@@ -596,8 +636,9 @@ inline void tile_logits(const T* const* qt, const T* __restrict kr, int64_t RW, 
 
 // O[i][c * L + lane] += sum_j P[i][j * L + lane] * vr[c * RW + j + lane] for c < CB, j < count, every user i in MASK:
 // the outputs (channels as rows, queries as lanes) of one window row's values, P·V with the values transposed.
-template <typename T, int L, int MASK, int CB>
-inline void tile_values(const T* const* P, const T* __restrict vr, int64_t RW, int64_t count, T* const* O) {
+template <typename T, int L, int MASK, int CB, bool Shuffled>
+inline void tile_values(const T* const* P, const T* __restrict vr, int64_t RW, int64_t count, T* const* O,
+                        const typename Simd<T, L>::index& offset) {
   using V = typename Simd<T, L>::vec;
   V acc[kTileRows][CB];
   ATTNZOO_UNROLL
@@ -612,7 +653,8 @@ inline void tile_values(const T* const* P, const T* __restrict vr, int64_t RW, i
       if (MASK >> i & 1) w[i] = vload<V>(P[i] + j * L);
     ATTNZOO_UNROLL
     for (int c = 0; c < CB; ++c) {
-      const V x = vload<V>(vr + c * RW + j);
+      const V x = Shuffled ? shuffle2(vload<V>(vr + c * RW), vload<V>(vr + c * RW + L), offset + int(j))
+                           : vload<V>(vr + c * RW + j);
       ATTNZOO_UNROLL
       for (int i = 0; i < kTileRows; ++i)
         if (MASK >> i & 1) acc[i][c] += w[i] * x;
@@ -625,18 +667,19 @@ inline void tile_values(const T* const* P, const T* __restrict vr, int64_t RW, i
       for (int c = 0; c < CB; ++c) vstore(O[i] + c * L, acc[i][c]);
 }
 
-// Runtime (mask, group) to the templates above.
-template <typename T, int L, int MASK>
-inline void tile_logits_g(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out) {
+// Runtime (mask, group, shuffled) to the templates above; `offset` is null for consecutive lanes.
+template <typename T, int L, int MASK, bool Shuffled>
+inline void tile_logits_g(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out,
+                          const typename Simd<T, L>::index& offset) {
   switch (G) {
-    case 1: return tile_logits<T, L, MASK, 1>(qt, kr, RW, D, scale, out);
-    case 2: return tile_logits<T, L, MASK, 2>(qt, kr, RW, D, scale, out);
-    case 3: return tile_logits<T, L, MASK, 3>(qt, kr, RW, D, scale, out);
-    case 4: return tile_logits<T, L, MASK, 4>(qt, kr, RW, D, scale, out);
-    case 5: return tile_logits<T, L, MASK, 5>(qt, kr, RW, D, scale, out);
-    case 6: return tile_logits<T, L, MASK, 6>(qt, kr, RW, D, scale, out);
-    case 7: return tile_logits<T, L, MASK, 7>(qt, kr, RW, D, scale, out);
-    default: return tile_logits<T, L, MASK, 8>(qt, kr, RW, D, scale, out);
+    case 1: return tile_logits<T, L, MASK, 1, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 2: return tile_logits<T, L, MASK, 2, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 3: return tile_logits<T, L, MASK, 3, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 4: return tile_logits<T, L, MASK, 4, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 5: return tile_logits<T, L, MASK, 5, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 6: return tile_logits<T, L, MASK, 6, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    case 7: return tile_logits<T, L, MASK, 7, Shuffled>(qt, kr, RW, D, scale, out, offset);
+    default: return tile_logits<T, L, MASK, 8, Shuffled>(qt, kr, RW, D, scale, out, offset);
   }
 }
 
@@ -655,26 +698,36 @@ inline void by_mask(int mask, Args&&... args) {
 
 template <typename T, int L, int MASK>
 struct TileLogits {
-  static void run(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out) {
-    tile_logits_g<T, L, MASK>(G, qt, kr, RW, D, scale, out);
+  static void run(int G, const T* const* qt, const T* kr, int64_t RW, int64_t D, T scale, T* const* out,
+                  const typename Simd<T, L>::index* offset) {
+    if (offset) tile_logits_g<T, L, MASK, true>(G, qt, kr, RW, D, scale, out, *offset);
+    else tile_logits_g<T, L, MASK, false>(G, qt, kr, RW, D, scale, out, typename Simd<T, L>::index{});
   }
 };
 
-// All channels of one window row's values: blocks of 8 channels, then single channels.
+// All channels of one window row's values: blocks of CB channels, then single channels.
 template <typename T, int L, int MASK>
 struct TileValues {
-  static void run(const T* const* P, const T* vr, int64_t RW, int64_t count, int64_t DV, T* const* O) {
+  template <bool Shuffled>
+  static void channels(const T* const* P, const T* vr, int64_t RW, int64_t count, int64_t DV, T* const* O,
+                       const typename Simd<T, L>::index& offset) {
+    constexpr int CB = Shuffled ? 4 : 8;  // the shuffle's operands need registers too
     int64_t c = 0;
-    for (; c + 8 <= DV; c += 8) {
+    for (; c + CB <= DV; c += CB) {
       T* Oc[kTileRows];
       for (int i = 0; i < kTileRows; ++i) Oc[i] = O[i] ? O[i] + c * L : nullptr;
-      tile_values<T, L, MASK, 8>(P, vr + c * RW, RW, count, Oc);
+      tile_values<T, L, MASK, CB, Shuffled>(P, vr + c * RW, RW, count, Oc, offset);
     }
     for (; c < DV; ++c) {
       T* Oc[kTileRows];
       for (int i = 0; i < kTileRows; ++i) Oc[i] = O[i] ? O[i] + c * L : nullptr;
-      tile_values<T, L, MASK, 1>(P, vr + c * RW, RW, count, Oc);
+      tile_values<T, L, MASK, 1, Shuffled>(P, vr + c * RW, RW, count, Oc, offset);
     }
+  }
+  static void run(const T* const* P, const T* vr, int64_t RW, int64_t count, int64_t DV, T* const* O,
+                  const typename Simd<T, L>::index* offset) {
+    if (offset) channels<true>(P, vr, RW, count, DV, O, *offset);
+    else channels<false>(P, vr, RW, count, DV, O, typename Simd<T, L>::index{});
   }
 };
 
@@ -685,6 +738,7 @@ struct TileScratch {
   TileRow* rows;       // the union: at most kTileRows * max_runs
   T *qt, *S, *O;       // [kTileRows][D][L], [kTileRows][s_stride] (scores, then probabilities), [kTileRows][DV][L]
   T *dot, *dS;         // backward: dO transposed [kTileRows][DV][L]; dP, then dS [kTileRows][s_stride]
+  T* dummy;            // where the skipped lanes of an overlapping block write (see LaneBlock)
   int64_t max_runs, s_stride;
 };
 
@@ -702,7 +756,9 @@ TileScratch<T> tile_scratch(Scratch<T>& mem, int64_t worker, const Geometry& g, 
   ts.S = sized(mem.ts[worker], kTileRows * ts.s_stride);
   ts.O = sized(mem.to[worker], kTileRows * std::max(g.D, g.DV) * L);
   ts.dot = backward ? sized(mem.tdo[worker], kTileRows * g.DV * L) : nullptr;
-  ts.dS = backward ? sized(mem.tds[worker], kTileRows * ts.s_stride) : nullptr;
+  ts.dS = backward ? sized(mem.tds[worker], kTileRows * ts.s_stride + std::max({g.D, g.DV, g.probs_per_query()}))
+                   : nullptr;
+  ts.dummy = backward ? ts.dS + kTileRows * ts.s_stride : sized(mem.tdo[worker], std::max(g.DV, g.probs_per_query()));
   return ts;
 }
 
@@ -745,13 +801,23 @@ inline void scatter_lanes(const T* __restrict xt, int64_t C, T* const* row) {
 }
 
 // Pointers to the rows of the L tokens t0 + dil*lane of x (rows `stride` elements apart).
+// Lanes below `skip` (written by an earlier, overlapping lane block) point at `dummy` instead.
 template <typename T, int L>
 struct LaneRows {
   T* row[L];
-  LaneRows(T* x, int64_t stride, int64_t t0, int64_t dil) {
-    for (int lane = 0; lane < L; ++lane) row[lane] = x + (t0 + dil * lane) * stride;
+  LaneRows(T* x, int64_t stride, int64_t t0, int64_t dil, int64_t skip = 0, T* dummy = nullptr) {
+    for (int lane = 0; lane < L; ++lane) row[lane] = lane < skip ? dummy : x + (t0 + dil * lane) * stride;
   }
 };
+
+// The relative-position bias of key j of window run `bias` for every lane of a block, as a vector.
+template <typename T, int L>
+inline typename Simd<T, L>::vec lane_bias(const T* rpb, int64_t bias, int64_t j, const LaneBlock& lb) {
+  typename Simd<T, L>::vec v;
+  if (!lb.rel_varies) return v - v + rpb[bias + j];
+  for (int lane = 0; lane < L; ++lane) v[lane] = rpb[bias + j + lb.rel[lane]];
+  return v;
+}
 
 // A query's window weights, compact (run r at r * K2 + j) <-> the lane layout (r * count + j): one transpose when
 // the window is full (count == K2), else run by run.
@@ -794,9 +860,13 @@ inline int64_t tile_windows(const Geometry& g, int64_t row0, int64_t n, int64_t 
 // softmax, P·V, lse (and the saved probabilities). Needs no key bias and no additional keys (the caller checks).
 // Returns false, writing nothing, when a lane's softmax would be empty or NaN-led (general blocks then handle it).
 template <typename T, int L>
-inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t x0,
+inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t row0, int64_t n, const LaneBlock& lb,
                               const T* kth, const T* vth, TileScratch<T>& s, T* out, T* lse, T* probs) {
   using V = typename Simd<T, L>::vec;
+  const int64_t x0 = lb.x0;
+  typename Simd<T, L>::index offsets;
+  for (int lane = 0; lane < L; ++lane) offsets[lane] = lb.offset[lane];
+  const auto* shuffle = lb.shuffled ? &offsets : nullptr;
   const Geometry& g = p.g;
   const Axis& A = g.ax[2];
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = A.extent, RW = g.row_width(), MR = s.max_runs;
@@ -818,7 +888,7 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
       for (int64_t i = 0; i < n; ++i)
         if (tr.mask >> i & 1) o[i] = s.S + i * s.s_stride + (tr.run[i] * count + j0) * L;
       by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), qt, kr + j0, RW, D,
-                                p.scale, o);
+                                p.scale, o, shuffle);
     }
   }
   // Biases and the softmax statistics of every query row; decline before writing anything.
@@ -830,10 +900,8 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
     if (p.rpb)
       for (int64_t r = 0; r < nrun[i]; ++r)
         for (int64_t j = 0; j < count; ++j) {
-          V sv;
-          std::memcpy(&sv, Si + (r * count + j) * L, sizeof(V));
-          sv += p.rpb[h * R + runs[r].bias + j];
-          std::memcpy(Si + (r * count + j) * L, &sv, sizeof(V));
+          vstore(Si + (r * count + j) * L, V(vload<V>(Si + (r * count + j) * L) +
+                                             lane_bias<T, L>(p.rpb + h * R, runs[r].bias, j, lb)));
         }
     V mi = Si[0] + V{};
     for (int64_t k = 0; k < nrun[i] * count; ++k) {
@@ -868,7 +936,7 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
         P[i] = s.S + i * s.s_stride + tr.run[i] * count * L;
         O[i] = s.O + i * DV * L;
       }
-    by_mask<T, L, TileValues>(tr.mask, P, vth + tr.row * DV * RW + col, RW, count, DV, O);
+    by_mask<T, L, TileValues>(tr.mask, P, vth + tr.row * DV * RW + col, RW, count, DV, O, shuffle);
   }
   // Normalise and write out (queries back to rows), lse and the probabilities.
   const int64_t KK = g.probs_per_query(), K2 = g.kernel2();
@@ -877,12 +945,14 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
     T* Oi = s.O + i * DV * L;
     for (int64_t c = 0; c < DV; ++c) vstore(Oi + c * L, V(vload<V>(Oi + c * L) * inv));
     const int64_t t0 = (row0 + i) * S2 + x0;
-    scatter_lanes<T, L>(Oi, DV, LaneRows<T, L>(out + (b * N * H + h) * DV, H * DV, t0, A.dil).row);
-    for (int lane = 0; lane < L; ++lane) lse[(b * N + t0 + A.dil * lane) * H + h] = m[i][lane] + std::log(l[i][lane]);
+    scatter_lanes<T, L>(Oi, DV, LaneRows<T, L>(out + (b * N * H + h) * DV, H * DV, t0, A.dil, lb.skip, s.dummy).row);
+    for (int64_t lane = lb.skip; lane < L; ++lane)
+      lse[(b * N + t0 + A.dil * lane) * H + h] = m[i][lane] + std::log(l[i][lane]);
     if (probs) {
       T* Si = s.S + i * s.s_stride;
       for (int64_t k = 0; k < nrun[i] * count; ++k) vstore(Si + k * L, V(vload<V>(Si + k * L) * inv));
-      scatter_weights<T, L>(Si, nrun[i], count, K2, LaneRows<T, L>(probs + (b * H + h) * N * KK, KK, t0, A.dil).row);
+      scatter_weights<T, L>(Si, nrun[i], count, K2,
+                            LaneRows<T, L>(probs + (b * H + h) * N * KK, KK, t0, A.dil, lb.skip, s.dummy).row);
     }
   }
   return true;
@@ -974,7 +1044,7 @@ void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
   mem.workers(nthreads);
   // Lane tiles where the geometry allows (no key bias, no additional keys), general blocks for the other queries.
   const LaneBlocks lanes = !p.kb && NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
-  const int64_t nl = static_cast<int64_t>(lanes.x0.size());
+  const int64_t nl = static_cast<int64_t>(lanes.blocks.size());
   const T* kt = transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt);
   const T* vt = nl ? transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt) : nullptr;
   // Work item = (batch, tile of kTileRows query rows, part of the tile); parts keep both threads busy on 1-D inputs.
@@ -992,11 +1062,11 @@ void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
       for (int64_t h = 0; h < H; ++h) {
         const T* kth = kt + (b * H + h) * kslice;
         for (int64_t li = part * nl / parts; li < (part + 1) * nl / parts; ++li) {
-          const int64_t x0 = lanes.x0[li];
-          if (forward_lane_tile<T, L>(p, b, h, row0, n, x0, kth, vt + (b * H + h) * vslice, ts, out, lse, probs))
+          const LaneBlock& lb = lanes.blocks[li];
+          if (forward_lane_tile<T, L>(p, b, h, row0, n, lb, kth, vt + (b * H + h) * vslice, ts, out, lse, probs))
             continue;
           std::vector<char> others(S2, 1);  // declined (an empty or NaN-led softmax): its queries as general blocks
-          for (int64_t i = 0; i < L; ++i) others[x0 + dil2 * i] = 0;
+          for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
           for (int64_t i = 0; i < n; ++i)
             for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others))
               forward_block<T, L>(p, b, h, blk, kth, runs, chunks, score, width, out, lse, probs);
@@ -1301,8 +1371,13 @@ void key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, co
 // Returns false, writing nothing, when a lane's lse is not finite (an empty or NaN softmax: general blocks then).
 template <typename T, int L>
 inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, int64_t row0, int64_t n,
-                               int64_t x0, const T* kth, const T* vth, TileScratch<T>& s, BackwardScratch<T>& bs) {
+                               const LaneBlock& lb, const T* kth, const T* vth, TileScratch<T>& s,
+                               BackwardScratch<T>& bs) {
   using V = typename Simd<T, L>::vec;
+  const int64_t x0 = lb.x0;
+  typename Simd<T, L>::index offsets;
+  for (int lane = 0; lane < L; ++lane) offsets[lane] = lb.offset[lane];
+  const auto* shuffle = lb.shuffled ? &offsets : nullptr;
   const Geometry& g = p.g;
   const Axis& A = g.ax[2];
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = A.extent, RW = g.row_width(), MR = s.max_runs;
@@ -1337,7 +1412,7 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
         for (int64_t i = 0; i < n; ++i)
           if (tr.mask >> i & 1) o[i] = dst + i * s.s_stride + (tr.run[i] * count + j0) * L;
         by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), xt,
-                                  xth + tr.row * C * RW + col + j0, RW, C, scale, o);
+                                  xth + tr.row * C * RW + col + j0, RW, C, scale, o, shuffle);
       }
     }
   };
@@ -1354,7 +1429,7 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
       for (int64_t r = 0; r < nrun[i]; ++r)
         for (int64_t j = 0; j < count; ++j) {
           V sv = vload<V>(Si + (r * count + j) * L);
-          if (p.rpb) sv += p.rpb[h * R + runs[r].bias + j];
+          if (p.rpb) sv += lane_bias<T, L>(p.rpb + h * R, runs[r].bias, j, lb);
           vstore(Si + (r * count + j) * L, vexp<L>(sv - lse[i]));
         }
     }
@@ -1377,26 +1452,32 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
         P[i] = s.dS + i * s.s_stride + tr.run[i] * count * L;
         O[i] = s.O + i * D * L;
       }
-    by_mask<T, L, TileValues>(tr.mask, P, kth + tr.row * D * RW + col, RW, count, D, O);
+    by_mask<T, L, TileValues>(tr.mask, P, kth + tr.row * D * RW + col, RW, count, D, O, shuffle);
   }
   for (int64_t i = 0; i < n; ++i) {
     T* Oi = s.O + i * D * L;
     const T* Si = s.S + i * s.s_stride;
     const T* dSi = s.dS + i * s.s_stride;
     const Run* runs = s.runs + i * MR;
-    if (gr.drpb)
+    if (gr.drpb)  // the lanes this block writes (not the skipped ones), each at its own relative position
       for (int64_t r = 0; r < nrun[i]; ++r)
         for (int64_t j = 0; j < count; ++j) {
-          const V v = vload<V>(dSi + (r * count + j) * L);
-          T sum = 0;
-          for (int lane = 0; lane < L; ++lane) sum += v[lane];
-          gr.drpb[(b * H + h) * R + runs[r].bias + j] += sum;
+          const T* dsj = dSi + (r * count + j) * L;
+          T* slot = gr.drpb + (b * H + h) * R + runs[r].bias + j;
+          if (lb.rel_varies) {
+            for (int64_t lane = lb.skip; lane < L; ++lane) slot[lb.rel[lane]] += dsj[lane];
+          } else {
+            T sum = 0;
+            for (int64_t lane = lb.skip; lane < L; ++lane) sum += dsj[lane];
+            *slot += sum;
+          }
         }
     const int64_t t0 = (row0 + i) * S2 + x0;
     for (int64_t d = 0; d < D; ++d) vstore(Oi + d * L, V(vload<V>(Oi + d * L) * p.scale));
-    scatter_lanes<T, L>(Oi, D, LaneRows<T, L>(gr.dq + (b * N * H + h) * D, H * D, t0, A.dil).row);
-    scatter_weights<T, L>(dSi, nrun[i], count, K2, LaneRows<T, L>(bs.dsc, KK, t0, A.dil).row);
-    if (!gr.probs) scatter_weights<T, L>(Si, nrun[i], count, K2, LaneRows<T, L>(bs.pc, KK, t0, A.dil).row);
+    scatter_lanes<T, L>(Oi, D, LaneRows<T, L>(gr.dq + (b * N * H + h) * D, H * D, t0, A.dil, lb.skip, s.dummy).row);
+    scatter_weights<T, L>(dSi, nrun[i], count, K2, LaneRows<T, L>(bs.dsc, KK, t0, A.dil, lb.skip, s.dummy).row);
+    if (!gr.probs)
+      scatter_weights<T, L>(Si, nrun[i], count, K2, LaneRows<T, L>(bs.pc, KK, t0, A.dil, lb.skip, s.dummy).row);
   }
   return true;
 }
@@ -1422,7 +1503,7 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
   gr.delta = delta;
   // Lane tiles for the queries the forward ran as lane tiles, general blocks for the others.
   const LaneBlocks lanes = !p.kb && g.NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
-  const int64_t nl = static_cast<int64_t>(lanes.x0.size());
+  const int64_t nl = static_cast<int64_t>(lanes.blocks.size());
   const bool need_kt = !gr.probs || nl > 0;
   const T* kt = need_kt ? transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt) : nullptr;
   const T* vt = transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt);
@@ -1449,11 +1530,11 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
-        for (int64_t x0 : lanes.x0) {
-          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, x0, kt + bh * kslice, vt + bh * vslice, ts, s))
+        for (const LaneBlock& lb : lanes.blocks) {
+          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, lb, kt + bh * kslice, vt + bh * vslice, ts, s))
             continue;
           std::vector<char> others(S2, 1);  // declined (an empty or NaN softmax): its queries as general blocks
-          for (int64_t i = 0; i < L; ++i) others[x0 + dil2 * i] = 0;
+          for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
           for (int64_t i = 0; i < n; ++i)
             for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others)) general(b, h, blk);
         }
