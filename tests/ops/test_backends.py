@@ -334,15 +334,27 @@ def test_native_backward_with_several_threads():
         assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")
 
 
+SAVED_PROBABILITY_CASES = {
+    # every extra input and -inf key biases: general blocks only
+    "extras": (
+        Case((9, 10), (3, 5), stride=(2, 1), dilation=(1, 2), causal=(True, False), batch=2, heads=2, dim=8),
+        "extras",
+    ),
+    # rows of 21 float64 queries: lane tiles, clamped border windows (shuffled lanes), an overlapping last block
+    "lane_tiles": (Case((12, 21), (5, 7), batch=2, heads=2, dim=8), "lse"),
+}
+
+
+@pytest.mark.parametrize("case_name", list(SAVED_PROBABILITY_CASES))
 @pytest.mark.parametrize("saved", [True, False], ids=["saved_probs", "recomputed_probs"])
-def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved):
-    """The fused backward either reads the softmax probabilities its forward saved or recomputes them (kernels with
-    more keys than q, k and v have values): both against the reference, with every extra input and -inf key biases."""
+def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved, case_name):
+    """The fused backward either reads the softmax probabilities its forward saved or recomputes them: both against
+    the reference, on general blocks (with every extra input) and on lane tiles."""
     from attnzoo.ops.backends import native
 
     monkeypatch.setattr(native, "saves_probabilities", lambda *args: saved)
-    case = Case((9, 10), (3, 5), stride=(2, 1), dilation=(1, 2), causal=(True, False), batch=2, heads=2, dim=8)
-    inputs = make_inputs(case, "extras", torch.float64)
+    case, variant = SAVED_PROBABILITY_CASES[case_name]
+    inputs = make_inputs(case, variant, torch.float64)
     calls, fused_backward = [], torch.ops.attnzoo.na_backward
     monkeypatch.setattr(native, "na_backward", lambda *a, **kw: calls.append(kw["probs"]) or fused_backward(*a, **kw))
     out, lse, grads = run(case, "native", inputs)
@@ -351,3 +363,15 @@ def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved
     assert_close_rms(out, ref_out, 1e-10, "output")
     for name in grads:
         assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")
+
+
+def test_saving_probabilities_is_opt_in(monkeypatch):
+    """Recomputing the probabilities is the default (measured faster); ATTNZOO_SAVE_PROBABILITIES=1 saves them where
+    they are no larger than q, k and v (49 ≤ 2·32 + 32, not 169)."""
+    from attnzoo.ops.backends import native
+
+    monkeypatch.delenv("ATTNZOO_SAVE_PROBABILITIES", raising=False)
+    assert not native.saves_probabilities((7, 7), 32, 32)
+    monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "1")
+    assert native.saves_probabilities((7, 7), 32, 32)
+    assert not native.saves_probabilities((13, 13), 32, 32)
