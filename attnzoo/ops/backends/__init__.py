@@ -63,10 +63,11 @@ def select_backend(backend: str, problem: NAProblem) -> Backend:
 def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
     """The backend ``backend="auto"`` runs ``problem`` on, and why (a fixed cost rule: no timing, deterministic).
 
-    Rule, from same-run measurements on CPU (1 thread, process CPU time; Swin 56²×96 h3 M7, MaxViT 56²×64 block and
-    grid, B4-B8): when stride = kernel and the extents divide into windows, the window partition (fused SDPA without
-    autograd, explicit scores with it) is as fast as the fused kernel forward at the mechanism level (0.85-1.13x
-    op alone, 1.0-1.1x in ``window`` / ``multi_axis``) and 1.1-1.7x faster forward+backward. A key_bias or the lse
+    Rule, from same-run measurements on CPU (interleaved; Swin 56²×96 h3 M7 and MaxViT 56²×64 grid, B8, 1 and 2
+    threads, re-measured on the lane-tile kernel): when stride = kernel and the extents divide into windows, the
+    window partition (fused SDPA without autograd, explicit scores with it) is 1.1-2.2x faster forward+backward
+    (t(native)/t(partition) 1.12-1.37 Swin, 1.96-2.22 grid); forward, it ties with the kernel on Swin windows with 2
+    threads (1.00; the kernel is 1.27x faster with 1 thread) and is 1.3-1.4x faster on the dilated grid. A key_bias or the lse
     forces explicit scores with a NaN-safe softmax there; then the fused kernel is faster (2.2x forward, 1.3x
     forward+backward on a padded 56² Swin grid), so such calls and every other pattern go to the first backend of
     the device's ``auto_order`` that can run. No per-machine timing calibration: the forward is a tie either way, the
