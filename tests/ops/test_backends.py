@@ -365,13 +365,24 @@ def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved
         assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")
 
 
-def test_saving_probabilities_is_opt_in(monkeypatch):
-    """Recomputing the probabilities is the default (measured faster); ATTNZOO_SAVE_PROBABILITIES=1 saves them where
-    they are no larger than q, k and v (49 ≤ 2·32 + 32, not 169)."""
+def test_probabilities_are_saved_only_where_lane_tiles_do_not_run(monkeypatch):
+    """By default the forward saves the probabilities only on maps too narrow for the kernel's lane tiles (a last-axis
+    dilation group of fewer than 16 float32 / 8 float64 queries), never when they outnumber q, k and v's values
+    (169 > 2·32 + 32); ATTNZOO_SAVE_PROBABILITIES=1 / 0 overrides the width rule, not the size rule."""
     from attnzoo.ops.backends import native
 
+    def problem(width: int, kernel: int = 7, dilation: int = 1, dtype=torch.float32):
+        q = torch.empty(1, 14, width, 2, 32, dtype=dtype)
+        return make_problem(q, q, q, kernel, dilation=(1, dilation))
+
     monkeypatch.delenv("ATTNZOO_SAVE_PROBABILITIES", raising=False)
-    assert not native.saves_probabilities((7, 7), 32, 32)
+    assert native.saves_probabilities(problem(14), 32, 32)  # 14 < 16 lanes: general blocks, saved
+    assert not native.saves_probabilities(problem(56), 32, 32)  # lane tiles: recomputed
+    assert native.saves_probabilities(problem(56, dilation=4), 32, 32)  # dilation groups of 14
+    assert not native.saves_probabilities(problem(14, dtype=torch.float64), 32, 32)  # 14 >= 8 float64 lanes
+    assert not native.saves_probabilities(problem(14, kernel=13), 32, 32)  # 169 probabilities per query
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "1")
-    assert native.saves_probabilities((7, 7), 32, 32)
-    assert not native.saves_probabilities((13, 13), 32, 32)
+    assert native.saves_probabilities(problem(56), 32, 32)
+    assert not native.saves_probabilities(problem(14, kernel=13), 32, 32)
+    monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "0")
+    assert not native.saves_probabilities(problem(14), 32, 32)

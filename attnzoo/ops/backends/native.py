@@ -3,10 +3,10 @@
 Registered as ``torch.library`` custom ops (``attnzoo::na_forward`` / ``attnzoo::na_backward``) with fake
 implementations and an autograd formula, so modules built on it work under ``torch.compile(fullgraph=True)`` and
 ``torch.export``. Half-precision inputs are computed in float32 and cast back. q, k and v are read in place when
-their spatial axes flatten to one token stride (e.g. views of one fused qkv projection), not copied. With
-``ATTNZOO_SAVE_PROBABILITIES=1``, a forward that needs a gradient runs ``attnzoo::na_forward_saving``, which also
-returns the window's softmax probabilities for the backward to read instead of recomputing them (see
-``saves_probabilities`` for when, and why it is off by default).
+their spatial axes flatten to one token stride (e.g. views of one fused qkv projection), not copied. Where
+``saves_probabilities`` says so (maps too narrow for the kernel's lane tiles), a forward that needs a gradient runs
+``attnzoo::na_forward_saving``, which also returns the window's softmax probabilities for the backward to read
+instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -60,16 +60,23 @@ def _layout(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.tensor([s for t in tensors for s in (t.stride(0), t.stride(-3), t.stride(-2))], dtype=torch.int64)
 
 
-def saves_probabilities(kernel_size, head_dim: int, value_dim: int) -> bool:
+def saves_probabilities(problem: NAProblem, head_dim: int, value_dim: int) -> bool:
     """Whether a forward that needs a gradient keeps its softmax probabilities for the backward instead of the
-    backward recomputing them: only with ``ATTNZOO_SAVE_PROBABILITIES=1``, and only when the Πkernel_size of them per
-    query and head are no more than q, k and v hold (2·head_dim + value_dim). Off by default: recomputing them in
-    the backward's lane tiles measured 1.08-1.28× faster forward+backward than writing and reading them back
-    (2 Xeon cores; 56² and 14² and 7² maps, head_dim 32-128, kernel 3-7), the fresh pages of the saved tensor
-    costing more than the logits; machines where page faults are cheap may differ."""
-    if os.environ.get("ATTNZOO_SAVE_PROBABILITIES", "0") != "1":
+    backward recomputing them. Never when the Πkernel_size of them per query and head outnumber what q, k and v hold
+    (2·head_dim + value_dim). Otherwise ``ATTNZOO_SAVE_PROBABILITIES=1`` / ``0`` decides, and by default they are
+    saved only where the kernel cannot run lane tiles, i.e. where a dilation group of the last axis has fewer
+    queries than a 64-byte vector has lanes (16 float32, 8 float64: the 14² and 7² maps of a Swin/NAT stage 3-4).
+    Measured on 2 Xeon cores: on lane-tiled maps recomputing is 1.08-1.28× faster forward+backward (the saved
+    tensor's fresh pages cost more than the tiles' logits); NAT-T training (`benchmarks/models_speed.py`) was 0.82-0.86
+    of Swin-T's speed with no saving against 0.89 with saving everywhere, the small maps' general blocks being costly
+    to recompute."""
+    if math.prod(problem.kernel_size) > 2 * head_dim + value_dim:
         return False
-    return math.prod(kernel_size) <= 2 * head_dim + value_dim
+    forced = os.environ.get("ATTNZOO_SAVE_PROBABILITIES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    lanes = 64 // torch.empty((), dtype=compute_dtype(problem.dtype)).element_size()
+    return problem.spatial_shape[-1] // problem.dilation[-1] < lanes
 
 
 def _check_op_inputs(
@@ -476,7 +483,7 @@ class NativeBackend(Backend):
         readable = lambda t: t if t.dtype == ct and kernel_readable(t) else prep(t)  # noqa: E731
         if key_bias is not None:
             key_bias = key_bias.expand(problem.batch, *problem.spatial_shape, problem.heads)
-        save = problem.requires_grad and saves_probabilities(problem.kernel_size, q.shape[-1], v.shape[-1])
+        save = problem.requires_grad and saves_probabilities(problem, q.shape[-1], v.shape[-1])
         out, lse, *_ = (na_forward_saving if save else na_forward)(
             readable(q),
             readable(k),
