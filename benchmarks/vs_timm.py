@@ -15,8 +15,11 @@ every attention call replaced by the attnzoo mechanism holding the same weights 
 time spent waiting for a core (at 1 thread the better measure there; at more threads it sums every thread's work,
 spin-waits included, so it is not a latency).
 
+``--isolate`` runs every row in a fresh process of this script, so that no row's timing depends on the allocator and
+page state left by the rows before it.
+
 Run: ``python benchmarks/vs_timm.py [--quick] [--threads 1 2] [--repeats 5] [--min-run-time 0.5] [--clock wall|cpu]
-[--only TEXT] [--models-only] [--json out.json]``.
+[--only TEXT] [--models-only] [--isolate] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -302,6 +309,12 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per timed block (fwd+bwd: twice)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run every row in a fresh process (no row's timing depends on what ran before it)",
+    )
+    parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # the row an --isolate child runs
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
     budget = args.min_run_time or (0.15 if args.quick else 0.5)
@@ -313,14 +326,14 @@ def main() -> None:
     )
     if args.only:
         pairs = [p for p in pairs if args.only in p.name]
+    if args.row is not None:
+        pairs = [pairs[args.row]]
+    if args.isolate:
+        return run_isolated(args, len(pairs))
     rows = []
     print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock; "
           "ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
-    print(
-        "| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
-        "| fwd+bwd ms ref / ours |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print_header()
     for pair in pairs:
         max_diff = check_equal(pair)
         for threads in args.threads:
@@ -336,12 +349,49 @@ def main() -> None:
                     "fwd_bwd": bwd,
                 }
             )
-            spread = {key: f"{r['ratio']:.2f} ({r['min']:.2f}–{r['max']:.2f})" for key, r in (("f", fwd), ("b", bwd))}
-            print(
-                f"| {pair.name} | {pair.shape} | {threads} | {spread['f']} | {fwd['ref_ms']:.1f} / {fwd['ours_ms']:.1f} "
-                f"| {spread['b']} | {bwd['ref_ms']:.1f} / {bwd['ours_ms']:.1f} |",
-                flush=True,
-            )
+            print_row(rows[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def print_header() -> None:
+    print(
+        "| row | shape | threads | fwd ratio (min–max) | fwd ms ref / ours | fwd+bwd ratio (min–max) "
+        "| fwd+bwd ms ref / ours |"
+    )
+    print("|---|---|---|---|---|---|---|")
+
+
+def print_row(row: dict) -> None:
+    fwd, bwd = row["fwd"], row["fwd_bwd"]
+    spread = {key: f"{r['ratio']:.2f} ({r['min']:.2f}–{r['max']:.2f})" for key, r in (("f", fwd), ("b", bwd))}
+    print(
+        f"| {row['row']} | {row['shape']} | {row['threads']} | {spread['f']} | {fwd['ref_ms']:.1f} / "
+        f"{fwd['ours_ms']:.1f} | {spread['b']} | {bwd['ref_ms']:.1f} / {bwd['ours_ms']:.1f} |",
+        flush=True,
+    )
+
+
+def run_isolated(args: argparse.Namespace, count: int) -> None:
+    """--isolate: every row in a child process of this script (same options, --row i), its rows printed here."""
+    forwarded = ["--threads", *map(str, args.threads), "--clock", args.clock]
+    for flag, value in (("--repeats", args.repeats), ("--min-run-time", args.min_run_time), ("--only", args.only)):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    forwarded += [flag for flag, on in (("--quick", args.quick), ("--no-models", args.no_models),
+                                        ("--models-only", args.models_only)) if on]  # fmt: skip
+    rows = []
+    print(f"torch {torch.__version__}, each row in its own process; ratio = t(ref)/t(attnzoo); ms per call")
+    print_header()
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(count):
+            out = Path(tmp) / f"row{index}.json"
+            child = [sys.executable, __file__, *forwarded, "--row", str(index), "--json", str(out)]
+            subprocess.run(child, check=True, stdout=subprocess.DEVNULL)
+            for row in json.loads(out.read_text()):
+                rows.append(row)
+                print_row(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
