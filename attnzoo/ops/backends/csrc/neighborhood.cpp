@@ -10,22 +10,26 @@
 // [B, NA, H, D|DV] join every query's softmax. The optional relative-position bias table is [H, R0, R1, R2]; the
 // optional per-key bias kb [B, S0, S1, S2, H] is added to every logit of that key (-inf drops the key).
 //
-// Speed: K (and V for the backward) are first transposed per head to [window row][D][columns], with the last axis
-// reordered by dilation group so that every window row -- start + dil*j, j < count -- is a contiguous run of
-// columns. Forward, away from the borders ("lane blocks"): L neighbouring queries of a dilation group whose windows
-// start at consecutive columns are the SIMD lanes; the logit of each one's j-th key in a window row is one FMA per
-// head dimension against the transposed keys at column start + j (an unaligned load), and the softmax needs no
-// horizontal reductions. Elsewhere ("general blocks"): the keys of a window row are the lanes and up to 8
-// neighbouring queries share every key-vector load. P·V accumulates value rows (head_dim as lanes). The backward
-// computes dP = dO·Vᵀ with the keys as lanes, dQ as a P·V product, then dK and dV per key over the queries whose
-// window holds it (the inverse windows, per axis), so every gradient row is written once, without atomics.
+// Speed: K and V are first transposed per head to [window row][D][columns] (in-register L × L block transposes),
+// with the last axis reordered by dilation group so that every window row -- start + dil*j, j < count -- is a
+// contiguous run of columns. Lane tiles (forward and backward): L neighbouring queries of a dilation group are the
+// SIMD lanes and up to 3 query rows form a tile; the logit of each lane's j-th key in a window row is one FMA per head
+// dimension against the transposed keys at column start + j (an unaligned load, or a two-source shuffle where border
+// windows are clamped), every key and value vector loaded once for all the tile's rows whose windows hold that
+// window row; the softmax needs no horizontal reductions and P·V runs against the transposed values. Whole rows are
+// covered (a last block overlapping its predecessor skips the lanes already written). Elsewhere ("general blocks",
+// e.g. rows narrower than L, key biases, additional keys): the keys of a window row are the lanes and up to 8
+// neighbouring queries share every key-vector load; P·V accumulates value rows (head_dim as lanes). The backward
+// recomputes P (or reads the saved probabilities), computes dP = dO·Vᵀ, dS and dQ in the same tiles, then dK and dV
+// per key over the queries whose window holds it (the inverse windows, per axis), so every gradient row is written
+// once, without atomics.
 //
 // Training: the forward can also write the softmax probabilities of every query's window keys (`probs`,
 // [B, H, N, K01 * K2], K01 = kernel extent of the two leading axes, K2 = of the last); the backward then reads them
-// instead of recomputing the logits and their exponentials, and needs no transposed copy of K.
+// instead of recomputing the logits and their exponentials (the caller decides when: see saves_probabilities).
 //
-// Plain C ABI (no torch headers) so that it compiles in about a second with the system compiler; threads are
-// std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
+// Plain C ABI (no torch headers) so that the system compiler builds it without PyTorch (about ten seconds, once);
+// threads are std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
 
 #include <algorithm>
 #include <atomic>
