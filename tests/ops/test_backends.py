@@ -367,22 +367,22 @@ def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved
 
 def test_probabilities_are_saved_only_where_lane_tiles_do_not_run(monkeypatch):
     """By default the forward saves the probabilities only on maps too narrow for the kernel's lane tiles (a last-axis
-    dilation group of fewer than 16 float32 / 8 float64 queries), never when they outnumber q, k and v's values
-    (169 > 2·32 + 32); ATTNZOO_SAVE_PROBABILITIES=1 / 0 overrides the width rule, not the size rule."""
+    dilation group of fewer than 8 queries), never when they outnumber q, k and v's values (49 > 2·8 + 8);
+    ATTNZOO_SAVE_PROBABILITIES=1 / 0 overrides the width rule, not the size rule."""
     from attnzoo.ops.backends import native
 
-    def problem(width: int, kernel: int = 7, dilation: int = 1, dtype=torch.float32):
-        q = torch.empty(1, 14, width, 2, 32, dtype=dtype)
+    def problem(width: int, kernel: int = 7, dilation: int = 1):
+        q = torch.empty(1, 14, width, 2, 32)
         return make_problem(q, q, q, kernel, dilation=(1, dilation))
 
     monkeypatch.delenv("ATTNZOO_SAVE_PROBABILITIES", raising=False)
-    assert native.saves_probabilities(problem(14), 32, 32)  # 14 < 16 lanes: general blocks, saved
+    assert native.saves_probabilities(problem(7), 32, 32)  # 7 < 8 lanes: general blocks, saved
     assert not native.saves_probabilities(problem(56), 32, 32)  # lane tiles: recomputed
-    assert native.saves_probabilities(problem(56, dilation=4), 32, 32)  # dilation groups of 14
-    assert not native.saves_probabilities(problem(14, dtype=torch.float64), 32, 32)  # 14 >= 8 float64 lanes
-    assert not native.saves_probabilities(problem(14, kernel=13), 32, 32)  # 169 probabilities per query
+    assert not native.saves_probabilities(problem(14), 32, 32)  # 8-lane tiles
+    assert native.saves_probabilities(problem(56, dilation=8), 32, 32)  # dilation groups of 7
+    assert not native.saves_probabilities(problem(7), 8, 8)  # 49 probabilities per query > 2·8 + 8
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "1")
     assert native.saves_probabilities(problem(56), 32, 32)
-    assert not native.saves_probabilities(problem(14, kernel=13), 32, 32)
+    assert not native.saves_probabilities(problem(7), 8, 8)
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "0")
-    assert not native.saves_probabilities(problem(14), 32, 32)
+    assert not native.saves_probabilities(problem(7), 32, 32)

@@ -1,8 +1,8 @@
 """The native kernel's lane tiles (queries as SIMD lanes, tiles of up to 3 query rows) against the reference, forward
-and backward, in float32 (16 lanes) and float64 (8 lanes): rows that are and are not multiples of the lane count (a
-last block overlapping its predecessor), clamped border windows (shuffled lanes), query-row counts that leave a short
-last tile, dilation, causal axes, non-overlapping windows, kernels too wide for the shuffle, 1-D and 3-D, relative
-position biases."""
+and backward, in float32 (16 lanes; 8 on rows narrower than 16) and float64 (8 lanes): rows that are and are not
+multiples of the lane count (a last block overlapping its predecessor), clamped border windows (shuffled lanes),
+query-row counts that leave a short last tile, dilation, causal axes, non-overlapping windows, kernels too wide for
+the shuffle, 1-D and 3-D, relative position biases."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import attnzoo.ops as ops
 CASES = {
     "rows_of_37_k7": ((2, 20, 37), 7, {}),
     "rows_of_16_exact": ((1, 7, 16), 5, {}),
+    "rows_of_14_half_width_vectors": ((2, 14, 14), 7, {}),
+    "rows_of_7_general_blocks": ((2, 7, 7), 7, {}),
     "rows_of_40_dilated": ((1, 18, 40), 7, {"dilation": (1, 2)}),
     "causal_rows": ((1, 10, 41), 7, {"is_causal": (True, True)}),
     "causal_last_axis": ((1, 8, 33), 5, {"is_causal": (False, True)}),

@@ -1,9 +1,9 @@
 """Build (once, cached) and load the fused CPU kernel in ``csrc/neighborhood.cpp``.
 
-The kernel has a plain C ABI and no torch headers, so the system C++ compiler builds it (in about ten seconds, once);
-the shared object is cached under ``$ATTNZOO_CACHE`` (default ``~/.cache/attnzoo``, private to the user) keyed by a
-hash of the source, the compiler and its flags, the host and the CPU (it is built with ``-march=native``), and
-verified against a SHA-256 side file before every load.
+The kernel has a plain C ABI and no torch headers, so the system C++ compiler builds it (about fifteen seconds,
+once); the shared object is cached under ``$ATTNZOO_CACHE`` (default ``~/.cache/attnzoo``, private to the user)
+keyed by a hash of the source, the compiler and its flags, the host and the CPU (it is built with
+``-march=native``), and verified against a SHA-256 side file before every load.
 ``ATTNZOO_NATIVE=0`` disables it (the ``tiled`` backend then serves CPU calls).
 """
 

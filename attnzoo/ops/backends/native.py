@@ -64,8 +64,8 @@ def saves_probabilities(problem: NAProblem, head_dim: int, value_dim: int) -> bo
     """Whether a forward that needs a gradient keeps its softmax probabilities for the backward instead of the
     backward recomputing them. Never when the Πkernel_size of them per query and head outnumber what q, k and v hold
     (2·head_dim + value_dim). Otherwise ``ATTNZOO_SAVE_PROBABILITIES=1`` / ``0`` decides, and by default they are
-    saved only where the kernel cannot run lane tiles, i.e. where a dilation group of the last axis has fewer
-    queries than a 64-byte vector has lanes (16 float32, 8 float64: the 14² and 7² maps of a Swin/NAT stage 3-4).
+    saved only where the kernel cannot run lane tiles, i.e. where a dilation group of the last axis has fewer than
+    8 queries (the 7² maps of a Swin/NAT stage 4; float32 rows of 8-15 run 8-lane tiles).
     Measured on 2 Xeon cores: on lane-tiled maps recomputing is 1.08-1.28× faster forward+backward (the saved
     tensor's fresh pages cost more than the tiles' logits); NAT-T training (`benchmarks/models_speed.py`) was 0.82-0.86
     of Swin-T's speed with no saving against 0.89 with saving everywhere, the small maps' general blocks being costly
@@ -75,8 +75,7 @@ def saves_probabilities(problem: NAProblem, head_dim: int, value_dim: int) -> bo
     forced = os.environ.get("ATTNZOO_SAVE_PROBABILITIES")
     if forced in ("0", "1"):
         return forced == "1"
-    lanes = 64 // torch.empty((), dtype=compute_dtype(problem.dtype)).element_size()
-    return problem.spatial_shape[-1] // problem.dilation[-1] < lanes
+    return problem.spatial_shape[-1] // problem.dilation[-1] < 8
 
 
 def _check_op_inputs(
