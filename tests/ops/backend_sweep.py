@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import attnzoo.ops as ops
+from attnzoo.ops.problem import make_problem
 
 from conftest import DEVICE
 
@@ -114,6 +115,25 @@ def make_inputs(case: Case, variant: str, dtype: torch.dtype, seed: int = 0) -> 
             kb = rnd(1, *case.spatial, 1)
             t["key_bias"] = kb
     return {"tensors": t, "kwargs": kw}
+
+
+def problem_of(case: Case, inputs: dict, grads: bool = False):
+    """The engine's problem description for one case and its inputs (leaves detached, ``grads`` as requires_grad)."""
+    t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
+    return make_problem(
+        t["q"],
+        t["k"],
+        t["v"],
+        case.kernel,
+        case.stride,
+        case.dilation,
+        case.causal,
+        t.get("additional_keys"),
+        t.get("additional_values"),
+        t.get("rel_pos_bias"),
+        inputs["kwargs"]["return_lse"],
+        t.get("key_bias"),
+    )
 
 
 def run(case: Case, backend: str, inputs: dict, grads: bool = True):

@@ -16,7 +16,7 @@ import attnzoo.ops as ops
 from attnzoo.ops.backends import BACKENDS, select_backend
 from attnzoo.ops.problem import make_problem
 
-from backend_sweep import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, run
+from backend_sweep import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, problem_of, run
 
 FAST_BACKENDS = [b for b in ops.list_backends() if b != "reference"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -25,27 +25,9 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 VARIANTS = ["plain", "lse", "extras", "extras_broadcast_bias"]
 
 
-def _problem(case: Case, inputs: dict, grads: bool = False):
-    t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
-    return make_problem(
-        t["q"],
-        t["k"],
-        t["v"],
-        case.kernel,
-        case.stride,
-        case.dilation,
-        case.causal,
-        t.get("additional_keys"),
-        t.get("additional_values"),
-        t.get("rel_pos_bias"),
-        inputs["kwargs"]["return_lse"],
-        t.get("key_bias"),
-    )
-
-
 def skip_or_check_refusal(case: Case, backend: str, inputs: dict, grads: bool = True):
     """Skip where the backend declares it cannot run; then an explicit request must raise listing the reasons."""
-    reasons = BACKENDS[backend].not_supported_reasons(_problem(case, inputs, grads))
+    reasons = BACKENDS[backend].not_supported_reasons(problem_of(case, inputs, grads))
     if reasons:
         with pytest.raises(ValueError) as info:
             run(case, backend, inputs, grads=grads)
@@ -96,7 +78,7 @@ def test_partition_is_exercised():
     for case in CASES:
         for variant in VARIANTS:
             inputs = make_inputs(case, variant, torch.float32)
-            reasons = BACKENDS["partition"].not_supported_reasons(_problem(case, inputs))
+            reasons = BACKENDS["partition"].not_supported_reasons(problem_of(case, inputs))
             if case.partition:
                 assert reasons == [], f"partition refused {case.id}/{variant}: {reasons}"
             if not reasons:
@@ -104,7 +86,7 @@ def test_partition_is_exercised():
     assert len(accepted) >= 20
     # and a stride != kernel case is refused with a reason naming the rule
     reasons = BACKENDS["partition"].not_supported_reasons(
-        _problem(CASES[0], make_inputs(CASES[0], "plain", torch.float32))
+        problem_of(CASES[0], make_inputs(CASES[0], "plain", torch.float32))
     )
     assert any("stride" in r for r in reasons)
 
@@ -114,7 +96,7 @@ def test_partition_with_key_bias_and_additional_keys():
     case = Case((6, 8), (2, 4), stride=(2, 4), causal=(False, True), batch=2, heads=2, dim=4)
     inputs = make_inputs(case, "extras", torch.float64)
     del inputs["tensors"]["rel_pos_bias"]
-    assert BACKENDS["partition"].not_supported_reasons(_problem(case, inputs)) == []
+    assert BACKENDS["partition"].not_supported_reasons(problem_of(case, inputs)) == []
     out, lse, grads = run(case, "partition", inputs)
     ref_out, ref_lse, ref_grads = run(case, "reference", inputs)
     assert_close_rms(out, ref_out, 1e-10, "output")

@@ -19,7 +19,7 @@ from attnzoo.ops.backends.flex import BLOCK_SIZE, flex_plan
 from attnzoo.ops.geometry import neighborhood_mask
 from attnzoo.ops.problem import NAProblem, make_problem
 
-from backend_sweep import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, run
+from backend_sweep import CASES, Case, assert_close_rms, assert_lse_close, make_inputs, problem_of, run
 from conftest import DEVICE, cpu_only, cuda_only
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -41,24 +41,6 @@ def forward_inputs(case: Case, variant: str) -> dict:
         for name in ("rel_pos_bias", "key_bias"):
             del inputs["tensors"][name]
     return inputs
-
-
-def problem_of(case: Case, inputs: dict, grads: bool = False) -> NAProblem:
-    t = {n: x.detach().requires_grad_(grads) for n, x in inputs["tensors"].items()}
-    return make_problem(
-        t["q"],
-        t["k"],
-        t["v"],
-        case.kernel,
-        case.stride,
-        case.dilation,
-        case.causal,
-        t.get("additional_keys"),
-        t.get("additional_values"),
-        t.get("rel_pos_bias"),
-        inputs["kwargs"]["return_lse"],
-        t.get("key_bias"),
-    )
 
 
 @pytest.mark.parametrize("case,backend,variant", PARAMS, ids=[f"{c.id}-{b}-{v}" for c, b, v in PARAMS])

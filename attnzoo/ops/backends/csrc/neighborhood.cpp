@@ -216,7 +216,7 @@ template <typename T, int L, int S>
 inline void transpose_level(typename Simd<T, L>::vec* x) {
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I IV __attribute__((vector_size(L * sizeof(T))));
-  IV lo, hi;
+  IV lo = {}, hi = {};
   for (int i = 0; i < L; ++i) {
     lo[i] = (i & S) ? L + i - S : i;  // row r keeps its blocks with bit S clear, takes row r+S's from the left
     hi[i] = (i & S) ? L + i : i + S;  // row r+S takes row r's blocks with bit S set, keeps its own
@@ -817,8 +817,8 @@ struct LaneRows {
 // The relative-position bias of key j of window run `bias` for every lane of a block, as a vector.
 template <typename T, int L>
 inline typename Simd<T, L>::vec lane_bias(const T* rpb, int64_t bias, int64_t j, const LaneBlock& lb) {
-  typename Simd<T, L>::vec v;
-  if (!lb.rel_varies) return v - v + rpb[bias + j];
+  typename Simd<T, L>::vec v = {};
+  if (!lb.rel_varies) return v + rpb[bias + j];
   for (int lane = 0; lane < L; ++lane) v[lane] = rpb[bias + j + lb.rel[lane]];
   return v;
 }
@@ -860,6 +860,42 @@ inline int64_t tile_windows(const Geometry& g, int64_t row0, int64_t n, int64_t 
   return nu;
 }
 
+// Logits of every window row of a tile's union for its users i: dst[i][(r * count + j) * L + lane] =
+// scale * <xt[i] of lane, key j of the row>, xth holding the transposed rows (C channels): Q·Kᵀ or dO·Vᵀ.
+template <typename T, int L>
+__attribute__((always_inline)) inline void union_logits(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count, int64_t col,
+                         const T* const* xt, const T* xth, int64_t RW, int64_t C, T scale, T* dst,
+                         const typename Simd<T, L>::index* shuffle) {
+  for (int64_t u = 0; u < nu; ++u) {
+    const TileRow& tr = s.rows[u];
+    for (int64_t j0 = 0; j0 < count; j0 += 8) {
+      T* o[kTileRows] = {};
+      for (int64_t i = 0; i < n; ++i)
+        if (tr.mask >> i & 1) o[i] = dst + i * s.s_stride + (tr.run[i] * count + j0) * L;
+      by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), xt,
+                                xth + tr.row * C * RW + col + j0, RW, C, scale, o, shuffle);
+    }
+  }
+}
+
+// O[i][c * L + lane] += sum over the union's window rows and keys j of W[i][(r * count + j) * L + lane] *
+// yth[row][c][col + j + lane] for its users i (C channels, O[i] = O + i * C * L): P·V or dS·K.
+template <typename T, int L>
+__attribute__((always_inline)) inline void union_values(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count, int64_t col, const T* W,
+                         const T* yth, int64_t RW, int64_t C, T* O, const typename Simd<T, L>::index* shuffle) {
+  for (int64_t u = 0; u < nu; ++u) {
+    const TileRow& tr = s.rows[u];
+    const T* Wi[kTileRows] = {};
+    T* Oi[kTileRows] = {};
+    for (int64_t i = 0; i < n; ++i)
+      if (tr.mask >> i & 1) {
+        Wi[i] = W + i * s.s_stride + tr.run[i] * count * L;
+        Oi[i] = O + i * C * L;
+      }
+    by_mask<T, L, TileValues>(tr.mask, Wi, yth + tr.row * C * RW + col, RW, count, C, Oi, shuffle);
+  }
+}
+
 // One lane tile of (batch b, head h): query rows row0 .. row0+n-1, queries x0 + dil*lane of each: logits, biases,
 // softmax, P·V, lse (and the saved probabilities). Needs no key bias and no additional keys (the caller checks).
 // Returns false, writing nothing, when a lane's softmax would be empty or NaN-led (general blocks then handle it).
@@ -884,17 +920,7 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
     qt[i] = s.qt + i * D * L;
   }
   // Logits S[i][(r * count + j) * L + lane], window row by window row of the union.
-  for (int64_t u = 0; u < nu; ++u) {
-    const TileRow& tr = s.rows[u];
-    const T* kr = kth + tr.row * D * RW + col;
-    for (int64_t j0 = 0; j0 < count; j0 += 8) {
-      T* o[kTileRows] = {};
-      for (int64_t i = 0; i < n; ++i)
-        if (tr.mask >> i & 1) o[i] = s.S + i * s.s_stride + (tr.run[i] * count + j0) * L;
-      by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), qt, kr + j0, RW, D,
-                                p.scale, o, shuffle);
-    }
-  }
+  union_logits<T, L>(s, nu, n, count, col, qt, kth, RW, D, p.scale, s.S, shuffle);
   // Biases and the softmax statistics of every query row; decline before writing anything.
   V m[kTileRows], l[kTileRows];
   const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
@@ -931,17 +957,7 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
     std::fill(s.O + i * DV * L, s.O + (i + 1) * DV * L, T(0));
   }
   // P·V, window row by window row of the union, into O[i][c * L + lane].
-  for (int64_t u = 0; u < nu; ++u) {
-    const TileRow& tr = s.rows[u];
-    const T* P[kTileRows] = {};
-    T* O[kTileRows] = {};
-    for (int64_t i = 0; i < n; ++i)
-      if (tr.mask >> i & 1) {
-        P[i] = s.S + i * s.s_stride + tr.run[i] * count * L;
-        O[i] = s.O + i * DV * L;
-      }
-    by_mask<T, L, TileValues>(tr.mask, P, vth + tr.row * DV * RW + col, RW, count, DV, O, shuffle);
-  }
+  union_values<T, L>(s, nu, n, count, col, s.S, vth, RW, DV, s.O, shuffle);
   // Normalise and write out (queries back to rows), lse and the probabilities.
   const int64_t KK = g.probs_per_query(), K2 = g.kernel2();
   for (int64_t i = 0; i < n; ++i) {
@@ -1408,25 +1424,13 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
     dot[i] = s.dot + i * DV * L;
   }
   // Logits of the union's window rows against transposed rows xt: Q·Kᵀ into S, or dO·Vᵀ into dS.
-  const auto union_logits = [&](const T* const* xt, const T* xth, int64_t C, T scale, T* dst) {
-    for (int64_t u = 0; u < nu; ++u) {
-      const TileRow& tr = s.rows[u];
-      for (int64_t j0 = 0; j0 < count; j0 += 8) {
-        T* o[kTileRows] = {};
-        for (int64_t i = 0; i < n; ++i)
-          if (tr.mask >> i & 1) o[i] = dst + i * s.s_stride + (tr.run[i] * count + j0) * L;
-        by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), xt,
-                                  xth + tr.row * C * RW + col + j0, RW, C, scale, o, shuffle);
-      }
-    }
-  };
   const int64_t R = g.ax[0].rel_size * g.ax[1].rel_size * g.ax[2].rel_size;
   if (gr.probs) {
     for (int64_t i = 0; i < n; ++i)
       gather_weights<T, L>(LaneRows<const T, L>(gr.probs + (b * H + h) * N * KK, KK, (row0 + i) * S2 + x0, A.dil).row,
                            nrun[i], count, K2, s.S + i * s.s_stride);
   } else {
-    union_logits(qt, kth, D, p.scale, s.S);
+    union_logits<T, L>(s, nu, n, count, col, qt, kth, RW, D, p.scale, s.S, shuffle);
     for (int64_t i = 0; i < n; ++i) {
       T* Si = s.S + i * s.s_stride;
       const Run* runs = s.runs + i * MR;
@@ -1438,7 +1442,7 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
         }
     }
   }
-  union_logits(dot, vth, DV, T(1), s.dS);
+  union_logits<T, L>(s, nu, n, count, col, dot, vth, RW, DV, T(1), s.dS, shuffle);
   for (int64_t i = 0; i < n; ++i) {
     T* dSi = s.dS + i * s.s_stride;
     const T* Si = s.S + i * s.s_stride;
@@ -1447,17 +1451,7 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
     std::fill(s.O + i * D * L, s.O + (i + 1) * D * L, T(0));
   }
   // dQ (transposed) = dS·K over the union's window rows.
-  for (int64_t u = 0; u < nu; ++u) {
-    const TileRow& tr = s.rows[u];
-    const T* P[kTileRows] = {};
-    T* O[kTileRows] = {};
-    for (int64_t i = 0; i < n; ++i)
-      if (tr.mask >> i & 1) {
-        P[i] = s.dS + i * s.s_stride + tr.run[i] * count * L;
-        O[i] = s.O + i * D * L;
-      }
-    by_mask<T, L, TileValues>(tr.mask, P, kth + tr.row * D * RW + col, RW, count, D, O, shuffle);
-  }
+  union_values<T, L>(s, nu, n, count, col, s.dS, kth, RW, D, s.O, shuffle);
   for (int64_t i = 0; i < n; ++i) {
     T* Oi = s.O + i * D * L;
     const T* Si = s.S + i * s.s_stride;
