@@ -10,9 +10,10 @@
 // [B, NA, H, D|DV] join every query's softmax. The optional relative-position bias table is [H, R0, R1, R2]; the
 // optional per-key bias kb [B, S0, S1, S2, H] is added to every logit of that key (-inf drops the key).
 //
-// Speed: K and V are first transposed per head to [window row][D][columns] (in-register L × L block transposes),
-// with the last axis reordered by dilation group so that every window row -- start + dil*j, j < count -- is a
-// contiguous run of columns. Lane tiles (forward and backward): L neighbouring queries of a dilation group are the
+// Speed: K and V rows are transposed per head to [D][columns] (in-register L × L block transposes), with the last
+// axis reordered by dilation group so that every window row -- start + dil*j, j < count -- is a contiguous run of
+// columns; each worker keeps them in a small ring of row slots, made when a tile first needs them and reused by the
+// next tiles of its band while still in its cache (see RowRing). Lane tiles (forward and backward): L neighbouring queries of a dilation group are the
 // SIMD lanes and up to 3 query rows form a tile; the logit of each lane's j-th key in a window row is one FMA per head
 // dimension against the transposed keys at column start + j (an unaligned load, or a two-source shuffle where border
 // windows are clamped), every key and value vector loaded once for all the tile's rows whose windows hold that
@@ -142,6 +143,9 @@ struct Geometry {
   int64_t row_width() const { return ax[2].dil * sub_len(); }
   int64_t xcol(int64_t x) const { return (x % ax[2].dil) * sub_len() + x / ax[2].dil; }
   int64_t rows() const { return ax[0].extent * ax[1].extent; }
+  // Transposed K and V rows live in per-worker rings of `slots` rows (enough for every tile's window rows).
+  int64_t slots;
+  int64_t slot(int64_t row) const { return row % slots; }
   // Saved probabilities: per query, run r (a window row) at r * kernel2() + j for its j-th key.
   int64_t kernel2() const { return (ax[2].rel_size + 1) / 2; }
   int64_t probs_per_query() const { return (ax[0].rel_size + 1) / 2 * ((ax[1].rel_size + 1) / 2) * kernel2(); }
@@ -183,13 +187,15 @@ void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
 // mmap'ed and page-faulted in on every call, which costs as much as the attention itself at these sizes.
 template <typename T>
 struct Scratch {
-  std::vector<T> kt, vt, delta;
+  std::vector<T> delta;
   std::vector<std::vector<T>> a, b, c, d;  // per worker
+  std::vector<std::vector<T>> kr, vr;  // per worker: transposed K and V rows (see RowRing)
+  std::vector<std::vector<int64_t>> ktag, vtag;
   std::vector<std::vector<T>> tq, ts, to, tdo, tds;  // per worker: lane tile buffers (see TileScratch)
   std::vector<std::vector<int64_t>> runs, pairs, tile_rows;  // per worker: Run records; window rows holding a key row
   void workers(int64_t n) {
-    for (auto* v : {&a, &b, &c, &d, &tq, &ts, &to, &tdo, &tds}) v->resize(std::max<size_t>(v->size(), n));
-    for (auto* v : {&runs, &pairs, &tile_rows}) v->resize(std::max<size_t>(v->size(), n));
+    for (auto* v : {&a, &b, &c, &d, &tq, &ts, &to, &tdo, &tds, &kr, &vr}) v->resize(std::max<size_t>(v->size(), n));
+    for (auto* v : {&runs, &pairs, &tile_rows, &ktag, &vtag}) v->resize(std::max<size_t>(v->size(), n));
   }
 };
 
@@ -252,52 +258,89 @@ inline V shuffle2(const V& a, const V& b, const IV& idx) {
 #endif
 }
 
-// x [B, N, H, C] (strided as `lx`) -> xt [B, H, rows, C, row_width] (+ zero padding), see Geometry.
+// Transposed rows of K or V for one worker: a direct-mapped ring of g.slots rows, row `row` of head slice bh in
+// slot g.slot(row), each [C][row_width] (+ zero padding after the last slot, read by vector loads). Rows are
+// transposed when a tile first needs them, so they are written and read again while they sit in the worker's cache.
+template <typename T>
+struct RowRing {
+  T* data;
+  int64_t* tag;  // bh * rows + row held by each slot, or -1
+  int64_t C;
+};
+
 template <typename T, int L>
-const T* transpose_heads(const T* x, const Layout& lx, const Geometry& g, int64_t C, int64_t slice, int64_t nthreads,
-                         std::vector<T>& buffer) {
+RowRing<T> row_ring(std::vector<T>& data, std::vector<int64_t>& tags, const Geometry& g, int64_t C) {
+  const int64_t size = g.slots * C * g.row_width();
+  T* d = sized(data, size + 2 * L);
+  std::fill(d + size, d + size + 2 * L, T(0));
+  int64_t* t = sized(tags, g.slots);
+  std::fill(t, t + g.slots, int64_t(-1));
+  return RowRing<T>{d, t, C};
+}
+
+// Row `row` of x [B, N, H, C] (strided as `lx`), head h of batch b -> out [C][row_width], columns reordered by
+// dilation group (cols[x] = reordered column of last-axis coordinate x); L × L blocks transposed in registers.
+template <typename T, int L>
+void transpose_row(const T* x, const Layout& lx, const Geometry& g, int64_t C, int64_t b, int64_t h, int64_t row,
+                   const int64_t* cols, T* __restrict out) {
   using V = typename Simd<T, L>::vec;
-  const int64_t N = g.tokens(), H = g.H, S2 = g.ax[2].extent, RW = g.row_width();
-  T* xt = sized(buffer, g.B * H * slice);
-  std::vector<int64_t> col(S2);  // reordered column of each last-axis coordinate
-  for (int64_t x = 0; x < S2; ++x) col[x] = g.xcol(x);
-  const int64_t rows = N / S2;
-  // Work item = (batch, window row), all heads: the tokens' records are read once, front to back.
-  parallel_for(g.B * rows, nthreads, [&](int64_t lo, int64_t hi, int64_t) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / rows, row = item % rows;
-      for (int64_t h = 0; h < H; ++h) {
-        T* dst = xt + (b * H + h) * slice;
-        T* out = dst + row * C * RW;
-        if (RW != S2) std::fill(out, out + C * RW, T(0));  // columns no token maps to (extent not a multiple of dil)
-        if (row == rows - 1) std::fill(dst + rows * C * RW, dst + slice, T(0));  // padding read by vector loads
-      }
-      // Tiles of L tokens: L source records stay in L1 while each head's channels are transposed.
-      for (int64_t x0 = 0; x0 < S2; x0 += L) {
-        const int64_t n = std::min<int64_t>(L, S2 - x0);
-        const int64_t* cols = col.data() + x0;
-        for (int64_t h = 0; h < H; ++h) {
-          const T* src = head_base(x, lx, b, h) + (row * S2 + x0) * lx.token;
-          T* out = xt + (b * H + h) * slice + row * C * RW;
-          int64_t c0 = 0;
+  const int64_t S2 = g.ax[2].extent, RW = g.row_width();
+  if (RW != S2) std::fill(out, out + C * RW, T(0));  // columns no token maps to (extent not a multiple of dil)
+  const T* src0 = head_base(x, lx, b, h) + row * S2 * lx.token;
+  for (int64_t x0 = 0; x0 < S2; x0 += L) {
+    const int64_t n = std::min<int64_t>(L, S2 - x0);
+    const T* src = src0 + x0 * lx.token;
+    int64_t c0 = 0;
 #ifdef ATTNZOO_SHUFFLE_TRANSPOSE
-          if (n == L && g.ax[2].dil == 1)  // a tile of consecutive columns: L × L blocks
-            for (; c0 + L <= C; c0 += L) {
-              V block[L];
-              ATTNZOO_UNROLL
-              for (int i = 0; i < L; ++i) block[i] = vload<V>(src + i * lx.token + c0);
-              transpose_block<T, L>(block);
-              ATTNZOO_UNROLL
-              for (int c = 0; c < L; ++c) vstore(out + (c0 + c) * RW + cols[0], block[c]);
-            }
-#endif
-          for (int64_t c = c0; c < C; ++c)
-            for (int64_t i = 0; i < n; ++i) out[c * RW + cols[i]] = src[i * lx.token + c];
-        }
+    if (n == L && g.ax[2].dil == 1)  // a tile of consecutive columns: L × L blocks
+      for (; c0 + L <= C; c0 += L) {
+        V block[L];
+        ATTNZOO_UNROLL
+        for (int i = 0; i < L; ++i) block[i] = vload<V>(src + i * lx.token + c0);
+        transpose_block<T, L>(block);
+        ATTNZOO_UNROLL
+        for (int c = 0; c < L; ++c) vstore(out + (c0 + c) * RW + cols[x0], block[c]);
       }
+#endif
+    for (int64_t c = c0; c < C; ++c)
+      for (int64_t i = 0; i < n; ++i) out[c * RW + cols[x0 + i]] = src[i * lx.token + c];
+  }
+}
+
+// Every window row of query rows row0 .. row0+n-1 (head h of batch b) present in `ring`.
+template <typename T, int L>
+void need_rows(RowRing<T>& ring, const T* x, const Layout& lx, const Geometry& g, const int64_t* cols, int64_t b,
+               int64_t h, int64_t row0, int64_t n) {
+  const Axis &A0 = g.ax[0], &A1 = g.ax[1];
+  const int64_t key0 = (b * g.H + h) * g.rows(), width = ring.C * g.row_width();
+  for (int64_t qr = row0; qr < row0 + n; ++qr) {
+    const int64_t z = qr / A1.extent, y = qr % A1.extent;
+    for (int64_t i = 0; i < A0.count[z]; ++i)
+      for (int64_t j = 0; j < A1.count[y]; ++j) {
+        const int64_t row = (A0.start[z] + A0.dil * i) * A1.extent + A1.start[y] + A1.dil * j;
+        const int64_t slot = g.slot(row);
+        if (ring.tag[slot] == key0 + row) continue;
+        transpose_row<T, L>(x, lx, g, ring.C, b, h, row, cols, ring.data + slot * width);
+        ring.tag[slot] = key0 + row;
+      }
+  }
+}
+
+// Slots for the rings: the widest span of window rows of any tile of kTileRows query rows (all of them when smaller).
+inline int64_t ring_slots(const Geometry& g, int64_t tile_rows) {
+  const Axis &A0 = g.ax[0], &A1 = g.ax[1];
+  int64_t span = 1;
+  for (int64_t row0 = 0; row0 < g.rows(); row0 += tile_rows) {
+    int64_t lo = INT64_MAX, hi = -1;
+    for (int64_t qr = row0; qr < std::min(g.rows(), row0 + tile_rows); ++qr) {
+      const int64_t z = qr / A1.extent, y = qr % A1.extent;
+      if (A0.count[z] == 0 || A1.count[y] == 0) continue;
+      lo = std::min(lo, A0.start[z] * A1.extent + A1.start[y]);
+      hi = std::max(hi, (A0.start[z] + A0.dil * (A0.count[z] - 1)) * A1.extent + A1.start[y] + A1.dil * (A1.count[y] - 1));
     }
-  });
-  return xt;
+    if (hi >= lo) span = std::max(span, hi - lo + 1);
+  }
+  return std::min(span, g.rows());
 }
 
 // ---- Windows and query blocks --------------------------------------------------------------------------------
@@ -305,6 +348,7 @@ const T* transpose_heads(const T* x, const Layout& lx, const Geometry& g, int64_
 // The window of query token t, as runs of contiguous transposed columns.
 struct Run {
   int64_t row;    // window row (flattened leading axes)
+  int64_t slot;   // its slot in the transposed-row rings (Geometry::slot)
   int64_t col;    // first column of the run in the reordered last axis
   int64_t token;  // first key token (natural layout); consecutive keys are dil2 tokens apart
   int64_t bias;   // flat rel-pos-bias index of the first key
@@ -322,6 +366,7 @@ inline int64_t window_runs(const Geometry& g, int64_t t, Run* runs) {
       const int64_t ky = A1.start[y] + A1.dil * j, ry = A1.rel[y] + j;
       const int64_t row = kz * A1.extent + ky;
       runs[n].row = row;
+      runs[n].slot = g.slot(row);
       runs[n].col = g.xcol(A2.start[x]);
       runs[n].token = row * A2.extent + A2.start[x];
       runs[n].bias = (rz * A1.rel_size + ry) * A2.rel_size + A2.rel[x];
@@ -428,7 +473,7 @@ inline void block_logits(const T* const* qs, const T* __restrict kt, int64_t RW,
   using V = typename Simd<T, L>::vec;
   for (int64_t r = 0; r < nrun; ++r) {
     for (int64_t c = 0; c < chunks; ++c) {
-      const T* b0 = kt + runs[r].row * D * RW + base + c * L;
+      const T* b0 = kt + runs[r].slot * D * RW + base + c * L;
       V acc[QB] = {};
       V acc2[QB] = {};
       int64_t d = 0;
@@ -599,7 +644,7 @@ constexpr int kTileRows = 3;  // 3 rows × 8 keys of accumulators + 3 query vect
 // A window row of a tile's union: its index, its users (bit i: query row i of the tile) and, per user, the
 // position of this row among that query's window runs.
 struct TileRow {
-  int64_t row;
+  int64_t row, slot;
   int mask;
   int64_t run[kTileRows];
 };
@@ -852,7 +897,7 @@ inline int64_t tile_windows(const Geometry& g, int64_t row0, int64_t n, int64_t 
       const int64_t row = runs[i * max_runs + r].row;
       int64_t u = 0;
       while (u < nu && rows[u].row != row) ++u;
-      if (u == nu) rows[nu++] = TileRow{row, 0, {}};
+      if (u == nu) rows[nu++] = TileRow{row, runs[i * max_runs + r].slot, 0, {}};
       rows[u].mask |= 1 << i;
       rows[u].run[i] = r;
     }
@@ -873,7 +918,7 @@ __attribute__((always_inline)) inline void union_logits(const TileScratch<T>& s,
       for (int64_t i = 0; i < n; ++i)
         if (tr.mask >> i & 1) o[i] = dst + i * s.s_stride + (tr.run[i] * count + j0) * L;
       by_mask<T, L, TileLogits>(tr.mask, static_cast<int>(std::min<int64_t>(8, count - j0)), xt,
-                                xth + tr.row * C * RW + col + j0, RW, C, scale, o, shuffle);
+                                xth + tr.slot * C * RW + col + j0, RW, C, scale, o, shuffle);
     }
   }
 }
@@ -892,7 +937,7 @@ __attribute__((always_inline)) inline void union_values(const TileScratch<T>& s,
         Wi[i] = W + i * s.s_stride + tr.run[i] * count * L;
         Oi[i] = O + i * C * L;
       }
-    by_mask<T, L, TileValues>(tr.mask, Wi, yth + tr.row * C * RW + col, RW, count, C, Oi, shuffle);
+    by_mask<T, L, TileValues>(tr.mask, Wi, yth + tr.slot * C * RW + col, RW, count, C, Oi, shuffle);
   }
 }
 
@@ -1052,49 +1097,60 @@ inline void forward_block(const Problem<T>& p, int64_t b, int64_t h, const Block
   }
 }
 
+// Reordered column of every last-axis coordinate (see Geometry::xcol).
+inline std::vector<int64_t> reordered_columns(const Geometry& g) {
+  std::vector<int64_t> cols(g.ax[2].extent);
+  for (int64_t x = 0; x < g.ax[2].extent; ++x) cols[x] = g.xcol(x);
+  return cols;
+}
+
 template <typename T, int L>
 void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
   const Geometry& g = p.g;
-  const int64_t H = g.H, D = g.D, DV = g.DV, NA = g.NA, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
-  const int64_t kslice = g.rows() * D * g.row_width() + 2 * L, vslice = g.rows() * DV * g.row_width() + 2 * L;
+  const int64_t H = g.H, NA = g.NA, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t width = max_runs * chunks * L + NA;
   Scratch<T>& mem = scratch<T>();
   mem.workers(nthreads);
+  const std::vector<int64_t> cols = reordered_columns(g);
   // Lane tiles where the geometry allows (no key bias, no additional keys), general blocks for the other queries.
   const LaneBlocks lanes = !p.kb && NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
   const int64_t nl = static_cast<int64_t>(lanes.blocks.size());
-  const T* kt = transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt);
-  const T* vt = nl ? transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt) : nullptr;
-  // Work item = (batch, tile of kTileRows query rows, part of the tile); parts keep both threads busy on 1-D inputs.
+  // Work item = (batch·head, band of tiles of kTileRows query rows, part of every tile's lane blocks): a band's tiles
+  // run in order, so each transposed K/V row is made once and reused from the worker's cache by the next tiles;
+  // bands and parts keep both threads busy when batch·heads is small (a band's first tile makes all its rows).
   const int64_t tiles = (g.rows() + kTileRows - 1) / kTileRows;
-  const int64_t parts = std::max<int64_t>(1, (4 * nthreads + g.B * tiles - 1) / (g.B * tiles));
-  parallel_for(g.B * tiles * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
+  const int64_t want = 4 * nthreads, BH = g.B * H;
+  const int64_t bands = std::min(tiles, (want + BH - 1) / BH);
+  const int64_t parts = std::max<int64_t>(1, (want + BH * bands - 1) / (BH * bands));
+  parallel_for(BH * bands * parts, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
     Run* runs = reinterpret_cast<Run*>(sized(mem.runs[worker], max_runs * int64_t(sizeof(Run) / sizeof(int64_t))));
     T* score = sized(mem.a[worker], kBlock * width);
     TileScratch<T> ts = tile_scratch<T, L>(mem, worker, g, /*backward=*/false);
+    RowRing<T> kring = row_ring<T, L>(mem.kr[worker], mem.ktag[worker], g, g.D);
+    RowRing<T> vring = row_ring<T, L>(mem.vr[worker], mem.vtag[worker], g, g.DV);
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / (tiles * parts), tile = (item / parts) % tiles, part = item % parts;
-      const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
-      std::vector<Block> blocks[kTileRows];
-      for (int64_t i = 0; i < n; ++i) blocks[i] = make_blocks(g, row0 + i, L, chunks, &lanes.taken);
-      for (int64_t h = 0; h < H; ++h) {
-        const T* kth = kt + (b * H + h) * kslice;
+      const int64_t bh = item / (bands * parts), band = (item / parts) % bands, part = item % parts;
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t tile = band * tiles / bands; tile < (band + 1) * tiles / bands; ++tile) {
+        const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
+        need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n);
+        if (nl) need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n);
         for (int64_t li = part * nl / parts; li < (part + 1) * nl / parts; ++li) {
           const LaneBlock& lb = lanes.blocks[li];
-          if (forward_lane_tile<T, L>(p, b, h, row0, n, lb, kth, vt + (b * H + h) * vslice, ts, out, lse, probs))
-            continue;
+          if (forward_lane_tile<T, L>(p, b, h, row0, n, lb, kring.data, vring.data, ts, out, lse, probs)) continue;
           std::vector<char> others(S2, 1);  // declined (an empty or NaN-led softmax): its queries as general blocks
           for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
           for (int64_t i = 0; i < n; ++i)
             for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others))
-              forward_block<T, L>(p, b, h, blk, kth, runs, chunks, score, width, out, lse, probs);
+              forward_block<T, L>(p, b, h, blk, kring.data, runs, chunks, score, width, out, lse, probs);
         }
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t nb = static_cast<int64_t>(blocks[i].size());
+          const std::vector<Block> blocks = make_blocks(g, row0 + i, L, chunks, &lanes.taken);
+          const int64_t nb = static_cast<int64_t>(blocks.size());
           for (int64_t bi = part * nb / parts; bi < (part + 1) * nb / parts; ++bi)
-            forward_block<T, L>(p, b, h, blocks[i][bi], kth, runs, chunks, score, width, out, lse, probs);
+            forward_block<T, L>(p, b, h, blocks[bi], kring.data, runs, chunks, score, width, out, lse, probs);
         }
       }
     }
@@ -1484,7 +1540,6 @@ template <typename T, int L>
 void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
   const Geometry& g = p.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
-  const int64_t kslice = g.rows() * D * g.row_width() + 2 * L, vslice = g.rows() * DV * g.row_width() + 2 * L;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t KK = g.probs_per_query();
@@ -1503,8 +1558,7 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
   const LaneBlocks lanes = !p.kb && g.NA == 0 ? lane_blocks(g, L) : LaneBlocks{{}, std::vector<char>(S2, 0)};
   const int64_t nl = static_cast<int64_t>(lanes.blocks.size());
   const bool need_kt = !gr.probs || nl > 0;
-  const T* kt = need_kt ? transpose_heads<T, L>(p.k, p.lk, g, D, kslice, nthreads, mem.kt) : nullptr;
-  const T* vt = transpose_heads<T, L>(p.v, p.lv, g, DV, vslice, nthreads, mem.vt);
+  const std::vector<int64_t> cols = reordered_columns(g);
   const int64_t tiles = (g.rows() + kTileRows - 1) / kTileRows;
   parallel_for(g.B * H, nthreads, [&](int64_t lo, int64_t hi, int64_t worker) {
     BackwardScratch<T> s;
@@ -1517,10 +1571,12 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
     s.rows = sized(mem.pairs[worker], 2 * max_pairs);
     s.wi = s.rows + max_pairs;
     TileScratch<T> ts = tile_scratch<T, L>(mem, worker, g, /*backward=*/true);
+    RowRing<T> kring = row_ring<T, L>(mem.kr[worker], mem.ktag[worker], g, D);
+    RowRing<T> vring = row_ring<T, L>(mem.vr[worker], mem.vtag[worker], g, DV);
     const auto general = [&](int64_t b, int64_t h, const Block& blk) {
       const int64_t nrun = window_runs(g, blk.token[0], s.runs);
-      block_probabilities<T, L>(p, gr, kt ? kt + (b * H + h) * kslice : nullptr, b, h, blk, nrun, chunks, s);
-      block_score_grads<T, L>(p, gr, vt + (b * H + h) * vslice, b, h, blk, nrun, chunks, s);
+      block_probabilities<T, L>(p, gr, need_kt ? kring.data : nullptr, b, h, blk, nrun, chunks, s);
+      block_score_grads<T, L>(p, gr, vring.data, b, h, blk, nrun, chunks, s);
       query_grads<T, L>(p, gr, b, h, blk, nrun, chunks, s);
       store_block_weights<T, L>(p, gr, blk, nrun, chunks, s);
     };
@@ -1528,8 +1584,10 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
+        if (need_kt) need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n);
+        need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n);
         for (const LaneBlock& lb : lanes.blocks) {
-          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, lb, kt + bh * kslice, vt + bh * vslice, ts, s))
+          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, lb, kring.data, vring.data, ts, s))
             continue;
           std::vector<char> others(S2, 1);  // declined (an empty or NaN softmax): its queries as general blocks
           for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
@@ -1563,6 +1621,7 @@ Problem<T> make_problem(const T* q, const T* k, const T* v, const T* addk, const
   p.g.D = D;
   p.g.DV = DV;
   p.g.NA = NA;
+  p.g.slots = ring_slots(p.g, kTileRows);
   return p;
 }
 
