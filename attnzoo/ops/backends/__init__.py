@@ -1,10 +1,11 @@
 """Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
-except that on CPU non-overlapping windows go to ``partition`` unless a key_bias or the lse needs scores
-(``auto_choice`` says which and why)."""
+except that on CPU non-overlapping windows under autograd go to ``partition`` unless a key_bias or the lse needs
+scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
 
 from __future__ import annotations
 
 from ..problem import NAProblem
+from . import calibration
 from .base import Backend
 from .flex import FlexBackend
 from .native import NativeBackend
@@ -33,6 +34,7 @@ __all__ = [
     "auto_choice",
     "select_backend",
     "list_backends",
+    "calibration",
 ]
 
 
@@ -64,19 +66,25 @@ def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
     """The backend ``backend="auto"`` runs ``problem`` on, and why (a fixed cost rule: no timing, deterministic).
 
     Rule, from same-run measurements on CPU (interleaved; Swin 56²×96 h3 M7 and MaxViT 56²×64 grid, B8, 1 and 2
-    threads, re-measured on the lane-tile kernel): when stride = kernel and the extents divide into windows, the
-    window partition (fused SDPA without autograd, explicit scores with it) is 1.1-2.2x faster forward+backward
-    (t(native)/t(partition) 1.12-1.37 Swin, 1.96-2.22 grid); forward, it ties with the kernel on Swin windows with 2
-    threads (1.00; the kernel is 1.27x faster with 1 thread) and is 1.3-1.4x faster on the dilated grid. A key_bias or the lse
-    forces explicit scores with a NaN-safe softmax there; then the fused kernel is faster (2.2x forward, 1.3x
-    forward+backward on a padded 56² Swin grid), so such calls and every other pattern go to the first backend of
-    the device's ``auto_order`` that can run. No per-machine timing calibration: the forward is a tie either way, the
-    training margin is wide, and a fixed rule keeps runs reproducible.
+    threads, on the kernel with per-worker K/V row rings): when stride = kernel, the extents divide into windows and
+    autograd will differentiate the call, the window partition (explicit scores under autograd) is as fast as the
+    fused kernel on Swin windows and 1.7-1.8x faster on the dilated grid (t(partition)/t(native) forward+backward:
+    Swin 1.03 / 0.94, grid 0.60 / 0.55 with 1 / 2 threads), so training takes it. Without autograd the fused kernel
+    is faster (forward t(partition)/t(native): Swin 2.12 / 1.99, grid 1.37 / 1.41), and so it is for a key_bias or
+    the lse (explicit scores with a NaN-safe softmax there); such calls and every other pattern go to the first
+    backend of the device's ``auto_order`` that can run. Per-machine calibration (``set_auto_calibration``, see
+    ``calibration``) replaces this rule, where more than one fast backend can run a call, by the measured fastest;
+    it is off by default so that runs stay reproducible.
     """
     partition = BACKENDS["partition"]
-    if problem.device.type == "cpu" and not partition.not_supported_reasons(problem) and partition.uses_sdpa(problem):
-        why = "non-overlapping windows without key_bias or return_lse: attention over the window partition"
-        return partition, why + " (fused SDPA without autograd, explicit scores with it)"
+    if (
+        problem.device.type == "cpu"
+        and problem.requires_grad
+        and not partition.not_supported_reasons(problem)
+        and partition.uses_sdpa(problem)
+    ):
+        why = "non-overlapping windows under autograd, without key_bias or return_lse: attention over the window"
+        return partition, why + " partition (explicit scores, faster to differentiate than the fused kernel)"
     skipped = []
     order = auto_order(problem.device.type)
     for name in order:
