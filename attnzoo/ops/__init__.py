@@ -3,6 +3,7 @@
 from .attention import attention, merge_attentions
 from .backends import list_backends
 from .backends.base import compute_dtype
+from .backends.calibration import set_auto_calibration
 from .flops import count_flops
 from .geometry import neighborhood_mask, neighborhood_rel_index
 from .neighborhood import explain, na1d, na2d, na3d, neighborhood_attention
@@ -24,6 +25,7 @@ __all__ = [
     "neighborhood_mask",
     "neighborhood_rel_index",
     "list_backends",
+    "set_auto_calibration",
     "normalize_axis_arg",
     "record_attention",
     "AttentionRecord",

@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from . import recording, switch
-from .backends import BACKENDS, auto_choice, select_backend
+from .backends import BACKENDS, auto_choice, calibration, select_backend
+from .backends.base import values_readable
 from .checks import check_scale
 from .problem import make_problem, normalize_axis_arg, normalize_head_groups, per_group_arg
 
@@ -101,6 +102,9 @@ def neighborhood_attention(
     if scale is None:
         scale = problem.head_dim**-0.5
     chosen = switch.select(backend, problem)
+    if backend == "auto" and switch.resolve_backend() == "auto" and calibration.calibration_enabled():
+        chosen = _calibrated(chosen, problem, q, k, v, float(scale), additional_keys, additional_values, rel_pos_bias,
+                             key_bias)  # fmt: skip
     switch.note("neighborhood", chosen.name)
     if recording.is_recording():
         _record(q, k, v, problem, float(scale), additional_keys, additional_values, rel_pos_bias, key_bias)
@@ -157,8 +161,49 @@ def explain(
         return f"{switch.select(backend, problem).name}: {switch.forced_by(forced)}"
     if backend == "auto":
         chosen, why = auto_choice(problem)
-        return f"{chosen.name}: {why}"
+        options = [b.name for b in calibration.candidates(problem, BACKENDS)]
+        if not calibration.calibration_enabled() or len(options) < 2:
+            return f"{chosen.name}: {why}"
+        kept = calibration.lookup(problem)
+        if kept is not None and kept["backend"] in options:
+            times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(kept["ms"].items(), key=lambda kv: kv[1]))
+            return f"{kept['backend']}: calibrated on this machine, fastest of {options} (median: {times})"
+        return (
+            f"{chosen.name}: {why}; calibration is on, so the first call times {options} on its inputs and keeps "
+            "the fastest"
+        )
     return f"{select_backend(backend, problem).name}: requested by name"
+
+
+def _calibrated(chosen, problem, q, k, v, scale, additional_keys, additional_values, rel_pos_bias, key_bias):
+    """The calibrated choice among the fast backends that can run ``problem`` (timing them on this call's inputs the
+    first time), or ``chosen`` when fewer than two can run it or the inputs cannot be read (tracing, fake tensors)."""
+    options = calibration.candidates(problem, BACKENDS)
+    if len(options) < 2 or not values_readable(q):
+        return chosen
+    kept = calibration.lookup(problem)
+    if kept is None or kept["backend"] not in {b.name for b in options}:
+        detached = lambda t: None if t is None else t.detach()  # noqa: E731
+        extras = {
+            "scale": scale,
+            "additional_keys": detached(additional_keys),
+            "additional_values": detached(additional_values),
+            "rel_pos_bias": detached(rel_pos_bias),
+            "key_bias": detached(key_bias),
+        }
+
+        def trial(backend):
+            if problem.requires_grad:  # training: time the forward and its backward
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                with torch.enable_grad():
+                    out, _ = backend.run(*leaves, problem, **extras)
+                    torch.autograd.grad(out, leaves, torch.ones_like(out))
+            else:
+                with torch.no_grad():
+                    backend.run(q, k, v, problem, **extras)
+
+        kept = calibration.calibrate(problem, options, trial)
+    return BACKENDS[kept["backend"]]
 
 
 def _record(q, k, v, problem, scale, additional_keys, additional_values, rel_pos_bias, key_bias) -> None:
