@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -274,7 +273,6 @@ def test_out_is_checked_before_loading_data(tmp_path, capsys, monkeypatch):
     assert_one_line_usage_error(code, err, "--out")
 
 
-SCRATCH = Path(tempfile.mkdtemp(prefix="attnzoo-cli-fuzz-"))  # invalid runs must never create their --out
 NUMERIC_FLAGS = [
     "--epochs",
     "--batch-size",
@@ -304,7 +302,13 @@ def _valid_for(flag: str, text: str) -> bool:
     return value >= 1
 
 
-def _assert_refused_before_any_output(option: str) -> None:
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """A folder where invalid runs must never create their --out (module-scoped: hypothesis reruns the test body)."""
+    return tmp_path_factory.mktemp("cli-fuzz")
+
+
+def _assert_refused_before_any_output(option: str, scratch: Path) -> None:
     """``attnzoo train ... OPTION`` (in-process, hypothesis cannot fork) is a one-line usage error and creates no --out."""
     from io import StringIO
 
@@ -312,13 +316,13 @@ def _assert_refused_before_any_output(option: str) -> None:
     sys.stderr = err
     try:
         try:
-            code = main([*TRAIN, "--mixer", "mhsa", option, "--out", str(SCRATCH / "never")])
+            code = main([*TRAIN, "--mixer", "mhsa", option, "--out", str(scratch / "never")])
         except SystemExit as exc:
             code = exc.code
     finally:
         sys.stderr = real
     assert_one_line_usage_error(code, err.getvalue())
-    assert not (SCRATCH / "never").exists()
+    assert not (scratch / "never").exists()
 
 
 @settings(max_examples=40, deadline=None)
@@ -331,17 +335,17 @@ def _assert_refused_before_any_output(option: str) -> None:
         ),
     ),
 )
-def test_fuzz_numeric_options(flag, value):
+def test_fuzz_numeric_options(scratch, flag, value):
     assume(not _valid_for(flag, value))
-    _assert_refused_before_any_output(f"{flag}={value}")
+    _assert_refused_before_any_output(f"{flag}={value}", scratch)
 
 
 @settings(max_examples=30, deadline=None)
 @given(text=st.text(max_size=30))
-def test_fuzz_mixer_kwargs(text):
+def test_fuzz_mixer_kwargs(scratch, text):
     try:
         value = json.loads(text)
     except ValueError:
         value = None
     assume(not isinstance(value, (dict, list)) or value == [])  # real kwargs would train; malformed ones may not
-    _assert_refused_before_any_output(f"--mixer-kwargs={text}")
+    _assert_refused_before_any_output(f"--mixer-kwargs={text}", scratch)
