@@ -178,3 +178,41 @@ def test_library_built_for_another_cpu_is_not_loaded(private_cache, monkeypatch)
     _native_lib.load.cache_clear()
     _native_lib.load()
     assert len(list(private_cache.glob("neighborhood-*.so"))) == 2
+
+
+THREADED = """
+import json, torch
+import attnzoo.ops as ops
+from attnzoo.ops.backends import _native_lib
+_native_lib.torch_uses_libgomp = lambda: False  # as under a PyTorch built on another OpenMP runtime
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 20, 37, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+out = {b: ops.na2d(q, k, v, 7, backend=b) for b in ("native", "reference")}
+grads = {b: torch.autograd.grad(o.sum(), (q, k, v)) for b, o in out.items()}
+error = max((a - b).abs().max().item() for a, b in zip((out["native"], *grads["native"]), (out["reference"], *grads["reference"])))
+maps = open("/proc/self/maps").read()
+print(json.dumps({"error": error, "libraries": sorted({l.split()[-1] for l in maps.splitlines() if "gomp" in l})}))
+"""
+
+
+def test_threads_are_torchs_openmp_team_where_torch_runs_on_libgomp(tmp_path):
+    """Where PyTorch runs on libgomp, the kernel is built with -fopenmp and shares torch's runtime (one libgomp in
+    the process); elsewhere it is built with std::thread workers, which give the same results."""
+    import json
+    import sys
+
+    if not _native_lib.torch_uses_libgomp():
+        pytest.skip("this PyTorch does not run on libgomp")
+    assert "-fopenmp" in _native_lib._threading_flags()
+    q = torch.randn(1, 8, 1, 4)
+    ops.na1d(q, q, q, 3, backend="native")  # the kernel is loaded in this process
+    gomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
+    assert len(gomp) == 1, gomp  # the kernel reuses torch's libgomp: no second runtime
+    environment = {**os.environ, "ATTNZOO_CACHE": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run([sys.executable, "-c", THREADED], env=environment, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["error"] < 1e-10
+    assert len(report["libraries"]) == 1  # only torch's runtime there too

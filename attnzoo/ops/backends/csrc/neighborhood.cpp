@@ -30,7 +30,7 @@
 // instead of recomputing the logits and their exponentials (the caller decides when: see saves_probabilities).
 //
 // Plain C ABI (no torch headers) so that the system compiler builds it without PyTorch (about fifteen seconds,
-// once); threads are std::thread so that no second OpenMP runtime is loaded next to PyTorch's.
+// once); threads are PyTorch's own OpenMP team where torch runs on libgomp, else std::thread (see parallel_for).
 
 #include <algorithm>
 #include <atomic>
@@ -40,6 +40,10 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // Full unrolling of the register-tile loops (so that arrays of vectors stay in registers).
 #if defined(__clang__)
@@ -165,6 +169,9 @@ inline const T* head_base(const T* x, const Layout& l, int64_t b, int64_t h) {
 
 // Run fn(lo, hi, worker) over [0, n) on up to nthreads threads (worker 0 is the caller); items are handed out
 // dynamically in small grains so that a thread slowed down by other processes does not hold the others back.
+// Built with -fopenmp (where PyTorch runs on libgomp, see _native_lib.torch_uses_libgomp) the threads are the
+// OpenMP team of torch's own runtime -- the threads still spinning after torch's last parallel op, not competitors
+// for the cores; otherwise std::thread workers.
 template <typename Fn>
 void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
   nthreads = std::max<int64_t>(1, std::min(nthreads, n));
@@ -177,10 +184,15 @@ void parallel_for(int64_t n, int64_t nthreads, Fn fn) {
   auto worker = [&](int64_t id) {
     for (int64_t lo = next.fetch_add(grain); lo < n; lo = next.fetch_add(grain)) fn(lo, std::min(n, lo + grain), id);
   };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+  worker(omp_get_thread_num());
+#else
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
   worker(0);
   for (auto& th : pool) th.join();
+#endif
 }
 
 // Scratch memory reused across calls from the same calling thread: fresh multi-megabyte allocations would be
