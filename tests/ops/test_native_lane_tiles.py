@@ -48,3 +48,22 @@ def test_lane_tiles_match_the_reference(case, dtype):
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for name, got, want in zip(("out", "dq", "dk", "dv", "drpb"), results["native"], results["reference"]):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_each_lane_has_its_own_softmax_maximum(dtype):
+    """A query whose logits dwarf its neighbours' (the first lane of every block): every lane's softmax is shifted by
+    its own maximum, so the neighbours' weights do not underflow to an empty sum."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 40, 1, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    q[0, :, ::16] *= 200.0
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    cotangent = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype)
+    results = {}
+    for backend in ("native", "reference"):
+        out = ops.na2d(q, k, v, 7, backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (q, k, v), cotangent))
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results["native"], results["reference"]):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()), msg=name)

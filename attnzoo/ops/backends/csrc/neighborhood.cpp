@@ -990,12 +990,14 @@ inline bool forward_lane_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t
           vstore(Si + (r * count + j) * L, V(vload<V>(Si + (r * count + j) * L) +
                                              lane_bias<T, L>(p.rpb + h * R, runs[r].bias, j, lb)));
         }
-    V mi = Si[0] + V{};
-    for (int64_t k = 0; k < nrun[i] * count; ++k) {
-      V sv;
-      std::memcpy(&sv, Si + k * L, sizeof(V));
-      mi = nan_max_vec(mi, sv);
-    }
+    // Each lane's maximum starts from its own first logit, in four independent chains (a single chain of
+    // compare-and-blend is latency-bound).
+    const int64_t nk = nrun[i] * count;
+    V mx[4];
+    for (int c = 0; c < 4; ++c) mx[c] = vload<V>(Si + std::min<int64_t>(c, nk - 1) * L);
+    for (int64_t k = 4; k < nk; k += 4)
+      for (int c = 0; c < 4 && k + c < nk; ++c) mx[c] = nan_max_vec(mx[c], vload<V>(Si + (k + c) * L));
+    const V mi = nan_max_vec(nan_max_vec(mx[0], mx[1]), nan_max_vec(mx[2], mx[3]));
     for (int lane = 0; lane < L; ++lane)
       if (!(mi[lane] > -INFINITY) || mi[lane] == INFINITY) return false;
     m[i] = mi;
