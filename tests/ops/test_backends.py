@@ -248,6 +248,7 @@ def test_auto_picks_native_on_cpu():
     assert select_backend("auto", problem).name == "native"
     # stride == kernel with divisible extents under autograd: the partition, unless a key_bias or the lse needs scores
     assert select_backend("auto", make_problem(q, q, q, 3, stride=3)).name == "native"  # no autograd: the kernel
+    assert select_backend("auto", make_problem(q, q, q, 3, stride=3, dilation=2)).name == "partition"  # dilated
     t = q.clone().requires_grad_()
     assert select_backend("auto", make_problem(t, q, q, 3, stride=3)).name == "partition"
     key_bias = torch.zeros(1, 6, 6, 1)

@@ -1,6 +1,6 @@
 """Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
-except that on CPU non-overlapping windows under autograd go to ``partition`` unless a key_bias or the lse needs
-scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
+except that on CPU non-overlapping windows under autograd or dilated go to ``partition`` unless a key_bias or the
+lse needs scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
 
 from __future__ import annotations
 
@@ -66,25 +66,27 @@ def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
     """The backend ``backend="auto"`` runs ``problem`` on, and why (a fixed cost rule: no timing, deterministic).
 
     Rule, from same-run measurements on CPU (interleaved; Swin 56²×96 h3 M7 and MaxViT 56²×64 grid, B8, 1 and 2
-    threads, on the kernel with per-worker K/V row rings): when stride = kernel, the extents divide into windows and
-    autograd will differentiate the call, the window partition (explicit scores under autograd) is as fast as the
-    fused kernel on Swin windows and 1.7-1.8x faster on the dilated grid (t(partition)/t(native) forward+backward:
-    Swin 1.03 / 0.94, grid 0.60 / 0.55 with 1 / 2 threads), so training takes it. Without autograd the fused kernel
-    is faster (forward t(partition)/t(native): Swin 2.12 / 1.99, grid 1.37 / 1.41), and so it is for a key_bias or
-    the lse (explicit scores with a NaN-safe softmax there); such calls and every other pattern go to the first
-    backend of the device's ``auto_order`` that can run. Per-machine calibration (``set_auto_calibration``, see
-    ``calibration``) replaces this rule, where more than one fast backend can run a call, by the measured fastest;
-    it is off by default so that runs stay reproducible.
+    threads, on the kernel with per-worker K/V row rings): when stride = kernel and the extents divide into windows,
+    the window partition (SDPA without autograd, explicit scores with it) runs calls that autograd will
+    differentiate (t(partition)/t(native) forward+backward: Swin 1.03 / 0.94, grid 0.60 / 0.55 with 1 / 2 threads)
+    and dilated windows (the grid's dilation groups are too narrow for the kernel's lane tiles: partition forward
+    16-29 ms against the kernel's 21 ms, 1 thread, across runs). Undilated windows without autograd run on the fused
+    kernel (forward t(partition)/t(native) 1.4-2.1 on Swin windows across runs; the partition's copies make it vary
+    from run to run, the kernel does not), and so do calls with a key_bias or the lse (explicit scores with a
+    NaN-safe softmax in the partition); they and every other pattern go to the first backend of the device's
+    ``auto_order`` that can run. Per-machine calibration (``set_auto_calibration``, see ``calibration``) replaces
+    this rule, where more than one fast backend can run a call, by the measured fastest; it is off by default so
+    that runs stay reproducible.
     """
     partition = BACKENDS["partition"]
     if (
         problem.device.type == "cpu"
-        and problem.requires_grad
+        and (problem.requires_grad or max(problem.dilation) > 1)
         and not partition.not_supported_reasons(problem)
         and partition.uses_sdpa(problem)
     ):
-        why = "non-overlapping windows under autograd, without key_bias or return_lse: attention over the window"
-        return partition, why + " partition (explicit scores, faster to differentiate than the fused kernel)"
+        why = "non-overlapping windows under autograd or dilated, without key_bias or return_lse: attention over"
+        return partition, why + " the window partition (SDPA without autograd, explicit scores with it)"
     skipped = []
     order = auto_order(problem.device.type)
     for name in order:
