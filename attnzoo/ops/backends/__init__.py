@@ -1,6 +1,6 @@
 """Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
-except that on CPU non-overlapping windows under autograd or dilated go to ``partition`` unless a key_bias or the
-lse needs scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
+except that on CPU non-overlapping windows under autograd, dilated or on rows narrower than 8 go to ``partition``
+unless a key_bias or the lse needs scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
 
 from __future__ import annotations
 
@@ -65,28 +65,34 @@ def select_backend(backend: str, problem: NAProblem) -> Backend:
 def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
     """The backend ``backend="auto"`` runs ``problem`` on, and why (a fixed cost rule: no timing, deterministic).
 
-    Rule, from same-run measurements on CPU (interleaved; Swin 56²×96 h3 M7 and MaxViT 56²×64 grid, B8, 1 and 2
-    threads, on the kernel with per-worker K/V row rings): when stride = kernel and the extents divide into windows,
-    the window partition (SDPA without autograd, explicit scores with it) runs calls that autograd will
-    differentiate (t(partition)/t(native) forward+backward: Swin 1.03 / 0.94, grid 0.60 / 0.55 with 1 / 2 threads)
-    and dilated windows (the grid's dilation groups are too narrow for the kernel's lane tiles: partition forward
-    16-29 ms against the kernel's 21 ms, 1 thread, across runs). Undilated windows without autograd run on the fused
-    kernel (forward t(partition)/t(native) 1.4-2.1 on Swin windows across runs; the partition's copies make it vary
-    from run to run, the kernel does not), and so do calls with a key_bias or the lse (explicit scores with a
-    NaN-safe softmax in the partition); they and every other pattern go to the first backend of the device's
-    ``auto_order`` that can run. Per-machine calibration (``set_auto_calibration``, see ``calibration``) replaces
-    this rule, where more than one fast backend can run a call, by the measured fastest; it is off by default so
-    that runs stay reproducible.
+    Rule, from same-run measurements on CPU (interleaved, fp32, 1 and 2 threads, on the kernel with per-worker K/V
+    row rings): when stride = kernel and the extents divide into windows, the window partition (SDPA without
+    autograd, explicit scores with it) runs
+      - calls that autograd will differentiate: t(partition)/t(native) forward+backward 1.03 / 0.94 on Swin 56²×96
+        windows and 0.60 / 0.55 on the MaxViT 56²×64 grid (B8; 1 / 2 threads);
+      - dilated windows: 0.71 on the grid, 0.92 on 112² windows of dilation 2 (forward, 1 thread);
+      - rows narrower than the kernel's 8-lane tiles (a last axis of fewer than 8 tokens): 0.74 / 0.75 on Swin's 7²
+        stage (B4, 24 heads).
+    Undilated windows without autograd on rows of 8 or more run on the fused kernel (forward 1.56 / 2.44 at Swin's
+    56² stage, 1.07 / 1.27 at 28², 1.09 / 1.02 at 14²; the partition's copies make it vary more from run to run). A
+    key_bias or the lse needs explicit scores with a NaN-safe softmax in the partition, so such calls, like every other
+    pattern, go to the first backend of the device's ``auto_order`` that can run. Per-machine calibration
+    (``set_auto_calibration``, see ``calibration``) replaces this rule, where more than one fast backend can run a
+    call, by the measured fastest; it is off by default so that runs stay reproducible.
     """
     partition = BACKENDS["partition"]
+    narrow = problem.spatial_shape[-1] < 8
     if (
         problem.device.type == "cpu"
-        and (problem.requires_grad or max(problem.dilation) > 1)
+        and (problem.requires_grad or max(problem.dilation) > 1 or narrow)
         and not partition.not_supported_reasons(problem)
         and partition.uses_sdpa(problem)
     ):
-        why = "non-overlapping windows under autograd or dilated, without key_bias or return_lse: attention over"
-        return partition, why + " the window partition (SDPA without autograd, explicit scores with it)"
+        why = "non-overlapping windows under autograd, dilated or on rows narrower than 8, without key_bias or"
+        return (
+            partition,
+            why + " return_lse: attention over the window partition (SDPA, explicit scores under autograd)",
+        )
     skipped = []
     order = auto_order(problem.device.type)
     for name in order:
