@@ -1,6 +1,6 @@
 """Neighborhood-attention backends. ``auto`` picks the first backend of its device's order that can run the problem,
-except that on CPU non-overlapping windows under autograd, dilated or on rows narrower than 8 go to ``partition``
-unless a key_bias or the lse needs scores (``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
+except that on CPU non-overlapping windows go to ``partition`` unless a key_bias or the lse needs scores
+(``auto_choice`` says which and why); ``calibration`` can replace that rule by timings on this machine."""
 
 from __future__ import annotations
 
@@ -67,32 +67,24 @@ def auto_choice(problem: NAProblem) -> tuple[Backend, str]:
 
     Rule, from same-run measurements on CPU (interleaved, fp32, 1 and 2 threads, on the kernel with per-worker K/V
     row rings): when stride = kernel and the extents divide into windows, the window partition (SDPA without
-    autograd, explicit scores with it) runs
-      - calls that autograd will differentiate: t(partition)/t(native) forward+backward 1.03 / 0.94 on Swin 56²×96
-        windows and 0.60 / 0.55 on the MaxViT 56²×64 grid (B8; 1 / 2 threads);
-      - dilated windows: 0.71 on the grid, 0.92 on 112² windows of dilation 2 (forward, 1 thread);
-      - rows narrower than the kernel's 8-lane tiles (a last axis of fewer than 8 tokens): 0.74 / 0.75 on Swin's 7²
-        stage (B4, 24 heads).
-    Undilated windows without autograd on rows of 8 or more run on the fused kernel (forward 1.56 / 2.44 at Swin's
-    56² stage, 1.07 / 1.27 at 28², 1.09 / 1.02 at 14²; the partition's copies make it vary more from run to run). A
-    key_bias or the lse needs explicit scores with a NaN-safe softmax in the partition, so such calls, like every other
-    pattern, go to the first backend of the device's ``auto_order`` that can run. Per-machine calibration
+    autograd, explicit scores with it) runs the call.
+      - Under autograd: t(partition)/t(native) forward+backward 1.03 / 0.94 on Swin 56²×96 windows and 0.60 / 0.55
+        on the MaxViT 56²×64 grid (B8; 1 / 2 threads).
+      - Forward, dilated windows and rows narrower than the kernel's 8-lane tiles: 0.71 on the grid, 0.92 on 112²
+        windows of dilation 2, 0.74 / 0.75 on Swin's 7² stage.
+      - Forward, undilated windows on wider rows: the op alone is faster on the kernel (1.56 / 2.44 at Swin's 56²
+        stage, 1.07-1.27 at 28², 1.02-1.09 at 14²), but whole models are not: timm Swin-T after ``attnzoo.swap``
+        ran 1-3 % slower per image with the kernel there (B4 224², interleaved, 1 and 2 threads), so the rule follows
+        the model.
+    A key_bias or the lse needs explicit scores with a NaN-safe softmax in the partition, so such calls, like every
+    other pattern, go to the first backend of the device's ``auto_order`` that can run. Per-machine calibration
     (``set_auto_calibration``, see ``calibration``) replaces this rule, where more than one fast backend can run a
-    call, by the measured fastest; it is off by default so that runs stay reproducible.
+    call, by the measured fastest for that call; it is off by default so that runs stay reproducible.
     """
     partition = BACKENDS["partition"]
-    narrow = problem.spatial_shape[-1] < 8
-    if (
-        problem.device.type == "cpu"
-        and (problem.requires_grad or max(problem.dilation) > 1 or narrow)
-        and not partition.not_supported_reasons(problem)
-        and partition.uses_sdpa(problem)
-    ):
-        why = "non-overlapping windows under autograd, dilated or on rows narrower than 8, without key_bias or"
-        return (
-            partition,
-            why + " return_lse: attention over the window partition (SDPA, explicit scores under autograd)",
-        )
+    if problem.device.type == "cpu" and not partition.not_supported_reasons(problem) and partition.uses_sdpa(problem):
+        why = "non-overlapping windows without key_bias or return_lse: attention over the window partition"
+        return partition, why + " (fused SDPA without autograd, explicit scores with it)"
     skipped = []
     order = auto_order(problem.device.type)
     for name in order:
