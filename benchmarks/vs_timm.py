@@ -328,8 +328,14 @@ def main() -> None:
         pairs = [p for p in pairs if args.only in p.name]
     if args.row is not None:
         pairs = [pairs[args.row]]
-    if args.isolate:
-        return run_isolated(args, len(pairs))
+    rows = run_isolated(args, len(pairs)) if args.isolate else measure(args, pairs, repeats, budget)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def measure(args: argparse.Namespace, pairs: list, repeats: int, budget: float) -> list[dict]:
+    """Time every pair at every thread count in this process, printing each row as it is measured."""
     rows = []
     print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock; "
           "ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
@@ -350,9 +356,7 @@ def main() -> None:
                 }
             )
             print_row(rows[-1])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    return rows
 
 
 def print_header() -> None:
@@ -373,7 +377,7 @@ def print_row(row: dict) -> None:
     )
 
 
-def run_isolated(args: argparse.Namespace, count: int) -> None:
+def run_isolated(args: argparse.Namespace, count: int) -> list[dict]:
     """--isolate: every row in a child process of this script (same options, --row i), its rows printed here."""
     forwarded = ["--threads", *map(str, args.threads), "--clock", args.clock]
     for flag, value in (("--repeats", args.repeats), ("--min-run-time", args.min_run_time), ("--only", args.only)):
@@ -392,9 +396,7 @@ def run_isolated(args: argparse.Namespace, count: int) -> None:
             for row in json.loads(out.read_text()):
                 rows.append(row)
                 print_row(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -161,15 +161,16 @@ def explain(
         return f"{switch.select(backend, problem).name}: {switch.forced_by(forced)}"
     if backend == "auto":
         chosen, why = auto_choice(problem)
-        options = [b.name for b in calibration.candidates(problem, BACKENDS)]
+        options = calibration.candidates(problem, BACKENDS)
+        names = [b.name for b in options]
         if not calibration.calibration_enabled() or len(options) < 2:
             return f"{chosen.name}: {why}"
-        kept = calibration.lookup(problem)
-        if kept is not None and kept["backend"] in options:
+        kept = calibration.lookup(problem, options)
+        if kept is not None:
             times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(kept["ms"].items(), key=lambda kv: kv[1]))
-            return f"{kept['backend']}: calibrated on this machine, fastest of {options} (median: {times})"
+            return f"{kept['backend']}: calibrated on this machine, fastest of {names} (median: {times})"
         return (
-            f"{chosen.name}: {why}; calibration is on, so the first call times {options} on its inputs and keeps "
+            f"{chosen.name}: {why}; calibration is on, so the first call times {names} on its inputs and keeps "
             "the fastest"
         )
     return f"{select_backend(backend, problem).name}: requested by name"
@@ -181,8 +182,8 @@ def _calibrated(chosen, problem, q, k, v, scale, additional_keys, additional_val
     options = calibration.candidates(problem, BACKENDS)
     if len(options) < 2 or not values_readable(q):
         return chosen
-    kept = calibration.lookup(problem)
-    if kept is None or kept["backend"] not in {b.name for b in options}:
+    kept = calibration.lookup(problem, options)
+    if kept is None:
         detached = lambda t: None if t is None else t.detach()  # noqa: E731
         extras = {
             "scale": scale,

@@ -167,3 +167,18 @@ def run(case: Case, backend: str, inputs: dict, grads: bool = True):
     names = list(leaves)
     grads_ = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return out, lse, dict(zip(names, grads_))
+
+
+def assert_native_matches_reference(leaves, cotangent, tol: float, atol: float | None = None, **kwargs) -> None:
+    """``neighborhood_attention(*leaves[:3], **kwargs)`` on ``native`` against ``reference``: the output and the
+    gradients of every leaf (q, k, v and whatever else requires grad, e.g. a rel_pos_bias passed in ``kwargs`` too),
+    finite and within rtol ``tol`` and atol ``atol`` (default: ``tol`` times the largest reference value, at least 1)."""
+    results = {}
+    for backend in ("native", "reference"):
+        out = ops.neighborhood_attention(*leaves[:3], backend=backend, **kwargs)
+        results[backend] = (out, *torch.autograd.grad(out, leaves, cotangent))
+    names = ("out", "dq", "dk", "dv", *(f"d leaf {i}" for i in range(3, len(leaves))))
+    for name, got, want in zip(names, results["native"], results["reference"]):
+        assert torch.isfinite(got).all(), name
+        bound = atol if atol is not None else tol * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=tol, atol=bound, msg=name)

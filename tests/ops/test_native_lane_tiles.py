@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attnzoo.ops as ops
+from backend_sweep import assert_native_matches_reference
 
 # spatial shape (batch 1 or 2, heads 2), kernel, and the window options
 CASES = {
@@ -39,15 +39,8 @@ def test_lane_tiles_match_the_reference(case, dtype):
     rpb = torch.randn(2, *(2 * kk - 1 for kk in kernels), generator=gen, dtype=torch.float64).to(dtype)
     rpb.requires_grad_()
     cotangent = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-    results = {}
-    for backend in ("native", "reference"):
-        out = ops.neighborhood_attention(
-            q, k, v, kernel_size=kernel, rel_pos_bias=rpb, backend=backend, **options
-        )  # fmt: skip
-        results[backend] = (out, *torch.autograd.grad(out, (q, k, v, rpb), cotangent))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
-    for name, got, want in zip(("out", "dq", "dk", "dv", "drpb"), results["native"], results["reference"]):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()), msg=name)
+    assert_native_matches_reference((q, k, v, rpb), cotangent, tol, kernel_size=kernel, rel_pos_bias=rpb, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -59,11 +52,4 @@ def test_each_lane_has_its_own_softmax_maximum(dtype):
     q[0, :, ::16] *= 200.0
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     cotangent = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype)
-    results = {}
-    for backend in ("native", "reference"):
-        out = ops.na2d(q, k, v, 7, backend=backend)
-        results[backend] = (out, *torch.autograd.grad(out, (q, k, v), cotangent))
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    for name, got, want in zip(("out", "dq", "dk", "dv"), results["native"], results["reference"]):
-        assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()), msg=name)
+    assert_native_matches_reference((q, k, v), cotangent, 1e-10 if dtype == torch.float64 else 2e-5, kernel_size=7)

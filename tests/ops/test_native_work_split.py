@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attnzoo.ops as ops
+from backend_sweep import assert_native_matches_reference
 
 # spatial shape with batch first, heads, kernel, window options
 CASES = {
@@ -34,11 +34,6 @@ def test_work_split_matches_the_reference(case, fused_projection, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = {}
-        for backend in ("native", "reference"):
-            out = ops.neighborhood_attention(q, k, v, kernel_size=kernel, backend=backend, **options)
-            results[backend] = (out, *torch.autograd.grad(out, (q, k, v), cotangent))
+        assert_native_matches_reference((q, k, v), cotangent, 1e-10, atol=1e-10, kernel_size=kernel, **options)
     finally:
         torch.set_num_threads(previous)
-    for name, got, want in zip(("out", "dq", "dk", "dv"), results["native"], results["reference"]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)

@@ -72,9 +72,11 @@ def signature(problem: NAProblem) -> str:
     return f"{device}|threads={torch.get_num_threads()}|torch={torch.__version__}|{described!r}"
 
 
-def lookup(problem: NAProblem) -> dict | None:
-    """The kept choice for ``problem`` (``{"backend": name, "ms": {name: ms}}``), or None if not calibrated yet."""
-    return _load().get(signature(problem))
+def lookup(problem: NAProblem, options: list[Backend]) -> dict | None:
+    """The kept choice for ``problem`` (``{"backend": name, "ms": {name: ms}}``), or None if it was not calibrated yet
+    or its backend is not among ``options`` (e.g. a backend that was installed when it was timed, and is not now)."""
+    kept = _load().get(signature(problem))
+    return kept if kept is not None and kept["backend"] in {b.name for b in options} else None
 
 
 def calibrate(problem: NAProblem, options: list[Backend], trial: Callable[[Backend], None]) -> dict:

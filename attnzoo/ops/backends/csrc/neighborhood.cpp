@@ -10,20 +10,20 @@
 // [B, NA, H, D|DV] join every query's softmax. The optional relative-position bias table is [H, R0, R1, R2]; the
 // optional per-key bias kb [B, S0, S1, S2, H] is added to every logit of that key (-inf drops the key).
 //
-// Speed: K and V rows are transposed per head to [D][columns] (in-register L × L block transposes), with the last
-// axis reordered by dilation group so that every window row -- start + dil*j, j < count -- is a contiguous run of
-// columns; each worker keeps them in a small ring of row slots, made when a tile first needs them and reused by the
-// next tiles of its band while still in its cache (see RowRing). Lane tiles (forward and backward): L neighbouring queries of a dilation group are the
-// SIMD lanes and up to 3 query rows form a tile; the logit of each lane's j-th key in a window row is one FMA per head
-// dimension against the transposed keys at column start + j (an unaligned load, or a two-source shuffle where border
-// windows are clamped), every key and value vector loaded once for all the tile's rows whose windows hold that
-// window row; the softmax needs no horizontal reductions and P·V runs against the transposed values. Whole rows are
-// covered (a last block overlapping its predecessor skips the lanes already written). Elsewhere ("general blocks",
-// e.g. rows narrower than L, key biases, additional keys): the keys of a window row are the lanes and up to 8
-// neighbouring queries share every key-vector load; P·V accumulates value rows (head_dim as lanes). The backward
-// recomputes P (or reads the saved probabilities), computes dP = dO·Vᵀ, dS and dQ in the same tiles, then dK and dV
-// per key over the queries whose window holds it (the inverse windows, per axis), so every gradient row is written
-// once, without atomics.
+// Speed: K and V rows are transposed per head to [D][columns] (in-register L × L block transposes), with the last axis
+// reordered by dilation group so that every window row -- start + dil*j, j < count -- is a contiguous run of columns;
+// each worker keeps them in a small ring of row slots, made when a tile first needs them and reused by the next tiles
+// of its band while still in its cache (see RowRing). Lane tiles (forward and backward): L neighbouring queries of a
+// dilation group are the SIMD lanes and up to 3 query rows form a tile; the logit of each lane's j-th key in a window
+// row is one FMA per head dimension against the transposed keys at column start + j (an unaligned load, or a two-source
+// shuffle where border windows are clamped), every key and value vector loaded once for all the tile's rows whose
+// windows hold that window row; the softmax needs no horizontal reductions and P·V runs against the transposed values.
+// Whole rows are covered (a last block overlapping its predecessor skips the lanes already written). Elsewhere
+// ("general blocks", e.g. rows narrower than L, key biases, additional keys): the keys of a window row are the lanes
+// and up to 8 neighbouring queries share every key-vector load; P·V accumulates value rows (head_dim as lanes). The
+// backward recomputes P (or reads the saved probabilities), computes dP = dO·Vᵀ, dS and dQ in the same tiles, then dK
+// and dV per key over the queries whose window holds it (the inverse windows, per axis), so every gradient row is
+// written once, without atomics.
 //
 // Training: the forward can also write the softmax probabilities of every query's window keys (`probs`,
 // [B, H, N, K01 * K2], K01 = kernel extent of the two leading axes, K2 = of the last); the backward then reads them
@@ -227,7 +227,7 @@ T* sized(std::vector<T>& v, int64_t n) {
 
 // In-register transpose of an L × L block (x[r][i] -> x[i][r]): log2(L) levels, each swapping the off-diagonal
 // S × S blocks of every 2S × 2S block with two-source shuffles (GCC's __builtin_shuffle; other compilers take the
-// scalar path in transpose_heads).
+// scalar paths of transpose_row and gather_lanes / scatter_lanes).
 #if defined(__GNUC__) && !defined(__clang__)
 #define ATTNZOO_SHUFFLE_TRANSPOSE 1
 template <typename T, int L, int S>
@@ -319,25 +319,6 @@ void transpose_row(const T* x, const Layout& lx, const Geometry& g, int64_t C, i
   }
 }
 
-// Every window row of query rows row0 .. row0+n-1 (head h of batch b) present in `ring`.
-template <typename T, int L>
-void need_rows(RowRing<T>& ring, const T* x, const Layout& lx, const Geometry& g, const int64_t* cols, int64_t b,
-               int64_t h, int64_t row0, int64_t n) {
-  const Axis &A0 = g.ax[0], &A1 = g.ax[1];
-  const int64_t key0 = (b * g.H + h) * g.rows(), width = ring.C * g.row_width();
-  for (int64_t qr = row0; qr < row0 + n; ++qr) {
-    const int64_t z = qr / A1.extent, y = qr % A1.extent;
-    for (int64_t i = 0; i < A0.count[z]; ++i)
-      for (int64_t j = 0; j < A1.count[y]; ++j) {
-        const int64_t row = (A0.start[z] + A0.dil * i) * A1.extent + A1.start[y] + A1.dil * j;
-        const int64_t slot = g.slot(row);
-        if (ring.tag[slot] == key0 + row) continue;
-        transpose_row<T, L>(x, lx, g, ring.C, b, h, row, cols, ring.data + slot * width);
-        ring.tag[slot] = key0 + row;
-      }
-  }
-}
-
 // Slots for the rings: the widest span of window rows of any tile of kTileRows query rows (all of them when smaller).
 inline int64_t ring_slots(const Geometry& g, int64_t tile_rows) {
   const Axis &A0 = g.ax[0], &A1 = g.ax[1];
@@ -348,7 +329,9 @@ inline int64_t ring_slots(const Geometry& g, int64_t tile_rows) {
       const int64_t z = qr / A1.extent, y = qr % A1.extent;
       if (A0.count[z] == 0 || A1.count[y] == 0) continue;
       lo = std::min(lo, A0.start[z] * A1.extent + A1.start[y]);
-      hi = std::max(hi, (A0.start[z] + A0.dil * (A0.count[z] - 1)) * A1.extent + A1.start[y] + A1.dil * (A1.count[y] - 1));
+      const int64_t last_z = A0.start[z] + A0.dil * (A0.count[z] - 1);
+      const int64_t last_y = A1.start[y] + A1.dil * (A1.count[y] - 1);
+      hi = std::max(hi, last_z * A1.extent + last_y);
     }
     if (hi >= lo) span = std::max(span, hi - lo + 1);
   }
@@ -387,6 +370,22 @@ inline int64_t window_runs(const Geometry& g, int64_t t, Run* runs) {
     }
   }
   return n;
+}
+
+// Every window row of query rows row0 .. row0+n-1 (head h of batch b) present in `ring` (runs: scratch for
+// window_runs, which names the rows and their slots).
+template <typename T, int L>
+void need_rows(RowRing<T>& ring, const T* x, const Layout& lx, const Geometry& g, const int64_t* cols, int64_t b,
+               int64_t h, int64_t row0, int64_t n, Run* runs) {
+  const int64_t key0 = (b * g.H + h) * g.rows(), width = ring.C * g.row_width();
+  for (int64_t qr = row0; qr < row0 + n; ++qr) {
+    const int64_t nrun = window_runs(g, qr * g.ax[2].extent, runs);
+    for (int64_t r = 0; r < nrun; ++r) {
+      if (ring.tag[runs[r].slot] == key0 + runs[r].row) continue;
+      transpose_row<T, L>(x, lx, g, ring.C, b, h, runs[r].row, cols, ring.data + runs[r].slot * width);
+      ring.tag[runs[r].slot] = key0 + runs[r].row;
+    }
+  }
 }
 
 constexpr int kBlock = 8;  // queries that share every key-vector load
@@ -473,6 +472,18 @@ inline LaneBlocks lane_blocks(const Geometry& g, int64_t L) {
     }
   }
   return lb;
+}
+
+// The queries of a lane tile that declined (an empty or NaN-led softmax: query rows row0 .. row0+n-1, the lanes of
+// `lb` it writes), as general blocks.
+inline std::vector<Block> declined_blocks(const Geometry& g, const LaneBlock& lb, int64_t row0, int64_t n, int64_t L,
+                                          int64_t chunks) {
+  std::vector<char> others(g.ax[2].extent, 1);
+  for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + g.ax[2].dil * i] = 0;
+  std::vector<Block> blocks;
+  for (int64_t i = 0; i < n; ++i)
+    for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others)) blocks.push_back(blk);
+  return blocks;
 }
 
 // ---- Micro-kernels: logits (Q·Kᵀ), their adjoint (outer products), P·V ------------------------------------
@@ -920,9 +931,10 @@ inline int64_t tile_windows(const Geometry& g, int64_t row0, int64_t n, int64_t 
 // Logits of every window row of a tile's union for its users i: dst[i][(r * count + j) * L + lane] =
 // scale * <xt[i] of lane, key j of the row>, xth holding the transposed rows (C channels): Q·Kᵀ or dO·Vᵀ.
 template <typename T, int L>
-__attribute__((always_inline)) inline void union_logits(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count, int64_t col,
-                         const T* const* xt, const T* xth, int64_t RW, int64_t C, T scale, T* dst,
-                         const typename Simd<T, L>::index* shuffle) {
+__attribute__((always_inline)) inline void union_logits(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count,
+                                                        int64_t col, const T* const* xt, const T* xth, int64_t RW,
+                                                        int64_t C, T scale, T* dst,
+                                                        const typename Simd<T, L>::index* shuffle) {
   for (int64_t u = 0; u < nu; ++u) {
     const TileRow& tr = s.rows[u];
     for (int64_t j0 = 0; j0 < count; j0 += 8) {
@@ -938,8 +950,9 @@ __attribute__((always_inline)) inline void union_logits(const TileScratch<T>& s,
 // O[i][c * L + lane] += sum over the union's window rows and keys j of W[i][(r * count + j) * L + lane] *
 // yth[row][c][col + j + lane] for its users i (C channels, O[i] = O + i * C * L): P·V or dS·K.
 template <typename T, int L>
-__attribute__((always_inline)) inline void union_values(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count, int64_t col, const T* W,
-                         const T* yth, int64_t RW, int64_t C, T* O, const typename Simd<T, L>::index* shuffle) {
+__attribute__((always_inline)) inline void union_values(const TileScratch<T>& s, int64_t nu, int64_t n, int64_t count,
+                                                        int64_t col, const T* W, const T* yth, int64_t RW, int64_t C,
+                                                        T* O, const typename Simd<T, L>::index* shuffle) {
   for (int64_t u = 0; u < nu; ++u) {
     const TileRow& tr = s.rows[u];
     const T* Wi[kTileRows] = {};
@@ -1121,7 +1134,7 @@ inline std::vector<int64_t> reordered_columns(const Geometry& g) {
 template <typename T, int L>
 void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
   const Geometry& g = p.g;
-  const int64_t H = g.H, NA = g.NA, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
+  const int64_t H = g.H, NA = g.NA, S2 = g.ax[2].extent;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t width = max_runs * chunks * L + NA;
@@ -1149,16 +1162,13 @@ void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t tile = band * tiles / bands; tile < (band + 1) * tiles / bands; ++tile) {
         const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
-        need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n);
-        if (nl) need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n);
+        need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n, runs);
+        if (nl) need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n, runs);
         for (int64_t li = part * nl / parts; li < (part + 1) * nl / parts; ++li) {
           const LaneBlock& lb = lanes.blocks[li];
           if (forward_lane_tile<T, L>(p, b, h, row0, n, lb, kring.data, vring.data, ts, out, lse, probs)) continue;
-          std::vector<char> others(S2, 1);  // declined (an empty or NaN-led softmax): its queries as general blocks
-          for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
-          for (int64_t i = 0; i < n; ++i)
-            for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others))
-              forward_block<T, L>(p, b, h, blk, kring.data, runs, chunks, score, width, out, lse, probs);
+          for (const Block& blk : declined_blocks(g, lb, row0, n, L, chunks))
+            forward_block<T, L>(p, b, h, blk, kring.data, runs, chunks, score, width, out, lse, probs);
         }
         for (int64_t i = 0; i < n; ++i) {
           const std::vector<Block> blocks = make_blocks(g, row0 + i, L, chunks, &lanes.taken);
@@ -1487,7 +1497,8 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
   const T* dot[kTileRows] = {};
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t0 = (row0 + i) * S2 + x0;
-    gather_lanes<T, L>(LaneRows<const T, L>(head_base(p.q, p.lq, b, h), p.lq.token, t0, A.dil).row, D, s.qt + i * D * L);
+    const T* qh = head_base(p.q, p.lq, b, h);
+    gather_lanes<T, L>(LaneRows<const T, L>(qh, p.lq.token, t0, A.dil).row, D, s.qt + i * D * L);
     gather_lanes<T, L>(LaneRows<const T, L>(gr.dout + (b * N * H + h) * DV, H * DV, t0, A.dil).row, DV,
                        s.dot + i * DV * L);
     qt[i] = s.qt + i * D * L;
@@ -1553,7 +1564,7 @@ inline bool backward_lane_tile(const Problem<T>& p, const Grads<T>& gr, int64_t 
 template <typename T, int L>
 void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
   const Geometry& g = p.g;
-  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = g.ax[2].extent, dil2 = g.ax[2].dil;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, DV = g.DV, S2 = g.ax[2].extent;
   const int64_t max_runs = g.max_count(0) * g.max_count(1);
   const int64_t chunks = (g.max_count(2) + L - 1) / L;
   const int64_t KK = g.probs_per_query();
@@ -1598,15 +1609,11 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t row0 = tile * kTileRows, n = std::min<int64_t>(kTileRows, g.rows() - row0);
-        if (need_kt) need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n);
-        need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n);
+        if (need_kt) need_rows<T, L>(kring, p.k, p.lk, g, cols.data(), b, h, row0, n, s.runs);
+        need_rows<T, L>(vring, p.v, p.lv, g, cols.data(), b, h, row0, n, s.runs);
         for (const LaneBlock& lb : lanes.blocks) {
-          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, lb, kring.data, vring.data, ts, s))
-            continue;
-          std::vector<char> others(S2, 1);  // declined (an empty or NaN softmax): its queries as general blocks
-          for (int64_t i = lb.skip; i < L; ++i) others[lb.x0 + dil2 * i] = 0;
-          for (int64_t i = 0; i < n; ++i)
-            for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &others)) general(b, h, blk);
+          if (backward_lane_tile<T, L>(p, gr, b, h, row0, n, lb, kring.data, vring.data, ts, s)) continue;
+          for (const Block& blk : declined_blocks(g, lb, row0, n, L, chunks)) general(b, h, blk);
         }
         for (int64_t i = 0; i < n; ++i)
           for (const Block& blk : make_blocks(g, row0 + i, L, chunks, &lanes.taken)) general(b, h, blk);
