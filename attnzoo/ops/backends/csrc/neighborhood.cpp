@@ -1205,7 +1205,7 @@ template <typename T>
 struct BackwardScratch {
   Run* runs;
   T *prob, *dprob, *pc, *dsc;
-  int64_t *rows, *wi;
+  int64_t* rows;  // the union of a key tile (KeyTileRow records)
   int64_t width;
 };
 
@@ -1384,36 +1384,79 @@ inline void store_block_weights(const Problem<T>& p, const Grads<T>& gr, const B
   }
 }
 
-// dV = sum_i P_i dO_i and dK = scale * sum_i dS_i Q_i over one key's m queries: query rows t[i] (from row bases and
-// the last axis' inverse list), weights at t * KK + w[i] + pos2; NV vectors of W lanes per row (D = DV = NV * W).
-template <typename T, int W, int NV>
-inline void gather_key_grads(const T* __restrict qh, int64_t qstride, const T* __restrict doh, int64_t dstride,
-                             const T* __restrict pc, const T* __restrict dsc, int64_t KK, const int64_t* rows,
-                             const int64_t* runs, int64_t nrows, const int64_t* q2, const int64_t* pos2, int64_t n2,
-                             T scale, T* __restrict dk, T* __restrict dv) {
+// Key tiles: one key column c2 of up to kTileRows neighbouring key rows, which share most of the window rows holding
+// them (the union: query row, users, each user's first weight index there), so that every row of Q and dO read from
+// the union feeds the dK and dV of all its users at once, from registers.
+struct KeyTileRow {
+  int64_t base;  // first query token of the window row
+  int mask;      // users: bit u for key row kr0 + u
+  int64_t wi[kTileRows];
+};
+
+// dV_u += sum_i P_i dO_i and dK_u += sum_i dS_i Q_i for the users u in MASK of one union row and the queries
+// base + q2[i] holding key column c2 (weights at t * KK + wi[u] + pos2[i]); NV vectors of W lanes per row, KR rows.
+template <typename T, int W, int NV, int KR, int MASK>
+__attribute__((always_inline)) inline void key_tile_row(const T* __restrict qh, int64_t qstride,
+                                                        const T* __restrict doh, int64_t dstride,
+                                                        const T* __restrict pc, const T* __restrict dsc, int64_t KK,
+                                                        const KeyTileRow& row, const int64_t* q2, const int64_t* pos2,
+                                                        int64_t n2, typename Simd<T, W>::vec (&ak)[KR][NV],
+                                                        typename Simd<T, W>::vec (&av)[KR][NV]) {
   using V = typename Simd<T, W>::vec;
-  V ak[NV] = {}, av[NV] = {};
-  for (int64_t r = 0; r < nrows; ++r)
-    for (int64_t i = 0; i < n2; ++i) {
-      const int64_t t = rows[r] + q2[i], w = t * KK + runs[r] + pos2[i];
-      const T pw = pc[w], dw = dsc[w];
-      const T *qr = qh + t * qstride, *dr = doh + t * dstride;
-      for (int u = 0; u < NV; ++u) {
-        V x, y;
-        std::memcpy(&x, qr + u * W, sizeof(V));
-        std::memcpy(&y, dr + u * W, sizeof(V));
-        ak[u] += dw * x;
-        av[u] += pw * y;
-      }
+  for (int64_t i = 0; i < n2; ++i) {
+    const int64_t t = row.base + q2[i], w0 = t * KK + pos2[i];
+    const T *qr = qh + t * qstride, *dr = doh + t * dstride;
+    V x[NV], y[NV];
+    ATTNZOO_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      x[v] = vload<V>(qr + v * W);
+      y[v] = vload<V>(dr + v * W);
     }
-  for (int u = 0; u < NV; ++u) {
-    const V k = ak[u] * scale;
-    std::memcpy(dk + u * W, &k, sizeof(V));
-    std::memcpy(dv + u * W, &av[u], sizeof(V));
+    ATTNZOO_UNROLL
+    for (int u = 0; u < KR; ++u)
+      if (MASK >> u & 1) {
+        const T pw = pc[w0 + row.wi[u]], dw = dsc[w0 + row.wi[u]];
+        ATTNZOO_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          ak[u][v] += dw * x[v];
+          av[u][v] += pw * y[v];
+        }
+      }
   }
 }
 
-// dK and dV of every key of one (batch, head), each gathered from the queries whose window holds it.
+// dK (times scale) and dV of key column c2 of the tile's nk <= KR key rows (dk[u] and dv[u] their rows).
+template <typename T, int W, int NV, int KR>
+inline void key_tile(const T* qh, int64_t qstride, const T* doh, int64_t dstride, const T* pc, const T* dsc,
+                     int64_t KK, const KeyTileRow* rows, int64_t nu, const int64_t* q2, const int64_t* pos2,
+                     int64_t n2, int64_t nk, T scale, T* const* dk, T* const* dv) {
+  using V = typename Simd<T, W>::vec;
+  V ak[KR][NV] = {}, av[KR][NV] = {};
+  for (int64_t r = 0; r < nu; ++r) {
+    const auto run = [&](auto mask) {
+      constexpr int MASK = decltype(mask)::value & ((1 << KR) - 1);
+      key_tile_row<T, W, NV, KR, MASK>(qh, qstride, doh, dstride, pc, dsc, KK, rows[r], q2, pos2, n2, ak, av);
+    };
+    switch (rows[r].mask) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+    }
+  }
+  for (int64_t u = 0; u < nk; ++u)
+    for (int v = 0; v < NV; ++v) {
+      vstore(dk[u] + v * W, V(ak[u][v] * scale));
+      vstore(dv[u] + v * W, av[u][v]);
+    }
+}
+
+// dK and dV of every key of one (batch, head), each gathered from the queries whose window holds it: key tiles of
+// kTileRows key rows where a row of Q and of dO is at most two 64-byte vectors (the accumulators of three keys fit
+// the registers), else one key row at a time.
 template <typename T>
 void key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, const InverseAxis* inv,
                BackwardScratch<T>& s) {
@@ -1424,45 +1467,59 @@ void key_grads(const Problem<T>& p, const Grads<T>& gr, int64_t b, int64_t h, co
   const T* pc = gr.probs ? gr.probs + (b * H + h) * N * KK : s.pc;
   const T* qh = head_base(p.q, p.lq, b, h);
   const T* doh = gr.dout + (b * N * H + h) * DV;
-  for (int64_t c0 = 0; c0 < g.ax[0].extent; ++c0)
-    for (int64_t c1 = 0; c1 < S1; ++c1) {
-      // Window rows holding key row (c0, c1): first query token of the row and the run's weight offset.
-      int64_t nrows = 0;
+  const int64_t tile_rows = D == DV && (D == W / 2 || D == W || D == 2 * W) ? kTileRows : 1;
+  KeyTileRow* union_rows = reinterpret_cast<KeyTileRow*>(s.rows);
+  for (int64_t kr0 = 0; kr0 < g.rows(); kr0 += tile_rows) {
+    const int64_t nk = std::min(tile_rows, g.rows() - kr0);
+    // The window rows holding the tile's key rows (first query token of each, as window_runs numbers runs).
+    int64_t nu = 0;
+    for (int64_t u = 0; u < nk; ++u) {
+      const int64_t c0 = (kr0 + u) / S1, c1 = (kr0 + u) % S1;
       for (int64_t i0 = inv[0].first[c0]; i0 < inv[0].first[c0 + 1]; ++i0)
         for (int64_t i1 = inv[1].first[c1]; i1 < inv[1].first[c1 + 1]; ++i1) {
-          const int64_t x1 = inv[1].query[i1];
-          s.rows[nrows] = (inv[0].query[i0] * S1 + x1) * S2;
-          s.wi[nrows++] = (inv[0].pos[i0] * g.ax[1].count[x1] + inv[1].pos[i1]) * K2;  // as window_runs numbers runs
+          const int64_t x1 = inv[1].query[i1], base = (inv[0].query[i0] * S1 + x1) * S2;
+          int64_t r = 0;
+          while (r < nu && union_rows[r].base != base) ++r;
+          if (r == nu) union_rows[nu++] = KeyTileRow{base, 0, {}};
+          union_rows[r].mask |= 1 << u;
+          union_rows[r].wi[u] = (inv[0].pos[i0] * g.ax[1].count[x1] + inv[1].pos[i1]) * K2;
         }
-      for (int64_t c2 = 0; c2 < S2; ++c2) {
-        const int64_t f = inv[2].first[c2], n2 = inv[2].first[c2 + 1] - f;
-        const int64_t *q2 = inv[2].query.data() + f, *pos2 = inv[2].pos.data() + f;
-        const int64_t key = (b * N + (c0 * S1 + c1) * S2 + c2) * H + h;
-        T *dk = gr.dk + key * D, *dv = gr.dv + key * DV;
-        const auto fast = [&](auto lanes, auto nv) {
-          gather_key_grads<T, decltype(lanes)::value, decltype(nv)::value>(
-              qh, p.lq.token, doh, H * DV, pc, s.dsc, KK, s.rows, s.wi, nrows, q2, pos2, n2, p.scale, dk, dv);
-        };
-        using W1 = std::integral_constant<int, W>;
-        if (D == DV && D == W / 2) fast(std::integral_constant<int, W / 2>{}, std::integral_constant<int, 1>{});
-        else if (D == DV && D == W) fast(W1{}, std::integral_constant<int, 1>{});
-        else if (D == DV && D == 2 * W) fast(W1{}, std::integral_constant<int, 2>{});
-        else if (D == DV && D == 4 * W) fast(W1{}, std::integral_constant<int, 4>{});
-        else if (D == DV && D == 8 * W) fast(W1{}, std::integral_constant<int, 8>{});
-        else {
-          std::fill(dk, dk + D, T(0));
-          std::fill(dv, dv + DV, T(0));
-          for (int64_t r = 0; r < nrows; ++r)
-            for (int64_t i = 0; i < n2; ++i) {
-              const int64_t t = s.rows[r] + q2[i], w = t * KK + s.wi[r] + pos2[i];
-              const T *qr = qh + t * p.lq.token, *dr = doh + t * H * DV;
-              for (int64_t d = 0; d < D; ++d) dk[d] += s.dsc[w] * qr[d];
-              for (int64_t c = 0; c < DV; ++c) dv[c] += pc[w] * dr[c];
-            }
-          for (int64_t d = 0; d < D; ++d) dk[d] *= p.scale;
-        }
+    }
+    for (int64_t c2 = 0; c2 < S2; ++c2) {
+      const int64_t f = inv[2].first[c2], n2 = inv[2].first[c2 + 1] - f;
+      const int64_t *q2 = inv[2].query.data() + f, *pos2 = inv[2].pos.data() + f;
+      T* dk[kTileRows] = {};
+      T* dv[kTileRows] = {};
+      for (int64_t u = 0; u < nk; ++u) {
+        const int64_t key = (b * N + (kr0 + u) * S2 + c2) * H + h;
+        dk[u] = gr.dk + key * D;
+        dv[u] = gr.dv + key * DV;
+      }
+      const auto fast = [&](auto lanes, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        key_tile<T, decltype(lanes)::value, NV, NV <= 2 ? kTileRows : 1>(
+            qh, p.lq.token, doh, H * DV, pc, s.dsc, KK, union_rows, nu, q2, pos2, n2, nk, p.scale, dk, dv);
+      };
+      using W1 = std::integral_constant<int, W>;
+      if (D == DV && D == W / 2) fast(std::integral_constant<int, W / 2>{}, std::integral_constant<int, 1>{});
+      else if (D == DV && D == W) fast(W1{}, std::integral_constant<int, 1>{});
+      else if (D == DV && D == 2 * W) fast(W1{}, std::integral_constant<int, 2>{});
+      else if (D == DV && D == 4 * W) fast(W1{}, std::integral_constant<int, 4>{});
+      else if (D == DV && D == 8 * W) fast(W1{}, std::integral_constant<int, 8>{});
+      else {
+        std::fill(dk[0], dk[0] + D, T(0));
+        std::fill(dv[0], dv[0] + DV, T(0));
+        for (int64_t r = 0; r < nu; ++r)
+          for (int64_t i = 0; i < n2; ++i) {
+            const int64_t t = union_rows[r].base + q2[i], w = t * KK + union_rows[r].wi[0] + pos2[i];
+            const T *qr = qh + t * p.lq.token, *dr = doh + t * H * DV;
+            for (int64_t d = 0; d < D; ++d) dk[0][d] += s.dsc[w] * qr[d];
+            for (int64_t c = 0; c < DV; ++c) dv[0][c] += pc[w] * dr[c];
+          }
+        for (int64_t d = 0; d < D; ++d) dk[0][d] *= p.scale;
       }
     }
+  }
 }
 
 // One lane tile of the backward (batch b, head h; query rows row0 .. row0+n-1, lane block at x0): P (saved, or
@@ -1593,8 +1650,7 @@ void backward(const Problem<T>& p, const Grads<T>& given, int64_t nthreads) {
     s.dprob = sized(mem.b[worker], kBlock * s.width);
     s.pc = gr.probs ? nullptr : sized(mem.c[worker], N * KK);
     s.dsc = sized(mem.d[worker], N * KK);
-    s.rows = sized(mem.pairs[worker], 2 * max_pairs);
-    s.wi = s.rows + max_pairs;
+    s.rows = sized(mem.pairs[worker], kTileRows * max_pairs * int64_t(sizeof(KeyTileRow) / sizeof(int64_t)));
     TileScratch<T> ts = tile_scratch<T, L>(mem, worker, g, /*backward=*/true);
     RowRing<T> kring = row_ring<T, L>(mem.kr[worker], mem.ktag[worker], g, D);
     RowRing<T> vring = row_ring<T, L>(mem.vr[worker], mem.vtag[worker], g, DV);
