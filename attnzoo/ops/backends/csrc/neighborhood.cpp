@@ -22,8 +22,8 @@
 // ("general blocks", e.g. rows narrower than L, key biases, additional keys): the keys of a window row are the lanes
 // and up to 8 neighbouring queries share every key-vector load; P·V accumulates value rows (head_dim as lanes). The
 // backward recomputes P (or reads the saved probabilities), computes dP = dO·Vᵀ, dS and dQ in the same tiles, then dK
-// and dV per key over the queries whose window holds it (the inverse windows, per axis), so every gradient row is
-// written once, without atomics.
+// and dV per key over the queries whose window holds it (the inverse windows, per axis; key tiles of neighbouring key
+// rows share the rows of Q and dO they read), so every gradient row is written once, without atomics.
 //
 // Training: the forward can also write the softmax probabilities of every query's window keys (`probs`,
 // [B, H, N, K01 * K2], K01 = kernel extent of the two leading axes, K2 = of the last); the backward then reads them
@@ -1190,7 +1190,8 @@ void forward(const Problem<T>& p, T* out, T* lse, T* probs, int64_t nthreads) {
 //   3. query_grads:         dQ = scale · dS·K, bias gradients, additional keys and values
 //   4. store_block_weights: P (when not saved) and dS of every query, compact (see Geometry::kernel2)
 // and then, per key, over the queries whose window holds it (the inverse windows, so no two keys share a write):
-//   5. key_grads:           dK = scale · dSᵀ·Q, dV = Pᵀ·dO
+//   5. key_grads:           dK = scale · dSᵀ·Q, dV = Pᵀ·dO, on key tiles (one key column of up to kTileRows key
+//                           rows: every Q and dO row read once for all the tile's keys whose window holds it)
 
 template <typename T>
 struct Grads {
