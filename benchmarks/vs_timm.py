@@ -18,6 +18,12 @@ spin-waits included, so it is not a latency).
 ``--isolate`` runs every row in a fresh process of this script, so that no row's timing depends on the allocator and
 page state left by the rows before it.
 
+The allocator is held steady (``steady_allocator``; ``--default-allocator`` leaves it alone): glibc hands freed blocks
+above its mmap threshold back to the kernel, and the next allocation of that size page-faults its memory in again.
+The threshold starts at 128 KiB and rises as such blocks are freed, so whether a side pays for fresh pages depends on
+the allocation history of the process, not on the module: with the default allocator the memory-bound rows (the
+channel gates, 25 MB activations) read anywhere from 0.6 to 2.3 in isolated runs of the same code.
+
 Run: ``python benchmarks/vs_timm.py [--quick] [--threads 1 2] [--repeats 5] [--min-run-time 0.5] [--clock wall|cpu]
 [--only TEXT] [--models-only] [--isolate] [--json out.json]``.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import statistics
 import subprocess
@@ -298,6 +305,19 @@ def compare(pair: Pair, train: bool, threads: int, repeats: int, budget: float) 
     }
 
 
+def steady_allocator() -> str:
+    """Keep freed memory in the process (glibc: mmap threshold at its 32 MiB maximum, trim threshold 1 GiB), so that
+    after the warm-up neither side pays page faults for fresh allocations; returns what was done, for the header."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+            return "glibc mmap threshold 32 MiB, trim threshold 1 GiB"
+    except (OSError, AttributeError):
+        pass
+    return "default allocator (not glibc)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches, 3 repeats, short blocks (a few minutes)")
@@ -314,8 +334,14 @@ def main() -> None:
         action="store_true",
         help="run every row in a fresh process (no row's timing depends on what ran before it)",
     )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's adaptive mmap threshold alone (timings then depend on the process's allocation history)",
+    )
     parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # the row an --isolate child runs
     args = parser.parse_args()
+    args.allocator = "default allocator" if args.default_allocator else steady_allocator()
     repeats = args.repeats or (3 if args.quick else 5)
     budget = args.min_run_time or (0.15 if args.quick else 0.5)
     global clock
@@ -337,8 +363,8 @@ def main() -> None:
 def measure(args: argparse.Namespace, pairs: list, repeats: int, budget: float) -> list[dict]:
     """Time every pair at every thread count in this process, printing each row as it is measured."""
     rows = []
-    print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock; "
-          "ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
+    print(f"torch {torch.__version__}, {repeats} interleaved repeats of ≥{budget} s blocks, {args.clock} clock, "
+          f"{args.allocator}; ratio = t(ref)/t(attnzoo); ms per call")  # fmt: skip
     print_header()
     for pair in pairs:
         max_diff = check_equal(pair)
@@ -384,9 +410,11 @@ def run_isolated(args: argparse.Namespace, count: int) -> list[dict]:
         if value is not None:
             forwarded += [flag, str(value)]
     forwarded += [flag for flag, on in (("--quick", args.quick), ("--no-models", args.no_models),
-                                        ("--models-only", args.models_only)) if on]  # fmt: skip
+                                        ("--models-only", args.models_only),
+                                        ("--default-allocator", args.default_allocator)) if on]  # fmt: skip
     rows = []
-    print(f"torch {torch.__version__}, each row in its own process; ratio = t(ref)/t(attnzoo); ms per call")
+    print(f"torch {torch.__version__}, each row in its own process, {args.allocator}; ratio = t(ref)/t(attnzoo); "
+          "ms per call")  # fmt: skip
     print_header()
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(count):
