@@ -12,6 +12,8 @@ Memory: peak resident memory added by forward+backward at 128×128 vs 64×64 (B=
 Run: ``python benchmarks/engine.py [--threads 2] [--rounds 5] [--json out.json]``. Absolute times on shared machines
 drift, so the CPU workloads are timed in ``--rounds`` interleaved rounds (every contender once per round, about
 ``--min-run-time / rounds`` s each) and every ratio is the median of the per-round ratios, with its min–max spread.
+The allocator is held steady (``attnzoo.tools.costs.steady_allocator``; ``--default-allocator`` leaves glibc's
+adaptive default, under which whether a call pays page faults for its fresh outputs depends on what ran before).
 
 GPU (``--device cuda``, bf16; see ``gpu_main``): per workload and backend (flex, natten, tiled, auto), forward and
 forward+backward, R1 = t(SDPA over the window partition, same keys per query) / t(NA) and
@@ -40,6 +42,7 @@ from einops import rearrange
 from torch.utils import benchmark
 
 import attnzoo.ops as ops
+from attnzoo.tools.costs import steady_allocator
 
 STATISTIC = "median"  # or "min": the fastest block, steadier on a shared, noisy machine (--statistic)
 
@@ -353,13 +356,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--statistic", choices=("median", "min"), default="median")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU benchmark (bf16)")
     parser.add_argument("--workloads", help=f"GPU only: comma-separated subset of {','.join(GPU_WORKLOADS)}")
+    parser.add_argument("--default-allocator", action="store_true", help="CPU: leave glibc's adaptive mmap threshold")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         return gpu_main(args)
     global STATISTIC
     STATISTIC = args.statistic
     torch.set_num_threads(args.threads)
+    allocator = "default allocator" if args.default_allocator else steady_allocator()
     results = {
+        "allocator": allocator,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": args.threads,
         "statistic": args.statistic,
@@ -374,7 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["memory"] = {"peak_64_bytes": m64, "peak_128_bytes": m128, "ratio_128_over_64": m128 / max(m64, 1)}
     w, t, w3 = results["workload_2d"], results["workload_2d_tiled"], results["workload_3d"]
     spread = lambda r, key: f"{r[key]:.2f} [{r[key + '_spread'][0]:.2f}–{r[key + '_spread'][1]:.2f}]"  # noqa: E731
-    print(f"threads={args.threads}  statistic={args.statistic}  rounds={args.rounds}  torch {torch.__version__}")
+    print(
+        f"threads={args.threads}  statistic={args.statistic}  rounds={args.rounds}  torch {torch.__version__}  {allocator}"
+    )
     print(
         f"2-D P  native: {w['t_na_ms']:.2f} ms | window SDPA {w['t_window_sdpa_ms']:.2f} ms | dense SDPA "
         f"{w['t_dense_sdpa_ms']:.1f} ms | R1 {spread(w, 'R1')} | R2 {spread(w, 'R2')} | fwd+bwd/fwd "

@@ -18,11 +18,10 @@ spin-waits included, so it is not a latency).
 ``--isolate`` runs every row in a fresh process of this script, so that no row's timing depends on the allocator and
 page state left by the rows before it.
 
-The allocator is held steady (``steady_allocator``; ``--default-allocator`` leaves it alone): glibc hands freed blocks
-above its mmap threshold back to the kernel, and the next allocation of that size page-faults its memory in again.
-The threshold starts at 128 KiB and rises as such blocks are freed, so whether a side pays for fresh pages depends on
-the allocation history of the process, not on the module: with the default allocator the memory-bound rows (the
-channel gates, 25 MB activations) read anywhere from 0.6 to 2.3 in isolated runs of the same code.
+The allocator is held steady for both sides (``attnzoo.tools.costs.steady_allocator``; ``--default-allocator``
+leaves it alone): with glibc's adaptive default, whether a side pays page faults for fresh allocations depends on the
+allocation history of the process, not on the module, and the memory-bound rows (the channel gates, 25 MB
+activations) read anywhere from 0.6 to 2.3 in isolated runs of the same code.
 
 Run: ``python benchmarks/vs_timm.py [--quick] [--threads 1 2] [--repeats 5] [--min-run-time 0.5] [--clock wall|cpu]
 [--only TEXT] [--models-only] [--isolate] [--json out.json]``.
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import statistics
 import subprocess
@@ -47,6 +45,7 @@ import torch
 import torch.nn as nn
 
 import attnzoo
+from attnzoo.tools.costs import steady_allocator
 
 
 @dataclass
@@ -303,19 +302,6 @@ def compare(pair: Pair, train: bool, threads: int, repeats: int, budget: float) 
         "min": min(ratios),
         "max": max(ratios),
     }
-
-
-def steady_allocator() -> str:
-    """Keep freed memory in the process (glibc: mmap threshold at its 32 MiB maximum, trim threshold 1 GiB), so that
-    after the warm-up neither side pays page faults for fresh allocations; returns what was done, for the header."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
-            return "glibc mmap threshold 32 MiB, trim threshold 1 GiB"
-    except (OSError, AttributeError):
-        pass
-    return "default allocator (not glibc)"
 
 
 def main() -> None:

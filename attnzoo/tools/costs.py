@@ -10,6 +10,7 @@ Latency is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "count_parameters",
     "peak_memory_bytes",
     "median_latency",
+    "steady_allocator",
     "fit_exponent",
     "make_step",
     "reference_check",
@@ -107,6 +109,24 @@ def median_latency(fn: Callable[[], Any], *, threads: int, min_run_time: float =
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def steady_allocator() -> str:
+    """Keep freed memory in this process, so that timings do not depend on what the process allocated before.
+
+    glibc hands freed blocks above its mmap threshold back to the kernel, and the next allocation of that size
+    page-faults its memory in again; the threshold starts at 128 KiB and rises as such blocks are freed, so whether a
+    timed call pays for fresh pages depends on the allocation history, not on the code timed. Sets the mmap threshold
+    to its 32 MiB maximum and the trim threshold to 1 GiB, for the rest of the process. Returns what was done (for a
+    benchmark's header); a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+            return "glibc mmap threshold 32 MiB, trim threshold 1 GiB"
+    except (OSError, AttributeError):
+        pass
+    return "default allocator (not glibc)"
 
 
 def fit_exponent(tokens: Sequence[float], values: Sequence[float]) -> float:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +212,32 @@ def test_bench_row_and_report_files(tmp_path):
     assert data["results"][1]["ok"] is False and data["results"][1]["latency_s"] is None
     html = (tmp_path / "index.html").read_text()
     assert "broken_one" in html and "RuntimeError: no" in html and 'src="memory_vs_tokens.png"' in html
+
+
+RSS_AFTER_FREE = """
+import os, sys, torch
+from attnzoo.tools.costs import steady_allocator
+if sys.argv[1] == "steady":
+    assert steady_allocator().startswith("glibc"), "not glibc"
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before = rss()
+x = torch.ones(4 << 20)  # 16 MiB, every page touched
+del x
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_steady_allocator_keeps_freed_blocks_in_the_process():
+    """With glibc's default a freed 16 MiB block goes back to the kernel (the next one page-faults in again); after
+    steady_allocator it stays in the process."""
+    kept = {}
+    for mode in ("default", "steady"):
+        run = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, mode], capture_output=True, text=True)
+        if "not glibc" in run.stderr:
+            pytest.skip("the C library is not glibc")
+        assert run.returncode == 0, run.stderr
+        kept[mode] = int(run.stdout.split()[-1])
+    assert kept["default"] < 4 << 20, kept
+    assert kept["steady"] >= 15 << 20, kept
