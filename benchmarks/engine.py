@@ -42,7 +42,7 @@ from einops import rearrange
 from torch.utils import benchmark
 
 import attnzoo.ops as ops
-from attnzoo.tools.costs import steady_allocator
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator
 
 STATISTIC = "median"  # or "min": the fastest block, steadier on a shared, noisy machine (--statistic)
 
@@ -356,14 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--statistic", choices=("median", "min"), default="median")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU benchmark (bf16)")
     parser.add_argument("--workloads", help=f"GPU only: comma-separated subset of {','.join(GPU_WORKLOADS)}")
-    parser.add_argument("--default-allocator", action="store_true", help="CPU: leave glibc's adaptive mmap threshold")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda":
         return gpu_main(args)
     global STATISTIC
     STATISTIC = args.statistic
     torch.set_num_threads(args.threads)
-    allocator = "default allocator" if args.default_allocator else steady_allocator()
+    allocator = benchmark_allocator(args)
     results = {
         "allocator": allocator,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

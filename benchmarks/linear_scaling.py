@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 
@@ -20,6 +19,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import attnzoo
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator, fit_exponent
 
 MECHANISMS: dict[str, dict] = {
     "mhsa": {"num_heads": 2},
@@ -43,13 +43,6 @@ MECHANISMS: dict[str, dict] = {
     "local_attention_mamba": {"num_heads": 2},
     "hyena_nd": {},
 }
-
-
-def fit_exponent(tokens: list[int], times: list[float]) -> float:
-    """Least-squares slope of log(time) against log(tokens)."""
-    xs, ys = [math.log(n) for n in tokens], [math.log(t) for t in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def measure(name: str, kwargs: dict, side: int, dim: int, threads: int, min_run_time: float, clock: str) -> float:
@@ -88,7 +81,9 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", default=None, help="subset of mechanisms (mhsa is always kept)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(f"allocator: {benchmark_allocator(args)}")
     if args.clock == "cpu":
         args.threads = 1  # thread CPU time measures the calling thread only
 

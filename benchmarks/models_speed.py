@@ -21,6 +21,7 @@ import timm
 import torch
 
 from attnzoo import models
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator
 
 
 def timed(fn: Callable[[], None], iters: int) -> float:
@@ -52,7 +53,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--json", help="also write the results here")
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(f"allocator: {benchmark_allocator(args)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnzoo
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator
 
 
 def interleaved(calls: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, list[float]]:
@@ -61,7 +62,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=1, help="calls per turn")
     parser.add_argument("--paths", action="store_true", help="also time the stage-1 attention paths alone")
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(f"allocator: {benchmark_allocator(args)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     original = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)

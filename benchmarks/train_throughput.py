@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnzoo import models
-from attnzoo.tools.costs import median_latency
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator, median_latency
 from attnzoo.training import TrainConfig, train
 
 
@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, help="shorten the accuracy runs (default: all 60k images)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--json", help="also write the results here")
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(f"allocator: {benchmark_allocator(args)}")
     torch.set_num_threads(args.threads)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     rows = {m: {"train_images_per_s": step_rate(m, args.batch, args.min_run_time, args.threads)} for m in mixers}

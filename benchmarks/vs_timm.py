@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 import attnzoo
-from attnzoo.tools.costs import steady_allocator
+from attnzoo.tools.costs import add_allocator_option, benchmark_allocator
 
 
 @dataclass
@@ -320,14 +320,10 @@ def main() -> None:
         action="store_true",
         help="run every row in a fresh process (no row's timing depends on what ran before it)",
     )
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's adaptive mmap threshold alone (timings then depend on the process's allocation history)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # the row an --isolate child runs
     args = parser.parse_args()
-    args.allocator = "default allocator" if args.default_allocator else steady_allocator()
+    args.allocator = benchmark_allocator(args)
     repeats = args.repeats or (3 if args.quick else 5)
     budget = args.min_run_time or (0.15 if args.quick else 0.5)
     global clock

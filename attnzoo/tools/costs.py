@@ -9,6 +9,7 @@ Latency is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import math
@@ -28,6 +29,8 @@ __all__ = [
     "peak_memory_bytes",
     "median_latency",
     "steady_allocator",
+    "add_allocator_option",
+    "benchmark_allocator",
     "fit_exponent",
     "make_step",
     "reference_check",
@@ -127,6 +130,21 @@ def steady_allocator() -> str:
     except (OSError, AttributeError):
         pass
     return "default allocator (not glibc)"
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--default-allocator`` for a benchmark's command line (see ``benchmark_allocator``)."""
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's adaptive mmap threshold alone (timings then depend on the process's allocation history)",
+    )
+
+
+def benchmark_allocator(args: argparse.Namespace) -> str:
+    """Holds the allocator steady for a benchmark (``steady_allocator``) unless ``--default-allocator`` was given;
+    returns what it did, for the benchmark's header."""
+    return "default allocator" if args.default_allocator else steady_allocator()
 
 
 def fit_exponent(tokens: Sequence[float], values: Sequence[float]) -> float:
