@@ -3,6 +3,8 @@
 Workload P: 2-D NA, B=2, heads=4, 56×56 tokens, head_dim=32, kernel 7, fp32.
   R1 = t(SDPA over the 7×7 non-overlapping window partition: same 49 keys per query) / t(na2d)
   R2 = (t(dense SDPA over all N tokens) / t(na2d)) / (N / k²)
+  R_natten = t(natten.functional.na2d) / t(na2d), forward (the counterpart a user would pick; natten 0.21 has no CPU
+  kernel of its own and no CPU backward), when natten is installed
   fwd+bwd / fwd for na2d (and for the window yardstick, for context)
 3-D: B=1, heads=4, 8×28×28, head_dim=32, kernel (3,7,7); yardstick: SDPA over 3×7×7 windows of a 9×28×28 volume
   (the depth 8 is not a multiple of 3), scaled by 8/9 to the same number of queries.
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -106,6 +109,9 @@ def workload_2d(threads: int, min_run_time: float, backend: str = "auto", rounds
         "na": lambda: na(q, kk, v), "window": lambda: win(q, kk, v), "dense": lambda: dense_sdpa(q, kk, v),
         "na_fb": fwd_bwd(na, q, kk, v), "window_fb": fwd_bwd(win, q, kk, v),
     }  # fmt: skip
+    natten_na2d = _natten_na2d() if backend == "auto" else None
+    if natten_na2d is not None:
+        fns["natten"] = lambda: natten_na2d(q, kk, v, kernel_size=k)
     t = interleaved_ms(fns, threads, min_run_time, rounds)
     med = {name: statistics.median(x) for name, x in t.items()}
     n = side * side
@@ -127,7 +133,24 @@ def workload_2d(threads: int, min_run_time: float, backend: str = "auto", rounds
         "na_fwd_bwd_over_fwd": fb[0], "na_fwd_bwd_over_fwd_spread": fb[1:],
         "window_fwd_bwd_over_fwd": wfb[0],
         "useful_gflops_per_s": 4 * b * h * n * k * k * d / (med["na"] * 1e-3) / 1e9,
+        **({"t_natten_ms": med["natten"], "R_natten": (r := ratio(t, "natten", "na"))[0], "R_natten_spread": r[1:]}
+           if "natten" in t else {}),
     }  # fmt: skip
+
+
+def _natten_na2d():
+    """natten.functional.na2d with its warnings silenced (on CPU it runs FlexAttention unfused), or None."""
+    try:
+        import natten
+    except ImportError:
+        return None
+
+    def call(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return natten.functional.na2d(*args, **kwargs)
+
+    return call
 
 
 def workload_3d(threads: int, min_run_time: float, rounds: int = 5) -> dict:
@@ -388,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{w['t_dense_sdpa_ms']:.1f} ms | R1 {spread(w, 'R1')} | R2 {spread(w, 'R2')} | fwd+bwd/fwd "
         f"{spread(w, 'na_fwd_bwd_over_fwd')} (window SDPA {w['window_fwd_bwd_over_fwd']:.2f}) | "
         f"{w['useful_gflops_per_s']:.1f} useful GFLOP/s"
+        + (f" | natten {w['t_natten_ms']:.0f} ms, R_natten {spread(w, 'R_natten')}" if "R_natten" in w else "")
     )
     print(
         f"2-D P  tiled : {t['t_na_ms']:.2f} ms | R1 {spread(t, 'R1')} | fwd+bwd/fwd {spread(t, 'na_fwd_bwd_over_fwd')}"
