@@ -88,8 +88,10 @@ def test_keeps_the_fastest_and_remembers_it(calibrating, monkeypatch, slow):
 def test_training_calls_are_timed_with_their_backward(calibrating, monkeypatch):
     from attnzoo.ops.backends import native
 
-    backward_calls, fused_backward = [], torch.ops.attnzoo.na_backward
-    monkeypatch.setattr(native, "na_backward", lambda *a, **kw: backward_calls.append(1) or fused_backward(*a, **kw))
+    backward_calls, fused_backward = [], native.kernel_backward
+    monkeypatch.setattr(
+        native, "kernel_backward", lambda *a, **kw: backward_calls.append(1) or fused_backward(*a, **kw)
+    )
     q, k, v = windows(requires_grad=True)
     out = ops.na2d(q, k, v, 3, stride=3)
     assert len(backward_calls) == calibration.ROUNDS + 1  # every timed trial of the kernel ran its backward

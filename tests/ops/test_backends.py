@@ -339,14 +339,43 @@ def test_native_backward_with_and_without_saved_probabilities(monkeypatch, saved
     monkeypatch.setattr(native, "saves_probabilities", lambda *args: saved)
     case, variant = SAVED_PROBABILITY_CASES[case_name]
     inputs = make_inputs(case, variant, torch.float64)
-    calls, fused_backward = [], torch.ops.attnzoo.na_backward
-    monkeypatch.setattr(native, "na_backward", lambda *a, **kw: calls.append(kw["probs"]) or fused_backward(*a, **kw))
+    calls, fused_backward = [], native.kernel_backward
+    monkeypatch.setattr(
+        native, "kernel_backward", lambda *a, **kw: calls.append(kw["probs"]) or fused_backward(*a, **kw)
+    )
     out, lse, grads = run(case, "native", inputs)
     assert (calls[0] is not None) == saved
     ref_out, ref_lse, ref_grads = run(case, "reference", inputs)
     assert_close_rms(out, ref_out, 1e-10, "output")
     for name in grads:
         assert_close_rms(grads[name], ref_grads[name], 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved_probs", "recomputed_probs"])
+def test_eager_calls_skip_the_registered_ops_and_match_them(monkeypatch, saved):
+    """Outside tracing the kernel runs under its own autograd.Function (no torch.library dispatch); its output, lse
+    and every gradient, lse's included, equal those of the registered ops it stands in for, bit for bit."""
+    from attnzoo.ops.backends import native
+
+    monkeypatch.setattr(native, "saves_probabilities", lambda *args: saved)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 21, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 9, 13, dtype=torch.float64, requires_grad=True)
+    out, lse = ops.na2d(q, k, v, (5, 7), dilation=(1, 2), rel_pos_bias=rpb, return_lse=True, backend="native")
+    assert type(out.grad_fn).__name__ == "EagerNeighborhoodAttentionBackward"
+    registered = torch.ops.attnzoo.na_forward_saving if saved else torch.ops.attnzoo.na_forward
+    ref_out, ref_lse, *_ = registered(q, k, v, None, None, rpb, None, [5, 7], [1, 1], [1, 2], [False, False], 8**-0.5)
+    assert "attnzoo" in type(ref_out.grad_fn).__name__
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    weights = torch.randn_like(out), torch.randn_like(lse)
+
+    def grads(o, lse_):
+        return torch.autograd.grad((o * weights[0]).sum() + (lse_ * weights[1]).sum(), (q, k, v, rpb))
+
+    for got, want in zip(grads(out, lse), grads(ref_out, ref_lse)):
+        assert torch.equal(got, want)
+    with torch.no_grad():  # no autograd needed: the kernel is called directly, same numbers
+        assert torch.equal(ops.na2d(q, k, v, (5, 7), dilation=(1, 2), rel_pos_bias=rpb, backend="native"), out)
 
 
 def test_probabilities_are_saved_only_where_lane_tiles_do_not_run(monkeypatch):
