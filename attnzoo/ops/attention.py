@@ -158,14 +158,21 @@ def _explicit_is_faster(qf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor |
     NaN-safe softmax. On EfficientViT's cascaded group attention (49 tokens, q/k width 16) one forward took 329 µs
     with explicit scores against 774 µs with SDPA on padded q/k, in one run; with it ``cascaded_group`` is 1.03×
     timm's ``LocalWindowAttention`` forward and 1.06× forward+backward (``benchmarks/vs_timm.py``, 1 thread).
-    A bias holding -inf keeps SDPA, whose fully masked rows give 0 where a plain softmax gives NaN."""
+    A bias with a row of only -inf keeps SDPA, whose fully masked rows give 0 where a plain softmax gives NaN; -inf
+    elsewhere (Swin's shifted-window regions, whose diagonal is always allowed) is exact in a plain softmax."""
     if qf.device.type != "cpu" or mask is None or not mask.is_floating_point() or dropout_p > 0:
         return False
     if not values_readable(mask) or not (
         qf.shape[-1] != vf.shape[-1] or (mask.requires_grad and torch.is_grad_enabled())
     ):
         return False
-    return not bool(torch.isneginf(mask).any())  # a row masked entirely: SDPA gives 0 there, a plain softmax NaN
+    row_peaks = _unbroadcast(mask).detach().amax(-1)  # -inf for a row masked entirely: NaN in a plain softmax
+    return not bool(torch.isneginf(row_peaks).any())
+
+
+def _unbroadcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its broadcast (stride-0) axes cut to length 1: the same values, each stored one read once."""
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
 
 
 def _fused_cpu_layout(qf, kf, vf):

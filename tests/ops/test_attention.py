@@ -167,6 +167,27 @@ def test_attention_auto_keeps_sdpa_for_a_bias_that_masks_a_whole_row():
     assert torch.equal(out[0, 2], torch.zeros_like(out[0, 2])) and torch.isfinite(out).all()
 
 
+def test_attention_auto_explicit_scores_with_partly_masked_rows():
+    """-inf entries that leave every query a key (Swin's shifted-window regions, here broadcast over the batch as
+    a stride-0 view) are exact in a plain softmax: ``auto`` takes the explicit path, values and gradients (the
+    bias's included, zero where masked) are the textbook ones."""
+    q, k, v = (rand64(3, 5, 2, 4, seed=s, grad=True) for s in (28, 29, 30))
+    table = rand64(1, 2, 5, 5, seed=31, grad=True)
+    region = torch.zeros(5, 5, dtype=torch.float64)
+    region[:2, 2:] = region[2:, :2] = float("-inf")  # two regions; the diagonal is always allowed
+    bias = (table + region).expand(3, 2, 5, 5)
+    with ops.record_backends() as runs:
+        out = ops.attention(q, k, v, attn_mask=bias)
+    assert runs == [("attention", "explicit")]
+    expected, _ = hand_attention(q, k, v, 0.5, bias=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((out * out).sum(), (q, k, v, table))
+    expected_grads = torch.autograd.grad((expected * expected).sum(), (q, k, v, table))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(grads[3][0, :, :2, 2:], torch.zeros(2, 2, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_attention_mask_and_is_causal_both_apply(kind, return_lse):
