@@ -534,7 +534,7 @@ class NativeBackend(Backend):
             list(problem.is_causal),
             scale,
         )
-        if not _eager(q):  # traced (torch.compile, torch.export), fake or functorch-wrapped: the registered ops
+        if not _eager(q):  # traced, fake, functorch-wrapped, or under a mode that watches ops: the registered ops
             out, lse, *_ = (na_forward_saving if save else na_forward)(*args)
         elif problem.requires_grad:
             out, lse = EagerNeighborhoodAttention.apply(*args, save)
@@ -544,5 +544,8 @@ class NativeBackend(Backend):
 
 
 def _eager(q: torch.Tensor) -> bool:
-    """Whether the call runs eagerly on real data, so that the kernel may be called without the registered ops."""
+    """Whether the call runs eagerly on real data with no torch function or dispatch mode watching (e.g.
+    ``FlopCounterMode``, which counts the registered ops), so that the kernel may be called without the ops."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
     return values_readable(q) and not torch._C._functorch.is_functorch_wrapped_tensor(q)
