@@ -548,6 +548,8 @@ class NativeBackend(Backend):
 def _eager(q: torch.Tensor) -> bool:
     """Whether the call runs eagerly on real data with no torch function or dispatch mode watching (e.g.
     ``FlopCounterMode``, which counts the registered ops), so that the kernel may be called without the ops."""
+    if not values_readable(q):  # first: under torch.compile it is False, and dynamo cannot trace the checks below
+        return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
-    return values_readable(q) and not torch._C._functorch.is_functorch_wrapped_tensor(q)
+    return not torch._C._functorch.is_functorch_wrapped_tensor(q)
