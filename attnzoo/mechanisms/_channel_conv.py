@@ -18,10 +18,10 @@ def reduced_width(dim: int, reduction: int) -> int:
 
 def token_mean(tokens: torch.Tensor) -> torch.Tensor:
     """``(B, N, C)`` → ``(B, 1, C)`` average over the tokens (the channel gates' squeeze). Without autograd it is a
-    matrix product with a row of ``1/N``, ~1.6× faster than ``mean(1)`` on an Intel Xeon (on an AMD EPYC, where
-    PyTorch's matmul takes its AVX2 path, 0.82 against 0.78 ms at B8, 56²×256); with autograd a sum times ``1/N``,
-    whose backward hands the input a broadcast view (``mean``'s backward materialises a full-size ``grad / N``
-    tensor first: ~20 % of a squeeze-excite fwd+bwd at 56²×256)."""
+    matrix product with a row of ``1/N``, ~1.6× faster than ``mean(1)`` on an Intel Xeon (not on an AMD EPYC, where
+    PyTorch's matmul takes its AVX2 path: 0.82-1.22 ms against 0.78-0.82 ms for mean/sum at B8, 56²×256, 1 thread,
+    two runs); with autograd a sum times ``1/N``, whose backward hands the input a broadcast view (``mean``'s
+    backward materialises a full-size ``grad / N`` tensor first: ~20 % of a squeeze-excite fwd+bwd at 56²×256)."""
     if torch.is_grad_enabled() and tokens.requires_grad:
         return tokens.sum(1, keepdim=True) * (1.0 / tokens.shape[1])
     return torch.matmul(tokens.new_full((1, tokens.shape[1]), 1.0 / tokens.shape[1]), tokens)

@@ -171,7 +171,7 @@ def _explicit_is_faster(qf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor |
 
 
 def _unbroadcast(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its broadcast (stride-0) axes cut to length 1: the same values, each stored one read once."""
+    """``t`` with its broadcast (stride-0) axes cut to length 1: the same values, each stored value read once."""
     return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
 
 

@@ -415,11 +415,16 @@ def _(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, ak, av, rpb, kb, kernel_size, stride, dilation, is_causal, scale = inputs
-    out, lse, *saved_probs = output  # na_forward_saving also returns the probabilities
-    ctx.save_for_backward(q, k, v, ak, av, rpb, kb, out, lse, *saved_probs)
+def _keep_for_backward(ctx, inputs: tuple, out, lse, probs: Optional[torch.Tensor]) -> None:
+    """What ``_gradients`` reads: the 7 tensor inputs, out, lse and (when saved) the probabilities; the geometry."""
+    *tensors, kernel_size, stride, dilation, is_causal, scale = inputs
+    ctx.save_for_backward(*tensors, out, lse, *([] if probs is None else [probs]))
     ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse, *saved_probs = output  # na_forward_saving also returns the probabilities
+    _keep_for_backward(ctx, inputs, out, lse, saved_probs[0] if saved_probs else None)
 
 
 def _differentiable_backward(ctx, grad_out, grad_lse):
@@ -488,13 +493,11 @@ class EagerNeighborhoodAttention(torch.autograd.Function):
     library's entry still apply; ``_check_op_inputs`` guards the registered ops, which anyone can call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ak, av, rpb, kb, kernel_size, stride, dilation, is_causal, scale, save_probs):
-        out, lse, probs = kernel_forward(
-            q, k, v, ak, av, rpb, kb, kernel_size, stride, dilation, is_causal, scale, save_probs
-        )
+    def forward(ctx, *inputs_and_save):
+        *inputs, save_probs = inputs_and_save  # the registered ops' 12 inputs, then whether to keep the probabilities
+        out, lse, probs = kernel_forward(*inputs, save_probs)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, ak, av, rpb, kb, out, lse, *([probs] if save_probs else []))
-        ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
+        _keep_for_backward(ctx, tuple(inputs), out, lse, probs if save_probs else None)
         return out, lse
 
     @staticmethod
