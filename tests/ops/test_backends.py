@@ -378,10 +378,9 @@ def test_eager_calls_skip_the_registered_ops_and_match_them(monkeypatch, saved):
         assert torch.equal(ops.na2d(q, k, v, (5, 7), dilation=(1, 2), rel_pos_bias=rpb, backend="native"), out)
 
 
-def test_probabilities_are_saved_only_where_lane_tiles_do_not_run(monkeypatch):
-    """By default the forward saves the probabilities only on maps too narrow for the kernel's lane tiles (a last-axis
-    dilation group of fewer than 8 queries), never when they outnumber q, k and v's values (49 > 2·8 + 8);
-    ATTNZOO_SAVE_PROBABILITIES=1 / 0 overrides the width rule, not the size rule."""
+def test_probabilities_are_saved_unless_they_outnumber_qkv(monkeypatch):
+    """By default the forward saves the probabilities on every map, lane-tiled or not, except where they outnumber
+    q, k and v's values (49 > 2·8 + 8); ATTNZOO_SAVE_PROBABILITIES=0 recomputes them, any value but 0 / 1 is refused."""
     from attnzoo.ops.backends import native
 
     def problem(width: int, kernel: int = 7, dilation: int = 1):
@@ -389,13 +388,18 @@ def test_probabilities_are_saved_only_where_lane_tiles_do_not_run(monkeypatch):
         return make_problem(q, q, q, kernel, dilation=(1, dilation))
 
     monkeypatch.delenv("ATTNZOO_SAVE_PROBABILITIES", raising=False)
-    assert native.saves_probabilities(problem(7), 32, 32)  # 7 < 8 lanes: general blocks, saved
-    assert not native.saves_probabilities(problem(56), 32, 32)  # lane tiles: recomputed
-    assert not native.saves_probabilities(problem(14), 32, 32)  # 8-lane tiles
+    assert native.saves_probabilities(problem(7), 32, 32)  # 7 < 8 lanes: general blocks
+    assert native.saves_probabilities(problem(56), 32, 32)  # lane tiles
+    assert native.saves_probabilities(problem(14), 32, 32)  # 8-lane tiles
     assert native.saves_probabilities(problem(56, dilation=8), 32, 32)  # dilation groups of 7
     assert not native.saves_probabilities(problem(7), 8, 8)  # 49 probabilities per query > 2·8 + 8
+    assert not native.saves_probabilities(problem(56, kernel=11), 32, 32)  # 121 > 96
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "1")
     assert native.saves_probabilities(problem(56), 32, 32)
     assert not native.saves_probabilities(problem(7), 8, 8)
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "0")
     assert not native.saves_probabilities(problem(7), 32, 32)
+    assert not native.saves_probabilities(problem(56), 32, 32)
+    monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "yes")
+    with pytest.raises(ValueError, match="ATTNZOO_SAVE_PROBABILITIES='yes' must be '0'"):
+        native.saves_probabilities(problem(56), 32, 32)

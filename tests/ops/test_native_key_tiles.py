@@ -2,7 +2,8 @@
 window rows holding them) against the reference: every head width the tiles specialise (half, one and two 64-byte
 vectors in float32 and float64), widths they hand to one key at a time (four vectors, widths no vector divides,
 value width unlike the key width), key-row counts that leave a short last tile, tiles that cross a leading axis of a
-3-D map, clamped, dilated and causal windows, and backwards that read the forward's saved probabilities."""
+3-D map, clamped, dilated and causal windows, and backwards that read the forward's saved probabilities or recompute
+them."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def test_key_tiles_match_the_reference(geometry, width, dtype):
     assert_native_matches_reference((q, k, v), cotangent, tol, kernel_size=kernel, **options)
 
 
+@pytest.mark.parametrize("saved", ["1", "0"], ids=["saved_probs", "recomputed_probs"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_key_tiles_read_the_saved_probabilities(geometry, monkeypatch):
-    monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", "1")
+def test_key_tiles_with_saved_and_recomputed_probabilities(geometry, saved, monkeypatch):
+    monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", saved)
     spatial, kernel, options = GEOMETRIES[geometry]
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(*spatial, 2, 32, generator=gen).requires_grad_() for _ in range(3))

@@ -6,7 +6,7 @@ implementations and an autograd formula, so modules built on it work under ``tor
 ``EagerNeighborhoodAttention`` (an ``autograd.Function``), or directly when no gradient is needed. Half-precision
 inputs are computed in float32 and cast back. q, k and v are read in place when their spatial axes flatten to one
 token stride (e.g. views of one fused qkv projection), not copied. Where
-``saves_probabilities`` says so (maps too narrow for the kernel's lane tiles), a forward that needs a gradient runs
+``saves_probabilities`` says so (unless they outnumber q, k and v's values), a forward that needs a gradient runs
 ``attnzoo::na_forward_saving``, which also returns the window's softmax probabilities for the backward to read
 instead of recomputing them.
 """
@@ -65,19 +65,18 @@ def _layout(*tensors: torch.Tensor) -> torch.Tensor:
 def saves_probabilities(problem: NAProblem, head_dim: int, value_dim: int) -> bool:
     """Whether a forward that needs a gradient keeps its softmax probabilities for the backward instead of the
     backward recomputing them. Never when the Πkernel_size of them per query and head outnumber what q, k and v hold
-    (2·head_dim + value_dim). Otherwise ``ATTNZOO_SAVE_PROBABILITIES=1`` / ``0`` decides, and by default they are
-    saved only where the kernel cannot run lane tiles, i.e. where a dilation group of the last axis has fewer than
-    8 queries (the 7² maps of a Swin/NAT stage 4; float32 rows of 8-15 run 8-lane tiles).
-    Measured on 2 Xeon cores: on lane-tiled maps recomputing is 1.08-1.28× faster forward+backward (the saved
-    tensor's fresh pages cost more than the tiles' logits); NAT-T training (`benchmarks/models_speed.py`) was 0.82-0.86
-    of Swin-T's speed with no saving against 0.89 with saving everywhere, the small maps' general blocks being costly
-    to recompute."""
+    (2·head_dim + value_dim); otherwise yes, unless ``ATTNZOO_SAVE_PROBABILITIES=0`` (``1`` is the default).
+    Measured on 2 Xeon cores with the allocator held steady (interleaved A/B of forward+backward): saving is
+    1.03-1.10× faster on lane-tiled maps (workload P 1.075 / 1.037 with 2 / 1 threads; dilation 2, kernel 9, 28² and
+    14² maps, 1-D kernel 31), at parity on 3-D (0.996-1.018) and on NAT-T training (0.995). An earlier rule recomputed
+    on lane-tiled maps, measured before the benchmarks held the allocator steady, when the saved tensor's fresh pages
+    were paid on every call."""
     if math.prod(problem.kernel_size) > 2 * head_dim + value_dim:
         return False
-    forced = os.environ.get("ATTNZOO_SAVE_PROBABILITIES")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return problem.spatial_shape[-1] // problem.dilation[-1] < 8
+    forced = os.environ.get("ATTNZOO_SAVE_PROBABILITIES", "1")
+    if forced not in ("0", "1"):
+        raise ValueError(f"ATTNZOO_SAVE_PROBABILITIES={forced!r} must be '0' (recompute) or '1' (save, the default)")
+    return forced == "1"
 
 
 def _check_op_inputs(
