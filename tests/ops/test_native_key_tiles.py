@@ -48,9 +48,16 @@ def test_key_tiles_match_the_reference(geometry, width, dtype):
 @pytest.mark.parametrize("saved", ["1", "0"], ids=["saved_probs", "recomputed_probs"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_key_tiles_with_saved_and_recomputed_probabilities(geometry, saved, monkeypatch):
+    from attnzoo.ops.backends import native
+
     monkeypatch.setenv("ATTNZOO_SAVE_PROBABILITIES", saved)
+    read, fused_backward = [], native.kernel_backward
+    monkeypatch.setattr(
+        native, "kernel_backward", lambda *a, **kw: read.append(kw["probs"]) or fused_backward(*a, **kw)
+    )
     spatial, kernel, options = GEOMETRIES[geometry]
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(*spatial, 2, 32, generator=gen).requires_grad_() for _ in range(3))
     cotangent = torch.randn(*spatial, 2, 32, generator=gen)
     assert_native_matches_reference((q, k, v), cotangent, 2e-5, kernel_size=kernel, **options)
+    assert [p is not None for p in read] == [saved == "1"]  # the backward read what the forward was told to save

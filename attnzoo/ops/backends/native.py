@@ -5,10 +5,10 @@ implementations and an autograd formula, so modules built on it work under ``tor
 ``torch.export``; eager calls on real tensors skip that dispatch and run the same kernel functions under
 ``EagerNeighborhoodAttention`` (an ``autograd.Function``), or directly when no gradient is needed. Half-precision
 inputs are computed in float32 and cast back. q, k and v are read in place when their spatial axes flatten to one
-token stride (e.g. views of one fused qkv projection), not copied. Where
-``saves_probabilities`` says so (unless they outnumber q, k and v's values), a forward that needs a gradient runs
+token stride (e.g. views of one fused qkv projection), not copied. A forward that needs a gradient runs
 ``attnzoo::na_forward_saving``, which also returns the window's softmax probabilities for the backward to read
-instead of recomputing them.
+instead of recomputing them, unless ``saves_probabilities`` says they would outnumber q, k and v's values (or
+``ATTNZOO_SAVE_PROBABILITIES=0``).
 """
 
 from __future__ import annotations
